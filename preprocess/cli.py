@@ -1,0 +1,93 @@
+"""`cavmae-prep`: turn videos into CAV-MAE training shards.
+
+Exit status: 0 when the run processed something (or had nothing left to do), 1 when inputs were given but
+not one could be processed, 2 for bad arguments, config or input lists (a one-line message on stderr),
+130 when interrupted (re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shards.config import ConfigError, load_config
+
+from .inputs import InputError
+
+MAX_PROBLEMS = 50
+EXAMPLES = """examples:
+  cavmae-prep ingest ./videos --out shards/
+  cavmae-prep ingest list.txt more_videos/ --out shards/ --labels labels.csv --label-index class_labels_indices.csv
+  cavmae-prep ingest ./videos --out shards/ --set audio.num_mel_bins=64 --set clip.mode=windows
+  RAY_ADDRESS=ray://head:10001 cavmae-prep ingest /data/videos --out /data/shards
+"""
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML laid over the defaults of pipeline.yaml")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set audio.num_mel_bins=64 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cavmae-prep", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ingest", help="decode videos into WebDataset shards plus manifest.parquet",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Decode videos (folders, files, path lists, official dataset JSONs) into "
+                                   "WebDataset tar shards, manifest.parquet and the frozen pipeline.yaml. "
+                                   "Re-running into the same --out resumes and adds new inputs.")
+    p.add_argument("inputs", nargs="+", help="video files, folders (recursive), .txt/.csv path lists, or "
+                                             "an official dataset .json")
+    p.add_argument("--out", required=True, help="output folder for shards and manifest")
+    p.add_argument("--labels", metavar="CSV", help="video_id,labels CSV (labels comma-separated, quoted)")
+    p.add_argument("--label-index", metavar="CSV", help="label index CSV index,mid,display_name; adds .cls "
+                                                        "members and rejects unknown labels")
+    p.add_argument("--labels-from-folders", action="store_true", help="label each video by its parent folder")
+    p.add_argument("--retry-failed", action="store_true", help="process again the inputs recorded as failed")
+    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all cores)")
+    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.sets)
+        if args.command == "ingest":
+            return _ingest(args, cfg)
+    except (ConfigError, InputError, FileNotFoundError) as exc:
+        print(f"cavmae-prep: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cavmae-prep: interrupted; finished shards are kept: re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 2
+
+
+def _ingest(args: argparse.Namespace, cfg) -> int:
+    from .ingest import ingest
+
+    summary = ingest(args.inputs, args.out, cfg, labels_csv=args.labels, label_index_csv=args.label_index,
+                     labels_from_folders=args.labels_from_folders, retry_failed=args.retry_failed,
+                     workers=args.workers, address=args.address, progress=not args.no_progress)
+    for line in summary.problems[:MAX_PROBLEMS]:
+        print(f"cavmae-prep: failed: {line}", file=sys.stderr)
+    if len(summary.problems) > MAX_PROBLEMS:
+        print(f"cavmae-prep: ... and {len(summary.problems) - MAX_PROBLEMS} more (manifest.parquet has them all)",
+              file=sys.stderr)
+    print(f"cavmae-prep: {summary.line()}")
+    print(f"cavmae-prep: shards and manifest in {args.out}")
+    if summary.videos and not summary.ok:
+        print("cavmae-prep: error: no input could be processed (see the error column of manifest.parquet)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

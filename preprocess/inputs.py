@@ -1,0 +1,195 @@
+"""What to ingest: expand folders, files, path lists and official dataset JSONs into sorted `InputItem`s,
+and attach labels (from the JSON, a `video_id,labels` CSV, or parent folder names).
+
+Every problem with a single input becomes an item with an `error` (a manifest row with status `skipped`),
+never an exception; only an argument that cannot be read at all raises `InputError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
+LIST_EXTENSIONS = (".txt", ".csv", ".lst")
+
+
+class InputError(ValueError):
+    """An input argument that cannot be used at all (the message is one line and names it)."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    video_id: str
+    path: str
+    labels: tuple[str, ...] = ()
+    label_indices: tuple[int, ...] | None = None
+    folder: str = ""          # parent folder name, for --labels-from-folders
+    error: str | None = None  # set when the item must be recorded as skipped instead of processed
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputItem":
+        """Inverse of `dataclasses.asdict` after a JSON round trip (lists back to tuples)."""
+        indices = d.get("label_indices")
+        return cls(**{**d, "labels": tuple(d["labels"]),
+                      "label_indices": None if indices is None else tuple(indices)})
+
+
+@dataclass
+class LabelIndex:
+    """The official label CSV (`index,mid,display_name`): label id (mid) → class index."""
+
+    index: dict[str, int] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "LabelIndex":
+        table = cls()
+        try:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or not {"index", "mid"} <= set(reader.fieldnames):
+                    raise InputError(f"{path}: label index CSV needs the header index,mid,display_name")
+                for row in reader:
+                    table.index[row["mid"]] = int(row["index"])
+                    table.names[row.get("display_name") or row["mid"]] = row["mid"]
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read label index ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            raise InputError(f"{path}: bad label index row ({exc})") from None
+        return table
+
+    def lookup(self, label: str) -> int | None:
+        """Class index of a label given as its id (mid) or its display name."""
+        if label in self.index:
+            return self.index[label]
+        mid = self.names.get(label)
+        return self.index.get(mid) if mid is not None else None
+
+
+def video_id_of(path: str) -> str:
+    """The official video id: the file name without its extension (ids may contain dots)."""
+    return Path(path).stem
+
+
+def collect_inputs(args: list[str], *, labels_csv: str | None = None, label_index: LabelIndex | None = None,
+                   labels_from_folders: bool = False) -> list[InputItem]:
+    """Expand input arguments into items sorted by video id (then path), labels attached and checked."""
+    items: list[InputItem] = []
+    for arg in args:
+        items += _expand(arg)
+    if labels_csv:
+        table = _read_labels_csv(labels_csv)
+        items = [replace(it, labels=table.get(it.video_id, it.labels)) for it in items]
+    if labels_from_folders:
+        items = [replace(it, labels=(it.folder,) if it.folder else ()) for it in items]
+    if label_index is not None:
+        items = [_with_indices(it, label_index) for it in items]
+    items.sort(key=lambda it: (it.video_id, it.path))
+    return _mark_duplicates(items)
+
+
+def _expand(arg: str) -> list[InputItem]:
+    path = Path(arg)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        return [InputItem(video_id_of(str(p)), str(p.resolve()), folder=p.parent.name) for p in files]
+    if path.suffix.lower() == ".json" and path.is_file():
+        return _read_dataset_json(path)
+    if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
+        return _read_path_list(path)
+    if path.exists() or path.suffix.lower() in VIDEO_EXTENSIONS:
+        # a single video, kept even when unreadable: decoding will record why it failed
+        return [InputItem(video_id_of(arg), str(path.resolve()), folder=path.resolve().parent.name)]
+    raise InputError(f"{arg}: no such file or folder")
+
+
+def _read_path_list(path: Path) -> list[InputItem]:
+    """One video path per line (first CSV column); relative paths are relative to the list's folder."""
+    items = []
+    try:
+        with open(path, newline="") as f:
+            for row in csv.reader(f):
+                if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
+                    continue
+                video = Path(row[0].strip())
+                video = video if video.is_absolute() else path.parent / video
+                items.append(InputItem(video_id_of(str(video)), str(video.resolve()), folder=video.parent.name))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read path list ({exc})") from None
+    return items
+
+
+def _read_dataset_json(path: Path) -> list[InputItem]:
+    """The official dataset JSON: `{"data": [{"video_id", "wav", "video_path", "labels"}]}`.
+
+    Officially `video_path` is a frame folder; here it may be a video file, or a folder holding
+    `{video_id}.<ext>` for one of the video extensions.
+    """
+    try:
+        entries = json.loads(path.read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a dataset JSON with a 'data' list ({exc})") from None
+    items = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "video_id" not in entry:
+            raise InputError(f"{path}: entry {i} has no video_id")
+        vid = str(entry["video_id"])
+        labels = tuple(x for x in str(entry.get("labels", "")).split(",") if x)
+        video = _locate_video(path.parent, vid, str(entry.get("video_path", "")))
+        if video is None:
+            items.append(InputItem(vid, str(entry.get("video_path", "")), labels,
+                                   error=f"no video file for video_id {vid!r} under {entry.get('video_path')!r}"))
+        else:
+            items.append(InputItem(vid, str(video.resolve()), labels, folder=video.parent.name))
+    return items
+
+
+def _locate_video(base: Path, video_id: str, video_path: str) -> Path | None:
+    candidate = Path(video_path) if Path(video_path).is_absolute() else base / video_path
+    if candidate.is_file():
+        return candidate
+    if candidate.is_dir():
+        for ext in VIDEO_EXTENSIONS:
+            if (candidate / f"{video_id}{ext}").is_file():
+                return candidate / f"{video_id}{ext}"
+    return None
+
+
+def _read_labels_csv(path: str) -> dict[str, tuple[str, ...]]:
+    """`video_id,labels` rows (a header row is optional); labels separated by ',' (quoted) or ';'."""
+    table: dict[str, tuple[str, ...]] = {}
+    try:
+        with open(path, newline="") as f:
+            for row in csv.reader(f):
+                if not row or row[0] in ("video_id", "") or row[0].startswith("#"):
+                    continue
+                raw = ",".join(row[1:]).replace(";", ",")
+                table[row[0].strip()] = tuple(x.strip() for x in raw.split(",") if x.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read labels CSV ({exc})") from None
+    return table
+
+
+def _with_indices(item: InputItem, index: LabelIndex) -> InputItem:
+    found = [index.lookup(label) for label in item.labels]
+    unknown = [label for label, i in zip(item.labels, found) if i is None]
+    if unknown and item.error is None:
+        return replace(item, error=f"label(s) {', '.join(map(repr, unknown))} not in the label index")
+    # labels are stored as ids (mids), whatever form the user gave them in
+    mids = tuple(label if label in index.index else index.names[label] for label in item.labels)
+    return replace(item, labels=mids, label_indices=tuple(i for i in found if i is not None))
+
+
+def _mark_duplicates(items: list[InputItem]) -> list[InputItem]:
+    """Two inputs with one video id cannot both be samples: the first (by path) wins, the rest are skipped."""
+    out, seen = [], {}
+    for it in items:
+        if it.video_id in seen and it.error is None:
+            it = replace(it, error=f"duplicate video_id {it.video_id!r} (also {seen[it.video_id]})")
+        else:
+            seen.setdefault(it.video_id, it.path)
+        out.append(it)
+    return out

@@ -1,0 +1,181 @@
+"""The one config: `pipeline.yaml` defaults, an optional user file laid over them, then `--set` overrides.
+
+It lives in `shards/` because both stages import `shards/` and because the config digest is part of the
+on-disk contract (every sample records the digest of the settings that produced it).
+
+The schema *is* the defaults file: a key that is not in `pipeline.yaml` is unknown, and a value must have the
+type of its default (an int is accepted where a float is expected; a `null` default accepts any scalar).
+Errors are one line, naming the key, raised as `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "pipeline.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line and names the key."""
+
+
+class Config:
+    """Read-only attribute view of a nested dict: `cfg.audio.num_mel_bins`."""
+
+    def __init__(self, data: dict[str, Any]):
+        object.__setattr__(self, "_data", data)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self._data[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+        return Config(value) if isinstance(value, dict) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is read-only; use --set or with_overrides()")
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._data
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self._data, sort_keys=False)
+
+    def with_overrides(self, sets: Iterable[str]) -> "Config":
+        data = copy.deepcopy(self._data)
+        for item in sets:
+            _apply_set(data, item)
+        return Config(data)
+
+    def digest(self, *sections: str) -> str:
+        """Short stable hash of the named sections (all when none named)."""
+        names = sections or tuple(sorted(self._data))
+        payload = {name: self._data[name] for name in names}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"Config({self._data!r})"
+
+
+def load_config(path: str | Path | None = None, sets: Iterable[str] = (), presets: Iterable[str] = ()) -> Config:
+    """Defaults, then the user file `path` (if any), then each named preset, then `sets`.
+
+    A preset is an entry of the `presets:` section: a flat mapping of dotted keys to values, applied exactly
+    like `--set` (so `--preset scale+` is shorthand for the handful of `--set`s of a recipe).
+    `sets` are "dotted.key=value" strings, the value parsed as YAML.
+    """
+    data = _read_yaml(DEFAULTS_PATH)
+    if path is not None:
+        user = _read_yaml(Path(path))
+        _merge(data, user, prefix="", source=str(path))
+    for name in presets:
+        table = data.get("presets", {})
+        if name not in table:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(table)) or 'none'}")
+        for dotted, value in table[name].items():
+            _apply_set(data, f"{dotted}={json.dumps(value)}")
+    for item in sets:
+        _apply_set(data, item)
+    return Config(data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str, source: str) -> None:
+    for key, value in over.items():
+        dotted = f"{prefix}{key}"
+        if prefix == "presets." and isinstance(value, dict):
+            base[key] = value  # a user file may define its own recipes
+            continue
+        if key not in base:
+            raise ConfigError(f"{source}: unknown config key '{dotted}'")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' must be a mapping")
+            _merge(base[key], value, prefix=f"{dotted}.", source=source)
+        else:
+            base[key] = _checked(dotted, base[key], value, source)
+
+
+def _apply_set(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    dotted, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = dotted.strip().split(".")
+    node = data
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"--set: unknown config key '{'.'.join(parts[: i + 1])}'")
+        if i == len(parts) - 1:
+            if isinstance(node[part], dict):
+                raise ConfigError(f"--set: '{dotted}' is a section, set one of its keys")
+            node[part] = _checked(dotted, node[part], value, "--set")
+        else:
+            node = node[part]
+
+
+def _checked(key: str, default: Any, value: Any, source: str) -> Any:
+    """Return `value` if it has the type of `default` (int widens to float), else raise ConfigError."""
+    if default is None:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{source}: '{key}' must be a single value")
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(
+            f"{source}: '{key}' must be {type(default).__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def check_choice(cfg: Config, dotted: str, choices: Iterable[str]) -> str:
+    """Value of `dotted` if it is one of `choices`, else a ConfigError naming the key."""
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = value[part]
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"config '{dotted}' must be one of {', '.join(choices)}; got {value!r}")
+    return value

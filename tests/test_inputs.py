@@ -1,0 +1,84 @@
+"""Input expansion and labels: folders, lists, official dataset JSON, label CSVs, duplicates."""
+
+import json
+
+import pytest
+
+from preprocess.inputs import InputError, LabelIndex, collect_inputs
+
+
+@pytest.fixture
+def tree(tmp_path):
+    for rel in ["dogs/a.mp4", "dogs/b.1.MKV", "cats/c.webm", "cats/notes.txt", "cats/deep/d.avi", "x/a.mov"]:
+        p = tmp_path / "videos" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"not really a video")
+    index = tmp_path / "class_labels_indices.csv"
+    index.write_text('index,mid,display_name\n0,/m/dog,"dogs"\n1,/m/cat,"cats"\n')
+    return tmp_path
+
+
+def test_folder_is_recursive_sorted_and_video_only(tree):
+    items = collect_inputs([str(tree / "videos")])
+    assert [it.video_id for it in items] == ["a", "a", "b.1", "c", "d"]
+    assert all(it.path.startswith(str(tree)) for it in items)
+    # official video id = file name without extension, dots kept
+    assert items[2].video_id == "b.1"
+
+
+def test_duplicate_ids_are_skipped_with_a_reason(tree):
+    items = collect_inputs([str(tree / "videos")])
+    dup = [it for it in items if it.video_id == "a"]
+    assert dup[0].error is None
+    assert "duplicate video_id 'a'" in dup[1].error
+
+
+def test_labels_from_folders_with_index(tree):
+    items = collect_inputs([str(tree / "videos" / "dogs"), str(tree / "videos" / "cats" / "c.webm")],
+                           labels_from_folders=True, label_index=LabelIndex.read(tree / "class_labels_indices.csv"))
+    by_id = {it.video_id: it for it in items}
+    # folder names match display names; stored as mids with indices
+    assert by_id["a"].labels == ("/m/dog",) and by_id["a"].label_indices == (0,)
+    assert by_id["c"].labels == ("/m/cat",) and by_id["c"].label_indices == (1,)
+
+
+def test_labels_csv_and_unknown_label(tree):
+    labels = tree / "labels.csv"
+    labels.write_text('video_id,labels\na,"/m/dog,/m/cat"\nc,/m/bird\n')
+    items = collect_inputs([str(tree / "videos" / "dogs"), str(tree / "videos" / "cats")], labels_csv=str(labels),
+                           label_index=LabelIndex.read(tree / "class_labels_indices.csv"))
+    by_id = {it.video_id: it for it in items}
+    assert by_id["a"].labels == ("/m/dog", "/m/cat") and by_id["a"].label_indices == (0, 1)
+    assert "'/m/bird' not in the label index" in by_id["c"].error
+
+
+def test_path_list_relative_to_its_folder(tree):
+    lst = tree / "list.csv"
+    lst.write_text("videos/dogs/a.mp4\n# a comment\n\nvideos/cats/c.webm\n")
+    items = collect_inputs([str(lst)])
+    assert [it.video_id for it in items] == ["a", "c"]
+    assert items[0].path == str((tree / "videos/dogs/a.mp4").resolve())
+
+
+def test_official_dataset_json(tree):
+    data = {"data": [
+        {"video_id": "a", "wav": "x.flac", "video_path": "videos/dogs", "labels": "/m/dog"},
+        {"video_id": "c", "wav": "y.flac", "video_path": str(tree / "videos/cats/c.webm"), "labels": "/m/cat,/m/dog"},
+        {"video_id": "zz", "wav": "z.flac", "video_path": "videos/dogs", "labels": ""},
+    ]}
+    js = tree / "train.json"
+    js.write_text(json.dumps(data))
+    items = collect_inputs([str(js)])
+    by_id = {it.video_id: it for it in items}
+    assert by_id["a"].path.endswith("dogs/a.mp4") and by_id["a"].labels == ("/m/dog",)
+    assert by_id["c"].labels == ("/m/cat", "/m/dog")
+    assert "no video file for video_id 'zz'" in by_id["zz"].error
+
+
+def test_missing_argument_is_an_input_error(tree):
+    with pytest.raises(InputError, match="nowhere: no such file or folder"):
+        collect_inputs([str(tree / "nowhere")])
+    bad = tree / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(InputError, match="bad.json: not a dataset JSON"):
+        collect_inputs([str(bad)])

@@ -1,0 +1,125 @@
+"""The on-disk contract: keys, deterministic atomic tars, stock-webdataset readability, safe decoding."""
+
+import io
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from shards.manifest import merge_rows, read_rows, write_rows
+from shards.reader import decode_sample, list_shards, raw_samples
+from shards.schema import BadSample, make_key, sample_members
+from shards.writer import write_shard
+
+
+def _jpeg(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _members(key="clip_a", frames=3):
+    meta = {"video_id": "clip.a", "labels": ["/m/x"], "duration_s": 1.5}
+    fbank = np.arange(12, dtype=np.float32).reshape(3, 4)
+    return sample_members(key, meta, fbank, [_jpeg((10 * i, 0, 0)) for i in range(frames)], flac=None,
+                          label_indices=[3, 17])
+
+
+@pytest.mark.parametrize("video_id", ["--4gqARaEJE_30.000", "a/b", "a.b", "", "ünï cødé", "x" * 300])
+def test_keys_are_safe_distinct_and_stable(video_id):
+    key = make_key(video_id)
+    assert key and "." not in key and "/" not in key and len(key) <= 96 + 9
+    assert key == make_key(video_id)
+    assert make_key(video_id, 3).endswith("_w0003")
+
+
+def test_keys_do_not_collide_after_sanitising():
+    ids = ["a.b", "a_b", "a/b", "a b"]
+    assert len({make_key(i) for i in ids}) == len(ids)
+    assert make_key("plain_id-1") == "plain_id-1"
+
+
+def test_shard_is_deterministic_atomic_and_stock_readable(tmp_path):
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    write_shard(a, _members())
+    write_shard(b, _members())
+    assert a.read_bytes() == b.read_bytes()
+    assert not list(tmp_path.glob(".*tmp*"))
+    with tarfile.open(a) as tar:
+        infos = tar.getmembers()
+    assert [i.name for i in infos][:2] == ["clip_a.json", "clip_a.fbank.npy"]
+    assert {(i.mtime, i.uid, i.gid, i.uname) for i in infos} == {(0, 0, 0, "")}
+
+    (sample,) = list(wds.WebDataset(str(a), shardshuffle=False).decode("pil"))
+    assert sample["__key__"] == "clip_a"
+    assert sample["json"]["video_id"] == "clip.a"
+    assert isinstance(sample["frame2.jpg"], Image.Image)
+    raw = next(iter(wds.WebDataset(str(a), shardshuffle=False)))
+    assert np.load(io.BytesIO(raw["fbank.npy"]), allow_pickle=False).dtype == np.float16
+
+
+def test_our_reader_decodes_the_schema(tmp_path):
+    write_shard(tmp_path / "s.tar", _members())
+    (raw,) = list(raw_samples([str(tmp_path / "s.tar")]))
+    sample = decode_sample(raw)
+    assert sample["meta"]["labels"] == ["/m/x"]
+    assert sample["fbank"].shape == (3, 4) and sample["fbank"].dtype == np.float16
+    assert len(sample["frames"]) == 3 and sample["labels"] == [3, 17] and sample["flac"] is None
+
+
+def test_writer_refuses_members_outside_the_schema(tmp_path):
+    with pytest.raises(BadSample):
+        write_shard(tmp_path / "s.tar", [("k.pyd", b"x")])
+    with pytest.raises(BadSample):
+        sample_members("bad.key", {}, None, [])
+    assert not (tmp_path / "s.tar").exists()
+
+
+def test_reader_rejects_pickles_and_junk(tmp_path):
+    """A hostile shard: a pickle member (webdataset's default handlers would unpickle it) and a pickled npy."""
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        for name, data in [("k.json", json.dumps({"video_id": "k"}).encode()),
+                           ("k.fbank.npy", _pickled_npy()), ("k.pyd", pickle.dumps({"x": 1}))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (raw,) = list(raw_samples([str(evil)]))
+    with pytest.raises(BadSample, match="evil.tar: sample 'k'"):
+        decode_sample(raw)
+    raw.pop("pyd")
+    with pytest.raises(BadSample, match="undecodable member"):
+        decode_sample(raw)
+
+
+def _pickled_npy():
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+def test_list_shards_forms(tmp_path):
+    for i in range(3):
+        write_shard(tmp_path / f"shard-{i:06d}.tar", _members())
+    (tmp_path / ".shard-000009.tar.tmp-1").write_bytes(b"")
+    assert len(list_shards(str(tmp_path))) == 3
+    assert len(list_shards(str(tmp_path / "shard-{000000..000001}.tar"))) == 2
+    assert list_shards(f"{tmp_path}/shard-000000.tar::{tmp_path}/shard-000002.tar")[-1].endswith("2.tar")
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        list_shards(str(tmp_path / "missing-{0..1}.tar"))
+
+
+def test_manifest_round_trip_and_merge(tmp_path):
+    rows = [{"video_id": "b", "status": "failed", "error": "no audio stream", "labels": []},
+            {"video_id": "a", "key": "a", "status": "ok", "shard": "shard-000000.tar", "labels": ["/m/x"],
+             "bytes": 10, "duration_s": 1.0}]
+    write_rows(tmp_path / "m.parquet", rows)
+    back = read_rows(tmp_path / "m.parquet")
+    assert [r["video_id"] for r in back] == ["a", "b"]
+    assert back[1]["error"] == "no audio stream" and back[0]["labels"] == ["/m/x"]
+    merged = merge_rows(back, [{"video_id": "b", "status": "ok"}])
+    assert sorted((r["video_id"], r["status"]) for r in merged) == [("a", "ok"), ("b", "ok")]

@@ -1,0 +1,1 @@
+"""CAV-MAE models, the streaming data pipeline, training loops and the `cavmae-train` CLI."""
