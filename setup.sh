@@ -10,4 +10,4 @@ if ! command -v ffmpeg >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
-.venv/bin/python -m tests.clips example/videos
+.venv/bin/python -m tests.make_example example/videos

@@ -6,8 +6,22 @@ Exactly-once without coordination:
   shards instead of regrouping (byte-identical to an uninterrupted run).
 - A task decodes its group, writes its shard under a temporary name and renames it, then writes its
   manifest fragment the same way. A retried task rewrites the same bytes.
-- The driver folds the fragments into `manifest.parquet` (atomically) and only then deletes the plan and
-  the fragments. A run that dies anywhere leaves a state the next run completes.
+- The driver folds the fragments into `manifest.parquet` (atomically, written last) and only then deletes
+  the plan and the fragments. A run that dies anywhere leaves a state the next run completes.
+
+Storage: `out` (and any input) may be a local path or a URI (`s3://`, `gs://`, `hdfs://`, `file://`; see
+`shards.store`): shards and fragments are published by rename where the store renames, by one upload of a
+write-once name otherwise. On a multi-node cluster `out` must be storage every node reaches (a URI, or a
+shared mount).
+
+Cluster: `address` / `RAY_ADDRESS` / `ray.address` joins a running cluster (`ray://head:10001`, `auto`, or
+the GCS address); inside `ray job submit` RAY_ADDRESS is set for us. Each task asks for
+`ray.num_cpus_per_task` CPUs; the driver holds plans and manifest rows only, never sample data.
+
+Memory per task: one input is decoded at a time and its samples are streamed into the shard's temporary
+file as soon as the input is done, so a task holds the decoder state plus one input's encoded samples (in
+`clip.mode: windows`, the open windows' frames and audio, never the whole video): the peak does not grow
+with `shards.samples_per_shard` nor (in windows mode, beyond the samples' own bytes) with the video's length.
 """
 
 from __future__ import annotations
@@ -21,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from shards.config import Config, ConfigError, check_choice
-from shards.manifest import MANIFEST, PARTS, fragment_path, merge_rows, read_manifest, write_rows
-from shards.writer import write_shard
+from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, write_rows
+from shards.store import Store, is_temp_name, is_uri
+from shards.writer import ShardWriter
 
 from .inputs import InputItem, LabelIndex, collect_inputs
 
@@ -54,17 +69,17 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
     check_choice(cfg, "audio.channel_policy", ("first", "mix"))
     check_choice(cfg, "clip.mode", ("first", "windows"))
     start = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_frozen_config(out, cfg)
+    store = Store.of(out)
+    store.makedirs()
+    _check_frozen_config(store, cfg)
     label_index = LabelIndex.read(label_index_csv) if label_index_csv else None
     items = collect_inputs(inputs, labels_csv=labels_csv, label_index=label_index,
                            labels_from_folders=labels_from_folders)
-    _remove_temporaries(out)
+    _remove_temporaries(store)
 
-    rows = read_manifest(out)
+    rows = read_manifest(store)
     holds = {r["video_id"]: r["status"] for r in rows}
-    groups = _pending_plan(out)
+    groups = _pending_plan(store, job="ingest")
     planned = {it.video_id for _, group in groups for it in group}
     todo = [it for it in items if it.video_id not in planned and it.error is None
             and (holds.get(it.video_id) is None or (retry_failed and holds[it.video_id] == "failed"))]
@@ -74,9 +89,11 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
     redo = {it.video_id for it in todo}
     summary = Summary(already=sum(1 for it in items if it.video_id in holds and it.video_id not in redo),
                       skipped=len(skipped_rows))
+    store.write_text(FROZEN_CONFIG, cfg.to_yaml())
     if groups:
-        _save_plan(out, groups, cfg)
-        new_rows = _run_groups(groups, out, cfg, workers=workers, address=address, progress=progress)
+        _save_plan(store, [(i, [asdict(it) for it in g]) for i, g in groups], cfg, job="ingest")
+        new_rows = run_groups(groups, store, cfg, process_group, workers=workers, address=address,
+                              progress=progress, desc="ingest")
         summary.videos = sum(len(g) for _, g in groups)
         summary.ok = sum(r["status"] == "ok" for r in new_rows)
         summary.failed = sum(r["status"] == "failed" for r in new_rows)
@@ -84,60 +101,80 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
         summary.problems += [f"{r['source']}: {r['error']}" for r in new_rows if r["status"] == "failed"]
     summary.problems += [f"{r['source']}: {r['error']}" for r in skipped_rows]
     rows = merge_rows(rows, skipped_rows)
-    write_rows(out / MANIFEST, rows)
-    (out / FROZEN_CONFIG).write_text(cfg.to_yaml())
-    _clear_run_state(out)
+    finish_run(store, rows)
     summary.seconds = time.time() - start
     return summary
 
 
-def _check_frozen_config(out: Path, cfg: Config) -> None:
+def finish_run(store: Store, rows: list[dict[str, Any]]) -> None:
+    """Manifest last (atomically), then the run's plan, fragments and any temporaries of killed tasks."""
+    write_rows(MANIFEST, rows, store=store)
+    _clear_run_state(store)
+    _remove_temporaries(store)
+
+
+def _check_frozen_config(store: Store, cfg: Config) -> None:
     """Refuse to mix samples made with different settings in one folder (reprocess makes a new one)."""
-    frozen = out / FROZEN_CONFIG
-    if not frozen.exists():
+    if not store.is_file(FROZEN_CONFIG):
         return
+    old = frozen_config(store)
+    if old.digest(*SAMPLE_SECTIONS) != cfg.digest(*SAMPLE_SECTIONS):
+        raise ConfigError(f"{store.uri()}: holds shards made with other audio/video/clip settings "
+                          f"(see {store.uri(FROZEN_CONFIG)}); use a new --out, or `cavmae-prep reprocess`")
+
+
+def frozen_config(store: Store) -> Config:
+    """The config a shard folder was made with (its pipeline.yaml, laid over today's defaults)."""
+    import tempfile
+
     from shards.config import load_config
 
-    old = load_config(frozen)
-    if old.digest(*SAMPLE_SECTIONS) != cfg.digest(*SAMPLE_SECTIONS):
-        raise ConfigError(f"{out}: holds shards made with other audio/video/clip settings "
-                          f"(see {frozen}); use a new --out, or `cavmae-prep reprocess`")
+    with tempfile.TemporaryDirectory(prefix="cavmae-cfg-") as tmp:
+        path = Path(tmp) / FROZEN_CONFIG
+        path.write_bytes(store.read_bytes(FROZEN_CONFIG))
+        return load_config(path)
 
 
-def _remove_temporaries(out: Path) -> None:
-    """Half-written files of a killed run (never visible under their final names)."""
-    for tmp in list(out.glob(".*.tmp-*")) + list((out / PARTS).glob(".*.tmp-*")):
-        tmp.unlink(missing_ok=True)
+def _remove_temporaries(store: Store) -> None:
+    """Half-written files of a killed run or task (never visible under their final names)."""
+    for name in store.list() + store.list(PARTS):
+        if is_temp_name(name):
+            store.delete(name)
 
 
-def _pending_plan(out: Path) -> list[tuple[int, list[InputItem]]]:
+def _pending_plan(store: Store, job: str) -> list[tuple[int, list[Any]]]:
     """Groups of an interrupted run whose fragments are not written yet (those are rebuilt identically)."""
-    path = out / PLAN
-    if not path.exists():
+    if not store.is_file(PLAN):
         return []
-    plan = json.loads(path.read_text())
-    groups = [(g["index"], [InputItem.from_dict(it) for it in g["items"]]) for g in plan["groups"]]
-    return [(i, g) for i, g in groups if not fragment_path(out, plan["pattern"] % i).exists()]
+    plan = json.loads(store.read_text(PLAN))
+    if plan.get("job", "ingest") != job:
+        other = plan.get("job", "ingest")
+        raise ConfigError(f"{store.uri()}: an interrupted `cavmae-prep {other}` is pending here; "
+                          f"re-run that command to finish it first")
+    done = set(store.list(PARTS))
+    groups = [(g["index"], g["items"]) for g in plan["groups"]]
+    pending = [(i, g) for i, g in groups if fragment_name(plan["pattern"] % i) not in done]
+    if job == "ingest":
+        return [(i, [InputItem.from_dict(it) for it in g]) for i, g in pending]
+    return pending
 
 
-def _save_plan(out: Path, groups: list[tuple[int, list[InputItem]]], cfg: Config) -> None:
-    (out / PARTS).mkdir(exist_ok=True)
-    plan = {"pattern": cfg.shards.pattern,
-            "groups": [{"index": i, "items": [asdict(it) for it in g]} for i, g in groups]}
-    tmp = out / f".{PLAN}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(plan))
-    os.replace(tmp, out / PLAN)
+def _save_plan(store: Store, groups: list[tuple[int, list[dict[str, Any]]]], cfg: Config, job: str) -> None:
+    store.makedirs(PARTS)
+    plan = {"job": job, "pattern": cfg.shards.pattern,
+            "groups": [{"index": i, "items": g} for i, g in groups]}
+    store.write_text(PLAN, json.dumps(plan))
 
 
-def _clear_run_state(out: Path) -> None:
-    for frag in (out / PARTS).glob("*.parquet") if (out / PARTS).is_dir() else []:
-        frag.unlink()
-    if (out / PARTS).is_dir():
-        (out / PARTS).rmdir()
-    (out / PLAN).unlink(missing_ok=True)
+def _clear_run_state(store: Store) -> None:
+    for name in store.list(PARTS):
+        if name.endswith(".parquet"):
+            store.delete(name)
+    store.delete_dir_if_empty(PARTS)
+    store.delete(PLAN)
 
 
-def _next_index(rows: list[dict[str, Any]], groups: list[tuple[int, list[InputItem]]]) -> int:
+def _next_index(rows: list[dict[str, Any]], groups: list[tuple[int, list[Any]]]) -> int:
     """One past the highest shard index in use (by the manifest, the pending plan or a failures-only group)."""
     used = [i for i, _ in groups] + [int(re.sub(r"\D", "", Path(r["shard"]).stem)) for r in rows if r["shard"]]
     return max(used, default=-1) + 1
@@ -156,51 +193,98 @@ def _row(item: InputItem, status: str, error: str | None, cfg: Config, **extra: 
 
 
 def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[str, Any]) -> list[dict[str, Any]]:
-    """One shard: decode every input of the group, write the shard and its manifest fragment, return rows."""
+    """One shard: decode every input of the group, stream its samples into the shard, publish the shard and
+    then its manifest fragment, return the rows."""
     from preprocess.decode import BadInput
     from preprocess.sample import build_samples
 
     cfg = Config(cfg_data)
+    store = Store.of(out)
     name = cfg.shards.pattern % index
-    members: list[tuple[str, bytes]] = []
     rows: list[dict[str, Any]] = []
-    for item in items:
-        try:
-            samples = build_samples(item.path, item.video_id, item.path, list(item.labels),
-                                    list(item.label_indices) if item.label_indices is not None else None, cfg)
-        except BadInput as exc:
-            rows.append(_row(item, "failed", _one_line(exc), cfg))
-            continue
-        except Exception as exc:  # a decoder bug on one file must not take the shard down with it
-            rows.append(_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), cfg))
-            continue
-        for s in samples:
-            members += s.members
-            rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"), shard=name,
-                             duration_s=s.meta.get("duration_s"), bytes=sum(len(d) for _, d in s.members)))
-    if members:
-        write_shard(Path(out) / name, members)
-    write_rows(fragment_path(out, name), rows)
+    with ShardWriter(store, name) as shard:
+        for item in items:
+            try:
+                with local_copy(item.path) as path:
+                    samples = build_samples(path, item.video_id, item.path, list(item.labels),
+                                            list(item.label_indices) if item.label_indices is not None else None,
+                                            cfg)
+            except BadInput as exc:
+                rows.append(_row(item, "failed", _one_line(exc), cfg))
+                continue
+            except Exception as exc:  # a decoder bug on one file must not take the shard down with it
+                rows.append(_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), cfg))
+                continue
+            for s in samples:
+                shard.add(s.members)
+                rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"), shard=name,
+                                 duration_s=s.meta.get("duration_s"), bytes=sum(len(d) for _, d in s.members)))
+            del samples
+    write_rows(fragment_name(name), rows, store=store)
     return rows
+
+
+class local_copy:
+    """Context manager: a local path for `source` (itself when local; a streamed temporary copy of a remote
+    URI, deleted afterwards). A remote file that cannot be read raises BadInput."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.tmp: str | None = None
+
+    def __enter__(self) -> str:
+        if not is_uri(self.source) or self.source.startswith("file://"):
+            return self.source[len("file://"):] if self.source.startswith("file://") else self.source
+        import tempfile
+
+        from preprocess.decode import BadInput
+
+        store, name = Store.split(self.source)
+        suffix = Path(name).suffix
+        fd, self.tmp = tempfile.mkstemp(prefix="cavmae-in-", suffix=suffix)
+        os.close(fd)
+        try:
+            store.download(name, self.tmp)
+        except FileNotFoundError:
+            raise BadInput("file not found") from None
+        except OSError as exc:
+            raise BadInput(f"cannot read remote file ({_one_line(exc)})") from None
+        return self.tmp
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tmp is not None:
+            Path(self.tmp).unlink(missing_ok=True)
 
 
 def _one_line(exc: Exception | str) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _run_groups(groups: list[tuple[int, list[InputItem]]], out: Path, cfg: Config, *, workers: int | None,
-                address: str | None, progress: bool) -> list[dict[str, Any]]:
+FORWARD_ENV = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HADOOP_", "ARROW_", "CLASSPATH")
+
+
+def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, fn, *, workers: int | None,
+               address: str | None, progress: bool, desc: str) -> list[dict[str, Any]]:
+    """Run `fn(index, items, out_uri, cfg_dict)` as one Ray task per group; return all rows.
+
+    Tasks ask for `ray.num_cpus_per_task` CPUs and are retried `ray.max_retries` times when their worker or
+    node dies (a retry rewrites the same shard). Only rows come back to the driver."""
     import ray
     from tqdm import tqdm
 
     started = _ray_init(cfg, workers, address)
     try:
-        task = ray.remote(num_cpus=cfg.ray.num_cpus_per_task, max_retries=cfg.ray.max_retries)(process_group)
+        options: dict[str, Any] = {"num_cpus": cfg.ray.num_cpus_per_task, "max_retries": cfg.ray.max_retries}
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
+        if not started and env:
+            # joined a cluster: workers on other machines need the storage credentials/endpoints too
+            options["runtime_env"] = {"env_vars": env}
+        task = ray.remote(**options)(fn)
         cfg_ref = ray.put(cfg.to_dict())
-        pending = {task.remote(i, g, str(out.resolve()), cfg_ref): len(g) for i, g in groups}
+        pending = {task.remote(i, g, store.uri(), cfg_ref): len(g) for i, g in groups}
         rows: list[dict[str, Any]] = []
         failed = 0
-        with tqdm(total=sum(pending.values()), unit="video", disable=not progress, desc="ingest") as bar:
+        with tqdm(total=sum(pending.values()), unit="video", disable=not progress, desc=desc) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:

@@ -92,9 +92,12 @@ def collect_inputs(args: list[str], *, labels_csv: str | None = None, label_inde
 
 
 def _expand(arg: str) -> list[InputItem]:
+    if "://" in arg.split("?", 1)[0]:
+        return _expand_remote(arg)
     path = Path(arg)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))  # hidden
         return [InputItem(video_id_of(str(p)), str(p.resolve()), folder=p.parent.name) for p in files]
     if path.suffix.lower() == ".json" and path.is_file():
         return _read_dataset_json(path)
@@ -104,6 +107,28 @@ def _expand(arg: str) -> list[InputItem]:
         # a single video, kept even when unreadable: decoding will record why it failed
         return [InputItem(video_id_of(arg), str(path.resolve()), folder=path.resolve().parent.name)]
     raise InputError(f"{arg}: no such file or folder")
+
+
+def _expand_remote(uri: str) -> list[InputItem]:
+    """A remote video (`s3://b/v.mp4`) or folder (`s3://b/videos/`, recursive) through `shards.store`."""
+    from shards.store import Store, is_temp_name
+
+    try:
+        store = Store.of(uri)
+        if store.is_file(""):
+            parent, name = Store.split(uri)
+            return [InputItem(video_id_of(name), uri, folder=parent.path().rsplit("/", 1)[-1])]
+        names = [n for n in store.list(recursive=True)
+                 if Path(n).suffix.lower() in VIDEO_EXTENSIONS and not is_temp_name(n)]
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{uri}: cannot list ({exc})") from None
+    if not names and not store.exists(""):
+        raise InputError(f"{uri}: no such file or folder")
+    items = []
+    for n in names:
+        parent = n.rsplit("/", 1)[0] if "/" in n else store.path().rsplit("/", 1)[-1]
+        items.append(InputItem(video_id_of(n), store.uri(n), folder=parent.rsplit("/", 1)[-1]))
+    return items
 
 
 def _read_path_list(path: Path) -> list[InputItem]:

@@ -4,16 +4,21 @@ class-balance weights and audits possible without opening a tar file.
 Rows are plain dicts with the columns of `SCHEMA`. Each shard task also leaves a small per-shard fragment
 (`_parts/<shard>.parquet`) written atomically after its shard, so a driver killed mid-run loses nothing:
 the next run folds the fragments into the manifest before planning new work.
+
+Every function takes a local path or a storage URI (`s3://bucket/shards`, see `shards.store`), or a `Store`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .store import Store, is_temp_name
 
 SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -33,37 +38,38 @@ MANIFEST = "manifest.parquet"
 PARTS = "_parts"
 
 
-def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write rows as parquet atomically (temporary name, then rename), sorted for stable output."""
-    path = Path(path)
+def rows_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     ordered = sorted(rows, key=lambda r: (r["video_id"], r.get("window") or 0, r.get("key") or ""))
-    table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in ordered], schema=SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in ordered], schema=SCHEMA)
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
+def write_rows(path: str | Path, rows: Iterable[dict[str, Any]], store: Store | None = None) -> None:
+    """Write rows as parquet atomically (temporary name then rename, or one upload), sorted for stable output.
+
+    `path` is a local path or URI of the file, or a name inside `store` when one is given."""
+    store, name = (store, str(path)) if store is not None else Store.split(path)
+    buf = io.BytesIO()
+    pq.write_table(rows_table(rows), buf)
+    store.write_bytes(name, buf.getvalue())
+
+
+def read_rows(path: str | Path, store: Store | None = None) -> list[dict[str, Any]]:
+    store, name = (store, str(path)) if store is not None else Store.split(path)
+    if not store.is_file(name):
         return []
-    return pq.read_table(path).to_pylist()
+    return pq.read_table(io.BytesIO(store.read_bytes(name))).to_pylist()
 
 
-def read_manifest(out: str | Path) -> list[dict[str, Any]]:
+def read_manifest(out: "str | Path | Store") -> list[dict[str, Any]]:
     """The manifest rows of an output folder, with any leftover fragments of an interrupted run folded in."""
-    rows = merge_rows(read_rows(Path(out) / MANIFEST), read_fragments(out))
-    return rows
+    store = Store.of(out)
+    return merge_rows(read_rows(MANIFEST, store), read_fragments(store))
 
 
-def read_fragments(out: str | Path) -> list[dict[str, Any]]:
-    parts = Path(out) / PARTS
-    if not parts.is_dir():
-        return []
-    return [row for p in sorted(parts.glob("*.parquet")) for row in read_rows(p)]
+def read_fragments(out: "str | Path | Store") -> list[dict[str, Any]]:
+    store = Store.of(out)
+    names = [n for n in store.list(PARTS) if n.endswith(".parquet") and not is_temp_name(n)]
+    return [row for n in names for row in read_rows(n, store)]
 
 
 def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -72,5 +78,10 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
     return [r for r in old if r["video_id"] not in replaced] + new
 
 
+def fragment_name(shard_name: str) -> str:
+    """Name of a shard's manifest fragment inside the output folder."""
+    return f"{PARTS}/{Path(shard_name).stem}.parquet"
+
+
 def fragment_path(out: str | Path, shard_name: str) -> Path:
-    return Path(out) / PARTS / f"{Path(shard_name).stem}.parquet"
+    return Path(out) / fragment_name(shard_name)

@@ -4,6 +4,9 @@ A shard is written to a hidden temporary name beside its final name and renamed 
 complete, so a reader never sees a half-written shard and a retried task simply rewrites the same file.
 Every tar header field that could vary between runs (mtime, uid/gid, owner names, mode) is fixed, so the
 same samples in the same order give byte-identical shards.
+
+`ShardWriter` streams samples into a shard as they are made (a task holds one input's samples, never a
+whole shard) and publishes it through `shards.store` (local or remote: temp + rename, or one upload).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .schema import member_suffix
+from .store import Store, Upload
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -48,3 +52,47 @@ def write_shard(path: str | Path, members: Iterable[tuple[str, bytes]]) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return path.stat().st_size
+
+
+class ShardWriter:
+    """Add samples' members one input at a time; `close()` publishes the shard (if anything was added).
+
+    Usable as a context manager: an exception discards the partial shard (nothing is published)."""
+
+    def __init__(self, location: "str | os.PathLike | Store", name: str):
+        self.store = Store.of(location)
+        self.name = name
+        self._upload: Upload | None = None
+        self._tar: tarfile.TarFile | None = None
+        self.members = 0
+
+    def add(self, members: Iterable[tuple[str, bytes]]) -> None:
+        for name, data in members:
+            member_suffix(name)
+            if self._tar is None:
+                self._upload = self.store.publish(self.name)
+                self._tar = tarfile.open(fileobj=self._upload.file, mode="w", format=tarfile.USTAR_FORMAT)
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            self.members += 1
+
+    def close(self) -> int | None:
+        """Publish the shard; its size in bytes, or None when no member was added (nothing is written)."""
+        if self._tar is None:
+            return None
+        self._tar.close()
+        self._tar = None
+        return self._upload.commit()
+
+    def discard(self) -> None:
+        if self._upload is not None:
+            self._upload.discard()
+        self._tar = self._upload = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()

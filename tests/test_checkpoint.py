@@ -1,0 +1,223 @@
+"""Checkpoint layout: official key lists, prefix handling, pretrained -> finetune loading, IN-MAE initialisation."""
+
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import (
+    imagenet_mae_init,
+    load_pretrained_into,
+    load_state_dict_file,
+    official_state_dict,
+    strip_module_prefix,
+)
+from train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio
+from train.pos_embed import get_2d_sincos_pos_embed
+
+DATA = Path(__file__).parent / "data"
+TINY = dict(size="tiny", target_length=128, num_mel_bins=128, image_size=64)
+
+
+def official_keys(name):
+    """[(key with module. prefix, shape)] from the list of every official state-dict key (copied from the reference)."""
+    rows = []
+    for line in (DATA / name).read_text().splitlines():
+        key, shape = line.split("\t")
+        rows.append((key, tuple(int(s) for s in shape.strip("[]").split(","))))
+    return rows
+
+
+def random_state_dict(rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict((k, torch.randn(shape, generator=g)) for k, shape in rows)
+
+
+@pytest.fixture(scope="module")
+def base_pretrain():
+    return CAVMAE()
+
+
+@pytest.fixture(scope="module")
+def base_finetune():
+    return CAVMAEFT(527)
+
+
+@pytest.fixture(scope="module")
+def official_pretrained():
+    return random_state_dict(official_keys("cavmae_keys.txt"))
+
+
+def test_key_files_are_the_documented_size():
+    assert len(official_keys("cavmae_keys.txt")) == 647
+    assert len(official_keys("cavmaeft_keys.txt")) == 478
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_official_pretrained_loads_strictly(base_pretrain, official_pretrained, prefix):
+    sd = official_pretrained if prefix else strip_module_prefix(official_pretrained)
+    assert load_pretrained_into(base_pretrain, sd) == ([], [])
+    key = ("module." if prefix else "") + "blocks_v.7.mlp.fc1.weight"
+    assert torch.equal(base_pretrain.blocks_v[7].mlp.fc1.weight, sd[key])
+    assert torch.equal(base_pretrain.pos_embed_a, official_pretrained["module.pos_embed_a"])
+    # and loads with plain torch strict loading once the prefix is gone
+    base_pretrain.load_state_dict(strip_module_prefix(sd), strict=True)
+
+
+def test_saved_pretrained_layout_equals_official_key_list(base_pretrain):
+    ours = [(k, tuple(v.shape)) for k, v in official_state_dict(base_pretrain).items()]
+    assert ours == official_keys("cavmae_keys.txt")  # same keys, shapes and order
+    assert all(k.startswith("module.") for k in official_state_dict(base_pretrain))
+    assert not any(k.startswith("module.") for k in official_state_dict(base_pretrain, module_prefix=False))
+
+
+def test_official_finetuned_loads_strictly_and_layout_matches(base_finetune):
+    rows = official_keys("cavmaeft_keys.txt")
+    sd = random_state_dict(rows, seed=1)
+    assert load_pretrained_into(base_finetune, sd) == ([], [])
+    assert torch.equal(base_finetune.mlp_head[1].weight, sd["module.mlp_head.1.weight"])
+    assert [(k, tuple(v.shape)) for k, v in official_state_dict(base_finetune).items()] == rows
+
+
+def test_pretrained_into_finetune_reports_exactly_the_documented_keys(base_finetune, official_pretrained):
+    missing, unexpected = load_pretrained_into(base_finetune, official_pretrained)
+    assert missing == ["mlp_head.0.bias", "mlp_head.0.weight", "mlp_head.1.bias", "mlp_head.1.weight"]
+    keys = [k[len("module."):] for k, _ in official_keys("cavmae_keys.txt")]
+    expected = sorted(k for k in keys if k.startswith(("decoder", "mask_token")))
+    assert unexpected == expected
+    assert len(unexpected) == 8 * 20 + 13  # 8 decoder blocks of 20 tensors, 12 other decoder tensors, mask_token
+    loaded = official_pretrained["module.blocks_u.0.norm1_a.weight"]
+    assert torch.equal(base_finetune.blocks_u[0].norm1_a.weight, loaded)
+
+
+def test_loading_rejects_anything_undocumented():
+    ft = CAVMAEFT(5, **TINY)
+    sd = CAVMAE(**TINY).state_dict()
+    with pytest.raises(ValueError, match="blocks_a.0.attn.qkv.weight"):
+        load_pretrained_into(ft, {k: v for k, v in sd.items() if k != "blocks_a.0.attn.qkv.weight"})
+    with pytest.raises(ValueError, match="extra"):
+        load_pretrained_into(ft, {**sd, "extra.weight": torch.zeros(1)})
+    partial_head = {**sd, "mlp_head.0.weight": torch.ones(64), "mlp_head.0.bias": torch.zeros(64)}
+    with pytest.raises(ValueError, match="mlp_head"):
+        load_pretrained_into(ft, partial_head)
+    with pytest.raises(ValueError, match="mask_token"):  # a pretraining model must get every key
+        load_pretrained_into(CAVMAE(**TINY), {k: v for k, v in sd.items() if k != "mask_token"})
+    with pytest.raises(RuntimeError, match="size mismatch"):  # another audio length
+        load_pretrained_into(CAVMAE(size="tiny", target_length=256, image_size=64), sd)
+
+
+def test_audio_only_model_from_finetuned_and_pretrained():
+    torch.manual_seed(0)
+    ft = CAVMAEFT(5, **TINY).eval()
+    audio_model = CAVMAEFTAudio(5, size="tiny", target_length=128).eval()
+    missing, unexpected = load_pretrained_into(audio_model, official_state_dict(ft))
+    assert missing == []
+    visual = ("modality_v", "pos_embed_v", "patch_embed_v", "blocks_v", "norm_v")
+    assert unexpected == sorted(k for k in ft.state_dict() if k.startswith(visual))
+    audio = torch.randn(2, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(audio_model(audio), ft(audio, None, "audioonly"), atol=1e-6)
+    missing, unexpected = load_pretrained_into(audio_model, CAVMAE(**TINY).state_dict())
+    assert missing == ["mlp_head.0.bias", "mlp_head.0.weight", "mlp_head.1.bias", "mlp_head.1.weight"]
+    assert "mask_token" in unexpected and "blocks_v.0.mlp.fc1.weight" in unexpected
+
+
+def test_file_round_trip_with_prefix_and_model_entry(tmp_path):
+    torch.manual_seed(0)
+    src = CAVMAE(**TINY)
+    raw, wrapped = tmp_path / "raw.pth", tmp_path / "wrapped.pth"
+    torch.save(official_state_dict(src), raw)
+    torch.save({"model": official_state_dict(src), "epoch": 3}, wrapped)
+    for path in (raw, wrapped):
+        sd = load_state_dict_file(str(path))
+        assert list(sd) == list(src.state_dict())
+        dst = CAVMAE(**TINY)
+        assert load_pretrained_into(dst, sd) == ([], [])
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+
+
+class _NotATensor:
+    pass
+
+
+def test_file_loading_refuses_arbitrary_pickles(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "obj": _NotATensor()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_state_dict_file(str(path))
+    torch.save({"w": torch.zeros(1), "step": 3}, path)
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_state_dict_file(str(path))
+
+
+def fake_mae_state_dict(embed=768, depth=12, dec=512, dec_depth=8, seed=0):
+    """Random tensors in the layout of facebookresearch/mae `mae_pretrain_vit_base_full.pth` ['model']."""
+    g = torch.Generator().manual_seed(seed)
+
+    def block(prefix, d):
+        return {
+            f"{prefix}.norm1.weight": (d,), f"{prefix}.norm1.bias": (d,),
+            f"{prefix}.attn.qkv.weight": (3 * d, d), f"{prefix}.attn.qkv.bias": (3 * d,),
+            f"{prefix}.attn.proj.weight": (d, d), f"{prefix}.attn.proj.bias": (d,),
+            f"{prefix}.norm2.weight": (d,), f"{prefix}.norm2.bias": (d,),
+            f"{prefix}.mlp.fc1.weight": (4 * d, d), f"{prefix}.mlp.fc1.bias": (4 * d,),
+            f"{prefix}.mlp.fc2.weight": (d, 4 * d), f"{prefix}.mlp.fc2.bias": (d,),
+        }
+
+    shapes = {"cls_token": (1, 1, embed), "pos_embed": (1, 197, embed),
+              "patch_embed.proj.weight": (embed, 3, 16, 16), "patch_embed.proj.bias": (embed,)}
+    for i in range(depth):
+        shapes.update(block(f"blocks.{i}", embed))
+    shapes.update({"norm.weight": (embed,), "norm.bias": (embed,), "mask_token": (1, 1, dec)})
+    shapes.update({"decoder_embed.weight": (dec, embed), "decoder_embed.bias": (dec,)})
+    shapes["decoder_pos_embed"] = (1, 197, dec)
+    for i in range(dec_depth):
+        shapes.update(block(f"decoder_blocks.{i}", dec))
+    shapes.update({"decoder_norm.weight": (dec,), "decoder_norm.bias": (dec,),
+                   "decoder_pred.weight": (768, dec), "decoder_pred.bias": (768,)})
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def test_imagenet_mae_init_base(base_pretrain):
+    mae = fake_mae_state_dict()
+    sd = imagenet_mae_init(mae)
+    assert load_pretrained_into(base_pretrain, sd) == ([], [])
+    m = base_pretrain
+    for i in (0, 3, 10):
+        for name in ("attn.qkv.weight", "mlp.fc2.bias", "norm1.weight"):
+            assert torch.equal(sd[f"blocks_a.{i}.{name}"], mae[f"blocks.{i}.{name}"])
+            assert torch.equal(sd[f"blocks_v.{i}.{name}"], mae[f"blocks.{i}.{name}"])
+    assert torch.equal(m.blocks_a[3].attn.proj.weight, m.blocks_v[3].attn.proj.weight)
+    assert torch.equal(m.blocks_u[0].mlp.fc1.weight, mae["blocks.11.mlp.fc1.weight"])
+    for norm in ("norm1", "norm1_a", "norm1_v"):
+        assert torch.equal(sd[f"blocks_u.0.{norm}.weight"], mae["blocks.11.norm1.weight"])
+    for norm in ("norm2_a", "norm2_v"):
+        assert torch.equal(sd[f"blocks_u.0.{norm}.bias"], mae["blocks.11.norm2.bias"])
+    assert torch.all(sd["blocks_a.0.norm1_a.weight"] == 1)  # dead norms keep the fresh init
+    for norm in ("norm", "norm_a", "norm_v"):
+        assert torch.equal(sd[f"{norm}.weight"], mae["norm.weight"])
+    w = mae["patch_embed.proj.weight"]
+    assert torch.equal(sd["patch_embed_v.proj.weight"], w)
+    assert torch.allclose(sd["patch_embed_a.proj.weight"][:, 0], w[:, 0] + w[:, 1] + w[:, 2])
+    assert torch.equal(sd["patch_embed_a.proj.bias"], mae["patch_embed.proj.bias"])
+    assert torch.equal(sd["decoder_pred_a.weight"], mae["decoder_pred.weight"][:256])
+    assert torch.equal(sd["decoder_pred_a.bias"], mae["decoder_pred.bias"][:256])
+    assert torch.equal(sd["decoder_pred_v.weight"], mae["decoder_pred.weight"])
+    assert torch.equal(sd["pos_embed_v"], mae["pos_embed"][:, 1:])
+    assert torch.equal(sd["decoder_pos_embed_v"], mae["decoder_pos_embed"][:, 1:])
+    assert torch.equal(sd["decoder_blocks.5.attn.qkv.bias"], mae["decoder_blocks.5.attn.qkv.bias"])
+    assert torch.equal(sd["mask_token"], mae["mask_token"])
+    assert sd["modality_a"].std().item() == pytest.approx(0.02, rel=0.3)  # not in MAE: fresh N(0, 0.02)
+    assert torch.equal(sd["pos_embed_a"][0], get_2d_sincos_pos_embed(768, 8, 64))  # audio: fresh sin-cos
+
+
+def test_imagenet_mae_init_rejects_mismatched_checkpoints():
+    mae = fake_mae_state_dict(embed=64, depth=2, dec=32, dec_depth=1)
+    sd = imagenet_mae_init(mae, size="tiny", target_length=128)
+    assert list(sd) == list(CAVMAE(size="tiny", target_length=128).state_dict())
+    with pytest.raises(ValueError, match="head"):
+        imagenet_mae_init({**mae, "head.weight": torch.zeros(1)}, size="tiny")
+    with pytest.raises(ValueError, match="encoder blocks"):
+        imagenet_mae_init(mae, size="base")

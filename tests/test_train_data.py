@@ -1,0 +1,137 @@
+"""Data-pipeline unit checks: pad/crop, SpecAugment before normalisation, roll, labels, mixup, corrupt samples,
+fixed epoch length; and the metrics (AP, retrieval ranks)."""
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from shards.schema import sample_members  # noqa: E402
+from shards.writer import write_shard  # noqa: E402
+from train.data import (LOG_SILENCE, Transform, eval_loader, mix_fbanks, noise_and_roll, pad_or_crop,  # noqa: E402
+                        soft_labels, spec_augment, train_loader)
+from train.evaluate import average_precision, mean_average_precision  # noqa: E402
+from train.retrieve import ranks, recall_metrics  # noqa: E402
+from train_fixtures import color_frames, tone_fbank, write_synthetic_shards  # noqa: E402
+
+DATA = {"target_length": 128, "mean": -5.081, "std": 4.4849, "image_size": 64,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+NO_AUG = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 0.0}
+
+
+def transform(aug=NO_AUG, frame="random", num_classes=4):
+    return Transform(DATA, aug, frame=frame, num_frames=4, num_classes=num_classes, label_map=None,
+                     label_file=None, seed=0)
+
+
+def test_pad_or_crop():
+    x = torch.randn(100, 8)
+    padded = pad_or_crop(x, 128)
+    assert padded.shape == (128, 8) and torch.equal(padded[:100], x) and not padded[100:].any()
+    assert torch.equal(pad_or_crop(x, 64), x[:64])
+
+
+def test_spec_augment_masks_before_normalisation_give_1_133():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.full((128, 128), -3.0)
+    masked = spec_augment(x, freqm=48, timem=48, gen=gen)
+    zero = masked == 0
+    assert zero.any() and not (x == 0).any()
+    normalised = (masked - DATA["mean"]) / DATA["std"]
+    assert torch.allclose(normalised[zero], torch.tensor(1.1329), atol=1e-3)
+    # one frequency band and one time band, each narrower than its parameter
+    assert zero.all(0).sum() < 48 and zero.all(1).sum() < 48
+
+
+def test_noise_and_roll_is_circular_and_small():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(128, 4)
+    x[0] = 10.0
+    y = noise_and_roll(x, gen)
+    row = int(y[:, 0].argmax())
+    assert (y - torch.roll(x, row, 0)).abs().max() <= 0.1 + 1e-6
+    assert (y - torch.roll(x, row, 0)).min() >= 0
+
+
+def test_label_smoothing_and_mixup_arithmetic():
+    y = soft_labels(4, 0.1, [2])
+    assert torch.allclose(y, torch.tensor([0.025, 0.025, 0.9, 0.025]))
+    lam = 0.7
+    y = soft_labels(4, 0.1, [0], [2, 0], lam)
+    expect = torch.tensor([0.025 + 0.7 * 0.9 + 0.3 * 0.9, 0.025, 0.025 + 0.3 * 0.9, 0.025])
+    assert torch.allclose(y, expect)
+    assert torch.allclose(soft_labels(3, 0.0, [1], [2], 0.25), torch.tensor([0.0, 0.25, 0.75]))
+
+
+def test_mix_fbanks_in_power_domain():
+    a, b = torch.log(torch.full((10, 4), 2.0)), torch.log(torch.full((6, 4), 4.0))
+    mixed = mix_fbanks(a, b, 0.25)
+    assert mixed.shape == a.shape
+    assert torch.allclose(mixed[:6], torch.log(torch.tensor(0.25 * 2 + 0.75 * 4)))
+    assert torch.allclose(mixed[6:], torch.log(0.25 * 2 + 0.75 * torch.exp(torch.tensor(LOG_SILENCE))))
+
+
+def test_transform_order_and_shapes(tmp_path):
+    urls = [str(p) for p in write_synthetic_shards(tmp_path, 6, 6)]
+    batches = list(eval_loader(urls, transform(frame="all"), batch_size=4, num_workers=0))
+    assert [b["audio"].shape[0] for b in batches] == [4, 2]
+    b = batches[0]
+    assert b["audio"].shape == (4, 128, 128) and b["image"].shape == (4, 4, 3, 64, 64)
+    assert b["label"].shape == (4, 4) and torch.allclose(b["label"].sum(1), torch.ones(4))
+    # 130 fbank rows cut to 128, then normalised: padded rows would be 1.133
+    assert abs(float(b["audio"].mean())) < 3
+
+
+def test_fixed_number_of_batches_per_epoch(tmp_path):
+    urls = [str(p) for p in write_synthetic_shards(tmp_path, 5, 2)]  # shards of 2, 2, 1 samples
+    loader = train_loader(urls, transform(), batch_size=3, num_batches=7, seed=0, shuffle_buffer=4, num_workers=0)
+    assert sum(1 for _ in loader) == 7
+    assert sum(1 for _ in loader) == 7
+
+
+def test_mixup_in_the_stream_mixes_labels(tmp_path):
+    urls = [str(p) for p in write_synthetic_shards(tmp_path, 8, 8)]
+    aug = dict(NO_AUG, mixup=1.0, label_smooth=0.1)
+    batch = next(iter(train_loader(urls, transform(aug), batch_size=8, num_batches=1, seed=0, shuffle_buffer=1,
+                                   num_workers=0)))
+    # the first sample has no partner yet: positives set to 1 - ls (sum 0.9 + 3 x 0.025); mixed ones sum to 1
+    assert torch.allclose(batch["label"].sum(1), torch.tensor([0.975] + [1.0] * 7))
+    assert (batch["label"].max(1).values < 0.9).any()  # at least one mix of two different classes
+
+
+def test_corrupt_samples_are_counted_skips(tmp_path):
+    rng = random.Random(0)
+    good = lambda i: sample_members(f"good{i}", {"video_id": f"good{i}"}, tone_fbank(440.0, 1.3, rng),  # noqa: E731
+                                    color_frames((200, 0, 0), 64, 2, rng), label_indices=[1])
+    bad_jpeg = sample_members("badjpeg", {"video_id": "badjpeg"}, tone_fbank(440.0, 1.3, rng),
+                              [b"not a jpeg", b"nor this"], label_indices=[1])
+    bad_npy = [(n, b"garbage" if n.endswith(".npy") else d) for n, d in good(9)]
+    bad_npy = [(n.replace("good9", "badnpy"), d) for n, d in bad_npy]
+    write_shard(tmp_path / "a.tar", good(0) + bad_jpeg + good(1) + bad_npy + good(2))
+    batches = list(eval_loader([str(tmp_path / "a.tar")], transform(frame="middle"), batch_size=8, num_workers=0))
+    assert sorted(batches[0]["key"]) == ["good0", "good1", "good2"]
+    assert sum(b["skipped"] for b in batches) == 2
+    assert not (batches[0]["audio"] == 0.01).all(2).all(1).any()  # never a constant stand-in
+
+
+def test_average_precision_matches_definition():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    targets = np.array([1, 0, 1, 0, 1])
+    assert math.isclose(average_precision(scores, targets), (1 / 1 + 2 / 3 + 3 / 5) / 3)
+    # ties form one threshold: both tied items count at once
+    assert math.isclose(average_precision(np.array([0.5, 0.5]), np.array([1, 0])), 0.5)
+    s = np.random.default_rng(0).random((50, 3))
+    assert math.isclose(mean_average_precision(s, s > 0.5), 1.0)
+
+
+def test_retrieval_ranks():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.0, 0.2, 0.1]])
+    assert ranks(sim).tolist() == [0, 1, 1]
+    m = recall_metrics(sim)
+    assert m["R@1"] == pytest.approx(1 / 3) and m["R@5"] == 1.0 and m["MR"] == 2.0

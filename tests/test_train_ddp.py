@@ -1,0 +1,38 @@
+"""A real 2-process DDP pretraining run on CPU (torchrun, gloo) over uneven shards.
+
+Every step all-reduces gradients and (with contrast=global) all-gathers the contrastive vectors, so a rank with
+fewer batches than the other would hang or fail the run; the timeout turns a hang into a failure. Both ranks must
+end at the same step: rank 0's checkpoint holds the step count, and the run exits 0 only if rank 1 did too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from train_fixtures import TINY, write_synthetic_shards  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_process_ddp_over_uneven_shards(tmp_path):
+    shards = write_synthetic_shards(tmp_path / "shards", 45, 20)  # 20 + 20 + 5 samples
+    assert len(shards) == 3
+    out = tmp_path / "run"
+    sets = TINY + ["pretrain.batch_size=8", "pretrain.epochs=2", "pretrain.contrast=global", "pretrain.lr=1.0e-3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "train", "pretrain", "--shards", str(tmp_path / "shards"), "--out", str(out),
+           *[a for s in sets for a in ("--set", s)]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps_per_epoch = 45 // 8  # global batch 8 = 4 per rank
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 2 * steps_per_epoch and state["epoch"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 2 * steps_per_epoch + 1))

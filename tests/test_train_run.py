@@ -1,0 +1,147 @@
+"""End-to-end training runs on CPU with the tiny model: pretraining, resume, official-layout init, finetuning,
+evaluation, retrieval and the CLI's one-line errors."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import train.loop  # noqa: E402
+from shards.config import load_config  # noqa: E402
+from train.cli import main  # noqa: E402
+from train.model import build_pretrain_model  # noqa: E402
+from train_fixtures import TINY, label_index_csv, write_synthetic_shards  # noqa: E402
+
+
+def sets(*extra):
+    return [a for s in TINY + list(extra) for a in ("--set", s)]
+
+
+def records(run, kind="train"):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    write_synthetic_shards(root / "train", 96, 32, seed=0)
+    write_synthetic_shards(root / "val", 32, 32, seed=1)
+    return root, label_index_csv(root / "labels.csv")
+
+
+PT = ("pretrain.batch_size=8", "pretrain.epoch_samples=64", "pretrain.lr=1.0e-3")
+
+
+def test_pretraining_loss_falls(data, tmp_path):
+    root, _ = data
+    rc = main(["pretrain", "--shards", str(root / "train"), "--val-shards", str(root / "val"), "--out",
+               str(tmp_path), *sets(*PT, "pretrain.epochs=3")])
+    assert rc == 0
+    train_rows = records(tmp_path)
+    assert len(train_rows) == 24 and train_rows[-1]["step"] == 24
+    assert train_rows[-1]["loss"] < 0.85 * train_rows[0]["loss"]  # epoch-3 mean vs the first batch
+    val = records(tmp_path, "epoch")
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    sd = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert all(k.startswith("module.") for k in sd)
+
+
+def test_resume_mid_epoch_keeps_step_count_and_optimizer_state(data, tmp_path, monkeypatch):
+    root, _ = data
+    args = ["pretrain", "--shards", str(root / "train"), "--out", str(tmp_path),
+            *sets(*PT, "pretrain.epochs=2", "pretrain.save_every=3")]
+    real_save = train.loop.save_state
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        if path.name == "last.pt" and state["step"] == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.loop, "save_state", save_then_crash)
+    assert main(args) == 130
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["batches_done"]) == (6, 0, 6)
+    monkeypatch.setattr(train.loop, "save_state", real_save)
+
+    loaded = {}
+    real_train = train.loop.train
+
+    def spy(**kw):
+        out = real_train(**kw)
+        loaded["optimizer"] = kw["optimizer"].state_dict()
+        return out
+
+    monkeypatch.setattr("train.pretrain.train", spy)
+    assert main(args + ["--resume"]) == 0
+    steps = [r["step"] for r in records(tmp_path)]
+    assert steps == list(range(1, 17))  # 1..6 before the crash, 7..16 after: nothing repeated or lost
+    final = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert final["step"] == 16 and final["scheduler"]["last_epoch"] == 16
+    adam_steps = {float(s["step"]) for s in final["optimizer"]["state"].values()}
+    assert adam_steps == {16.0}  # the Adam moments carried on from step 6, not restarted
+    assert {float(s["step"]) for s in saved["optimizer"]["state"].values()} == {6.0}
+
+
+def test_finetune_from_official_layout_checkpoint(data, tmp_path):
+    root, labels = data
+    cfg = load_config(None, TINY)
+    model = build_pretrain_model(cfg.model.to_dict())
+    official = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save(official, tmp_path / "official.pth")
+    rc = main(["finetune", "--shards", str(root / "train"), "--labels", str(labels), "--init",
+               str(tmp_path / "official.pth"), "--out", str(tmp_path / "ft"),
+               *sets("finetune.batch_size=8", "finetune.epoch_samples=16", "finetune.epochs=1", "finetune.lr=0.0",
+                     "finetune.wa_start=1", "finetune.wa_end=1")])
+    assert rc == 0
+    out = torch.load(tmp_path / "ft" / "model.pth", weights_only=True)
+    for key in ("module.blocks_a.0.attn.qkv.weight", "module.patch_embed_v.proj.weight", "module.norm_a.weight"):
+        assert torch.equal(out[key], official[key])
+    assert "module.mlp_head.1.weight" in out and "module.decoder_embed.weight" not in out
+
+
+def test_finetune_beats_chance_then_eval_and_errors(data, tmp_path, capsys):
+    root, labels = data
+    ft = tmp_path / "ft"
+    rc = main(["finetune", "--shards", str(root / "train"), "--val-shards", str(root / "val"), "--labels",
+               str(labels), "--out", str(ft),
+               *sets("finetune.batch_size=8", "finetune.epochs=4", "finetune.lr=1.0e-3", "finetune.head_lr=10.0",
+                     "finetune.loss=ce", "finetune.metric=acc", "finetune.wa_start=3", "finetune.wa_end=4",
+                     "finetune.lr_start_epoch=3", "finetune.freqm=24", "finetune.timem=24")])
+    assert rc == 0
+    capsys.readouterr()
+    rc = main(["eval", "--shards", str(root / "val"), "--labels", str(labels), "--checkpoint",
+               str(ft / "model.pth"), "--frames", "all", "--out", str(tmp_path / "eval.json"),
+               *sets("finetune.metric=acc")])
+    assert rc == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["samples"] == 32 and len(result["acc_per_frame"]) == 4
+    assert result["acc"] >= 0.75  # chance is 0.25: the class needs both the pitch and the colour
+
+    bad = tmp_path / "bad_labels.csv"
+    bad.write_text("index,mid,display_name\n0,/m/class0,a\n1,/m/class1,b\n")
+    capsys.readouterr()
+    assert main(["finetune", "--shards", str(root / "train"), "--labels", str(bad), "--out", str(tmp_path / "x"),
+                 *sets()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "/m/class" in err and str(bad) in err
+    assert main(["pretrain", "--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "y"), *sets()]) == 2
+    assert "no shards found" in capsys.readouterr().err
+
+
+def test_retrieval_after_contrastive_pretraining(tmp_path):
+    write_synthetic_shards(tmp_path / "pairs", 96, 48, seed=2, pairs=8)
+    write_synthetic_shards(tmp_path / "query", 8, 8, seed=3, pairs=8)
+    rc = main(["pretrain", "--shards", str(tmp_path / "pairs"), "--out", str(tmp_path / "pt"),
+               *sets("pretrain.batch_size=8", "pretrain.epochs=5", "pretrain.lr=2.0e-3", "model.mae_loss_weight=0.0",
+                     "model.contrast_loss_weight=1.0", "model.bidirectional=true", "pretrain.noise=false")])
+    assert rc == 0
+    assert main(["retrieve", "--shards", str(tmp_path / "query"), "--checkpoint", str(tmp_path / "pt" / "model.pth"),
+                 "--out", str(tmp_path / "r.json"), *sets()]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["samples"] == 8
+    for direction in ("video_to_audio", "audio_to_video"):
+        assert result[direction]["R@1"] >= 0.5  # chance is 1/8

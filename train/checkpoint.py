@@ -1,0 +1,168 @@
+"""Checkpoint I/O in the official CAV-MAE layout, and the ImageNet-MAE initialisation of the pretraining model.
+
+Official checkpoints are nn.DataParallel state dicts (every key prefixed `module.`). Our models use the same key
+names without the prefix, so loading is a prefix strip plus a check that the only mismatches are the documented ones:
+
+  CAVMAE        <- pretrained                      strict
+  CAVMAEFT      <- finetuned (has mlp_head.*)      strict
+  CAVMAEFT      <- pretrained                      missing mlp_head.*; unexpected decoder*, mask_token
+  CAVMAEFTAudio <- any of the above                additionally: every visual key is unexpected
+
+Files are read with torch.load(weights_only=True) only: no arbitrary pickle is ever executed.
+"""
+
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
+
+MODULE_PREFIX = "module."
+_VISUAL_PREFIXES = ("modality_v", "pos_embed_v", "patch_embed_v.", "blocks_v.", "norm_v.")
+_DECODER_PREFIXES = ("decoder", "mask_token")
+
+
+class LoadResult(NamedTuple):
+    missing: "list[str]"
+    unexpected: "list[str]"
+
+
+def strip_module_prefix(sd: "dict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
+    """Drop the DataParallel/DDP `module.` prefix from every key that has it."""
+    return OrderedDict((k[len(MODULE_PREFIX):] if k.startswith(MODULE_PREFIX) else k, v) for k, v in sd.items())
+
+
+def load_state_dict_file(path: str) -> "OrderedDict[str, torch.Tensor]":
+    """Read a raw state dict, or a training checkpoint dict holding it under 'model'; strip `module.`."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict (nor a dict with a 'model' state dict)")
+    return strip_module_prefix(obj)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]") -> LoadResult:
+    """Load an official or our own checkpoint (with or without `module.`) into CAVMAE / CAVMAEFT / CAVMAEFTAudio.
+
+    Raises ValueError listing the offending keys when anything beyond the documented mismatches (module docstring)
+    is missing or unexpected; torch raises on shape mismatches (e.g. a different target_length). Returns the
+    tolerated missing/unexpected keys so the caller can log them.
+    """
+    model = _unwrap(model)
+    sd = strip_module_prefix(sd)
+    allowed_missing: "tuple[str, ...]" = ()
+    allowed_unexpected: "tuple[str, ...]" = ()
+    if isinstance(model, (CAVMAEFT, CAVMAEFTAudio)):
+        allowed_missing = ("mlp_head.",)
+        allowed_unexpected = _DECODER_PREFIXES
+        if isinstance(model, CAVMAEFTAudio):
+            allowed_unexpected += _VISUAL_PREFIXES
+    elif not isinstance(model, CAVMAE):
+        raise TypeError(f"unsupported model type {type(model).__name__}")
+
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad_missing = [k for k in missing if not k.startswith(allowed_missing)]
+    bad_unexpected = [k for k in unexpected if not k.startswith(allowed_unexpected)]
+    head = [k for k in missing if k.startswith("mlp_head.")]
+    if head and len(head) != len([k for k in model.state_dict() if k.startswith("mlp_head.")]):
+        bad_missing += head  # a partial head is a broken checkpoint, not a pretrained one
+    if bad_missing or bad_unexpected:
+        raise ValueError(
+            f"checkpoint does not fit {type(model).__name__}: missing {bad_missing}, unexpected {bad_unexpected}"
+        )
+    return LoadResult(sorted(missing), sorted(unexpected))
+
+
+def official_state_dict(model: nn.Module, module_prefix: bool = True) -> "OrderedDict[str, torch.Tensor]":
+    """The model's state dict in the official layout (same keys and order; `module.` prefix so the official code,
+    which wraps its models in DataParallel, loads it as is)."""
+    prefix = MODULE_PREFIX if module_prefix else ""
+    return OrderedDict((prefix + k, v) for k, v in _unwrap(model).state_dict().items())
+
+
+def imagenet_mae_init(
+    mae_sd: "dict[str, torch.Tensor]",
+    size: "str | dict | ModelSize" = "base",
+    target_length: int = 1024,
+    num_mel_bins: int = 128,
+) -> "OrderedDict[str, torch.Tensor]":
+    """CAVMAE state dict initialised from an ImageNet MAE *full* checkpoint (encoder + decoder), as the official
+    IN-initial.pth was made (facebookresearch/mae `mae_pretrain_vit_base_full.pth`, its 'model' dict).
+
+    MAE blocks 0..d-1 go to both blocks_a and blocks_v (d = modality_specific_depth), the rest to blocks_u with
+    their norm1/norm2 also copied into the _a/_v norms; MAE `norm` goes to norm, norm_a and norm_v; the decoder
+    loads by name. The audio patch conv is the RGB conv summed over its input channels (a grey image through the
+    RGB filter), decoder_pred_a is the first 256 rows of MAE's decoder_pred (as the official script does; the rows are
+    pixel-major (p, q, c), so these are the RGB outputs of the first 85 1/3 pixels, an arbitrary start), and the
+    visual position tables drop MAE's cls row. Everything MAE lacks (modality tokens, audio position tables,
+    unused norms) keeps a fresh CAVMAE initialisation. image_size follows MAE's 224.
+    """
+    mae_sd = strip_module_prefix(mae_sd)
+    s = resolve_size(size)
+    depth, specific = s.depth, s.modality_specific_depth
+    n_mae_blocks = len({k.split(".")[1] for k in mae_sd if k.startswith("blocks.")})
+    if n_mae_blocks != depth:
+        raise ValueError(f"MAE checkpoint has {n_mae_blocks} encoder blocks, model size {size!r} needs {depth}")
+    out = CAVMAE(size=size, target_length=target_length, num_mel_bins=num_mel_bins, image_size=224).state_dict()
+
+    used = {"cls_token"}  # CAV-MAE has no cls token
+
+    def put(dst: str, src: str, value: "torch.Tensor | None" = None) -> None:
+        value = mae_sd[src] if value is None else value
+        if dst not in out:
+            raise ValueError(f"MAE key {src} maps to {dst}, which CAVMAE does not have")
+        if out[dst].shape != value.shape:
+            raise ValueError(f"{src} {tuple(value.shape)} does not fit {dst} {tuple(out[dst].shape)}")
+        out[dst] = value.detach().clone()
+        used.add(src)
+
+    for i in range(depth):
+        for name in [k[len(f"blocks.{i}."):] for k in mae_sd if k.startswith(f"blocks.{i}.")]:
+            src = f"blocks.{i}.{name}"
+            if i < specific:
+                put(f"blocks_a.{i}.{name}", src)
+                put(f"blocks_v.{i}.{name}", src)
+            else:
+                put(f"blocks_u.{i - specific}.{name}", src)
+                if name.startswith(("norm1.", "norm2.")):
+                    norm, param = name.split(".")
+                    put(f"blocks_u.{i - specific}.{norm}_a.{param}", src)
+                    put(f"blocks_u.{i - specific}.{norm}_v.{param}", src)
+    for norm in ("norm", "norm_a", "norm_v"):
+        for param in ("weight", "bias"):
+            put(f"{norm}.{param}", f"norm.{param}")
+
+    put("patch_embed_v.proj.weight", "patch_embed.proj.weight")
+    put("patch_embed_v.proj.bias", "patch_embed.proj.bias")
+    put("patch_embed_a.proj.weight", "patch_embed.proj.weight", mae_sd["patch_embed.proj.weight"].sum(1, keepdim=True))
+    put("patch_embed_a.proj.bias", "patch_embed.proj.bias")
+    put("pos_embed_v", "pos_embed", mae_sd["pos_embed"][:, 1:])
+    put("decoder_pos_embed_v", "decoder_pos_embed", mae_sd["decoder_pos_embed"][:, 1:])
+
+    for k in mae_sd:
+        if k.startswith(("decoder_embed.", "decoder_blocks.", "decoder_norm.")) or k == "mask_token":
+            put(k, k)
+    put("decoder_pred_v.weight", "decoder_pred.weight")
+    put("decoder_pred_v.bias", "decoder_pred.bias")
+    n_a = out["decoder_pred_a.weight"].shape[0]
+    put("decoder_pred_a.weight", "decoder_pred.weight", mae_sd["decoder_pred.weight"][:n_a])
+    put("decoder_pred_a.bias", "decoder_pred.bias", mae_sd["decoder_pred.bias"][:n_a])
+
+    unused = sorted(set(mae_sd) - used)
+    if unused:
+        raise ValueError(f"MAE checkpoint keys with no place in CAVMAE: {unused}")
+    return out

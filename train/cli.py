@@ -1,0 +1,184 @@
+"""`cavmae-train`: pretrain, finetune, evaluate and retrieve with CAV-MAE over WebDataset shards.
+
+One process per device: `torchrun --nproc-per-node N -m train pretrain ...` (or `cavmae-train ...` for one process).
+Exit status: 0 on success, 2 for bad arguments, config, shards or labels (a one-line message on stderr),
+130 when interrupted (`--resume` carries on from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from shards.config import ConfigError, load_config
+
+EXAMPLES = """examples:
+  cavmae-train pretrain --shards shards/ --out runs/pt --preset scale+
+  torchrun --nproc-per-node 4 -m train pretrain --shards 's3://b/as2m/shard-{000000..013843}.tar' --out runs/pt
+  cavmae-train pretrain --shards shards/ --out runs/pt --resume
+  cavmae-train finetune --shards as20k/ --val-shards eval/ --labels class_labels_indices.csv \\
+      --init runs/pt/model.pth --out runs/ft
+  cavmae-train finetune --preset vggsound-ft --shards vgg/ --labels vgg_labels.csv --init cav-mae-scale++.pth --out runs/vgg
+  cavmae-train eval --shards eval/ --labels class_labels_indices.csv --checkpoint runs/ft/model.pth --frames all
+  cavmae-train retrieve --shards retrieval/ --checkpoint runs/pt/model.pth
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cavmae-train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--shards", required=True, help="shards: tar path, folder, brace pattern, glob or URL "
+                                                       "(several joined with ::)")
+        p.add_argument("--config", metavar="FILE", help="YAML laid over the defaults of pipeline.yaml")
+        p.add_argument("--preset", dest="presets", action="append", default=[], metavar="NAME",
+                       help="a named recipe from the presets: section of pipeline.yaml (repeatable)")
+        p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting, e.g. --set pretrain.lr=1e-4 (repeatable)")
+        return p
+
+    for name, help in (("pretrain", "self-supervised CAV-MAE pretraining"),
+                       ("finetune", "finetune a classifier (or a linear probe) on labelled shards")):
+        p = command(name, help)
+        p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints")
+        p.add_argument("--val-shards", help="validation shards, scored after every epoch")
+        p.add_argument("--init", metavar="PTH", help="initial weights: an official checkpoint (module. prefix "
+                                                     "or not) or one of ours")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+        if name == "finetune":
+            p.add_argument("--labels", metavar="CSV", help="label index CSV index,mid,display_name (default: "
+                                                           "the .cls members and finetune.num_classes)")
+            p.add_argument("--mode", help="multimodal | audioonly | videoonly | missingaudioonly | "
+                                          "missingvideoonly (default: finetune.mode)")
+
+    p = command("eval", "score a finetuned checkpoint: mAP or accuracy, per frame and frame-averaged")
+    p.add_argument("--checkpoint", required=True, metavar="PTH", help="finetuned weights (ours or official)")
+    p.add_argument("--labels", metavar="CSV", help="label index CSV index,mid,display_name")
+    p.add_argument("--mode", help="input mode (default: finetune.mode)")
+    p.add_argument("--frames", help="all (official 10-frame average) | middle | a frame index (default: eval.frames)")
+    p.add_argument("--out", help="also write the results as JSON to this file")
+
+    p = command("retrieve", "audio<->visual retrieval R@1/5/10 and median rank with a pretrained checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="PTH", help="pretrained (or finetuned) weights")
+    p.add_argument("--frames", help="middle (official) | a frame index (default: middle)")
+    p.add_argument("--out", help="also write the results as JSON to this file")
+    return parser
+
+
+def frame_choice(value: str) -> str | int:
+    if value in ("all", "middle"):
+        return value
+    if value.isdigit():
+        return int(value)
+    raise ConfigError(f"--frames must be all, middle or a frame index; got {value!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from train.data import LabelError
+    from train.stage import UsageError
+
+    try:
+        cfg = load_config(args.config, args.sets, args.presets)
+        result = COMMANDS[args.command](args, cfg)
+    except (ConfigError, UsageError, LabelError) as exc:
+        print(f"cavmae-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cavmae-train: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
+    finally:
+        from train import distributed
+
+        distributed.shutdown()
+    if result is not None:
+        text = json.dumps(result, indent=2)
+        print(text)
+        if getattr(args, "out", None) and args.command in ("eval", "retrieve"):
+            Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace, cfg) -> None:
+    from train import pretrain
+
+    pretrain.run(cfg, shards=args.shards, out=args.out, val_shards=args.val_shards, init=args.init,
+                 resume=args.resume)
+
+
+def _finetune(args: argparse.Namespace, cfg) -> None:
+    from train import finetune
+
+    finetune.run(cfg, shards=args.shards, out=args.out, val_shards=args.val_shards, init=args.init,
+                 labels_csv=args.labels, mode=args.mode, resume=args.resume)
+
+
+def _eval(args: argparse.Namespace, cfg) -> dict:
+    from train import distributed as dist
+    from train import stage as st
+    from train.checkpoint import load_pretrained_into
+    from train.evaluate import predict, score
+    from train.model import build_finetune_model
+
+    device = dist.init()
+    mode = args.mode or cfg.finetune.mode
+    frames = frame_choice(args.frames or cfg.eval.frames)
+    urls = st.shard_urls(args.shards, "--shards")
+    sd = _read_checkpoint(args.checkpoint)
+    if "mlp_head.1.weight" not in sd:
+        raise st.UsageError(f"{args.checkpoint}: no classification head (mlp_head.*): not a finetuned checkpoint")
+    label_map, _ = st.labels(cfg, args.labels, cfg.finetune) if args.labels else (None, 0)
+    num_classes = sd["mlp_head.1.weight"].shape[0]
+    model = build_finetune_model(cfg.model.to_dict(), num_classes)
+    load_pretrained_into(model, sd)
+    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, num_classes=num_classes, label_map=label_map,
+                      label_csv=args.labels)
+    pred = predict(model.to(device), urls, tf, mode=mode, metric=cfg.finetune.metric,
+                   batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device,
+                   precision=cfg.finetune.precision)
+    return score(pred, cfg.finetune.metric) | {"mode": mode, "frames": frames}
+
+
+def _retrieve(args: argparse.Namespace, cfg) -> dict:
+    from train import distributed as dist
+    from train import stage as st
+    from train.checkpoint import load_pretrained_into
+    from train.model import build_finetune_model, build_pretrain_model
+    from train.retrieve import features, retrieval
+
+    device = dist.init()
+    urls = st.shard_urls(args.shards, "--shards")
+    sd = _read_checkpoint(args.checkpoint)
+    if "mlp_head.1.weight" in sd:
+        model = build_finetune_model(cfg.model.to_dict(), sd["mlp_head.1.weight"].shape[0])
+    else:
+        model = build_pretrain_model(cfg.model.to_dict())
+    load_pretrained_into(model, sd)
+    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frame_choice(args.frames or "middle"))
+    audio, visual, _ = features(model.to(device), urls, tf, batch_size=cfg.eval.batch_size,
+                                num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision)
+    return retrieval(audio, visual)
+
+
+def _read_checkpoint(path: str):
+    from train.checkpoint import load_state_dict_file
+    from train.stage import UsageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"--checkpoint {path}: no such file")
+    try:
+        return load_state_dict_file(path)
+    except Exception as exc:  # torch reports unreadable or unsafe files in many ways
+        raise UsageError(f"--checkpoint {path}: cannot load ({str(exc).splitlines()[0]})") from None
+
+
+COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "eval": _eval, "retrieve": _retrieve}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Streaming training data: shards → augmented, normalised `(audio, image, label)` batches.
+
+Per sample, in the official order (reference §2.2-2.4):
+
+    mixup (λ ~ Beta(10,10))  →  pad/crop fbank to target_length  →  SpecAugment on the *unnormalised* log-mel
+    →  (x - mean) / std  →  uniform noise + circular time roll  ;  image: Resize+CenterCrop (bicubic), ImageNet norm
+
+so a masked bin ends up at (0 - mean) / std ≈ 1.133, exactly as the official loader produces.
+
+The stream is a `webdataset.DataPipeline`. Training draws shards with replacement (`ResampledShards`, seeded per
+rank and worker) and every rank stops after the same fixed number of batches (`with_epoch`), so DDP ranks never
+wait on a rank whose shards ran out. Evaluation reads each shard once, split by node and by worker.
+
+A sample that fails to decode (bad JPEG, bad npy, a member outside the schema, a truncated shard) is skipped and
+counted; the count rides along in each batch (`batch["skipped"]`) so the trainer can report it. We never replace it
+with a constant tensor as the official loader does (that silently trains on garbage, issue #5).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+
+from shards.manifest import MANIFEST, read_rows
+from shards.reader import decode_sample, raw_samples
+from shards.schema import BadSample
+
+log = logging.getLogger(__name__)
+
+# kaldi fbank floors mel energies at float32 eps before the log, so this is the log-mel of silence.
+LOG_SILENCE = math.log(torch.finfo(torch.float32).eps)
+MIX_POOL = 64  # recent samples a mixup partner is drawn from (the official loader draws from the whole set)
+
+
+class LabelError(ValueError):
+    """A label id that the label index does not know (one line, naming the label and the file)."""
+
+
+# ---------------------------------------------------------------------------------------------- audio steps
+
+def pad_or_crop(fbank: torch.Tensor, target_length: int) -> torch.Tensor:
+    """Zero-pad at the end, or keep the first `target_length` rows (official `_wav2fbank`)."""
+    n = fbank.shape[0]
+    if n < target_length:
+        return torch.nn.functional.pad(fbank, (0, 0, 0, target_length - n))
+    return fbank[:target_length]
+
+
+def spec_augment(fbank: torch.Tensor, freqm: int, timem: int, gen: torch.Generator) -> torch.Tensor:
+    """One frequency mask then one time mask, each of width ~ U[0, param), filled with 0 (torchaudio's rule).
+
+    Applied to the un-normalised log-mel, so masked bins become (0 - mean) / std after normalisation.
+    """
+    fbank = fbank.clone()
+    for axis, param in ((1, freqm), (0, timem)):
+        if param <= 0:
+            continue
+        size = fbank.shape[axis]
+        width = min(int(torch.rand((), generator=gen) * param), size)
+        start = int(torch.rand((), generator=gen) * (size - width))
+        fbank.narrow(axis, start, width).zero_()
+    return fbank
+
+
+def noise_and_roll(fbank: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Official train-time noise, after normalisation: uniform noise of random amplitude up to 0.1, then a circular
+    time shift of up to ± the full length (the padded zeros wrap around too)."""
+    t = fbank.shape[0]
+    fbank = fbank + torch.rand(fbank.shape, generator=gen) * torch.rand((), generator=gen) / 10
+    shift = int(torch.randint(-t, t, (), generator=gen))
+    return torch.roll(fbank, shift, 0)
+
+
+def mix_fbanks(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
+    """Mix two log-mel spectrograms in the mel *power* domain: log(λ·e^a + (1-λ)·e^b).
+
+    The official code mixes waveforms and recomputes the fbank; mixing mel energies is the same up to the
+    cross term between the two signals (which averages out for independent sources) and needs no waveform.
+    `b` is padded with silence or cut to the length of `a`, as the official partner waveform is.
+    """
+    n = a.shape[0]
+    if b.shape[0] < n:
+        b = torch.nn.functional.pad(b, (0, 0, 0, n - b.shape[0]), value=LOG_SILENCE)
+    b = b[:n]
+    return torch.logaddexp(a + math.log(lam), b + math.log1p(-lam))
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+def soft_labels(num_classes: int, smooth: float, first: list[int], second: list[int] | None = None,
+                lam: float = 1.0) -> torch.Tensor:
+    """Official label vector: every entry starts at smooth/K; without mixup positives are *set* to 1-smooth,
+    with mixup they get += λ(1-smooth) (first sample) and += (1-λ)(1-smooth) (partner)."""
+    y = torch.full((num_classes,), smooth / num_classes)
+    if second is None:
+        y[list(first)] = 1.0 - smooth
+        return y
+    for idx in first:
+        y[idx] += lam * (1.0 - smooth)
+    for idx in second:
+        y[idx] += (1.0 - lam) * (1.0 - smooth)
+    return y
+
+
+def read_label_index(path: str | Path) -> dict[str, int]:
+    """The official label CSV (`index,mid,display_name`) as label id → class index."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"index", "mid"} <= set(reader.fieldnames):
+                raise LabelError(f"{path}: label index CSV needs the header index,mid,display_name")
+            return {row["mid"]: int(row["index"]) for row in reader}
+    except OSError as exc:
+        raise LabelError(f"{path}: cannot read label index ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise LabelError(f"{path}: bad label index row ({exc})") from None
+
+
+def label_indices(sample: dict[str, Any], label_map: dict[str, int] | None, label_file: str | None) -> list[int]:
+    """Class indices of a sample: label ids from its metadata mapped through the label index when one is given,
+    else its `.cls` member."""
+    if label_map is not None:
+        out = []
+        for label in sample["meta"].get("labels") or []:
+            if label not in label_map:
+                raise LabelError(f"unknown label id {label!r} (sample {sample['key']!r}) is not in {label_file}")
+            out.append(label_map[label])
+        return out
+    if sample["labels"] is None:
+        raise LabelError(f"sample {sample['key']!r} in {sample['url']} has no .cls member; pass --labels")
+    return sample["labels"]
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+def image_transform(size: int, mean: list[float], std: list[float]) -> transforms.Compose:
+    """Official: Resize(short side, bicubic), CenterCrop, ToTensor, Normalize; no random crop or flip."""
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=mean, std=std),
+    ])
+
+
+def decode_image(jpeg: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(jpeg)).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+def manifest_rows(urls: list[str], path: str | None = None) -> list[dict[str, Any]]:
+    """The `ok` manifest rows of the samples in `urls` (the manifest beside the first shard unless `path` is
+    given; empty when there is none). Used for the epoch size and class-balance weights without opening tars."""
+    path = path or str(Path(urls[0]).parent / MANIFEST)
+    if "://" in path or not Path(path).exists():
+        return []
+    names = {Path(u).name for u in urls}
+    return [r for r in read_rows(path) if r["status"] == "ok" and r["shard"] in names]
+
+
+def balance_weights(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Official class-balance weights (`gen_weight_file.py`): label weight 1000/(count+0.01), summed over a
+    sample's labels; keyed by sample key."""
+    counts = Counter(label for r in rows for label in r["labels"] or [])
+    return {r["key"]: sum(1000.0 / (counts[label] + 0.01) for label in r["labels"] or []) for r in rows}
+
+
+# ---------------------------------------------------------------------------------------------- pipeline stages
+
+def decoded_samples(shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Decode every sample of every shard, skipping (and counting in `_skipped`) what cannot be decoded.
+
+    A truncated or corrupt tar loses the rest of that shard only."""
+    skipped = 0
+    for shard in shards:
+        url = shard["url"]
+        try:
+            for raw in raw_samples([url]):
+                try:
+                    sample = decode_sample(raw)
+                except BadSample as exc:
+                    skipped += 1
+                    log.warning("skipping corrupt sample: %s", exc)
+                    continue
+                sample["_skipped"], skipped = skipped, 0
+                yield sample
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            skipped += 1
+            log.warning("skipping rest of shard %s: %s", url, exc)
+
+
+def repeat_by_weight(samples: Iterator[dict[str, Any]], weights: dict[str, float],
+                     seed: int) -> Iterator[dict[str, Any]]:
+    """Class-balanced sampling for a stream: emit each sample ⌊r⌋ or ⌈r⌉ times (stochastic rounding) with
+    r = weight / mean weight.
+
+    Its expected frequency is then proportional to its weight, as with the official
+    `WeightedRandomSampler(weights, replacement=True)`, and an epoch keeps about the same number of samples; the
+    shuffle buffer that follows spreads the repeats out."""
+    mean = sum(weights.values()) / max(len(weights), 1)
+    rng = random.Random(seed + wds.utils.pytorch_worker_seed())
+    for sample in samples:
+        r = weights.get(sample["key"], mean) / mean
+        for _ in range(int(r) + (rng.random() < r - int(r))):
+            yield sample
+
+
+class Transform:
+    """Decoded samples → training/eval examples `{"audio", "image", "label", "key", "_skipped"}`.
+
+    `aug` holds the stage's augmentation (freqm, timem, mixup, noise, label_smooth); `frame` is "random" (train),
+    "middle", "all" (every frame, stacked) or a frame index.
+    """
+
+    def __init__(self, data: dict[str, Any], aug: dict[str, Any], *, frame: str | int, num_frames: int,
+                 num_classes: int, label_map: dict[str, int] | None, label_file: str | None, seed: int):
+        self.data, self.aug, self.frame, self.num_frames = data, aug, frame, num_frames
+        self.num_classes, self.label_map, self.label_file, self.seed = num_classes, label_map, label_file, seed
+        self.image = image_transform(data["image_size"], data["image_mean"], data["image_std"])
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        worker_seed = self.seed * 100003 + wds.utils.pytorch_worker_seed()
+        rng, gen = random.Random(worker_seed), torch.Generator().manual_seed(worker_seed)
+        pool: list[dict[str, Any]] = []
+        skipped = 0
+        for sample in samples:
+            skipped += sample["_skipped"]
+            partner = pool[rng.randrange(len(pool))] if pool and rng.random() < self.aug["mixup"] else None
+            try:
+                example = self.example(sample, partner, rng, gen)
+            except LabelError:
+                raise
+            except (UnidentifiedImageError, OSError, ValueError) as exc:  # a bad JPEG inside a good shard
+                skipped += 1
+                log.warning("skipping sample %r of %s: %s", sample["key"], sample["url"], exc)
+                continue
+            example["_skipped"], skipped = skipped, 0
+            if self.aug["mixup"] > 0:
+                pool = (pool + [sample])[-MIX_POOL:]
+            yield example
+
+    def frame_indices(self, available: int, rng: random.Random) -> list[int]:
+        if self.frame == "random":
+            return [rng.randrange(available)]
+        if self.frame == "all":
+            return [min(i, available - 1) for i in range(self.num_frames)]
+        wanted = self.num_frames // 2 if self.frame == "middle" else int(self.frame)
+        return [min(wanted, available - 1)]  # official: step down to the last frame that exists
+
+    def pixels(self, sample: dict[str, Any], rng: random.Random) -> torch.Tensor:
+        if not sample["frames"]:
+            raise BadSample(f"sample {sample['key']!r} has no frames")
+        frames = [self.image(decode_image(sample["frames"][i]))
+                  for i in self.frame_indices(len(sample["frames"]), rng)]
+        return torch.stack(frames) if self.frame == "all" else frames[0]
+
+    def example(self, sample: dict[str, Any], partner: dict[str, Any] | None, rng: random.Random,
+                gen: torch.Generator) -> dict[str, Any]:
+        d, aug = self.data, self.aug
+        fbank = torch.from_numpy(sample["fbank"].astype(np.float32))
+        image = self.pixels(sample, rng)
+        lam = 1.0
+        if partner is not None:
+            lam = float(np.random.default_rng(rng.getrandbits(32)).beta(10, 10))
+            fbank = mix_fbanks(fbank, torch.from_numpy(partner["fbank"].astype(np.float32)), lam)
+            image = lam * image + (1 - lam) * self.pixels(partner, rng)
+        fbank = pad_or_crop(fbank, d["target_length"])
+        fbank = spec_augment(fbank, aug["freqm"], aug["timem"], gen)
+        fbank = (fbank - d["mean"]) / d["std"]
+        if aug["noise"]:
+            fbank = noise_and_roll(fbank, gen)
+        example = {"audio": fbank, "image": image, "key": sample["key"]}
+        if self.num_classes:
+            first = label_indices(sample, self.label_map, self.label_file)
+            second = label_indices(partner, self.label_map, self.label_file) if partner is not None else None
+            example["label"] = soft_labels(self.num_classes, aug["label_smooth"], first, second, lam)
+        return example
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {"audio": torch.stack([e["audio"] for e in examples]),
+             "image": torch.stack([e["image"] for e in examples]),
+             "key": [e["key"] for e in examples],
+             "skipped": sum(e["_skipped"] for e in examples)}
+    if "label" in examples[0]:
+        batch["label"] = torch.stack([e["label"] for e in examples])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+def train_loader(urls: list[str], transform: Transform, *, batch_size: int, num_batches: int, seed: int,
+                 shuffle_buffer: int, num_workers: int, weights: dict[str, float] | None = None) -> wds.WebLoader:
+    """Endless resampled stream cut into exactly `num_batches` batches of `batch_size` (this rank's share).
+
+    Build one per epoch with a seed derived from (run seed, epoch, position) so a resumed run draws fresh data."""
+    stages: list[Any] = [wds.ResampledShards(urls, seed=seed, deterministic=True), decoded_samples]
+    if weights:
+        stages.append(lambda src: repeat_by_weight(src, weights, seed))
+    stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)) if shuffle_buffer > 1
+               else (lambda src: src),
+               transform, wds.batched(batch_size, collation_fn=collate, partial=False)]
+    pipe = wds.DataPipeline(*stages)
+    return wds.WebLoader(pipe, batch_size=None, num_workers=num_workers).with_epoch(num_batches)
+
+
+def eval_loader(urls: list[str], transform: Transform, *, batch_size: int, num_workers: int) -> wds.WebLoader:
+    """Every sample of `urls` once (split by node and worker), last batch kept."""
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, decoded_samples,
+                            transform, wds.batched(batch_size, collation_fn=collate, partial=True))
+    return wds.WebLoader(pipe, batch_size=None, num_workers=min(num_workers, len(urls)))

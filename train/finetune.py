@@ -1,0 +1,134 @@
+"""Finetuning CAVMAEFT on labelled shards (official recipe, reference §4.2), and linear probing.
+
+- Two parameter groups: the classification head (`mlp_head.*`) at lr x head_lr, everything else at lr.
+- BCE with soft targets (multi-label, AudioSet; metric mAP) or cross-entropy with probability targets (VGGSound;
+  metric acc); labels carry label smoothing and mixup weights from the data pipeline.
+- Each epoch's weights are saved (official layout) and, with `wa`, the uniform average of epochs
+  wa_start..wa_end is the final model (weight averaging, not an ensemble).
+- `freeze_base` trains the head only: a linear probe of the pretrained representation.
+- Per-epoch validation scores the middle frame only, as the official loop; `eval` does the 10-frame average.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from shards.config import Config, check_choice
+from train import distributed as dist
+from train import stage as st
+from train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict
+from train.data import balance_weights, manifest_rows, train_loader
+from train.evaluate import predict, score
+from train.loop import save_state, train
+from train.model import FT_MODES, build_finetune_model
+from train.schedule import make_optimizer, make_scheduler
+
+HEAD = "mlp_head."
+
+
+def loss_fn(kind: str):
+    bce, ce = torch.nn.BCEWithLogitsLoss(), torch.nn.CrossEntropyLoss()
+
+    def step(model: torch.nn.Module, batch: dict[str, Any], mode: str) -> tuple[torch.Tensor, dict[str, Any]]:
+        logits = model(batch["audio"], batch["image"], mode).float()
+        loss = bce(logits, batch["label"]) if kind == "bce" else ce(logits, batch["label"])
+        return loss, {"loss": loss.detach()}
+    return step
+
+
+def average_weights(paths: list[str]) -> dict[str, torch.Tensor]:
+    """Uniform average of state dicts with identical keys (official `--wa`)."""
+    total: dict[str, torch.Tensor] = {}
+    for path in paths:
+        for k, v in load_state_dict_file(path).items():
+            total[k] = total.get(k, 0) + v.double()
+    return {k: (v / len(paths)).float() for k, v in total.items()}
+
+
+def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, init: str | None = None,
+        labels_csv: str | None = None, mode: str | None = None, resume: bool = False) -> dict[str, Any]:
+    device = dist.init()
+    f = cfg.finetune
+    mode = mode or f.mode
+    if mode not in FT_MODES:
+        raise st.UsageError(f"--mode must be one of {', '.join(FT_MODES)}; got {mode!r}")
+    kind = check_choice(cfg, "finetune.loss", ("bce", "ce"))
+    metric = check_choice(cfg, "finetune.metric", ("mAP", "acc"))
+    if f.wa and max(1, f.wa_start) > min(f.epochs, f.wa_end):
+        raise st.UsageError(f"finetune.wa averages epochs {f.wa_start}..{f.wa_end} but there are {f.epochs}")
+    urls = st.shard_urls(shards, "--shards")
+    val_urls = st.shard_urls(val_shards, "--val-shards") if val_shards else None
+    label_map, num_classes = st.labels(cfg, labels_csv, f)
+    st.check_manifest_labels(urls + (val_urls or []), cfg, label_map, labels_csv)
+    run_dir = st.run_folder(out, cfg)
+    micro = st.micro_batch(f.batch_size, f.accum_steps)
+    steps = st.steps_per_epoch(urls, cfg, f, "finetune")
+    weights = balance_weights(manifest_rows(urls, cfg.data.manifest)) if f.balanced else None
+    if f.balanced and not weights:
+        raise st.UsageError("finetune.balanced needs the manifest.parquet of the shards (labels per sample)")
+
+    torch.manual_seed(cfg.data.seed)
+    model = build_finetune_model(cfg.model.to_dict(), num_classes)
+    if init:
+        missing, unexpected = load_pretrained_into(model, load_state_dict_file(init))
+        if dist.is_main():
+            print(f"loaded {init}: {len(missing)} missing (new head), {len(unexpected)} unexpected (decoder) keys")
+    frozen = model.unused_parameter_names(mode)
+    for name, param in model.named_parameters():
+        if name in frozen or (f.freeze_base and not name.startswith(HEAD)):
+            param.requires_grad_(False)
+    model.to(device)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if not n.startswith(HEAD)], "lr": f.lr},
+              {"params": [p for n, p in trainable if n.startswith(HEAD)], "lr": f.lr * f.head_lr}]
+    optimizer = make_optimizer([g for g in groups if g["params"]], f)
+    scheduler = make_scheduler(optimizer, f, steps)
+    if dist.world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    step_loss = loss_fn(kind)
+
+    def loader(epoch: int, first: int, count: int):
+        seed = cfg.data.seed + 1_000_003 * epoch + first
+        tf = st.transform(cfg, st.augmentation(f), frame="random", num_classes=num_classes, label_map=label_map,
+                          label_csv=labels_csv, seed=seed)
+        return train_loader(urls, tf, batch_size=micro, num_batches=count, seed=seed,
+                            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers, weights=weights)
+
+    def validate(net: torch.nn.Module) -> dict[str, Any]:
+        tf = st.transform(cfg, st.NO_AUGMENTATION, frame="middle", num_classes=num_classes, label_map=label_map,
+                          label_csv=labels_csv)
+        pred = predict(net, val_urls, tf, mode=mode, metric=metric, batch_size=cfg.eval.batch_size,
+                       num_workers=cfg.data.num_workers, device=device, precision=f.precision)
+        return {f"val_{metric}": score(pred, metric)[metric]}
+
+    best = {"value": -1.0}
+
+    def end_epoch(epoch: int) -> dict[str, Any]:
+        save_state(run_dir / f"model.{epoch}.pth", official_state_dict(model))
+        if val_urls is None:
+            return {}
+        result = validate(model)
+        if result[f"val_{metric}"] > best["value"]:
+            best["value"] = result[f"val_{metric}"]
+            save_state(run_dir / "best_model.pth", official_state_dict(model))
+        return result
+
+    result = train(model=model, step_fn=lambda m, b: step_loss(m, b, mode), optimizer=optimizer,
+                   scheduler=scheduler, loader=loader, epochs=f.epochs, steps_per_epoch=steps,
+                   accum_steps=f.accum_steps, device=device, precision=f.precision, out=run_dir, resume=resume,
+                   log_every=f.log_every, save_every=f.save_every, end_epoch=end_epoch)
+    final = official_state_dict(model)
+    if f.wa:
+        first, last = max(1, f.wa_start), min(f.epochs, f.wa_end)
+        final = average_weights([str(run_dir / f"model.{e}.pth") for e in range(first, last + 1)])
+        core = model.module if dist.world_size() > 1 else model
+        core.load_state_dict(final)
+        final = official_state_dict(core)
+        if val_urls is not None:
+            result.update({f"wa_{k}": v for k, v in validate(core).items()})
+    save_state(run_dir / "model.pth", final)
+    if dist.is_main():
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return result

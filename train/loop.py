@@ -1,0 +1,153 @@
+"""The step loop shared by pretraining and finetuning: precision, accumulation, DDP, logging, checkpoints, resume.
+
+An epoch is `steps_per_epoch` optimizer steps on every rank (each of `accum_steps` micro-batches), never "until the
+data runs out", so ranks stay in lock-step whatever their shards hold. `last.pt` holds everything needed to carry
+on (model, optimizer, scheduler, scaler, step, epoch and the position inside the epoch); `--resume` reloads it and
+rebuilds the data stream for the remaining batches of that epoch with a seed derived from the position, so the
+resumed run keeps the same step count and schedule (the samples drawn after the resume point are a fresh draw, not
+a replay: replaying shuffle buffers across loader workers exactly is not worth its cost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from train import distributed as dist
+
+LAST = "last.pt"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA ('auto'), fp16 autocast ('fp16', the official AMP), or nothing (fp32, and on CPU)."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+class MetricsLog:
+    """Rank 0 appends one JSON object per record to `metrics.jsonl` (and mirrors scalars to TensorBoard when the
+    `tensorboard` package is installed)."""
+
+    def __init__(self, out: Path):
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if dist.is_main():
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                pass
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not dist.is_main():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        if self.tb is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{kind}/{name}", value, step)
+            self.tb.flush()
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Atomic torch.save (write beside, then rename), rank 0 only."""
+    if not dist.is_main():
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+          loader: Callable[[int, int, int], Iterable[dict]], epochs: int, steps_per_epoch: int, accum_steps: int,
+          device: torch.device, precision: str, out: Path, resume: bool, log_every: int, save_every: int,
+          end_epoch: Callable[[int], dict[str, Any]] | None = None, extra_state: dict[str, Any] | None = None) -> dict:
+    """Run (or resume) training to `epochs` and return the final counters.
+
+    step_fn(model, batch) -> (loss, metrics) runs the forward pass; loader(epoch, first_batch, num_batches) gives
+    this rank's batches of `epoch` starting at micro-batch `first_batch`; end_epoch(epoch) (1-based) may evaluate
+    and save per-epoch weights, and its result is logged.
+    """
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and precision == "fp16")
+    log = MetricsLog(out)
+    step, epoch, done = 0, 0, 0  # optimizer steps so far; current 0-based epoch; micro-batches done in it
+    if resume and (out / LAST).exists():
+        state = torch.load(out / LAST, map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, done = state["step"], state["epoch"], state["batches_done"]
+        if dist.is_main():
+            print(f"resumed from {out / LAST}: step {step}, epoch {epoch + 1}, batch {done}")
+
+    def checkpoint(epoch: int, done: int) -> None:
+        save_state(out / LAST, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                                "epoch": epoch, "batches_done": done, **(extra_state or {})})
+
+    per_epoch = steps_per_epoch * accum_steps
+    skipped = 0
+    while epoch < epochs:
+        model.train()
+        batches = loader(epoch, done, per_epoch - done)
+        bar = tqdm(total=steps_per_epoch, initial=done // accum_steps, desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not dist.is_main(), dynamic_ncols=True, leave=False)
+        t0, seen, count, sums = time.time(), 0, 0, {}
+        for batch in batches:
+            micro = done % accum_steps
+            sync = micro == accum_steps - 1
+            ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+            with ctx, autocast(device, precision):
+                loss, metrics = step_fn(model, {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                                                for k, v in batch.items()})
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"loss is {float(loss.detach())} at step {step} (epoch {epoch + 1})")
+            with ctx:
+                scaler.scale(loss / accum_steps).backward()
+            done += 1
+            count += 1
+            seen += batch["audio"].shape[0]
+            skipped += batch["skipped"]
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            if not sync:
+                continue
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            rate = seen * dist.world_size() / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", samples_s=f"{rate:.1f}")
+            if step % log_every == 0:
+                means = {k: v / count for k, v in sums.items()}
+                log.write("train", step, {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                                          "samples_per_s": rate, "skipped": skipped, **means})
+            if save_every and step % save_every == 0 and done < per_epoch:
+                checkpoint(epoch, done)
+        bar.close()
+        if done != per_epoch:
+            raise RuntimeError(f"epoch {epoch + 1}: the data stream ended after {done} of {per_epoch} batches")
+        epoch, done = epoch + 1, 0
+        results = end_epoch(epoch) if end_epoch is not None else {}
+        log.write("epoch", step, {"epoch": epoch, "skipped": skipped, **results})
+        checkpoint(epoch, 0)
+        dist.barrier()
+    return {"step": step, "epoch": epoch, "skipped": skipped}

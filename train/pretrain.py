@@ -1,0 +1,88 @@
+"""CAV-MAE pretraining over streamed shards (official recipe, reference §4.1).
+
+The contrastive negatives are, by default, those of each rank's micro-batch (`pretrain.contrast: local`), which is
+the official semantics when a rank's batch equals an official DataParallel chunk (4 GPUs x 12 for the base
+recipe); `model.contrast_chunks` reproduces the chunking on fewer devices. `pretrain.contrast: global` gathers the
+pooled vectors from every rank (with gradients) and computes one InfoNCE over the global batch instead.
+Under DDP the gradients are averaged over ranks where DataParallel summed the per-GPU losses: a constant factor
+that Adam normalises away, up to its epsilon and the (tiny) L2 weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from shards.config import Config, check_choice
+from train import distributed as dist
+from train import stage as st
+from train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict
+from train.data import train_loader
+from train.evaluate import pretrain_losses
+from train.loop import save_state, train, unwrap
+from train.model import build_pretrain_model
+from train.schedule import make_optimizer, make_scheduler
+
+
+def step_fn(contrast: str):
+    """Forward pass returning (loss, logged metrics); 'global' recomputes the contrastive term over all ranks."""
+    def step(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = model(batch["audio"], batch["image"])
+        loss, loss_c, c_acc = out["loss"], out["loss_c"], out["c_acc"]
+        if contrast == "global":
+            core = unwrap(model)
+            nce, c_acc = core.contrastive_loss(dist.all_gather_with_grad(out["c_a"]),
+                                               dist.all_gather_with_grad(out["c_v"]), chunks=1)
+            loss_c = core.contrast_loss_weight * nce
+            loss = out["loss_mae"] + loss_c
+        return loss, {"loss": loss.detach(), "loss_mae_a": out["loss_mae_a"].detach(),
+                      "loss_mae_v": out["loss_mae_v"].detach(), "loss_c": loss_c.detach(), "c_acc": c_acc}
+    return step
+
+
+def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, init: str | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    device = dist.init()
+    p = cfg.pretrain
+    contrast = check_choice(cfg, "pretrain.contrast", ("local", "global"))
+    urls = st.shard_urls(shards, "--shards")
+    val_urls = st.shard_urls(val_shards, "--val-shards") if val_shards else None
+    run_dir = st.run_folder(out, cfg)
+    micro = st.micro_batch(p.batch_size, p.accum_steps)
+    steps = st.steps_per_epoch(urls, cfg, p, "pretrain")
+
+    torch.manual_seed(cfg.data.seed)
+    model = build_pretrain_model(cfg.model.to_dict())
+    if init:
+        load_pretrained_into(model, load_state_dict_file(init))
+    unused = model.unused_parameter_names()
+    for name, param in model.named_parameters():  # DDP needs every trainable parameter to get a gradient
+        if name in unused:
+            param.requires_grad_(False)
+    model.to(device)
+    optimizer = make_optimizer([{"params": [q for q in model.parameters() if q.requires_grad]}], p)
+    scheduler = make_scheduler(optimizer, p, steps)
+    if dist.world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+
+    def loader(epoch: int, first: int, count: int):
+        seed = cfg.data.seed + 1_000_003 * epoch + first
+        tf = st.transform(cfg, st.augmentation(p), frame="random", seed=seed)
+        return train_loader(urls, tf, batch_size=micro, num_batches=count, seed=seed,
+                            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers)
+
+    def end_epoch(epoch: int) -> dict[str, Any]:
+        save_state(run_dir / f"model.{epoch}.pth", official_state_dict(model))  # the official per-epoch file
+        if val_urls is None:
+            return {}
+        tf = st.transform(cfg, st.NO_AUGMENTATION, frame="middle")
+        return pretrain_losses(model, val_urls, tf, batch_size=micro, num_workers=cfg.data.num_workers,
+                               device=device, precision=p.precision)
+
+    result = train(model=model, step_fn=step_fn(contrast), optimizer=optimizer, scheduler=scheduler, loader=loader,
+                   epochs=p.epochs, steps_per_epoch=steps, accum_steps=p.accum_steps, device=device,
+                   precision=p.precision, out=run_dir, resume=resume, log_every=p.log_every,
+                   save_every=p.save_every, end_epoch=end_epoch)
+    save_state(run_dir / "model.pth", official_state_dict(model))
+    return result

@@ -1,0 +1,56 @@
+"""Audio↔visual retrieval (official `retrieval.py` protocol, reference §4.3), vectorised.
+
+Features: `forward_feat` (no masking; the modality streams through the joint block with their own norms and
+norm_a / norm_v), mean-pooled over tokens, L2-normalised; the similarity is one matrix product. Visual→audio ranks
+audios for each visual query (rows = visual), audio→visual the transpose. R@k is the fraction of queries whose
+paired item ranks below k (rank 0 = best), MR the median rank + 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train import distributed as dist
+from train.data import Transform, eval_loader
+from train.loop import autocast, unwrap
+
+
+@torch.no_grad()
+def features(model: torch.nn.Module, urls: list[str], transform: Transform, *, batch_size: int, num_workers: int,
+             device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """L2-normalised mean-pooled audio [N, D] and visual [N, D] features and keys, from all ranks, sorted by key."""
+    model = unwrap(model).eval()
+    audio, visual, keys = [], [], []
+    for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
+        with autocast(device, precision):
+            a, v = model.forward_feat(batch["audio"].to(device), batch["image"].to(device))
+        audio.append(F.normalize(a.float().mean(1), dim=-1).cpu())
+        visual.append(F.normalize(v.float().mean(1), dim=-1).cpu())
+        keys += batch["key"]
+    parts = [p for p in dist.gather_objects((audio, visual, keys)) if p[2]]
+    all_keys = [k for p in parts for k in p[2]]
+    order = torch.as_tensor(np.argsort(all_keys, kind="stable"))
+    a = torch.cat([x for p in parts for x in p[0]])[order]
+    v = torch.cat([x for p in parts for x in p[1]])[order]
+    return a, v, [all_keys[i] for i in order]
+
+
+def ranks(similarity: torch.Tensor) -> torch.Tensor:
+    """Rank (0 = best) of the diagonal item in each row: how many candidates score strictly higher."""
+    return (similarity > similarity.diagonal().unsqueeze(1)).sum(1)
+
+
+def recall_metrics(similarity: torch.Tensor) -> dict[str, float]:
+    r = ranks(similarity).numpy()
+    return {"R@1": float((r < 1).mean()), "R@5": float((r < 5).mean()), "R@10": float((r < 10).mean()),
+            "MR": float(np.median(r) + 1)}
+
+
+def retrieval(audio: torch.Tensor, visual: torch.Tensor) -> dict[str, Any]:
+    sim = visual @ audio.T  # rows: visual queries
+    return {"video_to_audio": recall_metrics(sim), "audio_to_video": recall_metrics(sim.T),
+            "samples": int(sim.shape[0])}

@@ -1,0 +1,90 @@
+"""What pretraining, finetuning, evaluation and retrieval share: the run folder, shard lists, batch and epoch sizes,
+labels, and the data transform built from the config.
+
+Batch sizes in the config are *global* (the official numbers: 48, 120, 36 ... samples per optimizer step); each rank
+takes batch_size / (world_size * accum_steps) per micro-batch. An epoch is the number of samples the manifest lists
+for the given shards (or `epoch_samples`) divided by the global batch, as the official loader with drop_last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shards.config import Config
+from shards.reader import list_shards
+from train import distributed as dist
+from train.data import LabelError, Transform, manifest_rows, read_label_index
+
+
+class UsageError(ValueError):
+    """Bad command-line input (missing shards, bad sizes); the CLI prints it on one line and exits with 2."""
+
+
+def shard_urls(spec: str | None, flag: str) -> list[str]:
+    if not spec:
+        raise UsageError(f"{flag} is required")
+    try:
+        return list_shards(spec)
+    except FileNotFoundError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def run_folder(out: str, cfg: Config) -> Path:
+    """Create the run folder and write the exact config used beside the outputs."""
+    path = Path(out)
+    if dist.is_main():
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.yaml").write_text(cfg.to_yaml())
+    dist.barrier()
+    return path
+
+
+def micro_batch(batch_size: int, accum_steps: int) -> int:
+    parts = dist.world_size() * accum_steps
+    if batch_size % parts:
+        raise UsageError(f"batch_size {batch_size} is not divisible by world size x accum_steps = {parts}")
+    return batch_size // parts
+
+
+def steps_per_epoch(urls: list[str], cfg: Config, stage: Config, section: str) -> int:
+    samples = stage.epoch_samples or len(manifest_rows(urls, cfg.data.manifest))
+    if not samples:
+        raise UsageError(f"no manifest.parquet beside the shards to size an epoch; set {section}.epoch_samples")
+    steps = samples // stage.batch_size
+    if steps < 1:
+        raise UsageError(f"{samples} samples per epoch is less than one batch of {stage.batch_size}")
+    return steps
+
+
+def labels(cfg: Config, label_csv: str | None, section: Config) -> tuple[dict[str, int] | None, int]:
+    """(label id → index map or None to use `.cls`, number of classes)."""
+    label_map = read_label_index(label_csv) if label_csv else None
+    num_classes = section.num_classes or (max(label_map.values()) + 1 if label_map else 0)
+    if not num_classes:
+        raise UsageError("the number of classes is unknown: pass --labels label_index.csv or set num_classes")
+    return label_map, num_classes
+
+
+def check_manifest_labels(urls: list[str], cfg: Config, label_map: dict[str, int] | None, label_csv: str | None):
+    """Fail before training, on one line, when the manifest holds a label id the label index does not know."""
+    if label_map is None:
+        return
+    for row in manifest_rows(urls, cfg.data.manifest):
+        for label in row["labels"] or []:
+            if label not in label_map:
+                raise LabelError(f"unknown label id {label!r} (video {row['video_id']!r}) is not in {label_csv}")
+
+
+def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes: int = 0,
+              label_map: dict[str, int] | None = None, label_csv: str | None = None, seed: int = 0) -> Transform:
+    data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.model.image_size}
+    return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
+                     label_map=label_map, label_file=label_csv, seed=seed)
+
+
+def augmentation(stage: Config) -> dict[str, Any]:
+    return {k: stage[k] for k in ("freqm", "timem", "mixup", "noise", "label_smooth")}
+
+
+NO_AUGMENTATION = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 0.0}
