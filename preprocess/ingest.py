@@ -264,8 +264,8 @@ FORWARD_ENV = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HADOOP_", "ARROW_", "CLASSP
 
 
 def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, fn, *, workers: int | None,
-               address: str | None, progress: bool, desc: str) -> list[dict[str, Any]]:
-    """Run `fn(index, items, out_uri, cfg_dict)` as one Ray task per group; return all rows.
+               address: str | None, progress: bool, desc: str, extra: tuple = ()) -> list[dict[str, Any]]:
+    """Run `fn(index, items, out_uri, cfg_dict, *extra)` as one Ray task per group; return all rows.
 
     Tasks ask for `ray.num_cpus_per_task` CPUs and are retried `ray.max_retries` times when their worker or
     node dies (a retry rewrites the same shard). Only rows come back to the driver."""
@@ -281,7 +281,7 @@ def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, f
             options["runtime_env"] = {"env_vars": env}
         task = ray.remote(**options)(fn)
         cfg_ref = ray.put(cfg.to_dict())
-        pending = {task.remote(i, g, store.uri(), cfg_ref): len(g) for i, g in groups}
+        pending = {task.remote(i, g, store.uri(), cfg_ref, *extra): len(g) for i, g in groups}
         rows: list[dict[str, Any]] = []
         failed = 0
         with tqdm(total=sum(pending.values()), unit="video", disable=not progress, desc=desc) as bar:

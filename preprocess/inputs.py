@@ -123,6 +123,9 @@ def _expand_remote(uri: str) -> list[InputItem]:
     except (OSError, ValueError) as exc:
         raise InputError(f"{uri}: cannot list ({exc})") from None
     if not names and not store.exists(""):
+        base = uri.split("?", 1)[0].rstrip("/")
+        if Path(base).suffix.lower() in VIDEO_EXTENSIONS:   # kept, as a local one: decoding records why
+            return [InputItem(video_id_of(base), uri, folder=base.rsplit("/", 2)[-2])]
         raise InputError(f"{uri}: no such file or folder")
     items = []
     for n in names:

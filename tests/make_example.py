@@ -12,6 +12,7 @@ from tests.clips import bigbuckbunny, make_clip
 
 
 def make_example(root: Path) -> None:
+    """Videos under `root`, and beside it `class_labels_indices.csv` naming the two tone folders as classes."""
     for i, (tone, color) in enumerate([(330, "red"), (330, "blue"), (660, "red"), (660, "blue")]):
         make_clip(root / f"tone{tone}", f"{color}_{i}", seconds=4.0, size=(320, 240), tone_hz=tone, color=color,
                   container=("mp4", "mkv", "webm", "mov")[i],
@@ -27,6 +28,8 @@ def make_example(root: Path) -> None:
         broken.parent.mkdir(parents=True, exist_ok=True)
         data = make_clip(root.parent / ".src", "whole", seconds=2.0, size=(160, 120)).read_bytes()
         broken.write_bytes(data[: len(data) // 3])
+    (root.parent / "class_labels_indices.csv").write_text(
+        "index,mid,display_name\n0,/example/tone330,tone330\n1,/example/tone660,tone660\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ def test_defaults_are_the_official_values():
 def test_file_then_sets_override_in_order(tmp_path):
     user = tmp_path / "mine.yaml"
     user.write_text("audio:\n  num_mel_bins: 64\nvideo:\n  num_frames: 4\n")
-    cfg = load_config(user, ["video.num_frames=6", "clip.length_s=5"])
+    cfg = load_config(user, ["video.num_frames=6", "clip.length_s=5", "pretrain.lr=1e-4"])
+    assert cfg.pretrain.lr == 1e-4  # YAML 1.1 would read 1e-4 as a string
     assert cfg.audio.num_mel_bins == 64
     assert cfg.video.num_frames == 6
     assert cfg.clip.length_s == 5.0 and isinstance(cfg.clip.length_s, float)
