@@ -20,6 +20,10 @@ EXAMPLES = """examples:
   cavmae-prep ingest list.txt more_videos/ --out shards/ --labels labels.csv --label-index class_labels_indices.csv
   cavmae-prep ingest ./videos --out shards/ --set audio.num_mel_bins=64 --set clip.mode=windows
   RAY_ADDRESS=ray://head:10001 cavmae-prep ingest /data/videos --out /data/shards
+  cavmae-prep ingest s3://bucket/videos/ --out s3://bucket/shards/ --address auto
+  cavmae-prep reprocess shards/ --out shards_64mel/ --set audio.num_mel_bins=64
+  cavmae-prep reprocess shards/ --out shards_16f/ --set video.num_frames=16
+  ray job submit --working-dir . -- cavmae-prep ingest s3://bucket/videos/ --out s3://bucket/shards/
 """
 
 
@@ -27,6 +31,14 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML laid over the defaults of pipeline.yaml")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set audio.num_mel_bins=64 (repeatable)")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Where the work runs (shared by every job subcommand)."""
+    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all cores)")
+    p.add_argument("--address", help="join this Ray cluster: ray://head:10001, auto, or host:6379 "
+                                     "(default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "members and rejects unknown labels")
     p.add_argument("--labels-from-folders", action="store_true", help="label each video by its parent folder")
     p.add_argument("--retry-failed", action="store_true", help="process again the inputs recorded as failed")
-    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all cores)")
-    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start a local Ray)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_args(p)
+    add_config_args(p)
+    p = sub.add_parser("reprocess", help="re-derive a shard set with changed settings into a new folder",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Remake the samples of an existing shard folder with SRC's pipeline.yaml plus "
+                                   "--config/--set: from the stored waveforms when only fbank settings change "
+                                   "and SRC kept them, else from the source videos of the manifest; members are "
+                                   "copied unchanged when only shards.* changes. Re-running resumes.")
+    p.add_argument("src", help="existing shard folder (local path or URI)")
+    p.add_argument("--out", required=True, help="new output folder for shards and manifest")
+    add_run_args(p)
     add_config_args(p)
     return parser
 
@@ -56,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "reprocess":
+            return _reprocess(args)
         cfg = load_config(args.config, args.sets)
         if args.command == "ingest":
             return _ingest(args, cfg)
@@ -75,13 +97,31 @@ def _ingest(args: argparse.Namespace, cfg) -> int:
     summary = ingest(args.inputs, args.out, cfg, labels_csv=args.labels, label_index_csv=args.label_index,
                      labels_from_folders=args.labels_from_folders, retry_failed=args.retry_failed,
                      workers=args.workers, address=args.address, progress=not args.no_progress)
+    return _report(summary, args.out)
+
+
+def _reprocess(args: argparse.Namespace) -> int:
+    from shards.store import Store
+
+    from .ingest import frozen_config
+    from .reprocess import ReprocessSummary, choose_mode, reprocess, reprocess_config
+
+    cfg = reprocess_config(args.src, args.config, args.sets)
+    mode, changed = choose_mode(frozen_config(Store.of(args.src)), cfg)
+    print(f"cavmae-prep: {ReprocessSummary(mode=mode, changed=tuple(changed)).how()}", flush=True)
+    summary = reprocess(args.src, args.out, cfg, workers=args.workers, address=args.address,
+                        progress=not args.no_progress)
+    return _report(summary, args.out)
+
+
+def _report(summary, out: str) -> int:
     for line in summary.problems[:MAX_PROBLEMS]:
         print(f"cavmae-prep: failed: {line}", file=sys.stderr)
     if len(summary.problems) > MAX_PROBLEMS:
         print(f"cavmae-prep: ... and {len(summary.problems) - MAX_PROBLEMS} more (manifest.parquet has them all)",
               file=sys.stderr)
     print(f"cavmae-prep: {summary.line()}")
-    print(f"cavmae-prep: shards and manifest in {args.out}")
+    print(f"cavmae-prep: shards and manifest in {out}")
     if summary.videos and not summary.ok:
         print("cavmae-prep: error: no input could be processed (see the error column of manifest.parquet)",
               file=sys.stderr)

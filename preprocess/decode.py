@@ -14,11 +14,17 @@ resizes the short side to `video.image_size` while converting to RGB, then the c
 torchvision's Resize(int) + CenterCrop do. Display rotation (the display matrix) is honoured.
 
 Speed: decoding is single-threaded by default (ingest runs one task per core; on one core a threaded decoder
-measured no faster). For H.264 and HEVC with timestamps and a
-constant frame rate, packets of frames that are not picks are sent with the decoder's skip_frame at NONREF:
-the decoder then drops them only when no other frame refers to them, so every kept frame is bit-identical
-to a full decode while about half the B-frames are never decoded. `video.skip_nonref: true` instead drops
-every non-reference frame, picks included: a pick then moves to the next decoded (reference) frame.
+measured no faster). For H.264 and HEVC with timestamps and a constant frame rate, packets of frames that are
+not picks are sent with the decoder's skip_frame at NONREF: the decoder drops them only when no other frame
+refers to them, so every kept frame is bit-identical to a full decode while the non-reference B-frames are
+never decoded. `video.skip_nonref: true` instead drops every non-reference frame, picks included: a pick
+then moves to the next decoded (reference) frame. Video decoding stops at the last pick. MP4/MOV/Matroska
+files are opened with a minimal stream probe (their header already says what the probe would decode a frame
+to learn); other formats, or a header missing basic parameters, get FFmpeg's default probe.
+
+If the video stream ends before a pick because the file is truncated or damaged, the input is a BadInput; when
+the file is whole and only its frame count was overstated, the remaining picks repeat the last decoded frame
+(visible in frame_times_s). Nothing decodable at all is a BadInput.
 
 Audio, as the official route (ffmpeg -ar 16000 to a 16-bit wav, then sox remix 1, torchaudio.load): the first
 audio stream through libswresample (the same `aresample` the ffmpeg CLI inserts) to `audio.sample_rate` as
@@ -143,9 +149,15 @@ def open_media(path: str | os.PathLike) -> av.container.InputContainer:
         raise BadInput("permission denied")
     try:
         container = av.open(path, mode="r", metadata_errors="replace", options=_FAST_PROBE)
+    except PermissionError:
+        raise BadInput("permission denied") from None
+    except (av.FFmpegError, OSError):
+        container = None                          # judged by the default open below
+    if container is not None:
         if _header_complete(container):
             return container
         container.close()
+    try:
         return av.open(path, mode="r", metadata_errors="replace")
     except PermissionError:
         raise BadInput("permission denied") from None
@@ -173,8 +185,8 @@ def _header_complete(container: av.container.InputContainer) -> bool:
         cc = st.codec_context if st.type in ("video", "audio") else None
         if cc is None:
             continue
-        if st.type == "video" and (not cc.width or not cc.height):
-            return False
+        if st.type == "video" and (not cc.width or not cc.height or st.start_time is None):
+            return False                          # (start_time numbers frames by pts for NONREF skipping)
         if st.type == "audio" and (not cc.sample_rate or not cc.layout.nb_channels):
             return False
     return True
@@ -529,10 +541,13 @@ class _Decoder:
     def _why(self, *reasons: str | None) -> str:
         """' (reason)' for an error message: the first decoder error, and a hint when the file looks cut."""
         parts = [r for r in reasons if r][:1]
-        end = self._content_end_s()
-        if self.duration_s and end < 0.9 * self.duration_s:
+        if self._looks_truncated():
+            end = self._content_end_s()
             parts.append(f"file looks truncated: {end:.2f} s of {self.duration_s:.2f} s decodable")
         return f" ({'; '.join(parts)})" if parts else ""
+
+    def _looks_truncated(self) -> bool:
+        return bool(self.duration_s) and self._content_end_s() < 0.9 * self.duration_s
 
     def _content_end_s(self) -> float:
         ends = []
@@ -555,8 +570,11 @@ class _Decoder:
                 else:
                     raise BadInput("no decodable video frames" + self._why(reason, self.video_error))
             else:
-                # The stream ended before the picks (frame count overstated, or a truncated file):
-                # the remaining picks repeat the last decoded frame.
+                # The stream ended before the picks. A truncated or damaged file is a failure, never a sample
+                # padded with copies; a frame count overstated by the container (the file is whole) lets the
+                # remaining picks repeat the last decoded frame (visible in frame_times_s).
+                if reason is not None or self._looks_truncated():
+                    raise BadInput("video ends before the clip's frames" + self._why(reason, self.video_error))
                 rgb = self._convert(self.last_frame)
                 t = self._frame_time(self.last_frame, self.last_index)
                 while not w.video_done:

@@ -310,5 +310,6 @@ def _ray_init(cfg: Config, workers: int | None, address: str | None) -> bool:
         ray.init(address=address, log_to_driver=False)
     else:
         n = workers or cfg.ray.workers or os.cpu_count() or 1
-        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
+        # a private instance: advertise loopback only (nothing outside this machine needs to reach it)
+        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     return True

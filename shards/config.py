@@ -4,7 +4,8 @@ It lives in `shards/` because both stages import `shards/` and because the confi
 on-disk contract (every sample records the digest of the settings that produced it).
 
 The schema *is* the defaults file: a key that is not in `pipeline.yaml` is unknown, and a value must have the
-type of its default (an int is accepted where a float is expected; a `null` default accepts any scalar).
+type of its default (an int is accepted where a float is expected, and as its text where a string is, for
+keys like `eval.frames: all | middle | 3`; a `null` default accepts any scalar).
 Errors are one line, naming the key, raised as `ConfigError`.
 """
 
@@ -166,6 +167,8 @@ def _checked(key: str, default: Any, value: Any, source: str) -> Any:
         value = float(value) if ok else value
     elif isinstance(default, list):
         ok = isinstance(value, list)
+    elif isinstance(default, str) and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = str(value), True  # `--set eval.frames=3`: YAML reads 3 as an int; the consumer parses it
     else:
         ok = isinstance(value, type(default))
     if not ok:

@@ -12,6 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from preprocess.features import encode_flac  # noqa: E402
+from preprocess.features import fbank as features_fbank  # noqa: E402
+from shards.config import load_config  # noqa: E402
 from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
 from train.data import (LOG_SILENCE, Transform, eval_loader, mix_fbanks, noise_and_roll, pad_or_crop,  # noqa: E402
@@ -103,6 +106,49 @@ def test_mixup_in_the_stream_mixes_labels(tmp_path):
     # the first sample has no partner yet: positives set to 1 - ls (sum 0.9 + 3 x 0.025); mixed ones sum to 1
     assert torch.allclose(batch["label"].sum(1), torch.tensor([0.975] + [1.0] * 7))
     assert (batch["label"].max(1).values < 0.9).any()  # at least one mix of two different classes
+
+
+def test_waveform_mixup_with_flac_equals_fbank_of_mixed_waveform(tmp_path):
+    """With a .flac in both samples the mix is the official one: the fbank of the mixed waveform (reference §2.4);
+    when the partner has none it falls back to the mel power-domain mix. Each batch says which one ran."""
+    audio = load_config(None).audio
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    waves = {"a": 0.5 * np.sin(2 * np.pi * 440 * t) + 0.1, "b": 0.3 * np.sin(2 * np.pi * 1500 * t[:9000]) - 0.2}
+    waves = {k: (w + 0.01 * rng.standard_normal(w.size)).astype(np.float32) for k, w in waves.items()}
+
+    def shard(path, flac_b=True):
+        members = []
+        for label, (key, w) in enumerate(waves.items()):
+            flac = encode_flac(w, 16000) if key == "a" or flac_b else None
+            members += sample_members(key, {"video_id": key}, features_fbank(w, audio),
+                                      color_frames((200, 0, 0), 64, 2, random.Random(label)), flac=flac,
+                                      label_indices=[label])
+        write_shard(path, members)
+        return [str(path)]
+
+    aug = dict(NO_AUG, mixup=1.0)
+    tf = Transform(DATA, aug, frame="random", num_frames=2, num_classes=2, label_map=None, label_file=None, seed=0,
+                   audio=audio.to_dict())
+    batch = next(iter(train_loader(shard(tmp_path / "w.tar"), tf, batch_size=2, num_batches=1, seed=0,
+                                   shuffle_buffer=1, num_workers=0)))
+    assert batch["key"] == ["a", "b"] and batch["mixup"] == {"waveform": 1}  # "a" came first: no partner yet
+    lam = float(batch["label"][1, 1])  # "b" mixed with partner "a": label λ on b's class, 1-λ on a's
+    assert 0 < lam < 1 and float(batch["label"][1, 0]) == pytest.approx(1 - lam)
+    # the official route, written out: s16 waveforms (what the .flac holds), DC removed, a cut/padded to b's length
+    w1, w2 = (torch.from_numpy(np.round(waves[k] * 32768) / 32768).float() for k in ("b", "a"))
+    w1, w2 = w1 - w1.mean(), w2 - w2.mean()
+    mix = lam * w1 + (1 - lam) * w2[: w1.shape[0]]
+    expected = torch.from_numpy(features_fbank((mix - mix.mean()).numpy(), audio).astype(np.float32))
+    expected = (pad_or_crop(expected, DATA["target_length"]) - DATA["mean"]) / DATA["std"]
+    assert torch.allclose(batch["audio"][1], expected, atol=1e-3)
+    approx = mix_fbanks(torch.from_numpy(features_fbank(waves["b"], audio).astype(np.float32)),
+                        torch.from_numpy(features_fbank(waves["a"], audio).astype(np.float32)), lam)
+    assert not torch.allclose(batch["audio"][1], (pad_or_crop(approx, 128) - DATA["mean"]) / DATA["std"], atol=1e-2)
+
+    batch = next(iter(train_loader(shard(tmp_path / "f.tar", flac_b=False), tf, batch_size=2, num_batches=1,
+                                   seed=0, shuffle_buffer=1, num_workers=0)))
+    assert batch["mixup"] == {"fbank": 1}
 
 
 def test_corrupt_samples_are_counted_skips(tmp_path):

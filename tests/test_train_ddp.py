@@ -15,18 +15,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from train_fixtures import TINY, write_synthetic_shards  # noqa: E402
+from train_fixtures import TINY  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_ddp_over_uneven_shards(tmp_path):
-    shards = write_synthetic_shards(tmp_path / "shards", 45, 20)  # 20 + 20 + 5 samples
+def test_two_process_ddp_over_uneven_shards(train_shards, tmp_path):
+    shards = sorted((train_shards / "ddp").glob("*.tar"))  # 20 + 20 + 5 samples
     assert len(shards) == 3
     out = tmp_path / "run"
     sets = TINY + ["pretrain.batch_size=8", "pretrain.epochs=2", "pretrain.contrast=global", "pretrain.lr=1.0e-3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "train", "pretrain", "--shards", str(tmp_path / "shards"), "--out", str(out),
+           "-m", "train", "pretrain", "--shards", str(train_shards / "ddp"), "--out", str(out),
            *[a for s in sets for a in ("--set", s)]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

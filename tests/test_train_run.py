@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -14,7 +15,7 @@ import train.loop  # noqa: E402
 from shards.config import load_config  # noqa: E402
 from train.cli import main  # noqa: E402
 from train.model import build_pretrain_model  # noqa: E402
-from train_fixtures import TINY, label_index_csv, write_synthetic_shards  # noqa: E402
+from train_fixtures import TINY  # noqa: E402
 
 
 def sets(*extra):
@@ -25,12 +26,9 @@ def records(run, kind="train"):
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    write_synthetic_shards(root / "train", 96, 32, seed=0)
-    write_synthetic_shards(root / "val", 32, 32, seed=1)
-    return root, label_index_csv(root / "labels.csv")
+@pytest.fixture
+def data(train_shards):
+    return train_shards, train_shards / "labels.csv"
 
 
 PT = ("pretrain.batch_size=8", "pretrain.epoch_samples=64", "pretrain.lr=1.0e-3")
@@ -46,6 +44,9 @@ def test_pretraining_loss_falls(data, tmp_path):
     assert train_rows[-1]["loss"] < 0.85 * train_rows[0]["loss"]  # epoch-3 mean vs the first batch
     val = records(tmp_path, "epoch")
     assert val[-1]["val_loss"] < val[0]["val_loss"]
+    events = EventAccumulator(str(tmp_path)).Reload()  # TensorBoard scalars beside metrics.jsonl, same values
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in train_rows])
+    assert [e.step for e in events.Scalars("epoch/val_loss")] == [8, 16, 24]
     sd = torch.load(tmp_path / "model.pth", weights_only=True)
     assert all(k.startswith("module.") for k in sd)
 
@@ -120,6 +121,13 @@ def test_finetune_beats_chance_then_eval_and_errors(data, tmp_path, capsys):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["samples"] == 32 and len(result["acc_per_frame"]) == 4
     assert result["acc"] >= 0.75  # chance is 0.25: the class needs both the pitch and the colour
+    eval_args = ["eval", "--shards", str(root / "val"), "--checkpoint", str(ft / "model.pth"), *sets()]
+    capsys.readouterr()
+    assert main(eval_args + ["--set", "eval.frames=2"]) == 0  # an index through the config, not only --frames
+    assert json.loads(capsys.readouterr().out)["frames"] == 2
+    assert main(eval_args + ["--set", "eval.frames=last"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "eval.frames must be all, middle or a frame index" in err and len(err.splitlines()) == 1
 
     bad = tmp_path / "bad_labels.csv"
     bad.write_text("index,mid,display_name\n0,/m/class0,a\n1,/m/class1,b\n")
@@ -132,14 +140,12 @@ def test_finetune_beats_chance_then_eval_and_errors(data, tmp_path, capsys):
     assert "no shards found" in capsys.readouterr().err
 
 
-def test_retrieval_after_contrastive_pretraining(tmp_path):
-    write_synthetic_shards(tmp_path / "pairs", 96, 48, seed=2, pairs=8)
-    write_synthetic_shards(tmp_path / "query", 8, 8, seed=3, pairs=8)
-    rc = main(["pretrain", "--shards", str(tmp_path / "pairs"), "--out", str(tmp_path / "pt"),
+def test_retrieval_after_contrastive_pretraining(train_shards, tmp_path):
+    rc = main(["pretrain", "--shards", str(train_shards / "pairs"), "--out", str(tmp_path / "pt"),
                *sets("pretrain.batch_size=8", "pretrain.epochs=5", "pretrain.lr=2.0e-3", "model.mae_loss_weight=0.0",
                      "model.contrast_loss_weight=1.0", "model.bidirectional=true", "pretrain.noise=false")])
     assert rc == 0
-    assert main(["retrieve", "--shards", str(tmp_path / "query"), "--checkpoint", str(tmp_path / "pt" / "model.pth"),
+    assert main(["retrieve", "--shards", str(train_shards / "query"), "--checkpoint", str(tmp_path / "pt" / "model.pth"),
                  "--out", str(tmp_path / "r.json"), *sets()]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["samples"] == 8

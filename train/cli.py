@@ -71,12 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def frame_choice(value: str) -> str | int:
+def frame_choice(value: str, source: str) -> str | int:
+    """'all', 'middle' or a frame index (`--frames 3` and `--set eval.frames=3` both arrive as the text "3")."""
     if value in ("all", "middle"):
         return value
     if value.isdigit():
         return int(value)
-    raise ConfigError(f"--frames must be all, middle or a frame index; got {value!r}")
+    raise ConfigError(f"{source} must be all, middle or a frame index (0, 1, ...); got {value!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +129,7 @@ def _eval(args: argparse.Namespace, cfg) -> dict:
 
     device = dist.init()
     mode = args.mode or cfg.finetune.mode
-    frames = frame_choice(args.frames or cfg.eval.frames)
+    frames = frame_choice(args.frames, "--frames") if args.frames else frame_choice(cfg.eval.frames, "eval.frames")
     urls = st.shard_urls(args.shards, "--shards")
     sd = _read_checkpoint(args.checkpoint)
     if "mlp_head.1.weight" not in sd:
@@ -160,7 +161,7 @@ def _retrieve(args: argparse.Namespace, cfg) -> dict:
     else:
         model = build_pretrain_model(cfg.model.to_dict())
     load_pretrained_into(model, sd)
-    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frame_choice(args.frames or "middle"))
+    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frame_choice(args.frames or "middle", "--frames"))
     audio, visual, _ = features(model.to(device), urls, tf, batch_size=cfg.eval.batch_size,
                                 num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision)
     return retrieval(audio, visual)

@@ -7,6 +7,11 @@ Per sample, in the official order (reference §2.2-2.4):
 
 so a masked bin ends up at (0 - mean) / std ≈ 1.133, exactly as the official loader produces.
 
+Mixup is the official waveform-level one when both samples carry a `.flac` (ingest with `audio.keep_waveform:
+true`): the waveforms are mixed and the fbank recomputed with `preprocess.features.fbank` and the `audio:` config.
+Without a waveform it falls back to mixing the stored fbanks in the mel power domain (`mix_fbanks`). Each batch
+counts which one ran (`batch["mixup"]`), and the trainer logs the totals as `mixup_waveform` / `mixup_fbank`.
+
 The stream is a `webdataset.DataPipeline`. Training draws shards with replacement (`ResampledShards`, seeded per
 rank and worker) and every rank stops after the same fixed number of batches (`with_epoch`), so DDP ranks never
 wait on a rank whose shards ran out. Evaluation reads each shard once, split by node and by worker.
@@ -27,12 +32,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+import av
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
+from preprocess.features import fbank as compute_fbank
+from shards.config import Config
 from shards.manifest import MANIFEST, read_rows
 from shards.reader import decode_sample, raw_samples
 from shards.schema import BadSample
@@ -95,6 +103,27 @@ def mix_fbanks(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
         b = torch.nn.functional.pad(b, (0, 0, 0, n - b.shape[0]), value=LOG_SILENCE)
     b = b[:n]
     return torch.logaddexp(a + math.log(lam), b + math.log1p(-lam))
+
+
+def decode_flac(data: bytes, sample_rate: int) -> torch.Tensor:
+    """A `.flac` member as a float32 mono waveform at `sample_rate` (for our s16 FLAC: exactly s16 / 32768)."""
+    with av.open(io.BytesIO(data)) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        frames = [out for frame in container.decode(audio=0) for out in resampler.resample(frame)]
+        frames += resampler.resample(None)
+    if not frames:
+        raise ValueError("empty .flac member")
+    return torch.from_numpy(np.concatenate([f.to_ndarray().reshape(-1) for f in frames]))
+
+
+def mix_waveforms(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
+    """Official waveform mixup (reference §2.4): both mean-subtracted, `b` zero-padded or cut to the length of
+    `a`, mixed λ·a + (1-λ)·b, and the mix mean-subtracted again."""
+    a, b = a - a.mean(), b - b.mean()
+    n = a.shape[0]
+    b = torch.nn.functional.pad(b, (0, n - b.shape[0])) if b.shape[0] < n else b[:n]
+    mix = lam * a + (1 - lam) * b
+    return mix - mix.mean()
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -224,13 +253,16 @@ class Transform:
     """Decoded samples → training/eval examples `{"audio", "image", "label", "key", "_skipped"}`.
 
     `aug` holds the stage's augmentation (freqm, timem, mixup, noise, label_smooth); `frame` is "random" (train),
-    "middle", "all" (every frame, stacked) or a frame index.
+    "middle", "all" (every frame, stacked) or a frame index. `audio` is the `audio:` config section as a dict (the
+    fbank parameters used to recompute the fbank of a waveform mix; they must be those the shards were made with).
     """
 
     def __init__(self, data: dict[str, Any], aug: dict[str, Any], *, frame: str | int, num_frames: int,
-                 num_classes: int, label_map: dict[str, int] | None, label_file: str | None, seed: int):
+                 num_classes: int, label_map: dict[str, int] | None, label_file: str | None, seed: int,
+                 audio: dict[str, Any] | None = None):
         self.data, self.aug, self.frame, self.num_frames = data, aug, frame, num_frames
         self.num_classes, self.label_map, self.label_file, self.seed = num_classes, label_map, label_file, seed
+        self.audio = audio
         self.image = image_transform(data["image_size"], data["image_mean"], data["image_std"])
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -274,29 +306,40 @@ class Transform:
         d, aug = self.data, self.aug
         fbank = torch.from_numpy(sample["fbank"].astype(np.float32))
         image = self.pixels(sample, rng)
-        lam = 1.0
+        lam, mixup = 1.0, None
         if partner is not None:
             lam = float(np.random.default_rng(rng.getrandbits(32)).beta(10, 10))
-            fbank = mix_fbanks(fbank, torch.from_numpy(partner["fbank"].astype(np.float32)), lam)
+            fbank, mixup = self.mix_audio(sample, partner, fbank, lam)
             image = lam * image + (1 - lam) * self.pixels(partner, rng)
         fbank = pad_or_crop(fbank, d["target_length"])
         fbank = spec_augment(fbank, aug["freqm"], aug["timem"], gen)
         fbank = (fbank - d["mean"]) / d["std"]
         if aug["noise"]:
             fbank = noise_and_roll(fbank, gen)
-        example = {"audio": fbank, "image": image, "key": sample["key"]}
+        example = {"audio": fbank, "image": image, "key": sample["key"], "_mixup": mixup}
         if self.num_classes:
             first = label_indices(sample, self.label_map, self.label_file)
             second = label_indices(partner, self.label_map, self.label_file) if partner is not None else None
             example["label"] = soft_labels(self.num_classes, aug["label_smooth"], first, second, lam)
         return example
 
+    def mix_audio(self, sample: dict[str, Any], partner: dict[str, Any], fbank: torch.Tensor,
+                  lam: float) -> tuple[torch.Tensor, str]:
+        """The mixed (unpadded, unnormalised) fbank and which mixup made it: "waveform" (exact, both samples have
+        a `.flac`) or "fbank" (mel power-domain approximation)."""
+        if self.audio is None or sample["flac"] is None or partner["flac"] is None:
+            return mix_fbanks(fbank, torch.from_numpy(partner["fbank"].astype(np.float32)), lam), "fbank"
+        rate = int(self.audio["sample_rate"])
+        mix = mix_waveforms(decode_flac(sample["flac"], rate), decode_flac(partner["flac"], rate), lam)
+        return torch.from_numpy(compute_fbank(mix.numpy(), Config(self.audio)).astype(np.float32)), "waveform"
+
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {"audio": torch.stack([e["audio"] for e in examples]),
              "image": torch.stack([e["image"] for e in examples]),
              "key": [e["key"] for e in examples],
-             "skipped": sum(e["_skipped"] for e in examples)}
+             "skipped": sum(e["_skipped"] for e in examples),
+             "mixup": dict(Counter(e["_mixup"] for e in examples if e["_mixup"]))}
     if "label" in examples[0]:
         batch["label"] = torch.stack([e["label"] for e in examples])
     return batch

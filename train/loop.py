@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -33,19 +34,17 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 class MetricsLog:
-    """Rank 0 appends one JSON object per record to `metrics.jsonl` (and mirrors scalars to TensorBoard when the
-    `tensorboard` package is installed)."""
+    """Rank 0 appends one JSON object per record to `metrics.jsonl` (the complete record, easy to parse) and writes
+    the numeric values as TensorBoard scalars (`{kind}/{name}`) to an events file in the same folder, so
+    `tensorboard --logdir runs/` shows every run."""
 
     def __init__(self, out: Path):
         self.path = out / "metrics.jsonl"
         self.tb = None
         if dist.is_main():
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in tensorboard/protobuf
 
-                self.tb = SummaryWriter(str(out / "tb"))
-            except ImportError:
-                pass
+            self.tb = SummaryWriter(str(out))
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not dist.is_main():
@@ -57,6 +56,10 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(f"{kind}/{name}", value, step)
             self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -102,7 +105,7 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
                                 "epoch": epoch, "batches_done": done, **(extra_state or {})})
 
     per_epoch = steps_per_epoch * accum_steps
-    skipped = 0
+    skipped, mixups = 0, Counter()  # samples skipped; mixups by kind (waveform | fbank), since this (re)start
     while epoch < epochs:
         model.train()
         batches = loader(epoch, done, per_epoch - done)
@@ -124,6 +127,7 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             count += 1
             seen += batch["audio"].shape[0]
             skipped += batch["skipped"]
+            mixups.update(batch.get("mixup", {}))
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
             if not sync:
@@ -139,7 +143,8 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             if step % log_every == 0:
                 means = {k: v / count for k, v in sums.items()}
                 log.write("train", step, {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                                          "samples_per_s": rate, "skipped": skipped, **means})
+                                          "samples_per_s": rate, "skipped": skipped,
+                                          **{f"mixup_{k}": v for k, v in mixups.items()}, **means})
             if save_every and step % save_every == 0 and done < per_epoch:
                 checkpoint(epoch, done)
         bar.close()
@@ -150,4 +155,5 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
         log.write("epoch", step, {"epoch": epoch, "skipped": skipped, **results})
         checkpoint(epoch, 0)
         dist.barrier()
+    log.close()
     return {"step": step, "epoch": epoch, "skipped": skipped}

@@ -80,7 +80,7 @@ def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes
               label_map: dict[str, int] | None = None, label_csv: str | None = None, seed: int = 0) -> Transform:
     data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.model.image_size}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
-                     label_map=label_map, label_file=label_csv, seed=seed)
+                     label_map=label_map, label_file=label_csv, seed=seed, audio=cfg.audio.to_dict())
 
 
 def augmentation(stage: Config) -> dict[str, Any]:

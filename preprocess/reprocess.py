@@ -1,0 +1,352 @@
+"""`cavmae-prep reprocess SRC --out DST --set ...`: re-derive a shard set from an existing one.
+
+The new config is SRC's frozen `pipeline.yaml` with `--config` / `--set` laid over it. What changed in the
+sample-defining sections (audio, video, clip) decides how each sample is remade, for the whole set:
+
+- nothing (only shards.*, ray.*, ... changed): **repack**. Every member is copied unchanged (the samples'
+  config digest is the same); only the grouping into shards follows the new `shards.*`.
+- only fbank settings (`audio.num_mel_bins`, `frame_shift_ms`, `frame_length_ms`, `window_type`, or
+  `keep_waveform` switched off) and SRC stored the waveform (`audio.keep_waveform: true`): **waveform**.
+  The fbank is recomputed from each sample's `.flac` (the exact 16 kHz s16 waveform the decoder produced,
+  so the result equals a fresh ingest byte for byte); frames are kept; the JSON gets the new digest. No
+  source video is opened.
+- anything else (video.*, clip.*, `audio.sample_rate` and `channel_policy`, which act before the stored
+  16 kHz waveform, `keep_waveform` switched on, `allow_missing`, or fbank changes without stored waveforms):
+  **source**. Each video is decoded again from the `source` path of the manifest. Sources that are gone
+  become failed rows naming the file; when every one is gone, `SourcesGone` is raised before any work.
+
+Work is planned and run exactly like ingest (plan file, one Ray task per output shard, shard then
+fragment, manifest last), so an interrupted reprocess is resumed by running the same command again, and
+DST is an ordinary shard folder that `ingest` can extend. Videos keep SRC's order (its shards in order), so
+reprocessing a set made by one ingest run gives the same shards as ingesting anew with the new settings.
+Failed and skipped rows of SRC are carried over to DST's manifest (`ingest --retry-failed` into DST
+retries them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import yaml
+
+from shards.config import Config, ConfigError, check_choice
+from shards.manifest import merge_rows, read_manifest, write_rows, fragment_name
+from shards.schema import member_suffix, sample_members
+from shards.store import Store, is_uri
+from shards.writer import ShardWriter
+
+from .ingest import (FROZEN_CONFIG, SAMPLE_SECTIONS, Summary, _check_frozen_config, _cut, _next_index,
+                     _one_line, _pending_plan, _remove_temporaries, _save_plan, finish_run, frozen_config,
+                     local_copy, run_groups)
+
+FBANK_KEYS = ("audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_ms", "audio.window_type")
+MODES = {"repack": "repack only (members copied unchanged)",
+         "waveform": "from the stored waveforms (.flac), no video decoded",
+         "source": "from the source videos"}
+
+
+class SourcesGone(FileNotFoundError):
+    """Reprocessing needs the source videos and none of them is there (the message is one line)."""
+
+
+@dataclass
+class ReprocessSummary(Summary):
+    mode: str = ""
+    changed: tuple[str, ...] = ()
+    carried: int = 0     # failed/skipped rows of SRC carried over unchanged
+
+    def how(self) -> str:
+        what = ", ".join(self.changed) if self.changed else "no sample setting"
+        return f"reprocess {MODES.get(self.mode, self.mode)} (changed: {what})"
+
+
+def reprocess_config(src: str | os.PathLike, config: str | None = None, sets: list[str] = ()) -> Config:
+    """SRC's frozen config with the user file `config` (any subset of keys) and then `sets` laid over it."""
+    store = Store.of(src)
+    if not store.is_file(FROZEN_CONFIG):
+        raise FileNotFoundError(f"{store.uri()}: not a shard folder (no {FROZEN_CONFIG})")
+    base = frozen_config(store)
+    flat: list[str] = []
+    if config is not None:
+        try:
+            with open(config) as f:
+                user = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise ConfigError(f"{config}: cannot read config ({exc.strerror or exc})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{config}: top level must be a mapping of sections")
+        flat = [f"{k}={json.dumps(v)}" for k, v in _flatten(user) if not k.startswith("presets.")]
+    return base.with_overrides([*flat, *sets])
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def changed_settings(old: Config, new: Config, sections: tuple[str, ...] = SAMPLE_SECTIONS) -> list[str]:
+    out = []
+    for sec in sections:
+        a, b = old.to_dict().get(sec, {}), new.to_dict().get(sec, {})
+        out += [f"{sec}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out
+
+
+def choose_mode(old: Config, new: Config) -> tuple[str, list[str]]:
+    """('repack' | 'waveform' | 'source', the changed sample settings) — see the module docstring."""
+    changed = changed_settings(old, new)
+    if not changed:
+        return "repack", changed
+    audio_only = all(c in FBANK_KEYS or (c == "audio.keep_waveform" and not new.audio.keep_waveform)
+                     for c in changed)
+    if audio_only and old.audio.keep_waveform:
+        return "waveform", changed
+    return "source", changed
+
+
+def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, workers: int | None = None,
+              address: str | None = None, progress: bool = False) -> ReprocessSummary:
+    """Re-derive SRC's samples with `cfg` (see `reprocess_config`) into the shard folder `out`; resumable."""
+    check_choice(cfg, "audio.channel_policy", ("first", "mix"))
+    check_choice(cfg, "clip.mode", ("first", "windows"))
+    start = time.time()
+    src_store, store = Store.of(src), Store.of(out)
+    if src_store.uri().rstrip("/") == store.uri().rstrip("/"):
+        raise ConfigError(f"{store.uri()}: --out must differ from the source shard folder")
+    if not src_store.is_file(FROZEN_CONFIG):
+        raise FileNotFoundError(f"{src_store.uri()}: not a shard folder (no {FROZEN_CONFIG})")
+    old = frozen_config(src_store)
+    mode, changed = choose_mode(old, cfg)
+    src_rows = read_manifest(src_store)
+    if not src_rows:
+        raise FileNotFoundError(f"{src_store.uri()}: no manifest.parquet (or it is empty)")
+    digest = cfg.digest(*SAMPLE_SECTIONS)
+
+    videos = _videos_in_source_order(src_rows)
+    gone: list[str] = []
+    if mode == "source":
+        gone = [v["source"] for v in videos if not _source_exists(v["source"])]
+        if videos and len(gone) == len(videos):
+            shown = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+            raise SourcesGone(f"reprocessing needs the source videos ({', '.join(changed)} changed) but "
+                              f"all {len(gone)} are gone: {shown}")
+
+    store.makedirs()
+    _check_frozen_config(store, cfg)
+    _remove_temporaries(store)
+    rows = read_manifest(store)
+    holds = {r["video_id"] for r in rows}
+    groups = _pending_plan(store, job="reprocess")
+    planned = {it["video_id"] for _, g in groups for it in g}
+    gone_set = set(gone)
+    todo = [v for v in videos if v["video_id"] not in holds and v["video_id"] not in planned
+            and v["source"] not in gone_set]
+    groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups))
+
+    carried = [{**r, "config_digest": digest} for r in src_rows
+               if r["status"] != "ok" and r["video_id"] not in holds]
+    gone_rows = [_row(v, "failed", f"source video is gone: {v['source']}", digest) for v in videos
+                 if v["source"] in gone_set and v["video_id"] not in holds]
+    summary = ReprocessSummary(mode=mode, changed=tuple(changed), already=len(holds & {v["video_id"] for v in videos}),
+                               carried=len(carried), failed=len(gone_rows))
+    summary.problems += [f"{r['source']}: {r['error']}" for r in gone_rows]
+    store.write_text(FROZEN_CONFIG, cfg.to_yaml())
+    if groups:
+        _save_plan(store, groups, cfg, job="reprocess")
+        new_rows = run_groups(groups, store, cfg, reprocess_group, workers=workers, address=address,
+                              progress=progress, desc=f"reprocess ({mode})", extra=(src_store.uri(), mode))
+        summary.videos = sum(len(g) for _, g in groups)
+        summary.ok = sum(r["status"] == "ok" for r in new_rows)
+        summary.failed += sum(r["status"] == "failed" for r in new_rows)
+        summary.problems += [f"{r['source']}: {r['error']}" for r in new_rows if r["status"] == "failed"]
+        rows = merge_rows(rows, new_rows)
+    rows = merge_rows(rows, carried + gone_rows)
+    finish_run(store, rows)
+    summary.seconds = time.time() - start
+    return summary
+
+
+def _shard_index(name: str | None) -> int:
+    return int(re.sub(r"\D", "", name.rsplit("/", 1)[-1].rsplit(".", 1)[0]) or 0) if name else -1
+
+
+def _videos_in_source_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ok videos of SRC as plan items, in SRC's order (its shards in order, then video id, window)."""
+    by_vid: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            by_vid.setdefault(r["video_id"], []).append(r)
+    items = []
+    for vid, rs in by_vid.items():
+        rs.sort(key=lambda r: (_shard_index(r["shard"]), r["window"] if r["window"] is not None else -1))
+        shards = list(dict.fromkeys(r["shard"] for r in rs))
+        items.append({"video_id": vid, "source": rs[0]["source"], "labels": list(rs[0]["labels"] or []),
+                      "keys": [r["key"] for r in rs], "shards": shards})
+    items.sort(key=lambda it: (_shard_index(it["shards"][0]), it["video_id"]))
+    return items
+
+
+def _source_exists(source: str) -> bool:
+    try:
+        if is_uri(source):
+            store, name = Store.split(source)
+            return store.is_file(name)
+        return os.path.isfile(source)
+    except (OSError, ValueError):
+        return False
+
+
+def _row(item: dict[str, Any], status: str, error: str | None, digest: str, **extra: Any) -> dict[str, Any]:
+    return {"video_id": item["video_id"], "key": None, "window": None, "source": item["source"],
+            "status": status, "error": error, "shard": None, "labels": list(item["labels"]),
+            "duration_s": None, "bytes": None, "config_digest": digest, **extra}
+
+
+# ---- the task ---------------------------------------------------------------------------------------------
+def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data: dict[str, Any], src: str,
+                    mode: str) -> list[dict[str, Any]]:
+    """One output shard: remake the samples of `items` (in order) from SRC's shards or from their sources."""
+    from preprocess.decode import BadInput
+
+    cfg = Config(cfg_data)
+    store, src_store = Store.of(out), Store.of(src)
+    digest = cfg.digest(*SAMPLE_SECTIONS)
+    name = cfg.shards.pattern % index
+    rows: list[dict[str, Any]] = []
+    need_old = mode != "source" or any(it["labels"] for it in items)
+    olds = _old_samples(src_store, items) if need_old else ((it["video_id"], None) for it in items)
+    with ShardWriter(store, name) as shard:
+        for item, (vid, old) in zip(items, olds):
+            assert vid == item["video_id"]
+            try:
+                made = _remake(item, old, cfg, mode, digest)
+            except BadInput as exc:
+                rows.append(_row(item, "failed", _one_line(exc), digest))
+                continue
+            except Exception as exc:  # one bad video must not take the shard down
+                rows.append(_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), digest))
+                continue
+            for key, meta, members in made:
+                shard.add(members)
+                rows.append(_row(item, "ok", None, digest, key=key, window=meta.get("window"), shard=name,
+                                 duration_s=meta.get("duration_s"), bytes=sum(len(d) for _, d in members)))
+    write_rows(fragment_name(name), rows, store=store)
+    return rows
+
+
+def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]] | None, cfg: Config, mode: str,
+            digest: str) -> list[tuple[str, dict, list[tuple[str, bytes]]]]:
+    """[(key, meta, members)] of one video."""
+    if mode == "repack":
+        return [(key, json.loads(dict(_by_suffix(m))["json"]), m) for key, m in old]
+    if mode == "waveform":
+        return [_from_waveform(key, m, cfg, digest) for key, m in old]
+    from preprocess.decode import BadInput
+    from preprocess.sample import build_samples
+
+    indices = None
+    if old:
+        labels_txt = dict(_by_suffix(old[0][1])).get("labels.txt")
+        if labels_txt is not None:
+            text = labels_txt.decode().strip()
+            indices = [int(x) for x in text.split(",")] if text else None
+    with local_copy(item["source"]) as path:
+        if not is_uri(item["source"]) and not os.path.exists(path):
+            raise BadInput(f"source video is gone: {item['source']}")
+        samples = build_samples(path, item["video_id"], item["source"], item["labels"], indices, cfg)
+    return [(s.key, s.meta, s.members) for s in samples]
+
+
+def _by_suffix(members: list[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
+    for name, data in members:
+        yield member_suffix(name.rsplit("/", 1)[-1]), data
+
+
+def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
+                   digest: str) -> tuple[str, dict, list[tuple[str, bytes]]]:
+    from preprocess.decode import BadInput
+    from preprocess.features import fbank
+
+    d = dict(_by_suffix(members))
+    meta = json.loads(d["json"])
+    flac = d.get("flac")
+    fb = None
+    if meta.get("has_audio"):
+        if flac is None:
+            raise BadInput(f"sample {key} has no stored waveform (.flac); reprocess needs its source video")
+        fb = fbank(decode_flac(flac), cfg.audio)
+    meta["audio_frames"] = 0 if fb is None else int(fb.shape[0])
+    meta["config_digest"] = digest
+    frames = sorted((int(s[5:-4]), data) for s, data in d.items() if s.startswith("frame"))
+    labels = d.get("labels.txt")
+    indices = [int(x) for x in labels.decode().split(",") if x.strip()] if labels else None
+    keep = flac if cfg.audio.keep_waveform else None
+    return key, meta, sample_members(key, meta, fb, [data for _, data in frames], keep, indices)
+
+
+def decode_flac(data: bytes):
+    """The stored 16-bit mono FLAC back to the float32 waveform the decoder produced (exact)."""
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as c:
+        chunks = [f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]
+    pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    return pcm.astype(np.float32) / np.float32(32768.0)
+
+
+def _old_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[str, list]]:
+    """(video_id, [(key, members)]) for each item in order, streaming SRC's shards (one video buffered at a
+    time when SRC's order is kept, as it is by the plan)."""
+    want = {k: it["video_id"] for it in items for k in it["keys"]}
+    keys_of = {it["video_id"]: it["keys"] for it in items}
+    got: dict[str, dict[str, list]] = {}
+    order = [it["video_id"] for it in items]
+    pos = 0
+    for shard in dict.fromkeys(s for it in items for s in it["shards"]):
+        for key, members in _iter_tar_samples(src, shard):
+            vid = want.get(key)
+            if vid is None:
+                continue
+            got.setdefault(vid, {})[key] = members
+            while pos < len(order) and len(got.get(order[pos], {})) == len(keys_of[order[pos]]):
+                vid0 = order[pos]
+                have = got.pop(vid0)
+                yield vid0, [(k, have[k]) for k in keys_of[vid0]]
+                pos += 1
+    if pos < len(order):
+        missing = [k for k in keys_of[order[pos]] if k not in got.get(order[pos], {})]
+        raise FileNotFoundError(f"{src.uri()}: sample(s) {', '.join(missing)} of {order[pos]!r} are not in "
+                                f"the shard(s) the manifest names")
+
+
+def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, [(member name, bytes)]) in tar order, streaming one shard (schema-checked, no extraction)."""
+    with src.open_input(shard) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        cur, members = None, []
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            member_suffix(base)
+            key = base.split(".", 1)[0]
+            data = tar.extractfile(info).read()
+            if key != cur and members:
+                yield cur, members
+                members = []
+            cur = key
+            members.append((info.name, data))
+        if members:
+            yield cur, members

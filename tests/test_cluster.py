@@ -1,0 +1,151 @@
+"""A real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a head and two worker nodes,
+one CPU each, every node advertising 127.0.0.1): a worker node is killed in the middle of an ingest job and
+the job still finishes with exactly a clean run's output; a Ctrl-C'd driver is resumed by a re-run; and
+`ray job submit --working-dir . -- cavmae-prep ingest ...` against a `ray start` head."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from ray.cluster_utils import Cluster
+
+from tests.clips import make_clip
+
+REPO = Path(__file__).resolve().parents[1]
+N = 14
+SETS = ["shards.samples_per_shard=1", "video.image_size=32", "video.num_frames=4", "clip.length_s=3.0"]
+NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cluster_videos")
+    for i in range(N):
+        make_clip(d, f"c{i:02d}", seconds=3.0, size=(128, 96), tone_hz=250 + 30 * i)
+    return d
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    workers = [c.add_node(**NODE) for _ in range(2)]
+    c.wait_for_nodes()
+    try:
+        yield c, workers
+    finally:
+        c.shutdown()
+
+
+def _cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "preprocess.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, **kw)
+
+
+def _popen(args):
+    return subprocess.Popen([sys.executable, "-m", "preprocess.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_shards(out: Path, n: int, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(out.glob("shard-*.tar"))) < n:
+        assert proc.poll() is None, f"the job ended early:\n{proc.stdout.read()}"
+        time.sleep(0.05)
+    return len(list(out.glob("shard-*.tar")))
+
+
+def _manifest(out):
+    return sorted(pq.read_table(Path(out) / "manifest.parquet").to_pylist(), key=lambda r: r["video_id"])
+
+
+def _assert_same(a: Path, b: Path):
+    names = sorted(p.name for p in a.glob("shard-*.tar"))
+    assert names == sorted(p.name for p in b.glob("shard-*.tar")) and len(names) == N
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ma, mb = _manifest(a), _manifest(b)
+    assert ma == mb and len(ma) == N and all(r["status"] == "ok" for r in ma)
+    assert len({r["key"] for r in ma}) == N and len({r["shard"] for r in ma}) == N
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+
+
+def test_worker_node_killed_mid_job_and_driver_ctrl_c(cluster, many, tmp_path):
+    c, workers = cluster
+    args = ["ingest", str(many), "--address", c.address, "--no-progress", *sum((["--set", s] for s in SETS), [])]
+
+    # 1. kill a worker node (its raylet and workers, SIGKILL) while the job runs
+    killed = tmp_path / "node_killed"
+    proc = _popen([*args, "--out", str(killed)])
+    done_at_kill = _wait_shards(killed, 3, proc)
+    c.remove_node(workers[0], allow_graceful=False)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert done_at_kill < N, "the node must die mid-job"
+    assert f"ok {N} samples, failed 0" in out
+
+    # 2. Ctrl-C the driver mid-job, then re-run the same command: it resumes
+    interrupted = tmp_path / "interrupted"
+    proc = _popen([*args, "--out", str(interrupted)])
+    _wait_shards(interrupted, 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "re-run the same command to resume" in out
+    partial = len(list(interrupted.glob("shard-*.tar")))
+    assert partial < N and (interrupted / "_plan.json").exists()
+    res = _cli([*args, "--out", str(interrupted)])
+    assert res.returncode == 0, res.stderr
+
+    # 3. a clean run (local Ray, no failures) gives the very same bytes
+    clean = tmp_path / "clean"
+    res = _cli([*args[:3], "--workers", "2", "--no-progress", *args[5:], "--out", str(clean)])
+    assert res.returncode == 0, res.stderr
+    _assert_same(killed, clean)
+    _assert_same(interrupted, clean)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_working_dir(many, tmp_path):
+    """`ray start --head` + `ray job submit --working-dir . -- cavmae-prep ingest ...` (the documented path)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    if not ray_bin.exists():
+        pytest.skip("no ray CLI next to the interpreter")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    temp_dir = tmp_path / "ray"
+    gcs_port, dash_port = _free_port(), _free_port()
+    start = subprocess.run(
+        [str(ray_bin), "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    try:
+        assert start.returncode == 0, start.stderr + start.stdout
+        out = tmp_path / "job_out"
+        submit = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--working-dir", ".",
+             "--", "cavmae-prep", "ingest", str(many), "--out", str(out), "--no-progress",
+             *sum((["--set", s] for s in SETS), [])],
+            capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert f"ok {N} samples, failed 0" in submit.stdout
+        assert re.search(r"Job '.*' succeeded", submit.stdout)
+        assert len(list(out.glob("shard-*.tar"))) == N and len(_manifest(out)) == N
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=120, env=env)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,164 @@
+"""`cavmae-prep reprocess`: from the stored waveform (sources hidden), from the source videos, repack only,
+sources gone; each compared byte for byte with a fresh ingest of the new settings."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from preprocess.ingest import ingest
+from preprocess.reprocess import SourcesGone, choose_mode, reprocess, reprocess_config
+from shards.config import load_config
+from shards.manifest import read_manifest
+from shards.reader import decode_sample, list_shards, raw_samples
+from tests.clips import make_clip
+
+BASE = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=2",
+        "audio.keep_waveform=true"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, local_ray):
+    """Four labelled clips and SRC, their shards made with BASE (waveforms kept)."""
+    root = tmp_path_factory.mktemp("reprocess")
+    videos = root / "videos"
+    for i in range(4):
+        make_clip(videos, f"v{i}", seconds=1.0 + 0.5 * i, size=(64, 48), tone_hz=300 + 70 * i)
+    (root / "index.csv").write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n")
+    (root / "labels.csv").write_text('video_id,labels\nv0,"/m/a,/m/b"\nv1,/m/b\nv2,/m/a\nv3,/m/a\n')
+    kw = dict(labels_csv=str(root / "labels.csv"), label_index_csv=str(root / "index.csv"))
+    src = root / "src"
+    assert ingest([str(videos)], src, load_config(sets=BASE), **kw).ok == 4
+    return {"root": root, "videos": videos, "src": src, "kw": kw}
+
+
+def _fresh(corpus, sets, name, samples=4):
+    out = corpus["root"] / name
+    if not out.exists():
+        assert ingest([str(corpus["videos"])], out, load_config(sets=BASE + sets), **corpus["kw"]).ok == samples
+    return out
+
+
+def _same_folder(a: Path, b: Path):
+    names = sorted(p.name for p in a.glob("shard-*.tar"))
+    assert names == sorted(p.name for p in b.glob("shard-*.tar")) and names
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    assert read_manifest(a) == read_manifest(b)
+    assert (a / "pipeline.yaml").read_text() == (b / "pipeline.yaml").read_text()
+    assert not list(a.glob("_*")) and not list(a.glob(".*"))
+
+
+class hidden:
+    """Move the source videos away for the duration (proves they are not opened)."""
+
+    def __init__(self, path: Path):
+        self.path, self.away = path, path.with_name(path.name + "_away")
+
+    def __enter__(self):
+        os.replace(self.path, self.away)
+
+    def __exit__(self, *exc):
+        os.replace(self.away, self.path)
+
+
+def test_mode_choice(corpus):
+    old = load_config(sets=BASE)
+    for sets, mode in [(["audio.num_mel_bins=64"], "waveform"), (["audio.frame_shift_ms=20"], "waveform"),
+                       (["audio.keep_waveform=false", "audio.num_mel_bins=64"], "waveform"),
+                       (["audio.sample_rate=8000"], "source"), (["audio.channel_policy=mix"], "source"),
+                       (["video.num_frames=3"], "source"), (["clip.mode=windows"], "source"),
+                       (["shards.samples_per_shard=1"], "repack"), (["ray.max_retries=0"], "repack")]:
+        assert choose_mode(old, old.with_overrides(sets))[0] == mode, sets
+    no_wave = load_config(sets=BASE + ["audio.keep_waveform=false"])
+    assert choose_mode(no_wave, no_wave.with_overrides(["audio.num_mel_bins=64"]))[0] == "source"
+
+
+def test_from_waveform_without_the_sources(corpus):
+    expected = _fresh(corpus, ["audio.num_mel_bins=64"], "fresh_mel64")
+    cfg = reprocess_config(corpus["src"], sets=["audio.num_mel_bins=64"])
+    out = corpus["root"] / "re_mel64"
+    with hidden(corpus["videos"]):
+        summary = reprocess(corpus["src"], out, cfg)
+    assert summary.mode == "waveform" and summary.ok == 4 and summary.changed == ("audio.num_mel_bins",)
+    _same_folder(out, expected)
+    fb = [decode_sample(r)["fbank"] for r in raw_samples(list_shards(str(out)))]
+    assert all(f.shape[1] == 64 for f in fb)
+    # re-running finds everything done
+    again = reprocess(corpus["src"], out, cfg)
+    assert (again.videos, again.already) == (0, 4)
+
+
+def test_from_sources_equals_fresh_ingest(corpus):
+    sets = ["video.num_frames=3", "clip.mode=windows", "clip.length_s=1.0", "clip.hop_s=1.0"]
+    expected = _fresh(corpus, sets, "fresh_frames3", samples=6)
+    cfg = reprocess_config(corpus["src"], sets=sets)
+    out = corpus["root"] / "re_frames3"
+    summary = reprocess(corpus["src"], out, cfg)
+    assert summary.mode == "source" and summary.videos == 4
+    _same_folder(out, expected)
+    rows = [r for r in read_manifest(out) if r["video_id"] == "v3"]
+    assert [r["window"] for r in rows] == [0, 1]   # 2.5 s in 1 s windows (the last 0.5 s < min_window_s)
+    samples = {s["key"]: s for s in map(decode_sample, raw_samples(list_shards(str(out))))}
+    assert samples["v0_w0000"]["labels"] == [0, 1] and len(samples["v0_w0000"]["frames"]) == 3
+
+
+def test_repack_copies_members_unchanged(corpus):
+    cfg = reprocess_config(corpus["src"], sets=["shards.samples_per_shard=1"])
+    out = corpus["root"] / "re_repack"
+    with hidden(corpus["videos"]):
+        summary = reprocess(corpus["src"], out, cfg)
+    assert summary.mode == "repack" and summary.ok == 4
+    assert len(list(out.glob("shard-*.tar"))) == 4
+    a = {s["__key__"]: s for s in raw_samples(list_shards(str(corpus["src"])))}
+    b = {s["__key__"]: s for s in raw_samples(list_shards(str(out)))}
+    strip = lambda s: {k: v for k, v in s.items() if k != "__url__"}  # noqa: E731
+    assert {k: strip(v) for k, v in a.items()} == {k: strip(v) for k, v in b.items()}
+
+
+def _cli(args):
+    return subprocess.run([sys.executable, "-m", "preprocess.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_sources_gone(corpus, tmp_path):
+    with hidden(corpus["videos"]):
+        with pytest.raises(SourcesGone, match="all 4 are gone"):
+            reprocess(corpus["src"], tmp_path / "x", reprocess_config(corpus["src"], sets=["video.num_frames=3"]))
+        res = _cli(["reprocess", str(corpus["src"]), "--out", str(tmp_path / "y"), "--set", "video.num_frames=3",
+                    "--workers", "1", "--no-progress"])
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.strip()
+    assert "\n" not in err and "video.num_frames changed" in err and str(corpus["videos"] / "v0.mp4") in err
+    assert not (tmp_path / "y").exists()
+
+    # one source gone: a failed row naming it, the others done
+    partial = corpus["root"] / "partial_videos"
+    shutil.copytree(corpus["videos"], partial)
+    src = tmp_path / "src"
+    assert ingest([str(partial)], src, load_config(sets=BASE)).ok == 4
+    (partial / "v2.mp4").unlink()
+    summary = reprocess(src, tmp_path / "z", reprocess_config(src, sets=["video.num_frames=3"]))
+    rows = {r["video_id"]: r for r in read_manifest(tmp_path / "z")}
+    assert summary.ok == 3 and rows["v2"]["status"] == "failed"
+    assert rows["v2"]["error"] == f"source video is gone: {partial / 'v2.mp4'}"
+
+
+def test_cli_says_which_way(corpus, tmp_path):
+    res = _cli(["reprocess", str(corpus["src"]), "--out", str(tmp_path / "o"), "--set", "audio.num_mel_bins=32",
+                "--workers", "1", "--no-progress"])
+    assert res.returncode == 0, res.stderr
+    assert "reprocess from the stored waveforms" in res.stdout and "audio.num_mel_bins" in res.stdout
+    assert "ok 4 samples" in res.stdout
+    assert "cavmae-prep reprocess" in _cli(["--help"]).stdout
