@@ -41,6 +41,7 @@ from typing import Iterator
 
 import av
 import numpy as np
+from PIL import Image
 
 from shards.config import Config, ConfigError, check_choice
 
@@ -73,6 +74,7 @@ class DecodeSettings:
     num_frames: int
     image_size: int
     frame_offset: int
+    pil_resize: bool
     skip_nonref: bool
     video_allow_missing: bool
     sample_rate: int
@@ -88,6 +90,7 @@ class DecodeSettings:
     def from_config(cls, c: Config) -> "DecodeSettings":
         policy = check_choice(c, "audio.channel_policy", ("first", "mix"))
         mode = check_choice(c, "clip.mode", ("first", "windows"))
+        resize = check_choice(c, "video.resize", ("scaler", "pil"))
         a, v, k = c.audio, c.video, c.clip
         if v.num_frames < 1 or v.image_size < 1:
             raise ConfigError("config 'video.num_frames' and 'video.image_size' must be positive")
@@ -95,7 +98,8 @@ class DecodeSettings:
             raise ConfigError("config 'clip.length_s' and 'clip.hop_s' must be positive")
         return cls(
             num_frames=int(v.num_frames), image_size=int(v.image_size),
-            frame_offset=1 if v.official_frame_offset else 0, skip_nonref=bool(v.skip_nonref),
+            frame_offset=1 if v.official_frame_offset else 0, pil_resize=resize == "pil",
+            skip_nonref=bool(v.skip_nonref),
             video_allow_missing=bool(v.allow_missing), sample_rate=int(a.sample_rate),
             channel_policy=policy,
             min_audio_samples=int(round(a.sample_rate * a.frame_length_ms / 1000.0)),
@@ -450,8 +454,12 @@ class _Decoder:
             width, height = height, width          # display dimensions
         new_w, new_h = _resize_dims(width, height, size)
         coded_w, coded_h = (new_h, new_w) if quarter % 2 else (new_w, new_h)
-        rgb = frame.reformat(width=coded_w, height=coded_h, format="rgb24",
-                             interpolation="BILINEAR").to_ndarray()
+        if self.s.pil_resize:  # the official pixels: full-size RGB, then PIL's (antialiased) bilinear resize
+            image = frame.to_image().resize((coded_w, coded_h), Image.BILINEAR)
+            rgb = np.asarray(image)
+        else:
+            rgb = frame.reformat(width=coded_w, height=coded_h, format="rgb24",
+                                 interpolation="BILINEAR").to_ndarray()
         if quarter:
             rgb = np.rot90(rgb, k=quarter)
         top = int(round((new_h - size) / 2.0))

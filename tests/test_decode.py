@@ -248,3 +248,12 @@ def test_partly_truncated_file_fails_instead_of_padding(clips_dir, tmp_path):
     assert len(decode_clips(whole, cfg)[0].frames) == 10
     with pytest.raises(BadInput, match="truncated|ends before"):
         decode_clips(cut, cfg)
+
+
+def test_pil_resize_gives_the_official_pixels():
+    """`video.resize: pil` reproduces RGB -> PIL -> Resize(224) -> CenterCrop(224) exactly (same decoded frame)."""
+    path = bigbuckbunny()
+    (clip,) = decode_clips(path, load_config(sets=["video.resize=pil"]))
+    _, ref, _ = reference_frames(path)
+    for ours, frame in zip(clip.frames, ref):
+        assert np.array_equal(ours, official_transform(frame.to_ndarray(format="rgb24")))

@@ -113,6 +113,8 @@ def test_finetune_beats_chance_then_eval_and_errors(data, tmp_path, capsys):
                      "finetune.loss=ce", "finetune.metric=acc", "finetune.wa_start=3", "finetune.wa_end=4",
                      "finetune.lr_start_epoch=3", "finetune.freqm=24", "finetune.timem=24")])
     assert rc == 0
+    last = records(ft)[-1]
+    assert last["mixup_waveform"] > 0 and "mixup_fbank" not in last  # exact mixup: ingest kept the .flac
     capsys.readouterr()
     rc = main(["eval", "--shards", str(root / "val"), "--labels", str(labels), "--checkpoint",
                str(ft / "model.pth"), "--frames", "all", "--out", str(tmp_path / "eval.json"),
@@ -145,8 +147,8 @@ def test_retrieval_after_contrastive_pretraining(train_shards, tmp_path):
                *sets("pretrain.batch_size=8", "pretrain.epochs=5", "pretrain.lr=2.0e-3", "model.mae_loss_weight=0.0",
                      "model.contrast_loss_weight=1.0", "model.bidirectional=true", "pretrain.noise=false")])
     assert rc == 0
-    assert main(["retrieve", "--shards", str(train_shards / "query"), "--checkpoint", str(tmp_path / "pt" / "model.pth"),
-                 "--out", str(tmp_path / "r.json"), *sets()]) == 0
+    assert main(["retrieve", "--shards", str(train_shards / "query"), "--checkpoint",
+                 str(tmp_path / "pt" / "model.pth"), "--out", str(tmp_path / "r.json"), *sets()]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["samples"] == 8
     for direction in ("video_to_audio", "audio_to_video"):
