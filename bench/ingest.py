@@ -166,6 +166,56 @@ def timed(routes: dict, repeat: int, clock=time.perf_counter) -> dict:
     return {name: statistics.median(ts) * 1000 for name, ts in times.items()}
 
 
+def workers_scaling(counts: list[int], videos: int, clip: str, sets: list[str]) -> int:
+    """Throughput of the real Ray ingest job (`preprocess.ingest.ingest`) with 1, 2, ... workers.
+
+    `videos` copies (hard links) of one clip are ingested into a fresh folder per worker count, on a local Ray
+    with exactly that many CPUs, started and warmed up (one task per CPU) before the clock starts; the time
+    is the wall time of the whole job (planning, tasks, shard publication, manifest)."""
+    import ray
+
+    from preprocess.ingest import ingest
+
+    src = clip_path(clip)
+    if not any(x.startswith("shards.samples_per_shard=") for x in sets):
+        # several shards (tasks) per worker, or the extra workers have nothing to do
+        sets = [f"shards.samples_per_shard={max(1, videos // (4 * max(counts)))}", *sets]
+    cfg = load_config(sets=sets)
+    print(f"Ray ingest scaling: {videos} x {clip} ({src.name}), samples_per_shard="
+          f"{cfg.shards.samples_per_shard}, {os.cpu_count()} cores on this machine, overrides={sets or 'none'}")
+    header = f"{'workers':>7} {'seconds':>8} {'videos/s':>9} {'per worker':>11} {'efficiency':>11}"
+    print(header)
+    print("-" * len(header))
+    base = None
+    with tempfile.TemporaryDirectory(prefix="cavmae-scale-") as tmp:
+        folder = Path(tmp) / "videos"
+        folder.mkdir()
+        for i in range(videos):
+            dst = folder / f"v{i:05d}{src.suffix}"
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        for n in counts:
+            ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
+            try:
+                warm = ray.remote(num_cpus=1)(lambda: os.getpid())
+                ray.get([warm.remote() for _ in range(n)])
+                t0 = time.perf_counter()
+                summary = ingest([str(folder)], Path(tmp) / f"out{n}", cfg)
+                dt = time.perf_counter() - t0
+            finally:
+                ray.shutdown()
+            if summary.ok != videos:
+                print(f"workers={n}: only {summary.ok}/{videos} ok: {summary.problems[:3]}", file=sys.stderr)
+            rate = videos / dt
+            base = base or rate / n
+            print(f"{n:>7} {dt:>8.1f} {rate:>9.2f} {rate / n:>11.2f} {rate / n / base:>10.0%}", flush=True)
+    print("efficiency = (videos/s per worker) / (videos/s per worker of the first row)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per route and clip (median reported)")
@@ -175,7 +225,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="wall time, or CPU time of the process and its children (steadier on a busy machine)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for route c, e.g. video.skip_nonref=true")
+    ap.add_argument("--workers", metavar="N,N,...",
+                    help="instead: throughput of the Ray ingest job with these worker counts, e.g. 1,2")
+    ap.add_argument("--videos", type=int, default=0,
+                    help="--workers: videos per run (default: 8 x the largest worker count)")
     args = ap.parse_args(argv)
+
+    if args.workers:
+        counts = [int(x) for x in args.workers.split(",") if x.strip()]
+        clip = [c.strip() for c in args.clips.split(",") if c.strip()][0]
+        return workers_scaling(counts, args.videos or 8 * max(counts), clip, args.set)
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})

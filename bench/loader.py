@@ -4,15 +4,18 @@ Official route (reference §2): a 16 kHz wav per clip and one JPEG per frame fol
 sample loads the wav, computes the kaldi fbank (torchaudio), pads to 1024, normalises, adds noise and rolls, and
 opens a random frame with PIL for Resize(224, bicubic) + CenterCrop + ToTensor + Normalize.
 Ours: the same augmentation from WebDataset shards that store the fbank (float16) and the JPEG frames, so the
-fbank computation is skipped; image decoding remains. Both run in one process (num_workers=0) with one torch
-thread, so samples/s is per core.
+fbank computation is skipped; image decoding remains. Both routes read the very same JPEG bytes: frames of the
+real Big Buck Bunny clip (tests/clips.py), resized and centre-cropped to 224x224 and encoded at quality 75 as
+ingest stores them (and as the official extractor saves them). Both run in one process (num_workers=0) with one
+torch thread, so samples/s is per core. `--stages` also times each per-sample step of both routes.
 
-    .venv/bin/python -m bench.loader [--clips 48] [--batches 12] [--batch-size 8]
+    .venv/bin/python -m bench.loader [--clips 48] [--batches 12] [--batch-size 8] [--stages]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import random
 import sys
 import tempfile
@@ -20,19 +23,22 @@ import time
 import wave
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 import torchaudio
 from PIL import Image
+from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from preprocess.features import encode_jpeg  # noqa: E402
 from shards.config import load_config  # noqa: E402
 from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
+from tests.clips import bigbuckbunny  # noqa: E402
 from train import stage  # noqa: E402
-from train.data import image_transform, noise_and_roll, pad_or_crop, train_loader  # noqa: E402
-from train_fixtures import color_frames  # noqa: E402
+from train.data import pad_or_crop, train_loader  # noqa: E402
 
 SECONDS, FRAMES, SIZE = 10.0, 10, 224
 
@@ -43,18 +49,40 @@ def kaldi_fbank(wave_: torch.Tensor) -> torch.Tensor:
         num_mel_bins=128, dither=0.0, frame_shift=10)
 
 
+def official_image_transform(mean: list[float], std: list[float]) -> transforms.Compose:
+    """The official per-sample image path: Resize(224, bicubic), CenterCrop, ToTensor, Normalize."""
+    return transforms.Compose([transforms.Resize(SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(SIZE), transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def footage_jpegs() -> list[bytes]:
+    """Every frame of the real clip as a 224x224 quality-75 JPEG (short side resized, centre crop)."""
+    out = []
+    with av.open(str(bigbuckbunny())) as container:
+        for frame in container.decode(video=0):
+            img = frame.to_image()
+            w, h = img.size
+            img = img.resize((round(w * SIZE / h), SIZE), Image.BILINEAR)
+            left = (img.size[0] - SIZE) // 2
+            out.append(encode_jpeg(np.asarray(img.crop((left, 0, left + SIZE, SIZE))), 75))
+    return out
+
+
 def make_data(root: Path, clips: int) -> tuple[list[Path], list[str]]:
     """The same clips both ways: wav + frame folders, and one shard."""
     rng = random.Random(0)
+    footage = footage_jpegs()
     members, items = [], []
     t = np.arange(int(16000 * SECONDS)) / 16000
     for i in range(clips):
         vid = f"clip{i:04d}"
-        audio = (0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t) + 0.05 * np.random.default_rng(i).standard_normal(t.size))
+        audio = (0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t)
+                 + 0.05 * np.random.default_rng(i).standard_normal(t.size))
         pcm = (audio * 32767).astype(np.int16)
         with wave.open(str(root / f"{vid}.wav"), "wb") as w:
             w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(pcm.tobytes())
-        jpegs = color_frames((rng.randrange(256), rng.randrange(256), rng.randrange(256)), SIZE, FRAMES, rng)
+        start = rng.randrange(len(footage))
+        jpegs = [footage[(start + 12 * k) % len(footage)] for k in range(FRAMES)]  # ~1 frame per 0.5 s of footage
         for k, jpeg in enumerate(jpegs):
             (root / f"frame_{k}").mkdir(exist_ok=True)
             (root / f"frame_{k}" / f"{vid}.jpg").write_bytes(jpeg)
@@ -67,8 +95,8 @@ def make_data(root: Path, clips: int) -> tuple[list[Path], list[str]]:
 
 def official_batches(root: Path, items: list[str], batch_size: int, batches: int, cfg) -> int:
     """The official per-sample work (pretraining augmentation), batched like a DataLoader with shuffle."""
-    image = image_transform(SIZE, cfg.data.image_mean, cfg.data.image_std)
-    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
+    image = official_image_transform(cfg.data.image_mean, cfg.data.image_std)
+    rng = random.Random(0)
     n = 0
     for _ in range(batches):
         audio, images = [], []
@@ -76,7 +104,9 @@ def official_batches(root: Path, items: list[str], batch_size: int, batches: int
             with wave.open(str(root / f"{vid}.wav"), "rb") as w:
                 pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
             fbank = pad_or_crop(kaldi_fbank(torch.from_numpy(pcm.astype(np.float32) / 32768).unsqueeze(0)), 1024)
-            fbank = noise_and_roll((fbank - cfg.data.mean) / cfg.data.std, gen)
+            fbank = (fbank - cfg.data.mean) / cfg.data.std
+            fbank = fbank + torch.rand(fbank.shape) * np.random.rand() / 10  # official noise + roll, as written there
+            fbank = torch.roll(fbank, np.random.randint(-1024, 1024), 0)
             audio.append(fbank)
             images.append(image(Image.open(root / f"frame_{rng.randrange(FRAMES)}" / f"{vid}.jpg").convert("RGB")))
         torch.stack(audio), torch.stack(images)
@@ -91,6 +121,54 @@ def our_batches(urls: list[Path], batch_size: int, batches: int, cfg) -> int:
     return sum(b["audio"].shape[0] for b in loader)
 
 
+def per_sample_ms(steps: dict[str, callable], items: list) -> dict[str, float]:
+    """Mean ms per sample of each step, run over every item in order (each step gets the previous one's output)."""
+    out = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        items = [step(x) for x in items]
+        out[name] = (time.perf_counter() - start) * 1e3 / len(items)
+    return out
+
+
+def stage_table(root: Path, urls: list[Path], items: list[str], cfg) -> None:
+    """ms per sample per step of both routes (one frame per sample, pretraining augmentation)."""
+    from shards.reader import decode_sample, raw_samples
+    from train.data import frame_pixels, noise_and_roll
+
+    image = official_image_transform(cfg.data.image_mean, cfg.data.image_std)
+    d, gen = cfg.data, np.random.default_rng(0)
+    tf = stage.transform(cfg, stage.augmentation(cfg.pretrain), frame="random")
+
+    def read_wav(vid):
+        with wave.open(str(root / f"{vid}.wav"), "rb") as w:
+            return vid, np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+
+    official = per_sample_ms({
+        "read wav": read_wav,
+        "kaldi fbank": lambda x: (x[0], kaldi_fbank(torch.from_numpy(x[1].astype(np.float32) / 32768).unsqueeze(0))),
+        "pad + normalise": lambda x: (x[0], (pad_or_crop(x[1], 1024) - d.mean) / d.std),
+        "noise + roll": lambda x: (x[0], torch.roll(x[1] + torch.rand(x[1].shape) * np.random.rand() / 10,
+                                                    np.random.randint(-1024, 1024), 0)),
+        "open + decode JPEG (PIL)": lambda x: Image.open(root / "frame_3" / f"{x[0]}.jpg").convert("RGB"),
+        "resize, crop, to tensor, normalise": image}, items * 5)
+    ours = per_sample_ms({
+        "read tar members (all frames)": lambda x: x,
+        "decode npy + json": decode_sample,
+        "widen + pad + normalise": lambda x: (x, (pad_or_crop(torch.from_numpy(x["fbank"]).float(), 1024) - d.mean)
+                                              / d.std),
+        "noise + roll": lambda x: (x[0], noise_and_roll(x[1], gen)),
+        "decode JPEG (PIL), uint8": lambda x: {"audio": x[1], "image": frame_pixels(x[0]["frames"][3], SIZE), "key": "",
+                                               "_skipped": 0, "_mixup": None},
+        "collate (batch of 1)": lambda x: tf.collate([x])}, list(raw_samples([str(u) for u in urls])) * 5)
+    start = time.perf_counter()
+    n = sum(1 for _ in raw_samples([str(u) for u in urls]))
+    ours["read tar members (all frames)"] = (time.perf_counter() - start) * 1e3 / n
+    for name, table in (("official", official), ("ours", ours)):
+        steps = ", ".join(f"{k} {v:.3f}" for k, v in table.items())
+        print(f"{name} ms/sample: {steps} | total {sum(table.values()):.3f}")
+
+
 def timed(fn) -> tuple[int, float]:
     start = time.perf_counter()
     n = fn()
@@ -102,6 +180,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--stages", action="store_true", help="also print ms per sample of each step of both routes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(None, ["data.shuffle_buffer=16", f"video.num_frames={FRAMES}"])
@@ -110,6 +189,8 @@ def main() -> None:
         urls, items = make_data(root, args.clips)
         our_batches(urls, args.batch_size, 1, cfg)  # warm caches and imports for both routes
         official_batches(root, items, args.batch_size, 1, cfg)
+        if args.stages:
+            stage_table(root, urls, items, cfg)
         rows = [("official (wav + fbank + JPEG folders)", *timed(lambda: official_batches(
                     root, items, args.batch_size, args.batches, cfg))),
                 ("ours (shards, stored fbank)", *timed(lambda: our_batches(urls, args.batch_size, args.batches, cfg)))]

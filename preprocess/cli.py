@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "an official dataset .json")
     p.add_argument("--out", required=True, help="output folder for shards and manifest")
     p.add_argument("--labels", metavar="CSV", help="video_id,labels CSV (labels comma-separated, quoted)")
-    p.add_argument("--label-index", metavar="CSV", help="label index CSV index,mid,display_name; adds .cls "
+    p.add_argument("--label-index", metavar="CSV", help="label index CSV index,mid,display_name; adds .labels.txt "
                                                         "members and rejects unknown labels")
     p.add_argument("--labels-from-folders", action="store_true", help="label each video by its parent folder")
     p.add_argument("--retry-failed", action="store_true", help="process again the inputs recorded as failed")

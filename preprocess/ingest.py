@@ -310,6 +310,8 @@ def _ray_init(cfg: Config, workers: int | None, address: str | None) -> bool:
         ray.init(address=address, log_to_driver=False)
     else:
         n = workers or cfg.ray.workers or os.cpu_count() or 1
-        # a private instance: advertise loopback only (nothing outside this machine needs to reach it)
-        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        # A private instance ("local": never attach to another Ray found running on this machine),
+        # advertising loopback only (nothing outside this machine needs to reach it).
+        ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
     return True

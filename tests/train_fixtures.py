@@ -110,8 +110,10 @@ def clip_folder(folder: Path, clips: Path, n: int, *, seed: int, pairs: int = 0)
             cls, variant, freq, rgb = 2 * tone + color, rng.randrange(VARIANTS), TONES[tone], COLORS[color]
         jitter = random.Random(f"{seed}-{cls}-{variant}")  # a variant is the same clip wherever it is used
         c = [max(0, min(255, v + jitter.randint(-30, 30))) for v in rgb]
-        clip = make_clip(clips, f"s{seed}-{'p' if pairs else 'c'}{cls}-v{variant}", seconds=1.3, size=(80, 64), fps=10, channels=1,
-                         sample_rate=16000, tone_hz=freq * jitter.uniform(0.97, 1.03), color="0x%02x%02x%02x" % tuple(c))
+        noise = f"aeval=val(0)*{jitter.uniform(1, 4):.2f}+0.03*(random(0)-0.5)"  # loudness varies; a noise floor
+        clip = make_clip(clips, f"s{seed}-{'p' if pairs else 'c'}{cls}-v{variant}", seconds=1.3, size=(80, 64),
+                         fps=10, channels=1, sample_rate=16000, tone_hz=freq * jitter.uniform(0.97, 1.03),
+                         color="0x%02x%02x%02x" % tuple(c), extra=["-af", noise])
         video_id = f"clip{seed}-{i:05d}"
         os.link(clip, folder / f"{video_id}.mp4")
         rows.append(f"{video_id},{LABEL_IDS[cls] if not pairs else ''}")

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
         if name == "finetune":
             p.add_argument("--labels", metavar="CSV", help="label index CSV index,mid,display_name (default: "
-                                                           "the .cls members and finetune.num_classes)")
+                                                           "the .labels.txt members and finetune.num_classes)")
             p.add_argument("--mode", help="multimodal | audioonly | videoonly | missingaudioonly | "
                                           "missingvideoonly (default: finetune.mode)")
 

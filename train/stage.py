@@ -58,7 +58,7 @@ def steps_per_epoch(urls: list[str], cfg: Config, stage: Config, section: str) -
 
 
 def labels(cfg: Config, label_csv: str | None, section: Config) -> tuple[dict[str, int] | None, int]:
-    """(label id → index map or None to use `.cls`, number of classes)."""
+    """(label id → index map or None to use `.labels.txt`, number of classes)."""
     label_map = read_label_index(label_csv) if label_csv else None
     num_classes = section.num_classes or (max(label_map.values()) + 1 if label_map else 0)
     if not num_classes:

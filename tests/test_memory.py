@@ -1,0 +1,47 @@
+"""Memory per task is bounded: a 10-minute video in `clip.mode: windows` (60 consecutive 10 s windows from
+one pass) must not raise a worker's peak memory much above a 10 s clip's. Each measurement runs in a fresh
+process (peak RSS, `ru_maxrss`, after the imports and a warm-up decode)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.clips import make_clip
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from preprocess.sample import build_samples
+from shards.config import load_config
+cfg = load_config(sets=["clip.mode=windows", "video.image_size=32", "audio.keep_waveform=true"])
+build_samples(sys.argv[3], "warm", "x", [], None, cfg)      # imports, codecs, torch kernels
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+samples = build_samples(sys.argv[2], "v", "x", [], None, cfg)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"windows": len(samples), "base_kib": base, "peak_kib": peak,
+                  "sample_kib": sum(len(d) for s in samples for _, d in s.members) // 1024}))
+"""
+
+
+def _peak(video: Path, warm: Path) -> dict:
+    res = subprocess.run([sys.executable, "-c", PROBE, str(REPO), str(video), str(warm)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_ten_minutes_in_windows_costs_no_more_memory_than_ten_seconds(clips_dir):
+    kw = dict(size=(64, 48), fps=5, channels=1, sample_rate=16000, preset="ultrafast")
+    long = make_clip(clips_dir / "memory", "ten_minutes", seconds=600, **kw)
+    short = make_clip(clips_dir / "memory", "ten_seconds", seconds=10, **kw)
+    warm = make_clip(clips_dir / "memory", "warm", seconds=2, **kw)
+    s, l = _peak(short, warm), _peak(long, warm)
+    assert (s["windows"], l["windows"]) == (1, 60)
+    grew_mib = (l["peak_kib"] - s["peak_kib"]) / 1024
+    # the 60 samples themselves (returned as a list; ~2 MiB here, 0.3 MiB each at 224 px) are all that may
+    # grow: no whole-video or whole-audio buffering (600 s of 16 kHz float32 alone would be 37 MiB)
+    assert grew_mib < 16 + l["sample_kib"] / 1024, (s, l)
+    print(f"peak RSS: 10 s clip {s['peak_kib'] // 1024} MiB, 10 min clip {l['peak_kib'] // 1024} MiB "
+          f"(+{grew_mib:.1f} MiB; samples {l['sample_kib'] // 1024} MiB)")
