@@ -1,5 +1,18 @@
 import pytest
 
+# A private Ray per test module: address="local" never joins a cluster some other process started with
+# `ray start` (a bare ray.init() would).
+LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(**LOCAL_RAY)
+    yield
+    ray.shutdown()
+
 
 @pytest.fixture(scope="session")
 def clips_dir(tmp_path_factory):

@@ -21,13 +21,6 @@ SMALL = ["clip.length_s=3.0", "video.num_frames=4", "video.image_size=64", "shar
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
     good = [make_clip(d / "good", "clip_a", seconds=2.0, size=(160, 120)),

@@ -15,6 +15,7 @@ from shards.manifest import read_manifest
 from shards.reader import decode_sample, list_shards, raw_samples
 from shards.store import Store
 from tests.clips import make_clip
+from tests.conftest import LOCAL_RAY
 
 SMALL = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=2"]
 BUCKET = "cavmae-test"
@@ -36,7 +37,7 @@ def s3_server():
     try:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
         # Ray workers inherit the environment of the process that starts Ray: start it after the env is set
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(**LOCAL_RAY)
         yield endpoint
     finally:
         ray.shutdown()

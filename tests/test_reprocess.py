@@ -22,13 +22,6 @@ BASE = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shard
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory, local_ray):
     """Four labelled clips and SRC, their shards made with BASE (waveforms kept)."""
     root = tmp_path_factory.mktemp("reprocess")

@@ -133,12 +133,12 @@ def ingest_datasets(root: Path) -> Path:
 
     from preprocess.ingest import ingest
     from shards.config import load_config
+    from tests.conftest import LOCAL_RAY
 
     index = label_index_csv(root / "labels.csv")
     started = not ray.is_initialized()
     if started:
-        # address="local": a private instance, never a cluster some other process made with `ray start`
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(**LOCAL_RAY)
     try:
         for name, (n, per_shard, seed, pairs) in DATASETS.items():
             labels = clip_folder(root / "inputs" / name, root / "clips", n, seed=seed, pairs=pairs)
