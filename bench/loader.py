@@ -15,7 +15,6 @@ torch thread, so samples/s is per core. `--stages` also times each per-sample st
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import sys
 import tempfile

@@ -192,7 +192,8 @@ def _row(item: InputItem, status: str, error: str | None, cfg: Config, **extra: 
             "config_digest": cfg.digest(*SAMPLE_SECTIONS), **extra}
 
 
-def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[str, Any]) -> list[dict[str, Any]]:
+def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[str, Any], *,
+                  progress: Any = None) -> list[dict[str, Any]]:
     """One shard: decode every input of the group, stream its samples into the shard, publish the shard and
     then its manifest fragment, return the rows."""
     from preprocess.decode import BadInput
@@ -203,23 +204,26 @@ def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[s
     name = cfg.shards.pattern % index
     rows: list[dict[str, Any]] = []
     with ShardWriter(store, name) as shard:
-        for item in items:
+        for position, item in enumerate(items):
+            item_rows = []
             try:
                 with local_copy(item.path) as path:
                     samples = build_samples(path, item.video_id, item.path, list(item.labels),
                                             list(item.label_indices) if item.label_indices is not None else None,
                                             cfg)
             except BadInput as exc:
-                rows.append(_row(item, "failed", _one_line(exc), cfg))
-                continue
+                item_rows.append(_row(item, "failed", _one_line(exc), cfg))
             except Exception as exc:  # a decoder bug on one file must not take the shard down with it
-                rows.append(_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), cfg))
-                continue
-            for s in samples:
-                shard.add(s.members)
-                rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"), shard=name,
-                                 duration_s=s.meta.get("duration_s"), bytes=sum(len(d) for _, d in s.members)))
-            del samples
+                item_rows.append(_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), cfg))
+            else:
+                for s in samples:
+                    shard.add(s.members)
+                    item_rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"), shard=name,
+                                          duration_s=s.meta.get("duration_s"),
+                                          bytes=sum(len(d) for _, d in s.members)))
+                del samples
+            rows += item_rows
+            report(progress, index, position, item_rows)
     write_rows(fragment_name(name), rows, store=store)
     return rows
 
@@ -281,22 +285,59 @@ def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, f
             options["runtime_env"] = {"env_vars": env}
         task = ray.remote(**options)(fn)
         cfg_ref = ray.put(cfg.to_dict())
-        pending = {task.remote(i, g, store.uri(), cfg_ref, *extra): len(g) for i, g in groups}
+        tracker = ray.remote(num_cpus=0)(Progress).remote() if progress else None
+        pending = [task.remote(i, g, store.uri(), cfg_ref, *extra, progress=tracker) for i, g in groups]
         rows: list[dict[str, Any]] = []
-        failed = 0
-        with tqdm(total=sum(pending.values()), unit="video", disable=not progress, desc=desc) as bar:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    got = ray.get(ref)
-                    rows += got
-                    failed += sum(r["status"] == "failed" for r in got)
-                    bar.update(pending.pop(ref))
-                    bar.set_postfix(failed=failed)
+        with tqdm(total=sum(len(g) for _, g in groups), unit="video", disable=not progress, desc=desc) as bar:
+            try:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+                    rows += [row for got in ray.get(done) for row in got]
+                    if tracker is not None:
+                        _show(bar, tracker)
+            except KeyboardInterrupt:  # stop the job's tasks now, not when the cluster notices the driver left
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise
+            bar.update(bar.total - bar.n)  # the returned rows are the truth; late progress reports are not
+            bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows))
         return rows
     finally:
         if started:
             ray.shutdown()
+
+
+class Progress:
+    """Per-input progress reported by the tasks for the driver's bar (run as a Ray actor).
+
+    Reports are keyed by (shard, position), so a retried task's inputs count once; they are only for
+    display: the rows a task returns are what the manifest records."""
+
+    def __init__(self) -> None:
+        self.done: dict[tuple[int, int], bool] = {}
+
+    def report(self, index: int, position: int, failed: bool) -> None:
+        self.done[(index, position)] = failed
+
+    def totals(self) -> tuple[int, int]:
+        return len(self.done), sum(self.done.values())
+
+
+def report(progress: Any, index: int, position: int, rows: list[dict[str, Any]]) -> None:
+    """Tell the driver's `Progress` (when there is one) that input `position` of shard `index` is done."""
+    if progress is not None:
+        progress.report.remote(index, position, not any(r["status"] == "ok" for r in rows))
+
+
+def _show(bar: Any, tracker: Any) -> None:
+    import ray
+
+    try:
+        done, failed = ray.get(tracker.totals.remote(), timeout=5)
+    except (ray.exceptions.RayError, TimeoutError):  # a lost progress actor only stops the bar
+        return
+    bar.update(done - bar.n)
+    bar.set_postfix(failed=failed)
 
 
 def _ray_init(cfg: Config, workers: int | None, address: str | None) -> bool:

@@ -44,7 +44,7 @@ from shards.writer import ShardWriter
 
 from .ingest import (FROZEN_CONFIG, SAMPLE_SECTIONS, Summary, _check_frozen_config, _cut, _next_index,
                      _one_line, _pending_plan, _remove_temporaries, _save_plan, finish_run, frozen_config,
-                     local_copy, run_groups)
+                     local_copy, report, run_groups)
 
 FBANK_KEYS = ("audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_ms", "audio.window_type")
 MODES = {"repack": "repack only (members copied unchanged)",
@@ -216,7 +216,7 @@ def _row(item: dict[str, Any], status: str, error: str | None, digest: str, **ex
 
 # ---- the task ---------------------------------------------------------------------------------------------
 def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data: dict[str, Any], src: str,
-                    mode: str) -> list[dict[str, Any]]:
+                    mode: str, *, progress: Any = None) -> list[dict[str, Any]]:
     """One output shard: remake the samples of `items` (in order) from SRC's shards or from their sources."""
     from preprocess.decode import BadInput
 
@@ -228,20 +228,22 @@ def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data:
     need_old = mode != "source" or any(it["labels"] for it in items)
     olds = _old_samples(src_store, items) if need_old else ((it["video_id"], None) for it in items)
     with ShardWriter(store, name) as shard:
-        for item, (vid, old) in zip(items, olds):
+        for position, (item, (vid, old)) in enumerate(zip(items, olds)):
             assert vid == item["video_id"]
+            item_rows = []
             try:
                 made = _remake(item, old, cfg, mode, digest)
             except BadInput as exc:
-                rows.append(_row(item, "failed", _one_line(exc), digest))
-                continue
+                item_rows.append(_row(item, "failed", _one_line(exc), digest))
             except Exception as exc:  # one bad video must not take the shard down
-                rows.append(_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), digest))
-                continue
-            for key, meta, members in made:
-                shard.add(members)
-                rows.append(_row(item, "ok", None, digest, key=key, window=meta.get("window"), shard=name,
-                                 duration_s=meta.get("duration_s"), bytes=sum(len(d) for _, d in members)))
+                item_rows.append(_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), digest))
+            else:
+                for key, meta, members in made:
+                    shard.add(members)
+                    item_rows.append(_row(item, "ok", None, digest, key=key, window=meta.get("window"), shard=name,
+                                          duration_s=meta.get("duration_s"), bytes=sum(len(d) for _, d in members)))
+            rows += item_rows
+            report(progress, index, position, item_rows)
     write_rows(fragment_name(name), rows, store=store)
     return rows
 

@@ -11,7 +11,6 @@ Every function takes a local path or a storage URI (`s3://bucket/shards`, see `s
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Any, Iterable
 

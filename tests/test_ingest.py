@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import webdataset as wds
 
 from preprocess.ingest import ingest
@@ -42,10 +41,12 @@ def _manifest(out):
     return {r["video_id"]: r for r in pq.read_table(Path(out) / "manifest.parquet").to_pylist()}
 
 
-def test_mixed_folder_gives_samples_and_a_truthful_manifest(local_ray, videos, tmp_path):
+def test_mixed_folder_gives_samples_and_a_truthful_manifest(local_ray, videos, tmp_path, capsys):
     cfg = load_config(sets=SMALL)
-    summary = ingest(_inputs(videos), tmp_path / "out", cfg)
+    summary = ingest(_inputs(videos), tmp_path / "out", cfg, progress=True)
     rows = _manifest(tmp_path / "out")
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "11/11" in bar and "failed=7" in bar, bar
 
     ok = {vid for vid, r in rows.items() if r["status"] == "ok"}
     assert ok == {"clip_a", "clip.b", "clip_c", "clip_d"}

@@ -37,11 +37,11 @@ def test_ten_minutes_in_windows_costs_no_more_memory_than_ten_seconds(clips_dir)
     long = make_clip(clips_dir / "memory", "ten_minutes", seconds=600, **kw)
     short = make_clip(clips_dir / "memory", "ten_seconds", seconds=10, **kw)
     warm = make_clip(clips_dir / "memory", "warm", seconds=2, **kw)
-    s, l = _peak(short, warm), _peak(long, warm)
-    assert (s["windows"], l["windows"]) == (1, 60)
-    grew_mib = (l["peak_kib"] - s["peak_kib"]) / 1024
+    ten_s, ten_min = _peak(short, warm), _peak(long, warm)
+    assert (ten_s["windows"], ten_min["windows"]) == (1, 60)
+    grew_mib = (ten_min["peak_kib"] - ten_s["peak_kib"]) / 1024
     # the 60 samples themselves (returned as a list; ~2 MiB here, 0.3 MiB each at 224 px) are all that may
     # grow: no whole-video or whole-audio buffering (600 s of 16 kHz float32 alone would be 37 MiB)
-    assert grew_mib < 16 + l["sample_kib"] / 1024, (s, l)
-    print(f"peak RSS: 10 s clip {s['peak_kib'] // 1024} MiB, 10 min clip {l['peak_kib'] // 1024} MiB "
-          f"(+{grew_mib:.1f} MiB; samples {l['sample_kib'] // 1024} MiB)")
+    assert grew_mib < 16 + ten_min["sample_kib"] / 1024, (ten_s, ten_min)
+    print(f"peak RSS: 10 s clip {ten_s['peak_kib'] // 1024} MiB, 10 min clip {ten_min['peak_kib'] // 1024} MiB "
+          f"(+{grew_mib:.1f} MiB; samples {ten_min['sample_kib'] // 1024} MiB)")

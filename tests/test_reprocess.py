@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 
 from preprocess.ingest import ingest
 from preprocess.reprocess import SourcesGone, choose_mode, reprocess, reprocess_config

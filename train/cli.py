@@ -20,7 +20,8 @@ EXAMPLES = """examples:
   cavmae-train pretrain --shards shards/ --out runs/pt --resume
   cavmae-train finetune --shards as20k/ --val-shards eval/ --labels class_labels_indices.csv \\
       --init runs/pt/model.pth --out runs/ft
-  cavmae-train finetune --preset vggsound-ft --shards vgg/ --labels vgg_labels.csv --init cav-mae-scale++.pth --out runs/vgg
+  cavmae-train finetune --preset vggsound-ft --shards vgg/ --labels vgg_labels.csv \
+      --init cav-mae-scale++.pth --out runs/vgg
   cavmae-train eval --shards eval/ --labels class_labels_indices.csv --checkpoint runs/ft/model.pth --frames all
   cavmae-train retrieve --shards retrieval/ --checkpoint runs/pt/model.pth
 """

@@ -39,7 +39,8 @@ def make_optimizer(groups: Iterable[dict[str, Any]], stage: Any) -> torch.optim.
     return cls(list(groups), lr=stage.lr, weight_decay=stage.weight_decay, betas=tuple(stage.betas))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, stage: Any, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer: torch.optim.Optimizer, stage: Any,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-optimizer-step scheduler for `stage.schedule`: 'step' (official) or 'cosine'."""
     kind = check_choice(stage, "schedule", ("step", "cosine"))
     total = stage.epochs * steps_per_epoch
