@@ -185,3 +185,15 @@ def test_kill_minus_9_then_rerun_equals_a_clean_run(tmp_path, videos):
         assert (clean / name).read_bytes() == (killed / name).read_bytes()
     assert _manifest(clean) == _manifest(killed)
     assert not list(killed.glob(".*")) and not (killed / "_plan.json").exists()
+
+
+def test_ray_data_reads_the_shards(local_ray, videos, tmp_path):
+    """DESIGN.md promises Ray Data's read_webdataset reads our shards as they are."""
+    import ray.data
+
+    ingest([str(p) for p in videos["good"][:2]], tmp_path / "out", load_config(sets=SMALL))
+    rows = ray.data.read_webdataset(sorted(str(p) for p in (tmp_path / "out").glob("*.tar"))).take_all()
+    assert sorted(r["json"]["video_id"] for r in rows) == ["clip.b", "clip_a"]
+    for r in rows:
+        assert r["fbank.npy"].dtype == np.float16 and r["fbank.npy"].shape[1] == 128
+        assert r["frame3.jpg"].shape == (64, 64, 3)
