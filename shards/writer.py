@@ -31,27 +31,12 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(fileobj, members: Iterable[tuple[str, bytes]]) -> None:
-    """Write `members` as a tar stream to an open binary file, refusing names outside the schema."""
-    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            member_suffix(name)
-            tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-
-
-def write_shard(path: str | Path, members: Iterable[tuple[str, bytes]]) -> int:
-    """Write `members` as a tar at `path` atomically (temp file, fsync, rename); return its size in bytes."""
+def write_shard(path: str | Path, members: Iterable[tuple[str, bytes]]) -> int | None:
+    """Write `members` as one local shard at `path` atomically; its size in bytes (None when empty)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write_tar(f, members)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.stat().st_size
+    with ShardWriter(path.parent, path.name) as shard:
+        shard.add(members)
+    return path.stat().st_size if path.exists() else None
 
 
 class ShardWriter:
