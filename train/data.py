@@ -295,7 +295,7 @@ class Transform:
             return [int(rng.integers(available))]
         if self.frame == "all":
             return [min(i, available - 1) for i in range(self.num_frames)]
-        wanted = self.num_frames // 2 if self.frame == "middle" else int(self.frame)
+        wanted = available // 2 if self.frame == "middle" else int(self.frame)  # official: frame 5 of 10
         return [min(wanted, available - 1)]  # official: step down to the last frame that exists
 
     def pixels(self, sample: dict[str, Any], rng: np.random.Generator) -> torch.Tensor:
