@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-index", metavar="CSV", help="label index CSV index,mid,display_name; adds .labels.txt "
                                                         "members and rejects unknown labels")
     p.add_argument("--labels-from-folders", action="store_true", help="label each video by its parent folder")
-    p.add_argument("--retry-failed", action="store_true", help="process again the inputs recorded as failed")
+    p.add_argument("--retry-failed", action="store_true", help="process again the inputs recorded as failed or skipped")
     add_run_args(p)
     add_config_args(p)
     p = sub.add_parser("reprocess", help="re-derive a shard set with changed settings into a new folder",

@@ -82,7 +82,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
     groups = _pending_plan(store, job="ingest")
     planned = {it.video_id for _, group in groups for it in group}
     todo = [it for it in items if it.video_id not in planned and it.error is None
-            and (holds.get(it.video_id) is None or (retry_failed and holds[it.video_id] == "failed"))]
+            and (holds.get(it.video_id) is None or (retry_failed and holds[it.video_id] != "ok"))]
     skipped_rows = [_row(it, "skipped", it.error, cfg) for it in items
                     if it.error is not None and it.video_id not in holds]
     groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups))

@@ -134,6 +134,12 @@ def test_labels_become_json_and_label_members(local_ray, videos, tmp_path):
     assert samples["clip_a"]["labels.txt"] == "0,1"
     assert "labels.txt" not in samples["clip.b"]
 
+    # once the label is fixed, --retry-failed takes the skipped input again (and only it)
+    labels.write_text('video_id,labels\nclip_a,"/m/a,/m/b"\nclip_c,B\nclip_d,/m/a\n')
+    again = ingest(good, tmp_path / "out", cfg, labels_csv=str(labels), label_index_csv=str(index), retry_failed=True)
+    assert (again.videos, again.ok) == (1, 1)
+    assert _manifest(tmp_path / "out")["clip_d"]["status"] == "ok"
+
 
 def _cli(args, env=None):
     return subprocess.run([sys.executable, "-m", "preprocess.cli", *args], capture_output=True, text=True,
