@@ -11,6 +11,7 @@ from train.checkpoint import (
     imagenet_mae_init,
     load_pretrained_into,
     load_state_dict_file,
+    pretrain_init_state,
     official_state_dict,
     strip_module_prefix,
 )
@@ -221,3 +222,18 @@ def test_imagenet_mae_init_rejects_mismatched_checkpoints():
         imagenet_mae_init({**mae, "head.weight": torch.zeros(1)}, size="tiny")
     with pytest.raises(ValueError, match="encoder blocks"):
         imagenet_mae_init(mae, size="base")
+
+
+def test_pretrain_init_accepts_an_imagenet_mae_file(tmp_path):
+    """`pretrain --init mae_pretrain_vit_base_full.pth` works: the MAE layout is converted on load."""
+    mae = fake_mae_state_dict(embed=64, depth=2, dec=32, dec_depth=1)
+    torch.save({"model": mae}, tmp_path / "mae_full.pth")
+    cfg = {"size": "tiny", "target_length": 128, "num_mel_bins": 128}
+    sd = pretrain_init_state(str(tmp_path / "mae_full.pth"), cfg)
+    model = CAVMAE(size="tiny", target_length=128)
+    assert load_pretrained_into(model, sd) == ([], [])
+    assert torch.equal(model.blocks_v[0].attn.qkv.weight, mae["blocks.0.attn.qkv.weight"])
+    # a CAV-MAE checkpoint passes through unchanged
+    torch.save(model.state_dict(), tmp_path / "cavmae.pth")
+    again = pretrain_init_state(str(tmp_path / "cavmae.pth"), cfg)
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())

@@ -12,7 +12,7 @@ Files are read with torch.load(weights_only=True) only: no arbitrary pickle is e
 """
 
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -166,3 +166,14 @@ def imagenet_mae_init(
     if unused:
         raise ValueError(f"MAE checkpoint keys with no place in CAVMAE: {unused}")
     return out
+
+
+def pretrain_init_state(path: str, model_cfg: "dict[str, Any]") -> "dict[str, torch.Tensor]":
+    """Weights for `pretrain --init PATH`: a CAV-MAE checkpoint (ours or official, e.g. IN-initial.pth) as it is,
+    or an ImageNet MAE full checkpoint (facebookresearch/mae layout, recognised by its `blocks.*` keys) turned
+    into the official initialisation by `imagenet_mae_init`."""
+    sd = load_state_dict_file(path)
+    if "blocks.0.attn.qkv.weight" in sd:
+        sd = imagenet_mae_init(sd, size=model_cfg["size"], target_length=model_cfg["target_length"],
+                               num_mel_bins=model_cfg["num_mel_bins"])
+    return sd

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints")
         p.add_argument("--val-shards", help="validation shards, scored after every epoch")
         p.add_argument("--init", metavar="PTH", help="initial weights: an official checkpoint (module. prefix "
-                                                     "or not) or one of ours")
+                                                     "or not) or one of ours; for pretrain also an ImageNet MAE "
+                                                     "full checkpoint (converted as the official IN-initial)")
         p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
         if name == "finetune":
             p.add_argument("--labels", metavar="CSV", help="label index CSV index,mid,display_name (default: "

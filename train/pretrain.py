@@ -17,7 +17,7 @@ import torch
 from shards.config import Config, check_choice
 from train import distributed as dist
 from train import stage as st
-from train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict
+from train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state
 from train.data import train_loader
 from train.evaluate import pretrain_losses
 from train.loop import save_state, train, unwrap
@@ -55,7 +55,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     torch.manual_seed(cfg.data.seed)
     model = build_pretrain_model(cfg.model.to_dict())
     if init:
-        load_pretrained_into(model, load_state_dict_file(init))
+        load_pretrained_into(model, pretrain_init_state(init, cfg.model.to_dict()))
     unused = model.unused_parameter_names()
     for name, param in model.named_parameters():  # DDP needs every trainable parameter to get a gradient
         if name in unused:
