@@ -18,23 +18,26 @@ Cluster: `address` / `RAY_ADDRESS` / `ray.address` joins a running cluster (`ray
 the GCS address); inside `ray job submit` RAY_ADDRESS is set for us. Each task asks for
 `ray.num_cpus_per_task` CPUs; the driver holds plans and manifest rows only, never sample data.
 
-Memory per task: one input is decoded at a time and its samples are streamed into the shard's temporary
-file as soon as the input is done, so a task holds the decoder state plus one input's encoded samples (in
-`clip.mode: windows`, the open windows' frames and audio, never the whole video): the peak does not grow
-with `shards.samples_per_shard` nor (in windows mode, beyond the samples' own bytes) with the video's length.
+Memory per task: one input is decoded at a time; its samples wait in a spool (memory up to SPOOL_BYTES, then
+local disk) until the input is done, then move into the shard's temporary file. In `clip.mode: windows` the
+decoder holds only the open windows' frames and audio, never the whole video: the peak grows neither with
+`shards.samples_per_shard` nor with the video's length.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import tarfile
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from shards.config import Config, ConfigError, check_choice
+from shards.config import Config, ConfigError, check_choice, load_config
 from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, write_rows
 from shards.store import Store, is_temp_name, is_uri
 from shards.writer import ShardWriter
@@ -125,9 +128,6 @@ def _check_frozen_config(store: Store, cfg: Config) -> None:
 
 def frozen_config(store: Store) -> Config:
     """The config a shard folder was made with (its pipeline.yaml, laid over today's defaults)."""
-    import tempfile
-
-    from shards.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="cavmae-cfg-") as tmp:
         path = Path(tmp) / FROZEN_CONFIG
@@ -197,7 +197,7 @@ def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[s
     """One shard: decode every input of the group, stream its samples into the shard, publish the shard and
     then its manifest fragment, return the rows."""
     from preprocess.decode import BadInput
-    from preprocess.sample import build_samples
+    from preprocess.sample import iter_samples
 
     cfg = Config(cfg_data)
     store = Store.of(out)
@@ -207,25 +207,55 @@ def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[s
         for position, item in enumerate(items):
             item_rows = []
             try:
-                with local_copy(item.path) as path:
-                    samples = build_samples(path, item.video_id, item.path, list(item.labels),
-                                            list(item.label_indices) if item.label_indices is not None else None,
-                                            cfg)
+                with local_copy(item.path) as path, SampleSpool() as spool:
+                    indices = list(item.label_indices) if item.label_indices is not None else None
+                    for s in iter_samples(path, item.video_id, item.path, list(item.labels), indices, cfg):
+                        spool.add(s.members)
+                        item_rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"),
+                                              shard=name, duration_s=s.meta.get("duration_s"),
+                                              bytes=sum(len(d) for _, d in s.members)))
+                    shard.add(spool.members())
             except BadInput as exc:
-                item_rows.append(_row(item, "failed", _one_line(exc), cfg))
+                item_rows = [_row(item, "failed", _one_line(exc), cfg)]
             except Exception as exc:  # a decoder bug on one file must not take the shard down with it
-                item_rows.append(_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), cfg))
-            else:
-                for s in samples:
-                    shard.add(s.members)
-                    item_rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"), shard=name,
-                                          duration_s=s.meta.get("duration_s"),
-                                          bytes=sum(len(d) for _, d in s.members)))
-                del samples
+                item_rows = [_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), cfg)]
             rows += item_rows
             report(progress, index, position, item_rows)
     write_rows(fragment_name(name), rows, store=store)
     return rows
+
+
+SPOOL_BYTES = 8 << 20  # per input; a first-mode sample (~0.4 MiB) never touches the disk
+
+
+class SampleSpool:
+    """One input's samples, held in a spooled temporary tar (in memory up to SPOOL_BYTES, then on local disk)
+    until the whole input has decoded: an input is all or nothing in its shard (a failure in window 40 of a long
+    video leaves none of its windows behind), and a task's memory does not grow with the video's length."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="cavmae-spool-")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, members: list[tuple[str, bytes]]) -> None:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def members(self) -> Iterator[tuple[str, bytes]]:
+        """The spooled members in order (read back one at a time)."""
+        self.tar.close()
+        self.file.seek(0)
+        with tarfile.open(fileobj=self.file, mode="r") as tar:
+            for info in tar:
+                yield info.name, tar.extractfile(info).read()
+
+    def __enter__(self) -> "SampleSpool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()
 
 
 class local_copy:
@@ -239,8 +269,6 @@ class local_copy:
     def __enter__(self) -> str:
         if not is_uri(self.source) or self.source.startswith("file://"):
             return self.source[len("file://"):] if self.source.startswith("file://") else self.source
-        import tempfile
-
         from preprocess.decode import BadInput
 
         store, name = Store.split(self.source)

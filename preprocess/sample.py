@@ -1,15 +1,15 @@
 """One input video → its WebDataset samples (one per clip, or one per window).
 
-`build_samples` is what the ingest job calls per input: pure (no global state, no files written),
-deterministic (the same input and config give the same bytes), and raises `BadInput` for inputs that cannot
-become samples.
+`iter_samples` (streaming, what the ingest job uses) and `build_samples` (a list) are pure (no global state, no
+files written), deterministic (the same input and config give the same bytes), and raise `BadInput` for inputs
+that cannot become samples.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
+from typing import Iterator
 
 from shards.config import Config
 from shards.schema import make_key, sample_members
@@ -17,7 +17,7 @@ from shards.schema import make_key, sample_members
 from .decode import BadInput, Clip, iter_clips
 from .features import encode_flac, encode_jpeg, fbank
 
-__all__ = ["BadInput", "BuiltSample", "build_samples", "clip_meta"]
+__all__ = ["BadInput", "BuiltSample", "build_samples", "clip_meta", "iter_samples"]
 
 _DIGITS = 6
 
@@ -56,13 +56,14 @@ def clip_meta(clip: Clip, *, video_id: str, source: str, labels: list[str], audi
     }
 
 
-def build_samples(path: str, video_id: str, source: str, labels: list[str],
-                  label_indices: list[int] | None, cfg: Config) -> list[BuiltSample]:
-    """Decode `path` once and return its samples in window order. Raises BadInput for a bad input."""
+def iter_samples(path: str, video_id: str, source: str, labels: list[str],
+                 label_indices: list[int] | None, cfg: Config) -> Iterator[BuiltSample]:
+    """Decode `path` once, yielding its samples in window order as each window completes.
+
+    Raises BadInput for a bad input (possibly after some windows were yielded: see `build_samples`)."""
     digest = cfg.digest("audio", "video", "clip")
     windows = cfg.clip.mode == "windows"
     quality = int(cfg.video.jpeg_quality)
-    out: list[BuiltSample] = []
     for clip in iter_clips(path, cfg):
         fb = fbank(clip.waveform, cfg.audio) if clip.has_audio else None
         flac = (encode_flac(clip.waveform, clip.sample_rate)
@@ -72,5 +73,10 @@ def build_samples(path: str, video_id: str, source: str, labels: list[str],
                          audio_frames=0 if fb is None else fb.shape[0], config_digest=digest)
         key = make_key(video_id, clip.window if windows else None)
         members = sample_members(key, meta, fb, jpegs, flac, label_indices)
-        out.append(BuiltSample(key=key, meta=meta, members=members))
-    return out
+        yield BuiltSample(key=key, meta=meta, members=members)
+
+
+def build_samples(path: str, video_id: str, source: str, labels: list[str],
+                  label_indices: list[int] | None, cfg: Config) -> list[BuiltSample]:
+    """All samples of `path` (an input is all or nothing: BadInput means none of its samples count)."""
+    return list(iter_samples(path, video_id, source, labels, label_indices, cfg))

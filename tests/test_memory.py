@@ -7,21 +7,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+from preprocess.ingest import SPOOL_BYTES
 from tests.clips import make_clip
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = r"""
-import json, resource, sys
+import json, resource, sys, tempfile
 sys.path.insert(0, sys.argv[1])
-from preprocess.sample import build_samples
+from preprocess.ingest import process_group
+from preprocess.inputs import InputItem
 from shards.config import load_config
-cfg = load_config(sets=["clip.mode=windows", "video.image_size=32", "audio.keep_waveform=true"])
-build_samples(sys.argv[3], "warm", "x", [], None, cfg)      # imports, codecs, torch kernels
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-samples = build_samples(sys.argv[2], "v", "x", [], None, cfg)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"windows": len(samples), "base_kib": base, "peak_kib": peak,
-                  "sample_kib": sum(len(d) for s in samples for _, d in s.members) // 1024}))
+cfg = load_config(sets=["clip.mode=windows", "video.image_size=32", "audio.keep_waveform=true"]).to_dict()
+with tempfile.TemporaryDirectory() as out:
+    process_group(0, [InputItem("warm", sys.argv[3])], out, cfg)       # imports, codecs, torch kernels
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rows = process_group(1, [InputItem("v", sys.argv[2])], out, cfg)  # the real task path: decode, spool, shard
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"windows": len(rows), "base_kib": base, "peak_kib": peak,
+                  "sample_kib": sum(r["bytes"] for r in rows) // 1024}))
 """
 
 
@@ -40,8 +43,8 @@ def test_ten_minutes_in_windows_costs_no_more_memory_than_ten_seconds(clips_dir)
     ten_s, ten_min = _peak(short, warm), _peak(long, warm)
     assert (ten_s["windows"], ten_min["windows"]) == (1, 60)
     grew_mib = (ten_min["peak_kib"] - ten_s["peak_kib"]) / 1024
-    # the 60 samples themselves (returned as a list; ~2 MiB here, 0.3 MiB each at 224 px) are all that may
-    # grow: no whole-video or whole-audio buffering (600 s of 16 kHz float32 alone would be 37 MiB)
-    assert grew_mib < 16 + ten_min["sample_kib"] / 1024, (ten_s, ten_min)
+    # no whole-video or whole-audio buffering (600 s of 16 kHz float32 alone would be 37 MiB), and the input's
+    # finished samples (19 MiB here) wait in a spool that holds at most SPOOL_BYTES in memory
+    assert grew_mib < 16 + SPOOL_BYTES / 2**20, (ten_s, ten_min)
     print(f"peak RSS: 10 s clip {ten_s['peak_kib'] // 1024} MiB, 10 min clip {ten_min['peak_kib'] // 1024} MiB "
           f"(+{grew_mib:.1f} MiB; samples {ten_min['sample_kib'] // 1024} MiB)")
