@@ -10,7 +10,8 @@ rounds after one warm-up round; the routes take turns within a round):
      -ar 16000 x.wav`, `sox x.wav y.wav remix 1`; then, as the loader does, load y.wav + kaldi fbank.
   b  decode floor: one PyAV pass decoding every video frame and the audio of the first 10 s (no
      resampling), converting only the 10 kept frames (swscale to 224 short side, as ours).
-  c  ours: preprocess.sample.build_samples + shards.writer.write_shard of the members to a temp tar.
+  c  ours: the ingest task body (preprocess.ingest.process_group) for one input: decode, features, the
+     input's spool, the shard tar and its manifest fragment, in a temp folder.
 
 The process is pinned to one CPU (sched_setaffinity, inherited by ffmpeg and sox), torch and OpenCV use one
 thread, and every decoder is single-threaded. Bench-only dependencies for route a: opencv-python-headless
@@ -41,9 +42,9 @@ import torchaudio  # noqa: E402
 
 from tests import clips  # noqa: E402
 from preprocess.decode import official_picks  # noqa: E402
-from preprocess.sample import build_samples  # noqa: E402
+from preprocess.ingest import process_group  # noqa: E402
+from preprocess.inputs import InputItem  # noqa: E402
 from shards.config import load_config  # noqa: E402
-from shards.writer import write_shard  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench"
 GENERATED = {
@@ -135,8 +136,8 @@ def decode_floor(path: Path, work: Path) -> None:
 
 # ---- route c: ours ----------------------------------------------------------------------------------------
 def ours(path: Path, work: Path, cfg) -> None:
-    samples = build_samples(str(path), path.stem, "bench", [], None, cfg)
-    write_shard(work / "shard-000000.tar", [m for s in samples for m in s.members])
+    rows = process_group(0, [InputItem(path.stem, str(path))], str(work), cfg.to_dict())
+    assert rows[0]["status"] == "ok", rows[0]["error"]
 
 
 def _cpu_clock() -> float:
