@@ -17,8 +17,8 @@ from preprocess.features import fbank as features_fbank  # noqa: E402
 from shards.config import load_config  # noqa: E402
 from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
-from train.data import (LOG_SILENCE, Transform, eval_loader, mix_fbanks, noise_and_roll, pad_or_crop,  # noqa: E402
-                        soft_labels, spec_augment, train_loader)
+from train.data import (LOG_SILENCE, Transform, device_augment, draw_augmentation, eval_loader,  # noqa: E402
+                        mix_fbanks, pad_or_crop, soft_labels, train_loader)
 from train.evaluate import average_precision, mean_average_precision  # noqa: E402
 from train.retrieve import ranks, recall_metrics  # noqa: E402
 from train_fixtures import color_frames, tone_fbank, write_synthetic_shards  # noqa: E402
@@ -40,24 +40,83 @@ def test_pad_or_crop():
     assert torch.equal(pad_or_crop(x, 64), x[:64])
 
 
+def compact_batch(audio, aug, images=None, **params):
+    """A loader-style batch of raw fbanks [B, T, F] with per-sample augmentation parameters drawn as the worker
+    does (`draw_augmentation`)."""
+    tf = transform(aug)
+    rng = np.random.default_rng(params.pop("seed", 0))
+    _, t, f = audio.shape
+    examples = [{"audio": x, "image": torch.zeros(3, 4, 4, dtype=torch.uint8) if images is None else images[i],
+                 "image_mix": None, "lam": 1.0, "key": str(i), "_mixup": None, "_skipped": 0,
+                 "aug": draw_augmentation(aug, t, f, rng)} for i, x in enumerate(audio)]
+    return tf.collate(examples), [e["aug"] for e in examples]
+
+
+def reference_augment(fbank, p, noise):
+    """The official per-sample route, written out: SpecAugment (zero the bands) on the raw log-mel, normalise,
+    + noise·amp, torch.roll along time."""
+    x = fbank.clone().float()
+    x.narrow(1, *p["freq"]).zero_()
+    x.narrow(0, *p["time"]).zero_()
+    x = (x - DATA["mean"]) / DATA["std"]
+    if "shift" in p:
+        x = torch.roll(noise * p["noise"] + x, p["shift"], 0)
+    return x
+
+
 def test_spec_augment_masks_before_normalisation_give_1_133():
-    x = torch.full((128, 128), -3.0)
-    masked = spec_augment(x, freqm=48, timem=48, rng=np.random.default_rng(1))
-    zero = masked == 0
-    assert zero.any() and not (x == 0).any()
-    normalised = (masked - DATA["mean"]) / DATA["std"]
-    assert torch.allclose(normalised[zero], torch.tensor(1.1329), atol=1e-3)
-    # one frequency band and one time band, each narrower than its parameter
-    assert zero.all(0).sum() < 48 and zero.all(1).sum() < 48
+    x = torch.full((6, 128, 128), -3.0)
+    batch, params = compact_batch(x, dict(NO_AUG, freqm=48, timem=48), seed=1)
+    out = device_augment(batch)["audio"]
+    masked = (out - 1.1329).abs() < 1e-3
+    assert masked.any() and torch.allclose(out[~masked], torch.tensor((-3.0 - DATA["mean"]) / DATA["std"]))
+    for y, p in zip(masked, params):  # one frequency band and one time band, each narrower than its parameter
+        assert 0 <= y.all(0).sum() < 48 and 0 <= y.all(1).sum() < 48
+        assert y.all(0).sum() == p["freq"][1] and y.all(1).sum() == p["time"][1]
 
 
 def test_noise_and_roll_is_circular_and_small():
-    x = torch.zeros(128, 4)
-    x[0] = 10.0
-    y = noise_and_roll(x, np.random.default_rng(0))
-    row = int(y[:, 0].argmax())
-    assert (y - torch.roll(x, row, 0)).abs().max() <= 0.1 + 1e-6
-    assert (y - torch.roll(x, row, 0)).min() >= 0
+    x = torch.zeros(4, 128, 4)
+    x[:, 0] = 10.0
+    batch, params = compact_batch(x, dict(NO_AUG, noise=True))
+    y = device_augment(batch)["audio"]
+    base = (x - DATA["mean"]) / DATA["std"]
+    for yi, bi, p in zip(y, base, params):
+        row = int(yi[:, 0].argmax())
+        assert row == p["shift"] % 128
+        assert (yi - torch.roll(bi, row, 0)).abs().max() <= 0.1 + 1e-6
+        assert (yi - torch.roll(bi, row, 0)).min() >= 0
+    assert len({p["shift"] for p in params}) > 1  # per-sample shifts
+
+
+def test_device_augment_equals_per_sample_reference():
+    """The batched path (broadcast masks, gather roll, image mixup + normalisation) equals the per-sample official
+    computation for the same parameters and noise; eval batches are normalised only."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 128, 16, generator=gen) * 3 - 5
+    images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8, generator=gen)
+    aug = dict(NO_AUG, freqm=8, timem=40, noise=True)
+    batch, params = compact_batch(x.half(), aug, images, seed=3)
+    assert batch["audio"].dtype == torch.float16 and batch["image"].dtype == torch.uint8
+    noise = torch.rand(x.shape, generator=gen)
+    out = device_augment(batch, "cpu", noise=noise)
+    for i, p in enumerate(params):
+        assert torch.allclose(out["audio"][i], reference_augment(x[i].half(), p, noise[i]), atol=1e-6)
+    mean, std = torch.tensor(DATA["image_mean"]).view(3, 1, 1), torch.tensor(DATA["image_std"]).view(3, 1, 1)
+    assert torch.allclose(out["image"], (images.float() / 255 - mean) / std, atol=1e-5)
+    # the drawn noise is reproducible from the batch (its seed), uniform in [0, 0.1)
+    again = device_augment(batch)["audio"]
+    assert torch.equal(again, device_augment(batch)["audio"]) and not torch.equal(again, out["audio"])
+    # mixup: frames mixed with λ in pixel space before normalisation
+    batch["image_mix"] = images.flip(0)
+    batch["lam"] = torch.linspace(0.2, 1.0, 5)
+    lam = batch["lam"].view(5, 1, 1, 1)
+    mixed = device_augment(batch, noise=noise)["image"]
+    assert torch.allclose(mixed, ((lam * images.float() + (1 - lam) * images.flip(0).float()) / 255 - mean) / std,
+                          atol=1e-5)
+    # no augmentation: normalisation only
+    plain, _ = compact_batch(x, NO_AUG)
+    assert torch.allclose(device_augment(plain)["audio"], (x - DATA["mean"]) / DATA["std"], atol=1e-6)
 
 
 def test_label_smoothing_and_mixup_arithmetic():
@@ -82,7 +141,8 @@ def test_transform_order_and_shapes(tmp_path):
     urls = [str(p) for p in write_synthetic_shards(tmp_path, 6, 6)]
     batches = list(eval_loader(urls, transform(frame="all"), batch_size=4, num_workers=0))
     assert [b["audio"].shape[0] for b in batches] == [4, 2]
-    b = batches[0]
+    assert batches[0]["audio"].dtype == torch.float16 and batches[0]["image"].dtype == torch.uint8
+    b = device_augment(batches[0])
     assert b["audio"].shape == (4, 128, 128) and b["image"].shape == (4, 4, 3, 64, 64)
     assert b["label"].shape == (4, 4) and torch.allclose(b["label"].sum(1), torch.ones(4))
     # 130 fbank rows cut to 128, then normalised: padded rows would be 1.133
@@ -130,6 +190,7 @@ def test_waveform_mixup_with_flac_equals_fbank_of_mixed_waveform(tmp_path):
                    audio=audio.to_dict())
     batch = next(iter(train_loader(shard(tmp_path / "w.tar"), tf, batch_size=2, num_batches=1, seed=0,
                                    shuffle_buffer=1, num_workers=0)))
+    batch = device_augment(batch)
     assert batch["key"] == ["a", "b"] and batch["mixup"] == {"waveform": 1}  # "a" came first: no partner yet
     lam = float(batch["label"][1, 1])  # "b" mixed with partner "a": label λ on b's class, 1-λ on a's
     assert 0 < lam < 1 and float(batch["label"][1, 0]) == pytest.approx(1 - lam)

@@ -1,17 +1,29 @@
-"""Streaming training data: shards → augmented, normalised `(audio, image, label)` batches.
+"""Streaming training data: shards → compact batches on the CPU → augmented, normalised batches on the device.
 
-Per sample, in the official order (reference §2.2-2.4):
+The official per-sample order (reference §2.2-2.4) is kept exactly, but split in two places:
 
-    mixup (λ ~ Beta(10,10))  →  pad/crop fbank to target_length  →  SpecAugment on the *unnormalised* log-mel
-    →  (x - mean) / std  →  uniform noise + circular time roll  ;  image: Resize+CenterCrop (bicubic), ImageNet norm
+    CPU worker:  read tar  →  mixup (λ ~ Beta(10,10), waveform or fbank)  →  pad/crop fbank to target_length
+                 →  draw this sample's augmentation parameters with the worker's RNG  →  collate
+    device:      SpecAugment on the *unnormalised* log-mel  →  (x - mean) / std  →  uniform noise + circular roll
+                 ;  image: (mixup of the two uint8 frames)  →  ImageNet normalisation      (`device_augment`)
 
-so a masked bin ends up at (0 - mean) / std ≈ 1.133, exactly as the official loader produces.
+A batch from the loaders is compact: `audio` is the padded/cropped, mixed but otherwise raw log-mel [B, T, F]
+(float16 as stored when no sample of the batch was mixed, else float32), `image` uint8 [B, 3, H, W] (or
+[B, frames, 3, H, W] for "all"), `image_mix`/`lam` the mixup partner's uint8 frame and λ per sample, and `aug`
+the per-sample parameters (frequency and time mask start/width, noise amplitude, roll shift, a noise seed) plus
+the normalisation constants. `device_augment(batch, device)` moves it to the device and does the rest as a few
+batched ops (masks by broadcast comparisons, the roll as one gather with per-sample shifts). Every command goes
+through it: training with the stage's augmentation, evaluation and retrieval with none (normalisation only).
+A masked bin therefore still ends up at (0 - mean) / std ≈ 1.133, as the official loader produces. All random
+draws except the noise tensor itself come from the worker's numpy PCG64 generator (seeded from the run seed and
+the worker); the noise tensor is drawn on the device from a generator seeded with a number the worker drew, so a
+run stays reproducible from its seed (on one kind of device).
 
-Speed (bench/loader.py): a sample's frame stays uint8 until `Transform.collate` normalises the whole batch in one
-op (mixup mixes the 0-255 pixels, which equals mixing normalised ones: normalisation is affine and λ + (1-λ) = 1);
-a frame already stored at the target size (what ingest writes) is only decoded (PIL; torchvision's decode_jpeg is
-no faster by much and deprecated); the float16 fbank is widened by torch (numpy's float16 cast is ~20x slower);
-and every random draw of a worker comes from one numpy PCG64 generator (float32 uniforms ~1.5x faster than torch's).
+Speed (bench/loader.py): the CPU does per sample only what cannot be batched: reading the tar (our own minimal
+tar-header parser in `shards.reader.raw_samples`, ~4x faster than `tarfile`'s streaming mode: it matters at ~12
+members per sample), decoding npy/json, decoding one JPEG (PIL, as the official loader; a frame already stored at
+the target size, what ingest writes, is only decoded) and mixup. Mixup mixes 0-255 pixels on the device, which
+equals mixing normalised ones: normalisation is affine and λ + (1-λ) = 1.
 
 Mixup is the official waveform-level one when both samples carry a `.flac` (ingest with `audio.keep_waveform:
 true`): the waveforms are mixed and the fbank recomputed with `preprocess.features.fbank` and the `audio:` config.
@@ -72,29 +84,64 @@ def pad_or_crop(fbank: torch.Tensor, target_length: int) -> torch.Tensor:
     return fbank[:target_length]
 
 
-def spec_augment(fbank: torch.Tensor, freqm: int, timem: int, rng: np.random.Generator) -> torch.Tensor:
-    """One frequency mask then one time mask, each of width ~ U[0, param), filled with 0 (torchaudio's rule).
+def draw_augmentation(aug: dict[str, Any], target_length: int, num_bins: int,
+                      rng: np.random.Generator) -> dict[str, Any]:
+    """One sample's augmentation parameters, drawn on the CPU (applied later, batched, by `device_augment`).
 
-    Applied to the un-normalised log-mel, so masked bins become (0 - mean) / std after normalisation.
-    """
-    fbank = fbank.clone()
-    for axis, param in ((1, freqm), (0, timem)):
-        if param <= 0:
-            continue
-        size = fbank.shape[axis]
-        width = min(int(rng.random() * param), size)
-        start = int(rng.random() * (size - width))
-        fbank.narrow(axis, start, width).zero_()
-    return fbank
+    SpecAugment (torchaudio's rule): one frequency mask then one time mask, each of width ~ U[0, param) and a start
+    uniform over the positions where it fits. Noise: amplitude ~ U(0, 1) / 10 and a circular time shift in
+    [-T, T), official values. `seed` seeds the device generator that draws the noise tensor of the batch."""
+    out: dict[str, Any] = {}
+    for name, param, size in (("freq", aug["freqm"], num_bins), ("time", aug["timem"], target_length)):
+        width = min(int(rng.random() * param), size) if param > 0 else 0
+        out[name] = (int(rng.random() * (size - width)) if width else 0, width)
+    if aug["noise"]:
+        out["noise"] = float(rng.random()) / 10
+        out["shift"] = int(rng.integers(-target_length, target_length))
+        out["seed"] = int(rng.integers(2 ** 62))
+    return out
 
 
-def noise_and_roll(fbank: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Official train-time noise, after normalisation: uniform noise of random amplitude up to 0.1, then a circular
-    time shift of up to ± the full length (the padded zeros wrap around too)."""
-    t = fbank.shape[0]
-    noise = torch.from_numpy(rng.random(tuple(fbank.shape), dtype=np.float32))
-    noise.mul_(rng.random() / 10).add_(fbank)
-    return torch.roll(noise, int(rng.integers(-t, t)), 0)
+def device_augment(batch: dict[str, Any], device: torch.device | str | None = None, *,
+                   noise: torch.Tensor | None = None) -> dict[str, Any]:
+    """A loader batch moved to `device` and finished there, batched over samples: SpecAugment on the raw log-mel
+    (masked bins set to 0), `(x - mean) / std`, then (when the batch carries noise parameters) `x + U[0,1)·amp`
+    and a circular roll along time by each sample's shift; images mixed (mixup, 0-255) and ImageNet-normalised.
+
+    Returns a new batch: every tensor on `device`, `audio` float32 [B, T, F], `image` float32 [B, (frames,) 3, H, W]
+    and no `aug` / `image_mix` / `lam`. `noise` ([B, T, F] in [0, 1)) replaces the drawn noise tensor (tests)."""
+    aug = batch["aug"]
+    skip = ("aug", "image_mix", "lam")
+    out = {k: (v.to(device, non_blocking=True) if device is not None else v) if torch.is_tensor(v) else v
+           for k, v in batch.items() if k not in skip}
+    move = (lambda t: t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
+    x = out["audio"].float()
+    b, t, f = x.shape
+    dev = x.device
+    if aug["masked"]:
+        (fs, fw), (ts, tw) = move(aug["freq"]).unbind(1), move(aug["time"]).unbind(1)
+        bins, frames = torch.arange(f, device=dev), torch.arange(t, device=dev)
+        fmask = (bins >= fs[:, None]) & (bins < (fs + fw)[:, None])  # [B, F]
+        tmask = (frames >= ts[:, None]) & (frames < (ts + tw)[:, None])  # [B, T]
+        x = x.masked_fill(fmask[:, None, :] | tmask[:, :, None], 0.0)
+    x = (x - aug["mean"]) / aug["std"]
+    if "shift" in aug:
+        if noise is None:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(aug["seed"])
+            noise = torch.rand(x.shape, generator=gen, device=dev)
+        x = x + move(noise) * move(aug["noise"])[:, None, None]
+        index = (torch.arange(t, device=dev)[None, :] - move(aug["shift"])[:, None]) % t  # torch.roll, per sample
+        x = x.gather(1, index[:, :, None].expand(b, t, f))
+    out["audio"] = x
+    image = out["image"].float()
+    if "image_mix" in batch:
+        lam = move(batch["lam"]).view(-1, *[1] * (image.dim() - 1))
+        image = image * lam + move(batch["image_mix"]).float() * (1 - lam)
+    scale = torch.tensor(aug["pixel_scale"], device=dev).view(3, 1, 1)
+    shift = torch.tensor(aug["pixel_shift"], device=dev).view(3, 1, 1)
+    out["image"] = (image * scale).sub_(shift).contiguous()
+    return out
 
 
 def mix_fbanks(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
@@ -185,12 +232,22 @@ def label_indices(sample: dict[str, Any], label_map: dict[str, int] | None, labe
 def frame_pixels(jpeg: bytes, size: int) -> torch.Tensor:
     """A stored frame as uint8 [3, size, size], decoded with PIL as the official loader does, then the official
     Resize(short side, bicubic) + CenterCrop (no random crop or flip), skipped when the frame is already at the
-    target size (ingest's output). `collate` normalises."""
-    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    target size (ingest's output). `device_augment` normalises."""
+    image = Image.open(io.BytesIO(jpeg))
+    image.load()
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     if image.size != (size, size):
         image = transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC)(image)
         image = transforms.CenterCrop(size)(image)
-    return transforms.functional.pil_to_tensor(image)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [..., 3, H, W] uint8 frames that are channel-last in memory (PIL's layout, what `frame_pixels` gives)
+    without a strided copy: ~15x faster than `torch.stack` of the CHW views. The result is channel-last in memory
+    too; `device_augment` makes it contiguous after normalising."""
+    return torch.stack([x.movedim(-3, -1) for x in images]).movedim(-1, -3)
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -253,7 +310,7 @@ def repeat_by_weight(samples: Iterator[dict[str, Any]], weights: dict[str, float
 
 
 class Transform:
-    """Decoded samples → training/eval examples `{"audio", "image", "label", "key", "_skipped"}`.
+    """Decoded samples → compact training/eval examples (`collate` batches them, `device_augment` finishes them).
 
     `aug` holds the stage's augmentation (freqm, timem, mixup, noise, label_smooth); `frame` is "random" (train),
     "middle", "all" (every frame, stacked) or a frame index. `audio` is the `audio:` config section as a dict (the
@@ -266,9 +323,10 @@ class Transform:
         self.data, self.aug, self.frame, self.num_frames = data, aug, frame, num_frames
         self.num_classes, self.label_map, self.label_file, self.seed = num_classes, label_map, label_file, seed
         self.audio = audio
-        std = torch.tensor(data["image_std"]).view(3, 1, 1)
-        # (x / 255 - mean) / std as one multiply-subtract on the batch
-        self.pixel_scale, self.pixel_shift = 1 / (255 * std), torch.tensor(data["image_mean"]).view(3, 1, 1) / std
+        std = torch.tensor(data["image_std"], dtype=torch.float64)
+        # (x / 255 - mean) / std as one multiply-subtract on the batch (`device_augment`)
+        self.pixel_scale = (1 / (255 * std)).tolist()
+        self.pixel_shift = (torch.tensor(data["image_mean"], dtype=torch.float64) / std).tolist()
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rng = np.random.default_rng(self.seed * 100003 + wds.utils.pytorch_worker_seed())
@@ -299,29 +357,27 @@ class Transform:
         return [min(wanted, available - 1)]  # official: step down to the last frame that exists
 
     def pixels(self, sample: dict[str, Any], rng: np.random.Generator) -> torch.Tensor:
-        """uint8 [3, H, W] (or [F, 3, H, W] for "all"); `collate` normalises."""
+        """uint8 [3, H, W] (or [F, 3, H, W] for "all"); `device_augment` normalises."""
         if not sample["frames"]:
             raise BadSample(f"sample {sample['key']!r} has no frames")
         frames = [frame_pixels(sample["frames"][i], self.data["image_size"])
                   for i in self.frame_indices(len(sample["frames"]), rng)]
-        return torch.stack(frames) if self.frame == "all" else frames[0]
+        return stack_pixels(frames) if self.frame == "all" else frames[0]
 
     def example(self, sample: dict[str, Any], partner: dict[str, Any] | None,
                 rng: np.random.Generator) -> dict[str, Any]:
+        """One sample's compact parts: the raw (mixed, unpadded) fbank, uint8 frame(s) (and the partner's with λ),
+        and its augmentation parameters. Padding happens in `collate`, the rest in `device_augment`."""
         d, aug = self.data, self.aug
-        fbank = torch.from_numpy(sample["fbank"]).float()
+        fbank = torch.from_numpy(sample["fbank"])
         image = self.pixels(sample, rng)
-        lam, mixup = 1.0, None
+        lam, mixup, image_mix = 1.0, None, None
         if partner is not None:
             lam = float(rng.beta(10, 10))
-            fbank, mixup = self.mix_audio(sample, partner, fbank, lam)
-            image = lam * image.float() + (1 - lam) * self.pixels(partner, rng).float()
-        fbank = pad_or_crop(fbank, d["target_length"])
-        fbank = spec_augment(fbank, aug["freqm"], aug["timem"], rng)
-        fbank = (fbank - d["mean"]) / d["std"]
-        if aug["noise"]:
-            fbank = noise_and_roll(fbank, rng)
-        example = {"audio": fbank, "image": image, "key": sample["key"], "_mixup": mixup}
+            fbank, mixup = self.mix_audio(sample, partner, fbank.float(), lam)
+            image_mix = self.pixels(partner, rng)
+        example = {"audio": fbank, "image": image, "image_mix": image_mix, "lam": lam, "key": sample["key"],
+                   "_mixup": mixup, "aug": draw_augmentation(aug, d["target_length"], fbank.shape[1], rng)}
         if self.num_classes:
             first = label_indices(sample, self.label_map, self.label_file)
             second = label_indices(partner, self.label_map, self.label_file) if partner is not None else None
@@ -339,13 +395,34 @@ class Transform:
         return torch.from_numpy(compute_fbank(mix.numpy(), Config(self.audio))).float(), "waveform"
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Stack a batch; the pixels are normalised here (ImageNet mean/std) in one op for the whole batch."""
-        batch = {"audio": torch.stack([e["audio"] for e in examples]),
-                 "image": torch.stack([e["image"].float() for e in examples]).mul_(self.pixel_scale)
-                 .sub_(self.pixel_shift),
+        """A compact batch: fbanks zero-padded / cut to target_length in one [B, T, F] buffer (float16 when every
+        sample is the stored float16 fbank, else float32), uint8 frames, the mixup partners' frames and λ when any
+        sample was mixed, and the augmentation parameters as [B] tensors (see `device_augment`)."""
+        d = self.data
+        t, f = d["target_length"], examples[0]["audio"].shape[1]
+        dtype = torch.float16 if all(e["audio"].dtype == torch.float16 for e in examples) else torch.float32
+        audio = torch.empty(len(examples), t, f, dtype=dtype)
+        for row, e in zip(audio, examples):
+            n = min(e["audio"].shape[0], t)
+            row[:n] = e["audio"][:n]
+            row[n:] = 0
+        params = [e["aug"] for e in examples]
+        aug: dict[str, Any] = {"freq": torch.tensor([p["freq"] for p in params]),
+                               "time": torch.tensor([p["time"] for p in params]),
+                               "masked": any(p["freq"][1] or p["time"][1] for p in params),
+                               "mean": d["mean"], "std": d["std"],
+                               "pixel_scale": self.pixel_scale, "pixel_shift": self.pixel_shift}
+        if "shift" in params[0]:
+            aug.update(noise=torch.tensor([p["noise"] for p in params], dtype=torch.float32),
+                       shift=torch.tensor([p["shift"] for p in params]), seed=params[0]["seed"])
+        batch = {"audio": audio, "image": stack_pixels([e["image"] for e in examples]), "aug": aug,
                  "key": [e["key"] for e in examples],
                  "skipped": sum(e["_skipped"] for e in examples),
                  "mixup": dict(Counter(e["_mixup"] for e in examples if e["_mixup"]))}
+        if any(e["image_mix"] is not None for e in examples):
+            batch["image_mix"] = stack_pixels([e["image"] if e["image_mix"] is None else e["image_mix"]
+                                               for e in examples])
+            batch["lam"] = torch.tensor([e["lam"] for e in examples], dtype=torch.float32)
         if "label" in examples[0]:
             batch["label"] = torch.stack([e["label"] for e in examples])
         return batch

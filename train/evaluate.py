@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from train import distributed as dist
-from train.data import Transform, eval_loader
+from train.data import Transform, device_augment, eval_loader
 from train.loop import autocast, unwrap
 
 
@@ -59,8 +59,8 @@ def predict(model: torch.nn.Module, urls: list[str], transform: Transform, *, mo
     model.eval()
     probs, targets, keys = [], [], []
     for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
-        audio = batch["audio"].to(device)
-        images = batch["image"].to(device)
+        batch = device_augment(batch, device)
+        audio, images = batch["audio"], batch["image"]
         images = images.unsqueeze(1) if images.dim() == 4 else images  # [B, frames, 3, H, W]
         if mode == "audioonly":
             images = images[:, :1]
@@ -68,7 +68,7 @@ def predict(model: torch.nn.Module, urls: list[str], transform: Transform, *, mo
             frame_probs = [probabilities(model(audio, images[:, k], mode).float(), metric).cpu()
                            for k in range(images.shape[1])]
         probs.append(torch.stack(frame_probs))
-        targets.append(batch["label"])
+        targets.append(batch["label"].cpu())
         keys += batch["key"]
     parts = dist.gather_objects((torch.cat(probs, 1) if probs else None, torch.cat(targets) if targets else None,
                                  keys))
@@ -99,8 +99,9 @@ def pretrain_losses(model: torch.nn.Module, urls: list[str], transform: Transfor
     for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
         if batch["audio"].shape[0] % model.contrast_chunks:
             continue  # a last partial batch that does not split into the contrastive chunks
+        batch = device_augment(batch, device)
         with autocast(device, precision):
-            out = model(batch["audio"].to(device), batch["image"].to(device))
+            out = model(batch["audio"], batch["image"])
         for name in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc"):
             sums[name] = sums.get(name, 0.0) + float(out[name])
         count += 1

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from train import distributed as dist
+from train.data import device_augment
 
 LAST = "last.pt"
 
@@ -116,9 +117,9 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             micro = done % accum_steps
             sync = micro == accum_steps - 1
             ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+            inputs = device_augment(batch, device)  # SpecAugment, normalisation, noise, roll: batched, on device
             with ctx, autocast(device, precision):
-                loss, metrics = step_fn(model, {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                                                for k, v in batch.items()})
+                loss, metrics = step_fn(model, inputs)
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"loss is {float(loss.detach())} at step {step} (epoch {epoch + 1})")
             with ctx:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from train import distributed as dist
-from train.data import Transform, eval_loader
+from train.data import Transform, device_augment, eval_loader
 from train.loop import autocast, unwrap
 
 
@@ -26,8 +26,9 @@ def features(model: torch.nn.Module, urls: list[str], transform: Transform, *, b
     model = unwrap(model).eval()
     audio, visual, keys = [], [], []
     for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
+        batch = device_augment(batch, device)
         with autocast(device, precision):
-            a, v = model.forward_feat(batch["audio"].to(device), batch["image"].to(device))
+            a, v = model.forward_feat(batch["audio"], batch["image"])
         audio.append(F.normalize(a.float().mean(1), dim=-1).cpu())
         visual.append(F.normalize(v.float().mean(1), dim=-1).cpu())
         keys += batch["key"]
