@@ -317,16 +317,11 @@ def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, f
         pending = [task.remote(i, g, store.uri(), cfg_ref, *extra, progress=tracker) for i, g in groups]
         rows: list[dict[str, Any]] = []
         with tqdm(total=sum(len(g) for _, g in groups), unit="video", disable=not progress, desc=desc) as bar:
-            try:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-                    rows += [row for got in ray.get(done) for row in got]
-                    if tracker is not None:
-                        _show(bar, tracker)
-            except KeyboardInterrupt:  # stop the job's tasks now, not when the cluster notices the driver left
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                raise
+            while pending:  # one completion at a time keeps Ctrl-C prompt (Ray ends the tasks of a driver that left)
+                done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+                rows += [row for got in ray.get(done) for row in got]
+                if tracker is not None:
+                    _show(bar, tracker)
             bar.update(bar.total - bar.n)  # the returned rows are the truth; late progress reports are not
             bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows))
         return rows
