@@ -37,18 +37,14 @@ MANIFEST = "manifest.parquet"
 PARTS = "_parts"
 
 
-def rows_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
-    ordered = sorted(rows, key=lambda r: (r["video_id"], r.get("window") or 0, r.get("key") or ""))
-    return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in ordered], schema=SCHEMA)
-
-
 def write_rows(path: str | Path, rows: Iterable[dict[str, Any]], store: Store | None = None) -> None:
     """Write rows as parquet atomically (temporary name then rename, or one upload), sorted for stable output.
 
     `path` is a local path or URI of the file, or a name inside `store` when one is given."""
     store, name = (store, str(path)) if store is not None else Store.split(path)
+    ordered = sorted(rows, key=lambda r: (r["video_id"], r.get("window") or 0, r.get("key") or ""))
     buf = io.BytesIO()
-    pq.write_table(rows_table(rows), buf)
+    pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in ordered], schema=SCHEMA), buf)
     store.write_bytes(name, buf.getvalue())
 
 
@@ -80,7 +76,3 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
 def fragment_name(shard_name: str) -> str:
     """Name of a shard's manifest fragment inside the output folder."""
     return f"{PARTS}/{Path(shard_name).stem}.parquet"
-
-
-def fragment_path(out: str | Path, shard_name: str) -> Path:
-    return Path(out) / fragment_name(shard_name)

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import pyarrow.fs as pafs
 
@@ -256,10 +256,3 @@ def _fsspec(uri: str, first_error: Exception):
     except (ValueError, ImportError) as exc:
         raise ValueError(f"{uri}: unsupported storage URI ({exc})") from None
     return PyFileSystem(FSSpecHandler(fs)), path
-
-
-def iter_files(store: Store, suffixes: tuple[str, ...], sub: str = "") -> Iterator[str]:
-    """Names under `sub` (recursive) ending with one of `suffixes`, skipping hidden temporaries."""
-    for name in store.list(sub, recursive=True):
-        if name.lower().endswith(suffixes) and not is_temp_name(name):
-            yield name
