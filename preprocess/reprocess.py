@@ -29,7 +29,6 @@ import io
 import json
 import os
 import re
-import tarfile
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -38,6 +37,7 @@ import yaml
 
 from shards.config import Config, ConfigError, check_choice
 from shards.manifest import merge_rows, read_manifest, write_rows, fragment_name
+from shards.reader import tar_members
 from shards.schema import member_suffix, sample_members
 from shards.store import Store, is_uri
 from shards.writer import ShardWriter
@@ -336,19 +336,16 @@ def _old_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[str,
 
 def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """(key, [(member name, bytes)]) in tar order, streaming one shard (schema-checked, no extraction)."""
-    with src.open_input(shard) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with src.open_input(shard) as f:
         cur, members = None, []
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
+        for name, data in tar_members(f):
+            base = name.rsplit("/", 1)[-1]
             member_suffix(base)
             key = base.split(".", 1)[0]
-            data = tar.extractfile(info).read()
             if key != cur and members:
                 yield cur, members
                 members = []
             cur = key
-            members.append((info.name, data))
+            members.append((name, data))
         if members:
             yield cur, members
