@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import tarfile
 import tempfile
 import time
@@ -39,6 +38,7 @@ from typing import Any, Iterator
 
 from shards.config import Config, ConfigError, check_choice, load_config
 from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, write_rows
+from shards.names import shard_index, shard_name
 from shards.store import Store, is_temp_name, is_uri
 from shards.writer import ShardWriter
 
@@ -88,7 +88,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
             and (holds.get(it.video_id) is None or (retry_failed and holds[it.video_id] != "ok"))]
     skipped_rows = [_row(it, "skipped", it.error, cfg) for it in items
                     if it.error is not None and it.video_id not in holds]
-    groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups))
+    groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups, cfg.shards.pattern))
     redo = {it.video_id for it in todo}
     summary = Summary(already=sum(1 for it in items if it.video_id in holds and it.video_id not in redo),
                       skipped=len(skipped_rows))
@@ -132,7 +132,10 @@ def frozen_config(store: Store) -> Config:
     with tempfile.TemporaryDirectory(prefix="cavmae-cfg-") as tmp:
         path = Path(tmp) / FROZEN_CONFIG
         path.write_bytes(store.read_bytes(FROZEN_CONFIG))
-        return load_config(path)
+        try:
+            return load_config(path)
+        except ConfigError as exc:  # name the folder's file, not our temporary copy
+            raise ConfigError(str(exc).replace(str(path), store.uri(FROZEN_CONFIG))) from None
 
 
 def _remove_temporaries(store: Store) -> None:
@@ -153,7 +156,7 @@ def _pending_plan(store: Store, job: str) -> list[tuple[int, list[Any]]]:
                           f"re-run that command to finish it first")
     done = set(store.list(PARTS))
     groups = [(g["index"], g["items"]) for g in plan["groups"]]
-    pending = [(i, g) for i, g in groups if fragment_name(plan["pattern"] % i) not in done]
+    pending = [(i, g) for i, g in groups if fragment_name(shard_name(plan["pattern"], i)) not in done]
     if job == "ingest":
         return [(i, [InputItem.from_dict(it) for it in g]) for i, g in pending]
     return pending
@@ -174,9 +177,15 @@ def _clear_run_state(store: Store) -> None:
     store.delete(PLAN)
 
 
-def _next_index(rows: list[dict[str, Any]], groups: list[tuple[int, list[Any]]]) -> int:
-    """One past the highest shard index in use (by the manifest, the pending plan or a failures-only group)."""
-    used = [i for i, _ in groups] + [int(re.sub(r"\D", "", Path(r["shard"]).stem)) for r in rows if r["shard"]]
+def _next_index(rows: list[dict[str, Any]], groups: list[tuple[int, list[Any]]], pattern: str) -> int:
+    """One past the highest shard index in use (by the manifest or the pending plan). Shards named by another
+    pattern (an earlier run with other `shards.*` settings) cannot collide with this pattern's names."""
+    used = [i for i, _ in groups]
+    for r in rows:
+        try:
+            used.append(shard_index(pattern, r["shard"]) if r["shard"] else -1)
+        except ValueError:
+            continue
     return max(used, default=-1) + 1
 
 
@@ -201,7 +210,7 @@ def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[s
 
     cfg = Config(cfg_data)
     store = Store.of(out)
-    name = cfg.shards.pattern % index
+    name = shard_name(cfg.shards.pattern, index)
     rows: list[dict[str, Any]] = []
     with ShardWriter(store, name) as shard:
         for position, item in enumerate(items):

@@ -25,10 +25,8 @@ retries them).
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -37,6 +35,8 @@ import yaml
 
 from shards.config import Config, ConfigError, check_choice
 from shards.manifest import merge_rows, read_manifest, write_rows, fragment_name
+from shards.media import open_flac
+from shards.names import shard_index, shard_name
 from shards.reader import tar_members
 from shards.schema import member_suffix, sample_members
 from shards.store import Store, is_uri
@@ -134,7 +134,7 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
         raise FileNotFoundError(f"{src_store.uri()}: no manifest.parquet (or it is empty)")
     digest = cfg.digest(*SAMPLE_SECTIONS)
 
-    videos = _videos_in_source_order(src_rows)
+    videos = _videos_in_source_order(src_rows, old.shards.pattern, src_store.uri())
     gone: list[str] = []
     if mode == "source":
         gone = [v["source"] for v in videos if not _source_exists(v["source"])]
@@ -153,7 +153,7 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
     gone_set = set(gone)
     todo = [v for v in videos if v["video_id"] not in holds and v["video_id"] not in planned
             and v["source"] not in gone_set]
-    groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups))
+    groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups, cfg.shards.pattern))
 
     carried = [{**r, "config_digest": digest} for r in src_rows
                if r["status"] != "ok" and r["video_id"] not in holds]
@@ -178,23 +178,32 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
     return summary
 
 
-def _shard_index(name: str | None) -> int:
-    return int(re.sub(r"\D", "", name.rsplit("/", 1)[-1].rsplit(".", 1)[0]) or 0) if name else -1
+def _videos_in_source_order(rows: list[dict[str, Any]], pattern: str, src: str) -> list[dict[str, Any]]:
+    """The ok videos of SRC as plan items, in SRC's order (its shards in order, then video id, window).
 
+    SRC's manifest is untrusted: a shard it names must be a plain file name inside SRC. Shards named by SRC's
+    `shards.pattern` sort by index, any others (an earlier pattern) after them by name."""
+    def position(name: str) -> tuple[int, int, str]:
+        try:
+            return 0, shard_index(pattern, name), name
+        except ValueError:
+            return 1, 0, name
 
-def _videos_in_source_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ok videos of SRC as plan items, in SRC's order (its shards in order, then video id, window)."""
     by_vid: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r["status"] == "ok":
+            name = r["shard"]
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+                raise ConfigError(f"{src}: manifest.parquet names shard {name!r} for {r['video_id']!r}, "
+                                  f"which is not a file name inside the folder")
             by_vid.setdefault(r["video_id"], []).append(r)
     items = []
     for vid, rs in by_vid.items():
-        rs.sort(key=lambda r: (_shard_index(r["shard"]), r["window"] if r["window"] is not None else -1))
+        rs.sort(key=lambda r: (position(r["shard"]), r["window"] if r["window"] is not None else -1))
         shards = list(dict.fromkeys(r["shard"] for r in rs))
         items.append({"video_id": vid, "source": rs[0]["source"], "labels": list(rs[0]["labels"] or []),
                       "keys": [r["key"] for r in rs], "shards": shards})
-    items.sort(key=lambda it: (_shard_index(it["shards"][0]), it["video_id"]))
+    items.sort(key=lambda it: (position(it["shards"][0]), it["video_id"]))
     return items
 
 
@@ -223,7 +232,7 @@ def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data:
     cfg = Config(cfg_data)
     store, src_store = Store.of(out), Store.of(src)
     digest = cfg.digest(*SAMPLE_SECTIONS)
-    name = cfg.shards.pattern % index
+    name = shard_name(cfg.shards.pattern, index)
     rows: list[dict[str, Any]] = []
     need_old = mode != "source" or any(it["labels"] for it in items)
     olds = _old_samples(src_store, items) if need_old else ((it["video_id"], None) for it in items)
@@ -300,10 +309,9 @@ def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
 
 def decode_flac(data: bytes):
     """The stored 16-bit mono FLAC back to the float32 waveform the decoder produced (exact)."""
-    import av
     import numpy as np
 
-    with av.open(io.BytesIO(data)) as c:
+    with open_flac(data) as c:
         chunks = [f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
     return pcm.astype(np.float32) / np.float32(32768.0)

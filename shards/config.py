@@ -19,6 +19,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from .names import PatternError, check_pattern
+
 DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "pipeline.yaml"
 
 
@@ -58,6 +60,7 @@ class Config:
         data = copy.deepcopy(self._data)
         for item in sets:
             _apply_set(data, item)
+        check_values(data, "config")
         return Config(data)
 
     def digest(self, *sections: str) -> str:
@@ -90,7 +93,28 @@ def load_config(path: str | Path | None = None, sets: Iterable[str] = (), preset
             _apply_set(data, f"{dotted}={json.dumps(value)}")
     for item in sets:
         _apply_set(data, item)
+    check_values(data, "config" if path is None else str(path))
     return Config(data)
+
+
+POSITIVE = ("audio.sample_rate", "audio.num_mel_bins", "video.num_frames", "video.image_size",
+            "shards.samples_per_shard", "model.target_length", "model.num_mel_bins", "model.image_size")
+
+
+def check_values(data: dict[str, Any], source: str) -> None:
+    """Values that type-check but cannot work, refused when the config loads (before anything is written, e.g. the
+    frozen pipeline.yaml of an output folder): sizes that must be >= 1, and an unsafe `shards.pattern`."""
+    for dotted in POSITIVE:
+        section, key = dotted.split(".")
+        value = data.get(section, {}).get(key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{source}: '{dotted}' must be >= 1; got {value!r}")
+    pattern = data.get("shards", {}).get("pattern")
+    if pattern is not None:
+        try:
+            check_pattern(pattern)
+        except PatternError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

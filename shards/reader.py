@@ -19,7 +19,9 @@ from typing import IO, Any, Iterable, Iterator
 
 import braceexpand
 
-from .schema import BadSample, decode_member, member_suffix
+import numpy as np
+
+from .schema import BadSample, check_key, decode_member, member_suffix
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "http://", "https://")
 REQUIRED = ("json", "fbank.npy")
@@ -86,6 +88,7 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _ZERO_BLOCK = bytes(512)
 MAX_MEMBER_BYTES = 1 << 30
+MAX_HEADER_BYTES = 1 << 20  # a GNU long name or a pax header (ours have none; a few hundred bytes elsewhere)
 
 
 def _read_rest(stream: Any, data: bytes, n: int) -> bytes:
@@ -122,9 +125,10 @@ def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
             raise tarfile.ReadError("invalid header") from None
         if chksum != sum(header) - sum(header[148:156]) + 256:
             raise tarfile.ReadError("bad checksum")
-        if not 0 <= size <= MAX_MEMBER_BYTES:  # untrusted: never allocate what a header merely claims
-            raise tarfile.ReadError(f"member size {size} outside 0..{MAX_MEMBER_BYTES}")
         kind = header[156:157]
+        limit = MAX_HEADER_BYTES if kind in (b"L", b"x", b"g") else MAX_MEMBER_BYTES
+        if not 0 <= size <= limit:  # untrusted: never allocate what a header merely claims
+            raise tarfile.ReadError(f"member size {size} outside 0..{limit}")
         data = read(size)
         if len(data) < size:
             data = _read_rest(stream, data, size)
@@ -150,12 +154,19 @@ def tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
+    """Records "LENGTH key=value\\n" of a pax header; ValueError for any record that is not exactly that (a length
+    of 0 or one that runs past the header would otherwise loop forever or read garbage)."""
     records, pos = {}, 0
     while pos < len(data) and data[pos:pos + 1] != b"\0":
-        length = int(data[pos:data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        space = data.index(b" ", pos, pos + 21)
+        digits = data[pos:space]
+        length = int(digits) if digits.isdigit() else -1
+        end = pos + length
+        if length <= space - pos + 1 or end > len(data) or data[end - 1:end] != b"\n" or b"=" not in data[space:end]:
+            raise ValueError(f"bad pax record at byte {pos}")
+        key, _, value = data[space + 1:end - 1].partition(b"=")
         records[key.decode()] = value.decode()
-        pos += length
+        pos = end
     return records
 
 
@@ -189,11 +200,16 @@ def raw_samples(urls: Iterable[str | dict]) -> Iterator[dict[str, Any]]:
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """Turn one raw sample into `{"key", "url", "meta", "fbank", "frames", "flac", "labels"}`.
 
-    `frames` are JPEG bytes in index order (decode the one you need), `flac` is bytes or None, `labels` the
-    `.labels.txt` class indices or None. Raises `BadSample` (naming the key and shard) for anything outside the schema.
+    `frames` are JPEG bytes in index order (decode the one you need, with `shards.media.open_jpeg`), `flac` is bytes
+    or None (`shards.media.open_flac`), `labels` the `.labels.txt` class indices (non-negative) or None. Raises
+    `BadSample` (naming the key and shard) for anything outside the schema: a key outside the key alphabet (a
+    member name with a directory, `../` or an absolute path), a json that is not an object, an fbank that is not
+    2-D float with rows and columns and finite values. What depends on the config (mel width, frame size, number
+    of classes) the consumer checks (`train.data.Transform.example`).
     """
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
     try:
+        check_key(key)
         decoded: dict[str, Any] = {}
         frames: dict[int, bytes] = {}
         for name, data in raw.items():
@@ -210,8 +226,10 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         if sorted(frames) != list(range(len(frames))):
             raise BadSample(f"frame members are not numbered 0..{len(frames) - 1}")
         fbank = decoded["fbank.npy"]
-        if fbank.ndim != 2 or fbank.dtype.kind != "f":
-            raise BadSample(f"fbank has shape {fbank.shape} and dtype {fbank.dtype}, expected 2-D float")
+        if fbank.ndim != 2 or fbank.dtype.kind != "f" or 0 in fbank.shape:
+            raise BadSample(f"fbank has shape {fbank.shape} and dtype {fbank.dtype}, expected 2-D float with rows")
+        if not np.isfinite(fbank).all():
+            raise BadSample("fbank holds NaN or infinite values")
         return {"key": key, "url": url, "meta": decoded["json"], "fbank": fbank,
                 "frames": [frames[i] for i in range(len(frames))], "flac": decoded.get("flac"),
                 "labels": decoded.get("labels.txt")}

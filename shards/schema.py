@@ -28,6 +28,7 @@ META_FIELDS = (
     "has_audio", "has_video", "config_digest", "window", "clip_start_s",
 )
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")  # make_key's alphabet: no '/', '.', '..' or absolute path can pass
 _MEMBER = re.compile(r"^(json|fbank\.npy|frame(\d{1,3})\.jpg|flac|labels\.txt)$")
 KEY_MAX = 96
 
@@ -48,6 +49,14 @@ def make_key(video_id: str, window: int | None = None) -> str:
     return safe if window is None else f"{safe}_w{window:04d}"
 
 
+def check_key(key: str) -> str:
+    """`key` when it is in the key alphabet (what `make_key` makes), else BadSample: a member name with a
+    directory, `../` or an absolute path is refused with its sample."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise BadSample(f"key {key!r} is not made of letters, digits, '_' and '-' only")
+    return key
+
+
 def member_suffix(name: str) -> str:
     """Suffix of a member name after its key, validated against the schema ('frame3.jpg', 'json', ...)."""
     suffix = name.split(".", 1)[1] if "." in name else ""
@@ -63,6 +72,25 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
+    """An npy member without pickle; the header's shape and dtype must account for exactly the bytes that follow
+    it, checked before numpy allocates anything (a header may claim terabytes)."""
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"npy format version {version}")
+        shape, _, dtype = read_header(buf)
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise BadSample(f"fbank.npy has a bad header ({' '.join(str(exc).split())})") from None
+    if dtype.hasobject or dtype.names is not None or dtype.kind not in "fiub":
+        raise BadSample(f"fbank.npy has dtype {dtype}, not a plain number type")
+    count = 1
+    for n in shape:
+        count *= n
+    if count * dtype.itemsize != len(data) - buf.tell():
+        raise BadSample(f"fbank.npy header claims shape {shape} of {dtype} but holds {len(data) - buf.tell()} bytes")
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -90,10 +118,40 @@ def decode_member(suffix: str, data: bytes) -> Any:
     """Safe decode of one member: json → dict, npy → array (no pickle), labels → list[int]; images and flac
     stay bytes (the consumer decodes them with PIL / PyAV, which parse only media)."""
     if suffix == "json":
-        return json.loads(data)
+        return decode_meta(data)
     if suffix == "fbank.npy":
         return decode_npy(data)
     if suffix == "labels.txt":
-        text = data.decode().strip()
-        return [int(x) for x in text.split(",")] if text else []
+        return decode_labels(data)
     return data
+
+
+MAX_JSON_BYTES = 1 << 20
+
+
+def decode_meta(data: bytes) -> dict[str, Any]:
+    """The `.json` member: a JSON object of at most MAX_JSON_BYTES whose `labels`, when present, is a list of
+    strings (what the trainer maps through a label index); deep nesting is a BadSample, not a RecursionError."""
+    if len(data) > MAX_JSON_BYTES:
+        raise BadSample(f"json member of {len(data)} bytes (at most {MAX_JSON_BYTES})")
+    try:
+        meta = json.loads(data)
+    except RecursionError:
+        raise BadSample("json member is nested too deeply") from None
+    if not isinstance(meta, dict):
+        raise BadSample(f"json member is a {type(meta).__name__}, not an object")
+    labels = meta.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise BadSample("json 'labels' is not a list of strings")
+    return meta
+
+
+def decode_labels(data: bytes) -> list[int]:
+    """The `.labels.txt` member: comma-separated non-negative class indices ("3,17"); empty for no label."""
+    text = data.decode("ascii").strip()
+    if not text:
+        return []
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+        raise BadSample(f"labels.txt {text[:40]!r} is not comma-separated non-negative class indices")
+    return [int(p) for p in parts]

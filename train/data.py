@@ -41,7 +41,6 @@ with a constant tensor as the official loader does (that silently trains on garb
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
@@ -54,13 +53,13 @@ import av
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
 from preprocess.features import fbank as compute_fbank
 from shards.config import Config
 from shards.manifest import MANIFEST, read_rows
 from shards.reader import decode_sample, raw_samples
+from shards.media import open_flac, open_jpeg
 from shards.schema import BadSample
 
 log = logging.getLogger(__name__)
@@ -160,7 +159,7 @@ def mix_fbanks(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
 
 def decode_flac(data: bytes, sample_rate: int) -> torch.Tensor:
     """A `.flac` member as a float32 mono waveform at `sample_rate` (for our s16 FLAC: exactly s16 / 32768)."""
-    with av.open(io.BytesIO(data)) as container:
+    with open_flac(data) as container:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         frames = [out for frame in container.decode(audio=0) for out in resampler.resample(frame)]
         frames += resampler.resample(None)
@@ -232,8 +231,9 @@ def label_indices(sample: dict[str, Any], label_map: dict[str, int] | None, labe
 def frame_pixels(jpeg: bytes, size: int) -> torch.Tensor:
     """A stored frame as uint8 [3, size, size], decoded with PIL as the official loader does, then the official
     Resize(short side, bicubic) + CenterCrop (no random crop or flip), skipped when the frame is already at the
-    target size (ingest's output). `device_augment` normalises."""
-    image = Image.open(io.BytesIO(jpeg))
+    target size (ingest's output). `device_augment` normalises. JPEG only, and a frame far larger than `size` is a
+    BadSample before any pixel is decoded (`shards.media.open_jpeg`)."""
+    image = open_jpeg(jpeg, size)
     image.load()
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -339,7 +339,7 @@ class Transform:
                 example = self.example(sample, partner, rng)
             except LabelError:
                 raise
-            except (UnidentifiedImageError, OSError, ValueError) as exc:  # a bad JPEG inside a good shard
+            except (OSError, ValueError, av.FFmpegError) as exc:  # a bad JPEG or .flac in a good shard; BadSample
                 skipped += 1
                 log.warning("skipping sample %r of %s: %s", sample["key"], sample["url"], exc)
                 continue
