@@ -8,6 +8,7 @@ not one could be processed, 2 for bad arguments, config or input lists (a one-li
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from shards.config import ConfigError, load_config
@@ -27,6 +28,20 @@ EXAMPLES = """examples:
 """
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def check_out(out: str) -> None:
+    """`--out` must be a folder (or not exist yet): a regular file there is an error, not a traceback."""
+    if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML laid over the defaults of pipeline.yaml")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -35,7 +50,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """Where the work runs (shared by every job subcommand)."""
-    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all cores)")
+    p.add_argument("--workers", type=positive_int, help="CPUs of the local Ray instance (default: all cores)")
     p.add_argument("--address", help="join this Ray cluster: ray://head:10001, auto, or host:6379 "
                                      "(default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_out(args.out)
         if args.command == "reprocess":
             return _reprocess(args)
         cfg = load_config(args.config, args.sets)

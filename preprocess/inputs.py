@@ -82,7 +82,8 @@ def collect_inputs(args: list[str], *, labels_csv: str | None = None, label_inde
         items += _expand(arg)
     if labels_csv:
         table = _read_labels_csv(labels_csv)
-        items = [replace(it, labels=table.get(it.video_id, it.labels)) for it in items]
+        items = [replace(it, labels=split_labels(table[it.video_id], label_index)) if it.video_id in table else it
+                 for it in items]
     if labels_from_folders:
         items = [replace(it, labels=(it.folder,) if it.folder else ()) for it in items]
     if label_index is not None:
@@ -186,16 +187,29 @@ def _locate_video(base: Path, video_id: str, video_path: str) -> Path | None:
     return None
 
 
+def split_labels(cells: tuple[str, ...], index: LabelIndex | None) -> tuple[str, ...]:
+    """Labels of one row from its cells (already split on ';'): a cell that is a whole known label is one label
+    even when it holds a comma (AudioSet display names like "Bee, wasp, etc."), any other cell splits on ','."""
+    out: list[str] = []
+    for cell in cells:
+        cell = cell.strip()
+        if index is not None and "," in cell and index.lookup(cell) is not None:
+            out.append(cell)
+        else:
+            out += [x.strip() for x in cell.split(",") if x.strip()]
+    return tuple(out)
+
+
 def _read_labels_csv(path: str) -> dict[str, tuple[str, ...]]:
-    """`video_id,labels` rows (a header row is optional); labels separated by ',' (quoted) or ';'."""
+    """`video_id,labels` rows (a header row is optional): each row's label cells split on ';' (`split_labels`
+    then splits them on ',', quote-aware: `vid,"Bee, wasp, etc."` is one label when the label index knows it)."""
     table: dict[str, tuple[str, ...]] = {}
     try:
         with open(path, newline="") as f:
             for row in csv.reader(f):
                 if not row or row[0] in ("video_id", "") or row[0].startswith("#"):
                     continue
-                raw = ",".join(row[1:]).replace(";", ",")
-                table[row[0].strip()] = tuple(x.strip() for x in raw.split(",") if x.strip())
+                table[row[0].strip()] = tuple(x for cell in row[1:] for x in cell.split(";") if x.strip())
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read labels CSV ({exc})") from None
     return table

@@ -25,6 +25,7 @@ from .schema import BadSample, check_key, decode_member, member_suffix
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "http://", "https://")
 REQUIRED = ("json", "fbank.npy")
+FBANK_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))  # native byte order
 
 
 def is_remote(url: str) -> bool:
@@ -226,7 +227,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         if sorted(frames) != list(range(len(frames))):
             raise BadSample(f"frame members are not numbered 0..{len(frames) - 1}")
         fbank = decoded["fbank.npy"]
-        if fbank.ndim != 2 or fbank.dtype.kind != "f" or 0 in fbank.shape:
+        if fbank.ndim != 2 or fbank.dtype not in FBANK_DTYPES or 0 in fbank.shape:
             raise BadSample(f"fbank has shape {fbank.shape} and dtype {fbank.dtype}, expected 2-D float with rows")
         if not np.isfinite(fbank).all():
             raise BadSample("fbank holds NaN or infinite values")

@@ -1,6 +1,5 @@
 """Checkpoint layout: official key lists, prefix handling, pretrained -> finetune loading, IN-MAE initialisation."""
 
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 from train.checkpoint import (
+    CheckpointError,
     imagenet_mae_init,
     load_pretrained_into,
     load_state_dict_file,
@@ -146,7 +146,7 @@ class _NotATensor:
 def test_file_loading_refuses_arbitrary_pickles(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "obj": _NotATensor()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="evil.pth: holds pickled objects"):
         load_state_dict_file(str(path))
     torch.save({"w": torch.zeros(1), "step": 3}, path)
     with pytest.raises(ValueError, match="not a state dict"):

@@ -11,7 +11,9 @@ names without the prefix, so loading is a prefix strip plus a check that the onl
 Files are read with torch.load(weights_only=True) only: no arbitrary pickle is ever executed.
 """
 
+import pickle
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -34,13 +36,37 @@ def strip_module_prefix(sd: "dict[str, torch.Tensor]") -> "OrderedDict[str, torc
     return OrderedDict((k[len(MODULE_PREFIX):] if k.startswith(MODULE_PREFIX) else k, v) for k, v in sd.items())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely: missing, truncated, not a torch file, or holding pickled objects
+    beyond tensors and plain containers (the message is one line and names the file)."""
+
+
+def read_checkpoint(path: "str | Path", need: "tuple[str, ...]" = ()) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU, with every failure a one-line CheckpointError: checkpoints
+    are untrusted, and torch reports a truncated file or a refused pickle in many (multi-line) ways. `need`: keys
+    the loaded dict must have (a training state)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: holds pickled objects other than tensors; refused (weights_only)") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for damaged files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged? {first})") from None
+    missing = [k for k in need if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: not a training state (no {', '.join(missing)})")
+    return obj
+
+
 def load_state_dict_file(path: str) -> "OrderedDict[str, torch.Tensor]":
     """Read a raw state dict, or a training checkpoint dict holding it under 'model'; strip `module.`."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_checkpoint(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict (nor a dict with a 'model' state dict)")
+        raise CheckpointError(f"{path}: not a state dict (nor a dict with a 'model' state dict)")
     return strip_module_prefix(obj)
 
 

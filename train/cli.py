@@ -84,14 +84,15 @@ def frame_choice(value: str, source: str) -> str | int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from train.data import LabelError
+    from train.checkpoint import CheckpointError
+    from train.data import LabelError, NoSamples
     from train.stage import UsageError
 
     try:
         cfg = load_config(args.config, args.sets, args.presets)
         result = COMMANDS[args.command](args, cfg)
-    except (ConfigError, UsageError, LabelError) as exc:
-        print(f"cavmae-train: error: {exc}", file=sys.stderr)
+    except (ConfigError, UsageError, LabelError, CheckpointError, NoSamples) as exc:
+        print(f"cavmae-train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cavmae-train: interrupted; run again with --resume to continue", file=sys.stderr)
@@ -106,6 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "out", None) and args.command in ("eval", "retrieve"):
             Path(args.out).write_text(text + "\n")
     return 0
+
+
+def one_line(exc: Exception) -> str:
+    """The message of `exc`; for one raised in a DataLoader worker (which torch re-raises with the worker's
+    traceback as its text), the original message: the last line without its "module.Type: " prefix."""
+    text = str(exc)
+    if "Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name = type(exc).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
 def _pretrain(args: argparse.Namespace, cfg) -> None:
@@ -170,15 +182,15 @@ def _retrieve(args: argparse.Namespace, cfg) -> dict:
 
 
 def _read_checkpoint(path: str):
-    from train.checkpoint import load_state_dict_file
+    from train.checkpoint import CheckpointError, load_state_dict_file
     from train.stage import UsageError
 
     if not Path(path).is_file():
         raise UsageError(f"--checkpoint {path}: no such file")
     try:
         return load_state_dict_file(path)
-    except Exception as exc:  # torch reports unreadable or unsafe files in many ways
-        raise UsageError(f"--checkpoint {path}: cannot load ({str(exc).splitlines()[0]})") from None
+    except CheckpointError as exc:
+        raise UsageError(f"--checkpoint {exc}") from None
 
 
 COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "eval": _eval, "retrieve": _retrieve}

@@ -47,7 +47,7 @@ import random
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import av
 import numpy as np
@@ -71,6 +71,44 @@ MIX_POOL = 64  # recent samples a mixup partner is drawn from (the official load
 
 class LabelError(ValueError):
     """A label id that the label index does not know (one line, naming the label and the file)."""
+
+
+class NoSamples(ValueError):
+    """Shards from which no sample decodes (one line, naming the shards): no progress is possible."""
+
+
+def shard_list(urls: Iterable[str], shown: int = 3) -> str:
+    """'a.tar, b.tar, c.tar and 7 more' for one-line messages."""
+    names = list(urls)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+MAX_FAILURES = 1000  # consecutive skips (samples or shards) before a stream gives up: a set where nothing decodes
+
+
+class Failures:
+    """Consecutive skips of one stream stage: each is logged with its key and shard (so the skip counter equals
+    the warnings), and MAX_FAILURES in a row without one good sample raise NoSamples instead of looping forever
+    over a set in which nothing decodes (random bytes, a non-tar file, every sample outside the config)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0  # since the last sample handed on (rides along in the batches)
+        self.in_a_row = 0
+        self.urls: dict[str, None] = {}
+
+    def skip(self, url: str, what: str, reason: Any) -> None:
+        self.skipped += 1
+        self.in_a_row += 1
+        self.urls[url] = None
+        log.warning("skipping %s of %s: %s", what, url, " ".join(str(reason).split()))
+        if self.in_a_row >= MAX_FAILURES:
+            raise NoSamples(f"no sample decoded in {self.in_a_row} tries in a row (shards: {shard_list(self.urls)}; last: "
+                            f"{' '.join(str(reason).split())})")
+
+    def passed(self) -> int:
+        """A good sample: the skips since the previous one (and reset)."""
+        count, self.skipped, self.in_a_row, self.urls = self.skipped, 0, 0, {}
+        return count
 
 
 # ---------------------------------------------------------------------------------------------- audio steps
@@ -272,10 +310,11 @@ def balance_weights(rows: list[dict[str, Any]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- pipeline stages
 
 def decoded_samples(shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Decode every sample of every shard, skipping (and counting in `_skipped`) what cannot be decoded.
+    """Decode every sample of every shard (`shards.reader.decode_sample` validates it), skipping (and counting in
+    `_skipped`) what cannot be decoded; `Failures` gives up on a set where nothing decodes.
 
-    A truncated or corrupt tar loses the rest of that shard only."""
-    skipped = 0
+    A truncated or corrupt tar (any malformed header) loses the rest of that shard only."""
+    failures = Failures()
     for shard in shards:
         url = shard["url"]
         try:
@@ -283,14 +322,12 @@ def decoded_samples(shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]
                 try:
                     sample = decode_sample(raw)
                 except BadSample as exc:
-                    skipped += 1
-                    log.warning("skipping corrupt sample: %s", exc)
+                    failures.skip(url, f"sample {raw.get('__key__')!r}", str(exc).split(": ", 2)[-1])
                     continue
-                sample["_skipped"], skipped = skipped, 0
+                sample["_skipped"] = failures.passed()
                 yield sample
         except (tarfile.TarError, OSError, ValueError) as exc:
-            skipped += 1
-            log.warning("skipping rest of shard %s: %s", url, exc)
+            failures.skip(url, "the rest of the shard", exc)
 
 
 def repeat_by_weight(samples: Iterator[dict[str, Any]], weights: dict[str, float],
@@ -331,6 +368,7 @@ class Transform:
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rng = np.random.default_rng(self.seed * 100003 + wds.utils.pytorch_worker_seed())
         pool: list[dict[str, Any]] = []
+        failures = Failures()
         skipped = 0
         for sample in samples:
             skipped += sample["_skipped"]
@@ -340,13 +378,19 @@ class Transform:
             except LabelError:
                 raise
             except (OSError, ValueError, av.FFmpegError) as exc:  # a bad JPEG or .flac in a good shard; BadSample
-                skipped += 1
-                log.warning("skipping sample %r of %s: %s", sample["key"], sample["url"], exc)
+                failures.skip(sample["url"], f"sample {sample['key']!r}", exc)
                 continue
-            example["_skipped"], skipped = skipped, 0
+            example["_skipped"], skipped = skipped + failures.passed(), 0
             if self.aug["mixup"] > 0:
                 pool = (pool + [sample])[-MIX_POOL:]
             yield example
+
+    def check(self, sample: dict[str, Any]) -> None:
+        """What `decode_sample` cannot know: the fbank's mel width must be the model's (`num_mel_bins` in `data`,
+        when given). Frame sizes are checked as each frame is opened (`frame_pixels`), label indices in `example`."""
+        bins = self.data.get("num_mel_bins")
+        if bins is not None and sample["fbank"].shape[1] != bins:
+            raise BadSample(f"fbank has {sample['fbank'].shape[1]} mel bins, the model takes {bins}")
 
     def frame_indices(self, available: int, rng: np.random.Generator) -> list[int]:
         if self.frame == "random":
@@ -369,6 +413,7 @@ class Transform:
         """One sample's compact parts: the raw (mixed, unpadded) fbank, uint8 frame(s) (and the partner's with λ),
         and its augmentation parameters. Padding happens in `collate`, the rest in `device_augment`."""
         d, aug = self.data, self.aug
+        self.check(sample)
         fbank = torch.from_numpy(sample["fbank"])
         image = self.pixels(sample, rng)
         lam, mixup, image_mix = 1.0, None, None
@@ -380,6 +425,8 @@ class Transform:
                    "_mixup": mixup, "aug": draw_augmentation(aug, d["target_length"], fbank.shape[1], rng)}
         if self.num_classes:
             first = label_indices(sample, self.label_map, self.label_file)
+            if any(not 0 <= i < self.num_classes for i in first):
+                raise BadSample(f"label indices {first} outside 0..{self.num_classes - 1}")
             second = label_indices(partner, self.label_map, self.label_file) if partner is not None else None
             example["label"] = soft_labels(self.num_classes, aug["label_smooth"], first, second, lam)
         return example

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from train import distributed as dist
-from train.data import Transform, device_augment, eval_loader
+from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
 from train.loop import autocast, unwrap
 
 
@@ -73,6 +73,8 @@ def predict(model: torch.nn.Module, urls: list[str], transform: Transform, *, mo
     parts = dist.gather_objects((torch.cat(probs, 1) if probs else None, torch.cat(targets) if targets else None,
                                  keys))
     parts = [p for p in parts if p[0] is not None]
+    if not parts:
+        raise NoSamples(f"no decodable sample in {len(urls)} shard(s): {shard_list(urls)}")
     all_keys = [k for p in parts for k in p[2]]
     order = np.argsort(all_keys, kind="stable")
     return {"probs": torch.cat([p[0] for p in parts], 1).numpy()[:, order],

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from train import distributed as dist
+from train.checkpoint import read_checkpoint
 from train.data import device_augment
 
 LAST = "last.pt"
@@ -91,7 +92,8 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
     log = MetricsLog(out)
     step, epoch, done = 0, 0, 0  # optimizer steps so far; current 0-based epoch; micro-batches done in it
     if resume and (out / LAST).exists():
-        state = torch.load(out / LAST, map_location="cpu", weights_only=True)
+        state = read_checkpoint(out / LAST, need=("model", "optimizer", "scheduler", "scaler", "step", "epoch",
+                                                  "batches_done"))
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from train import distributed as dist
-from train.data import Transform, device_augment, eval_loader
+from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
 from train.loop import autocast, unwrap
 
 
@@ -33,6 +33,8 @@ def features(model: torch.nn.Module, urls: list[str], transform: Transform, *, b
         visual.append(F.normalize(v.float().mean(1), dim=-1).cpu())
         keys += batch["key"]
     parts = [p for p in dist.gather_objects((audio, visual, keys)) if p[2]]
+    if not parts:
+        raise NoSamples(f"no decodable sample in {len(urls)} shard(s): {shard_list(urls)}")
     all_keys = [k for p in parts for k in p[2]]
     order = torch.as_tensor(np.argsort(all_keys, kind="stable"))
     a = torch.cat([x for p in parts for x in p[0]])[order]

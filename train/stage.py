@@ -33,6 +33,8 @@ def shard_urls(spec: str | None, flag: str) -> list[str]:
 def run_folder(out: str, cfg: Config) -> Path:
     """Create the run folder and write the exact config used beside the outputs."""
     path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
     if dist.is_main():
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.yaml").write_text(cfg.to_yaml())
@@ -78,7 +80,8 @@ def check_manifest_labels(urls: list[str], cfg: Config, label_map: dict[str, int
 
 def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes: int = 0,
               label_map: dict[str, int] | None = None, label_csv: str | None = None, seed: int = 0) -> Transform:
-    data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.model.image_size}
+    data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.model.image_size,
+            "num_mel_bins": cfg.model.num_mel_bins}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
                      label_map=label_map, label_file=label_csv, seed=seed, audio=cfg.audio.to_dict())
 
