@@ -40,6 +40,8 @@ def open_flac(data: bytes) -> Any:
     """A `.flac` member opened by FFmpeg's FLAC demuxer only (PyAV container; use it as a context manager)."""
     import av
 
+    if not data.startswith(b"fLaC"):  # the FLAC stream marker, first in every file our encoder writes
+        raise BadSample(".flac member is not FLAC (no fLaC stream marker)")
     try:
         return av.open(io.BytesIO(data), format="flac")
     except (av.error.FFmpegError, ValueError) as exc:
