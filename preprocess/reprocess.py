@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -35,10 +36,11 @@ import yaml
 
 from shards.config import Config, ConfigError, check_choice
 from shards.manifest import merge_rows, read_manifest, write_rows, fragment_name
-from shards.media import open_flac
+from shards.media import open_flac, open_jpeg
 from shards.names import shard_index, shard_name
-from shards.reader import tar_members
-from shards.schema import member_suffix, sample_members
+from shards.reader import split_name, tar_members
+from shards.schema import (BadSample, check_key, decode_labels, decode_member, decode_meta, member_suffix,
+                           sample_members)
 from shards.store import Store, is_uri
 from shards.writer import ShardWriter
 
@@ -237,7 +239,17 @@ def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data:
     need_old = mode != "source" or any(it["labels"] for it in items)
     olds = _old_samples(src_store, items) if need_old else ((it["video_id"], None) for it in items)
     with ShardWriter(store, name) as shard:
-        for position, (item, (vid, old)) in enumerate(zip(items, olds)):
+        for position, item in enumerate(items):
+            try:
+                vid, old = next(olds)
+            except (tarfile.TarError, BadSample, OSError, ValueError) as exc:
+                # SRC's shard is unreadable from here on (a malformed header, a missing sample): the rest of the
+                # group fails with the reason; what is already in the shard stays
+                why = _one_line(f"source shard: {exc}")
+                for rest, it in enumerate(items[position:], position):
+                    rows.append(_row(it, "failed", why, digest))
+                    report(progress, index, rest, rows[-1:])
+                break
             assert vid == item["video_id"]
             item_rows = []
             try:
@@ -260,8 +272,11 @@ def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data:
 def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]] | None, cfg: Config, mode: str,
             digest: str) -> list[tuple[str, dict, list[tuple[str, bytes]]]]:
     """[(key, meta, members)] of one video."""
+    if mode != "source":  # (the source mode reads only the labels of SRC's sample, and decodes them checked)
+        for key, members in old:
+            check_old_sample(key, members, cfg)
     if mode == "repack":
-        return [(key, json.loads(dict(_by_suffix(m))["json"]), m) for key, m in old]
+        return [(key, decode_meta(dict(_by_suffix(m))["json"]), m) for key, m in old]
     if mode == "waveform":
         return [_from_waveform(key, m, cfg, digest) for key, m in old]
     from preprocess.decode import BadInput
@@ -271,8 +286,7 @@ def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]]
     if old:
         labels_txt = dict(_by_suffix(old[0][1])).get("labels.txt")
         if labels_txt is not None:
-            text = labels_txt.decode().strip()
-            indices = [int(x) for x in text.split(",")] if text else None
+            indices = decode_labels(labels_txt) or None
     with local_copy(item["source"]) as path:
         if not is_uri(item["source"]) and not os.path.exists(path):
             raise BadInput(f"source video is gone: {item['source']}")
@@ -282,7 +296,25 @@ def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]]
 
 def _by_suffix(members: list[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
     for name, data in members:
-        yield member_suffix(name.rsplit("/", 1)[-1]), data
+        yield member_suffix(name), data
+
+
+def check_old_sample(key: str, members: list[tuple[str, bytes]], cfg: Config) -> None:
+    """SRC's shards are untrusted: a sample is remade (or copied) only when its key is in the key alphabet, every
+    member is in the schema and decodes (json object, labels, npy without pickle), its frames are JPEG no larger
+    than the frame size allows (`shards.media.open_jpeg`; repack and waveform modes keep `video.*`, so it is SRC's)
+    and its `.flac` is FLAC. Raises BadSample naming the member."""
+    check_key(key)
+    for name, data in members:
+        suffix = member_suffix(name)
+        if not name.startswith(f"{key}."):
+            raise BadSample(f"member {name!r} does not belong to sample {key!r}")
+        if suffix.startswith("frame"):
+            open_jpeg(data, cfg.video.image_size)
+        elif suffix == "flac":
+            open_flac(data).close()
+        else:
+            decode_member(suffix, data)
 
 
 def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
@@ -291,7 +323,7 @@ def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
     from preprocess.features import fbank
 
     d = dict(_by_suffix(members))
-    meta = json.loads(d["json"])
+    meta = decode_meta(d["json"])
     flac = d.get("flac")
     fb = None
     if meta.get("has_audio"):
@@ -302,7 +334,7 @@ def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
     meta["config_digest"] = digest
     frames = sorted((int(s[5:-4]), data) for s, data in d.items() if s.startswith("frame"))
     labels = d.get("labels.txt")
-    indices = [int(x) for x in labels.decode().split(",") if x.strip()] if labels else None
+    indices = (decode_labels(labels) or None) if labels else None
     keep = flac if cfg.audio.keep_waveform else None
     return key, meta, sample_members(key, meta, fb, [data for _, data in frames], keep, indices)
 
@@ -347,9 +379,10 @@ def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, list[tuple[
     with src.open_input(shard) as f:
         cur, members = None, []
         for name, data in tar_members(f):
-            base = name.rsplit("/", 1)[-1]
-            member_suffix(base)
-            key = base.split(".", 1)[0]
+            split = split_name(name)
+            if split is None:
+                continue
+            key = split[0]
             if key != cur and members:
                 yield cur, members
                 members = []

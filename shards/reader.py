@@ -171,6 +171,15 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
+def split_name(name: str) -> tuple[str, str] | None:
+    """(key, lower-case suffix) of a member name by webdataset's rule (`base_plus_ext`), or None for a name to
+    skip (webdataset's `__meta__` members, names without a suffix). The key is not checked here (`check_key`)."""
+    if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
+        return None
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
 def raw_samples(urls: Iterable[str | dict]) -> Iterator[dict[str, Any]]:
     """Raw samples (member bytes by lower-case suffix, `__key__`, `__url__`) as webdataset's `tar_file_expander` +
     `group_by_keys` produce them (same key rule, `__meta__` members skipped, duplicate members an error), through
@@ -181,12 +190,10 @@ def raw_samples(urls: Iterable[str | dict]) -> Iterator[dict[str, Any]]:
         with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as stream:
             current: dict[str, Any] | None = None
             for name, data in tar_members(stream):
-                if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
+                split = split_name(name)
+                if split is None:
                     continue
-                match = _KEY_EXT.match(name)
-                if not match:
-                    continue
-                key, suffix = match.group(1), match.group(2).lower()
+                key, suffix = split
                 if current is None or key != current["__key__"]:
                     if current is not None:
                         yield current
