@@ -360,3 +360,25 @@ def test_train_cli_clear_errors(tmp_path, tiny_shard, capsys):
     for command in ("eval", "retrieve"):
         code, err = run_train([command, "--shards", str(junk), "--checkpoint", str(ft)] + sets, capsys)
         assert code == 2 and "no decodable sample" in err and "junk.tar" in err and "\n" not in err, err
+
+
+def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
+    """A downloaded shard set: each source sample is checked before it is copied (repack), a malformed source shard
+    fails the rest of its group with the reason, and nothing is written outside the output folder."""
+    from preprocess.reprocess import reprocess_group
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    write_tar(src / "shard-000000.tar", good("g0") + HOSTILE["eps_frame"][0] + HOSTILE["../climb"][0])
+    (src / "shard-000001.tar").write_bytes(pax_tar(b"000"))
+    rows = [{"video_id": key, "key": key, "window": None, "source": f"{key}.mp4", "status": "ok", "labels": [],
+             "shard": f"shard-00000{n}.tar"} for key, n in (("g0", 0), ("eps_frame", 0), ("../climb", 0), ("g1", 1))]
+    items = _videos_in_source_order(rows, "shard-%06d.tar", str(src))
+    before = set(tmp_path.rglob("*"))
+    out = {r["video_id"]: r for r in reprocess_group(0, items, str(dst), load_config().to_dict(), str(src), "repack")}
+    assert out["g0"]["status"] == "ok"
+    for key, needle in (("eps_frame", "not a readable JPEG"), ("../climb", "key"), ("g1", "source shard")):
+        assert out[key]["status"] == "failed" and needle in out[key]["error"], out[key]
+    assert [s["__key__"] for s in raw_samples([str(dst / "shard-000000.tar")])] == ["g0"]
+    assert {p for p in set(tmp_path.rglob("*")) - before if dst not in p.parents} == {dst}
+    assert not fake_gs.exists()
