@@ -67,6 +67,8 @@ class Clip:
     has_audio: bool
     has_video: bool
     sample_rate: int = 16000
+    audio_start_s: float | None = None  # how late the audio's first sample comes after the file's start; the
+                                        # waveform begins there (it is not padded), so a late start is recorded
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,7 @@ class _Decoder:
         self.audio_total = 0         # samples received so far
         self.audio_eof = False
         self.audio_error: str | None = None
+        self.audio_start_s: float | None = None  # of the first decoded audio frame, from the file's start
 
     # ---- windows ----------------------------------------------------------------------------------
     def _window_plan(self, k: int) -> _Window:
@@ -477,6 +480,9 @@ class _Decoder:
             if packet is None:
                 frames = list(frames) + [None]   # flush the resampler too
             for frame in frames:
+                if self.audio_start_s is None and frame is not None and frame.pts is not None:
+                    start = self.c.start_time / av.time_base if self.c.start_time is not None else 0.0
+                    self.audio_start_s = max(0.0, float(frame.pts * frame.time_base) - start)
                 for out in self.resampler.resample(frame):
                     self._audio_samples(out)
         except (av.FFmpegError, ValueError) as exc:
@@ -609,7 +615,7 @@ class _Decoder:
             frames=w.frames if has_video else [], frame_times_s=w.times if has_video else [],
             waveform=waveform, duration_s=float(duration), fps=self.fps, clip_start_s=w.start_s,
             window=w.index if s.windows else None, has_audio=has_audio, has_video=has_video,
-            sample_rate=s.sample_rate,
+            sample_rate=s.sample_rate, audio_start_s=(self.audio_start_s or 0.0) if has_audio else None,
         )
 
 

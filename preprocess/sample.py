@@ -53,6 +53,7 @@ def clip_meta(clip: Clip, *, video_id: str, source: str, labels: list[str], audi
         "config_digest": config_digest,
         "window": clip.window,
         "clip_start_s": _num(clip.clip_start_s),
+        "audio_start_s": None if clip.audio_start_s is None else _num(clip.audio_start_s),
     }
 
 

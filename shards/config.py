@@ -98,17 +98,20 @@ def load_config(path: str | Path | None = None, sets: Iterable[str] = (), preset
 
 
 POSITIVE = ("audio.sample_rate", "audio.num_mel_bins", "video.num_frames", "video.image_size",
-            "shards.samples_per_shard", "model.target_length", "model.num_mel_bins", "model.image_size")
+            "shards.samples_per_shard", "ray.num_cpus_per_task", "model.target_length", "model.num_mel_bins",
+            "model.image_size")
+NON_NEGATIVE = ("ray.workers", "ray.max_retries", "data.num_workers")
 
 
 def check_values(data: dict[str, Any], source: str) -> None:
     """Values that type-check but cannot work, refused when the config loads (before anything is written, e.g. the
     frozen pipeline.yaml of an output folder): sizes that must be >= 1, and an unsafe `shards.pattern`."""
-    for dotted in POSITIVE:
-        section, key = dotted.split(".")
-        value = data.get(section, {}).get(key)
-        if value is not None and value < 1:
-            raise ConfigError(f"{source}: '{dotted}' must be >= 1; got {value!r}")
+    for names, least in ((POSITIVE, 1), (NON_NEGATIVE, 0)):
+        for dotted in names:
+            section, key = dotted.split(".")
+            value = data.get(section, {}).get(key)
+            if value is not None and value < least:
+                raise ConfigError(f"{source}: '{dotted}' must be >= {least}; got {value!r}")
     pattern = data.get("shards", {}).get("pattern")
     if pattern is not None:
         try:

@@ -382,3 +382,20 @@ def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
     assert [s["__key__"] for s in raw_samples([str(dst / "shard-000000.tar")])] == ["g0"]
     assert {p for p in set(tmp_path.rglob("*")) - before if dst not in p.parents} == {dst}
     assert not fake_gs.exists()
+
+
+def test_late_audio_start_is_recorded(tmp_path):
+    """Audio whose first sample comes 1.5 s into the file: the waveform starts there, and the sample says so."""
+    from preprocess.decode import decode_clips
+    from preprocess.sample import clip_meta
+    from tests.clips import FFMPEG
+
+    late = tmp_path / "late.mp4"
+    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=s=64x48:r=25:d=3",
+                    "-itsoffset", "1.5", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000:duration=1.5",
+                    "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac",
+                    str(late)], check=True, timeout=60)
+    cfg = load_config(sets=["clip.length_s=1.0", "video.num_frames=2", "video.image_size=32"])
+    (clip,) = decode_clips(late, cfg)
+    meta = clip_meta(clip, video_id="late", source=str(late), labels=[], audio_frames=1, config_digest="x")
+    assert 1.3 < meta["audio_start_s"] <= 1.5  # 1.5 s less the AAC encoder delay
