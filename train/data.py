@@ -58,8 +58,8 @@ from torchvision import transforms
 from preprocess.features import fbank as compute_fbank
 from shards.config import Config
 from shards.manifest import MANIFEST, read_rows
-from shards.reader import decode_sample, raw_samples
 from shards.media import open_flac, open_jpeg
+from shards.reader import decode_sample, raw_samples
 from shards.schema import BadSample
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ class Failures:
         self.urls[url] = None
         log.warning("skipping %s of %s: %s", what, url, " ".join(str(reason).split()))
         if self.in_a_row >= MAX_FAILURES:
-            raise NoSamples(f"no sample decoded in {self.in_a_row} tries in a row (shards: {shard_list(self.urls)}; last: "
-                            f"{' '.join(str(reason).split())})")
+            raise NoSamples(f"no sample decoded in {self.in_a_row} tries in a row (shards: {shard_list(self.urls)}; "
+                            f"last: {' '.join(str(reason).split())})")
 
     def passed(self) -> int:
         """A good sample: the skips since the previous one (and reset)."""
@@ -322,7 +322,8 @@ def decoded_samples(shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]
                 try:
                     sample = decode_sample(raw)
                 except BadSample as exc:
-                    failures.skip(url, f"sample {raw.get('__key__')!r}", str(exc).split(": ", 2)[-1])
+                    what = f"sample {raw.get('__key__', '?')!r}"
+                    failures.skip(url, what, str(exc).removeprefix(f"{url}: {what}: "))
                     continue
                 sample["_skipped"] = failures.passed()
                 yield sample
