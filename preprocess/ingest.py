@@ -183,7 +183,7 @@ def _next_index(rows: list[dict[str, Any]], groups: list[tuple[int, list[Any]]],
     used = [i for i, _ in groups]
     for r in rows:
         try:
-            used.append(shard_index(pattern, r["shard"]) if r["shard"] else -1)
+            used.append(shard_index(pattern, r["shard"] or ""))
         except ValueError:
             continue
     return max(used, default=-1) + 1

@@ -307,8 +307,6 @@ def check_old_sample(key: str, members: list[tuple[str, bytes]], cfg: Config) ->
     check_key(key)
     for name, data in members:
         suffix = member_suffix(name)
-        if not name.startswith(f"{key}."):
-            raise BadSample(f"member {name!r} does not belong to sample {key!r}")
         if suffix.startswith("frame"):
             open_jpeg(data, cfg.video.image_size)
         elif suffix == "flac":

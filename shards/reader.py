@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 import braceexpand
-
 import numpy as np
 
 from .schema import BadSample, check_key, decode_member, member_suffix
