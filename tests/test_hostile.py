@@ -399,3 +399,18 @@ def test_late_audio_start_is_recorded(tmp_path):
     (clip,) = decode_clips(late, cfg)
     meta = clip_meta(clip, video_id="late", source=str(late), labels=[], audio_frames=1, config_digest="x")
     assert 1.3 < meta["audio_start_s"] <= 1.5  # 1.5 s less the AAC encoder delay
+
+
+def test_worker_errors_print_their_own_line():
+    """A NoSamples raised in a DataLoader worker comes back with the worker's traceback as its text; the CLI
+    prints the original one line."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise NoSamples("no sample decoded in 1000 tries in a row (shards: junk.tar; last: bad)")
+    except NoSamples:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(NoSamples) as err:
+        wrapped.reraise()
+    assert "\n" in str(err.value)
+    assert train_cli.one_line(err.value) == "no sample decoded in 1000 tries in a row (shards: junk.tar; last: bad)"
