@@ -50,14 +50,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-import av
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from preprocess.features import fbank as compute_fbank
 from shards.config import Config
 from shards.manifest import MANIFEST, read_rows
 from shards.reader import decode_sample, raw_samples
@@ -159,7 +157,10 @@ def mix_fbanks(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def decode_flac(data: bytes, sample_rate: int) -> torch.Tensor:
-    """A `.flac` member as a float32 mono waveform at `sample_rate` (for our s16 FLAC: exactly s16 / 32768)."""
+    """A `.flac` member as a float32 mono waveform at `sample_rate` (for our s16 FLAC: exactly s16 / 32768).
+    PyAV is imported here, not at module level: a trainer whose shards carry no `.flac` runs without it."""
+    import av
+
     with av.open(io.BytesIO(data)) as container:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         frames = [out for frame in container.decode(audio=0) for out in resampler.resample(frame)]
@@ -390,6 +391,8 @@ class Transform:
         a `.flac`) or "fbank" (mel power-domain approximation)."""
         if self.audio is None or sample["flac"] is None or partner["flac"] is None:
             return mix_fbanks(fbank, torch.from_numpy(partner["fbank"]).float(), lam), "fbank"
+        from preprocess.features import fbank as compute_fbank  # PyAV + torchaudio: only for waveform mixup
+
         rate = int(self.audio["sample_rate"])
         mix = mix_waveforms(decode_flac(sample["flac"], rate), decode_flac(partner["flac"], rate), lam)
         return torch.from_numpy(compute_fbank(mix.numpy(), Config(self.audio))).float(), "waveform"
