@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 # kaldi fbank floors mel energies at float32 eps before the log, so this is the log-mel of silence.
 LOG_SILENCE = math.log(torch.finfo(torch.float32).eps)
 MIX_POOL = 64  # recent samples a mixup partner is drawn from (the official loader draws from the whole set)
+# Batches in page-locked memory on CUDA: `device_augment`'s non_blocking copies then neither wait for the device
+# nor block the host (from pageable memory they stall the host until the stream reaches them).
+PIN = torch.cuda.is_available()
 
 
 class LabelError(ValueError):
@@ -136,8 +139,8 @@ def device_augment(batch: dict[str, Any], device: torch.device | str | None = No
     if "image_mix" in batch:
         lam = move(batch["lam"]).view(-1, *[1] * (image.dim() - 1))
         image = image * lam + move(batch["image_mix"]).float() * (1 - lam)
-    scale = torch.tensor(aug["pixel_scale"], device=dev).view(3, 1, 1)
-    shift = torch.tensor(aug["pixel_shift"], device=dev).view(3, 1, 1)
+    scale = move(torch.tensor(aug["pixel_scale"])).view(3, 1, 1)  # built on the host: a blocking copy would sync
+    shift = move(torch.tensor(aug["pixel_shift"])).view(3, 1, 1)
     out["image"] = (image * scale).sub_(shift).contiguous()
     return out
 
@@ -445,11 +448,11 @@ def train_loader(urls: list[str], transform: Transform, *, batch_size: int, num_
                else (lambda src: src),
                transform, wds.batched(batch_size, collation_fn=transform.collate, partial=False)]
     pipe = wds.DataPipeline(*stages)
-    return wds.WebLoader(pipe, batch_size=None, num_workers=num_workers).with_epoch(num_batches)
+    return wds.WebLoader(pipe, batch_size=None, num_workers=num_workers, pin_memory=PIN).with_epoch(num_batches)
 
 
 def eval_loader(urls: list[str], transform: Transform, *, batch_size: int, num_workers: int) -> wds.WebLoader:
     """Every sample of `urls` once (split by node and worker), last batch kept."""
     pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, decoded_samples,
                             transform, wds.batched(batch_size, collation_fn=transform.collate, partial=True))
-    return wds.WebLoader(pipe, batch_size=None, num_workers=min(num_workers, len(urls)))
+    return wds.WebLoader(pipe, batch_size=None, num_workers=min(num_workers, len(urls)), pin_memory=PIN)
