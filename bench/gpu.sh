@@ -49,7 +49,9 @@ run() {
     if compgen -G ".whl/*.whl" >/dev/null; then
         stamp "installing carried wheels into $SITE"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-            || stamp "wheel install FAILED"
+            || { stamp "pip failed: unpacking the (pure-python) wheels instead"; mkdir -p "$SITE"
+                 "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+                     "$SITE" .whl/*.whl; }
         export PYTHONPATH=$SITE:$PWD
     else
         export PYTHONPATH=$PWD
@@ -57,7 +59,7 @@ run() {
     if (( TINY )); then
         MODEL=(--set model.size=tiny --set model.target_length=128 --set model.image_size=64)
         GEOM=(--set video.image_size=64 --set video.num_frames=4 "${MODEL[@]}")
-        BATCHES=(2 4); FT=2; STEPS=(--steps 1 --warmup 1); PROFILE_B=4; NUM_B=2; CURVE=(--steps 6 --every 2)
+        BATCHES=(2 4); FT=2; STEPS=(--steps 1 --warmup 1); PROFILE_B=4; NUM_B=2; CURVE=(--steps 4 --every 2 --curve-batch 2)
         SAMPLES=48; PER_SHARD=12; E2E_B=8; E2E_STEPS=6; E2E_SKIP=2; LOG=2; WORKERS=(1 2); SHUF=16
         COMPILE_B=(2)
     else

@@ -62,8 +62,8 @@ def md_tables(records: list[dict]) -> str:
         for r in loops:
             ref = eager.get((r["batch"], r["precision"]))
             ratio = f"{100 * r['samples_s'] / ref:.0f}%" if ref else "-"
-            out.append(f"| {r['device']} | end-to-end {r['label']} | {r['batch']} | {r['precision']} | "
-                       f"{r['label']} | {r['samples_s']:.1f} | {f'{ref:.1f}' if ref else '-'} | {ratio} |")
+            out.append(f"| {r['device']} | end-to-end | {r['batch']} | {r['precision']} | {r['label']} | "
+                       f"{r['samples_s']:.1f} | {f'{ref:.1f}' if ref else '-'} | {ratio} |")
     for r in records:
         if r["section"] == "numerics_grads":
             worst = min(r["groups"].items(), key=lambda kv: kv[1]["cos"])
@@ -95,7 +95,8 @@ def main() -> None:
     p.add_argument("json")
     args = ap.parse_args()
     if args.command == "loop":
-        r = {"section": "loop", "label": args.label, "batch": args.batch, "precision": args.precision,
+        precision = "fp32" if args.device == "cpu" else args.precision  # precision auto: fp32 on a CPU
+        r = {"section": "loop", "label": args.label, "batch": args.batch, "precision": precision,
              "device": args.device, **loop_rate(Path(args.run), args.batch, args.skip)}
         print(f"{args.label}: {r['samples_s']:.1f} samples/s over steps {r['from_step']}-{r['steps']} "
               f"(whole epoch {r['samples_s_whole']:.1f}), last loss {r['loss']}, non-finite steps {r['nonfinite']}")

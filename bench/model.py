@@ -218,7 +218,8 @@ def max_batch(bench: Bench, start: int, limit: int, json_path: "str | None", bas
 def try_batch(bench: Bench, batch: int) -> bool:
     try:
         r = bench.run(batch, "bf16", steps=1, warmup=1)
-        print(f"  batch {batch}: fits, {r['samples_s']:.1f} samples/s, peak {r['peak_mem_gib']:.1f} GiB", flush=True)
+        mem = f", peak {r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else ""
+        print(f"  batch {batch}: fits, {r['samples_s']:.1f} samples/s{mem}", flush=True)
         return True
     except torch.cuda.OutOfMemoryError:
         print(f"  batch {batch}: out of memory", flush=True)
@@ -270,7 +271,8 @@ def profile(bench: Bench, batch: int, precision: str, path: str) -> None:
     lines = [f"profile: {bench.kind} step, batch {batch}, {precision}, "
              f"{torch.cuda.get_device_name(bench.device) if dev == 'device' else 'cpu'}, torch {torch.__version__}",
              f"wall per step {wall * 1000:.1f} ms; self {dev} time per step {busy * 1000:.1f} ms "
-             f"({100 * busy / wall:.0f}% of the wall time; grouped by kernel name on CUDA, by aten op on a CPU)", "", f"self {dev} time by op group (per step):"]
+             f"({100 * busy / wall:.0f}% of the wall time; grouped by kernel name on CUDA, by aten op on a CPU)",
+             "", f"self {dev} time by op group (per step):"]
     for group, t in sorted(totals.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {group:<30} {t / 1e3 / active:9.2f} ms  {100 * t / max(sum(totals.values()), 1):5.1f}%")
     text = "\n".join(lines) + "\n\n" + table + "\n"
@@ -298,7 +300,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     batches = args.batch or ([48, 256] if cuda else [8])
-    precisions = args.precision or (["bf16"] if cuda else ["fp32"])
+    precisions = args.precision or ["bf16"]
+    if not cuda and "bf16" in precisions:  # train.loop.autocast applies bf16 on CUDA only: a CPU step is fp32
+        print("bf16 autocast applies on CUDA only: timing fp32 instead")
+        precisions = ["fp32"]
     cfg = load_config(None, args.sets, [])
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     peak, peak_text = peak_tflops(device, args.peak)

@@ -50,7 +50,7 @@ def forward_backward(model, audio, image, device, precision: str) -> "tuple[dict
     with autocast(device, precision):
         out = model(audio, image)
     out["loss"].backward()
-    terms = {k: float(out[k]) for k in TERMS if k in out}
+    terms = {k: float(torch.as_tensor(out[k]).detach()) for k in TERMS if k in out}
     terms["loss_c_dtype"] = str(out["loss_c"].dtype).replace("torch.", "")
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return terms, grads
@@ -91,8 +91,8 @@ def grads(args, device: torch.device) -> dict:
 def curve(args, device: torch.device) -> dict:
     cfg = load_config(None, TINY + args.sets + [f"pretrain.lr={args.lr}"], [])
     stage = cfg.pretrain
-    pool = [batch_for(build_pretrain_model(cfg.model.to_dict()), args.curve_batch, device, seed)
-            for seed in range(args.pool)]
+    geometry = build_pretrain_model(cfg.model.to_dict())
+    pool = [batch_for(geometry, args.curve_batch, device, seed) for seed in range(args.pool)]
     losses = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
