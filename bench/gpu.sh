@@ -5,8 +5,9 @@
 #   OUT=/tmp/gpu-out bash bench/gpu.sh --tiny     # on a CPU: the tiny model, every section, a couple of minutes
 #   bash bench/gpu.sh model e2e                   # only these sections (names below), e.g. for a rerun
 #
-# Sections, in order: preflight model profile shards e2e ddp numerics compile maxbatch. Each runs under its own
-# timeout, cut further so the whole stays within GPU_BUDGET_S (default 345 s); every result is appended to
+# Sections, in order: preflight, model, profile, compile (batch 256), numerics beside shards (GPU and CPU work, none
+# of it timed), e2e, ddp, maxbatch, compile (batch 48 again). Each runs under its own timeout, cut further so the
+# whole stays within GPU_BUDGET_S (default 345 s); every result is appended to
 # $OUT/results.jsonl the moment it exists, so a hang or OOM in one section loses nothing else. $OUT also gets
 # log.txt (everything printed), profile.txt (top ops of the bf16 batch-256 step) and tables.md (the markdown
 # tables for BENCHMARKS.md, printed at the end too). Wheels in .whl/ (webdataset, braceexpand, tqdm) are installed
@@ -61,12 +62,12 @@ run() {
         GEOM=(--set video.image_size=64 --set video.num_frames=4 "${MODEL[@]}")
         BATCHES=(2 4); FT=2; STEPS=(--steps 1 --warmup 1); PROFILE_B=4; NUM_B=2; CURVE=(--steps 4 --every 2 --curve-batch 2)
         SAMPLES=48; PER_SHARD=12; E2E_B=8; E2E_STEPS=6; E2E_SKIP=2; LOG=2; WORKERS=(1 2); SHUF=16
-        COMPILE_B=(2)
+        COMPILE_B=2; COMPILE_MORE=4
     else
         MODEL=(); GEOM=()
         BATCHES=(48 256); FT=48; STEPS=(--steps 6 --warmup 2); PROFILE_B=256; NUM_B=8; CURVE=(--steps 300 --every 25)
-        SAMPLES=768; PER_SHARD=96; E2E_B=48; E2E_STEPS=40; E2E_SKIP=10; LOG=5; WORKERS=(8 4 12); SHUF=200
-        COMPILE_B=(256 48)
+        SAMPLES=768; PER_SHARD=96; E2E_B=48; E2E_STEPS=35; E2E_SKIP=10; LOG=5; WORKERS=(8 4 12); SHUF=200
+        COMPILE_B=256; COMPILE_MORE=48
     fi
     SHARDS=$WORK/shards
     stamp "python $("$PY" -c 'import sys; print(sys.version.split()[0])'), out $OUT, budget ${BUDGET}s, tiny=$TINY"
@@ -96,10 +97,19 @@ EOF
     wanted profile && section profile 50 "$PY" bench/model.py "${MODEL[@]}" --batch "$PROFILE_B" --precision bf16 \
         --profile "$OUT/profile.txt"
 
+    wanted compile && section "compile batch $COMPILE_B" 110 "$PY" bench/model.py "${MODEL[@]}" --batch "$COMPILE_B" \
+        --precision bf16 --compile "${STEPS[@]}" --json "$R"
+
+    # numerics (GPU, untimed) runs beside the shard writing (CPU processes): neither is a timing
+    if wanted numerics; then
+        { section "numerics grads" 45 "$PY" bench/numerics.py grads "${MODEL[@]}" --batch "$NUM_B" --json "$R"
+          section "numerics curve" 60 "$PY" bench/numerics.py curve "${CURVE[@]}" --json "$R"; } &
+    fi
     if wanted shards || wanted e2e || wanted ddp; then
         [[ -f $SHARDS/manifest.parquet ]] || section shards 60 "$PY" bench/shardset.py "$SHARDS" \
             --samples "$SAMPLES" --per-shard "$PER_SHARD" --workers 12 "${GEOM[@]}"
     fi
+    wait  # the numerics, before anything is timed again
     local device
     device=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')
     local common=(--shards "$SHARDS" "${GEOM[@]}" --set "pretrain.batch_size=$E2E_B" --set pretrain.epochs=1
@@ -124,13 +134,9 @@ EOF
             --device "$device" --json "$R"
         rm -rf "$WORK/run"
     fi
-    if wanted numerics; then
-        section "numerics grads" 45 "$PY" bench/numerics.py grads "${MODEL[@]}" --batch "$NUM_B" --json "$R"
-        section "numerics curve" 60 "$PY" bench/numerics.py curve "${CURVE[@]}" --json "$R"
-    fi
-    wanted compile && section compile 150 "$PY" bench/model.py "${MODEL[@]}" --batch "${COMPILE_B[@]}" \
-        --precision bf16 --compile "${STEPS[@]}" --json "$R"
     wanted maxbatch && section maxbatch 60 "$PY" bench/model.py "${MODEL[@]}" --max-batch --json "$R"
+    wanted compile && section "compile batch $COMPILE_MORE" 100 "$PY" bench/model.py "${MODEL[@]}" \
+        --batch "$COMPILE_MORE" --precision bf16 --compile "${STEPS[@]}" --json "$R"
 
     stamp "== tables (also in $OUT/tables.md)"
     "$PY" bench/gpu_report.py tables "$R" > "$OUT/tables.md"
