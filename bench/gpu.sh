@@ -20,7 +20,8 @@ ONLY=" $* "
 OUT=${OUT:-/tmp/gpu-out}
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
-BUDGET=${GPU_BUDGET_S:-345}
+SCALE=$(( TINY ? 3 : 1 ))  # --tiny runs on a (possibly busy) CPU: three times the timeouts and budget
+BUDGET=${GPU_BUDGET_S:-$(( 345 * SCALE ))}
 WORK=${GPU_WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK"
 R=$OUT/results.jsonl
@@ -33,7 +34,7 @@ wanted() { [[ "$ONLY" == "  " || "$ONLY" == *" $1 "* ]]; }
 
 # section NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, what is left of the budget); never fails the script
 section() {
-    local name=$1 limit=$2; shift 2
+    local name=$1 limit=$(( $2 * SCALE )); shift 2
     local left=$(( START + BUDGET - $(date +%s) ))
     (( limit > left )) && limit=$left
     if (( limit < 10 )); then stamp "== $name: skipped, budget spent"; return 0; fi
