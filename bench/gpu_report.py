@@ -52,7 +52,7 @@ def md_tables(records: list[dict]) -> str:
     for r in records:
         if r["section"] == "max_batch":
             out += ["", f"largest bf16 pretraining batch that fits ({r['device']}): {r['max_batch']} "
-                        f"(first out of memory: {r['first_oom']})"]
+                        f"(first out of memory: {r['first_oom'] or 'none up to the search limit'})"]
     loops = [r for r in records if r["section"] == "loop"]
     if loops:
         eager = {(r["batch"], r["precision"]): r["samples_s"] for r in model

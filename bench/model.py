@@ -198,9 +198,7 @@ def max_batch(bench: Bench, start: int, limit: int, json_path: "str | None", bas
             fits, b = b, b * 2
         else:
             fails = b
-    if fails is None:
-        fails = b
-    while fails - fits > 32:
+    while fails is not None and fails - fits > 32:
         mid = (fits + fails) // 64 * 32
         if mid <= fits:
             break
@@ -208,7 +206,8 @@ def max_batch(bench: Bench, start: int, limit: int, json_path: "str | None", bas
             fits = mid
         else:
             fails = mid
-    print(f"largest bf16 pretraining batch that fits: {fits} (first failing: {fails})", flush=True)
+    print(f"largest bf16 pretraining batch that fits: {fits} "
+          f"({f'first out of memory: {fails}' if fails else f'the search stops at {limit}'})", flush=True)
     if json_path:
         with open(json_path, "a") as f:
             f.write(json.dumps({"section": "max_batch", **base, "max_batch": fits, "first_oom": fails}) + "\n")
