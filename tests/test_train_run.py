@@ -12,10 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 sys.path.insert(0, str(Path(__file__).parent))
 
 import train.loop  # noqa: E402
+import train.pretrain  # noqa: E402
 from shards.config import load_config  # noqa: E402
 from train.cli import main  # noqa: E402
 from train.model import build_pretrain_model  # noqa: E402
-from train_fixtures import TINY  # noqa: E402
+from train_fixtures import TINY, write_synthetic_shards  # noqa: E402
 
 
 def sets(*extra):
@@ -87,6 +88,40 @@ def test_resume_mid_epoch_keeps_step_count_and_optimizer_state(data, tmp_path, m
     assert {float(s["step"]) for s in saved["optimizer"]["state"].values()} == {6.0}
 
 
+def test_nonfinite_loss_skips_the_step_and_a_persistent_one_stops(tmp_path, monkeypatch, capsys):
+    write_synthetic_shards(tmp_path / "shards", 32, 16)
+    real_step_fn, calls, poisoned = train.pretrain.step_fn, [], set()
+
+    def step_fn(contrast):
+        inner = real_step_fn(contrast)
+
+        def step(model, batch):
+            loss, metrics = inner(model, batch)
+            calls.append(len(calls) + 1)
+            return (loss * float("nan"), metrics) if calls[-1] in poisoned else (loss, metrics)
+        return step
+
+    monkeypatch.setattr(train.pretrain, "step_fn", step_fn)
+    args = ["pretrain", "--shards", str(tmp_path / "shards"), *sets("pretrain.batch_size=4", "pretrain.epochs=1")]
+    poisoned.update({3})
+    assert main([*args, "--out", str(tmp_path / "once")]) == 0
+    rows = records(tmp_path / "once")
+    assert [r["nonfinite"] for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert len(calls) == 8 and all(r["loss"] == r["loss"] for r in rows[:2])
+    weights = torch.load(tmp_path / "once" / "model.pth", weights_only=True)
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN step was skipped, not applied
+
+    calls.clear()
+    poisoned.clear()
+    poisoned.update(range(2, 100))
+    monkeypatch.setattr(train.loop, "NONFINITE_PATIENCE", 3)
+    assert main([*args, "--out", str(tmp_path / "always")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar
+    assert errors == ["cavmae-train: error: the loss was not finite for 3 optimizer steps in a row "
+                   "(by step 4, epoch 1); 3 steps skipped in all"]
+    assert len(calls) == 4  # stopped at the first record after the third NaN step, not at the end of the epoch
+
+
 def test_finetune_from_official_layout_checkpoint(data, tmp_path):
     root, labels = data
     cfg = load_config(None, TINY)
@@ -128,7 +163,7 @@ def test_finetune_beats_chance_then_eval_and_errors(data, tmp_path, capsys):
     assert main(eval_args + ["--set", "eval.frames=2"]) == 0  # an index through the config, not only --frames
     assert json.loads(capsys.readouterr().out)["frames"] == 2
     assert main(eval_args + ["--set", "eval.frames=last"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert "eval.frames must be all, middle or a frame index" in err and len(err.splitlines()) == 1
 
     bad = tmp_path / "bad_labels.csv"
@@ -136,7 +171,7 @@ def test_finetune_beats_chance_then_eval_and_errors(data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["finetune", "--shards", str(root / "train"), "--labels", str(bad), "--out", str(tmp_path / "x"),
                  *sets()]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert len(err.splitlines()) == 1 and "/m/class" in err and str(bad) in err
     assert main(["pretrain", "--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "y"), *sets()]) == 2
     assert "no shards found" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 One process per device: `torchrun --nproc-per-node N -m train pretrain ...` (or `cavmae-train ...` for one process).
 Exit status: 0 on success, 2 for bad arguments, config, shards or labels (a one-line message on stderr),
-130 when interrupted (`--resume` carries on from the last checkpoint).
+1 when the loss stayed non-finite, 130 when interrupted (`--resume` carries on from the last checkpoint).
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, LabelError, CheckpointError, NoSamples) as exc:
         print(f"cavmae-train: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # the loss stayed non-finite (train/loop.py NONFINITE_PATIENCE)
+        print(f"cavmae-train: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cavmae-train: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130

@@ -49,13 +49,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import av
 import numpy as np
 import torch
 import webdataset as wds
 from torchvision import transforms
 
-from preprocess.features import fbank as compute_fbank
 from shards.config import Config
 from shards.manifest import MANIFEST, read_rows
 from shards.media import open_flac, open_jpeg
@@ -67,6 +65,9 @@ log = logging.getLogger(__name__)
 # kaldi fbank floors mel energies at float32 eps before the log, so this is the log-mel of silence.
 LOG_SILENCE = math.log(torch.finfo(torch.float32).eps)
 MIX_POOL = 64  # recent samples a mixup partner is drawn from (the official loader draws from the whole set)
+# Batches in page-locked memory on CUDA: `device_augment`'s non_blocking copies then neither wait for the device
+# nor block the host (from pageable memory they stall the host until the stream reaches them).
+PIN = torch.cuda.is_available()
 
 
 class LabelError(ValueError):
@@ -175,8 +176,8 @@ def device_augment(batch: dict[str, Any], device: torch.device | str | None = No
     if "image_mix" in batch:
         lam = move(batch["lam"]).view(-1, *[1] * (image.dim() - 1))
         image = image * lam + move(batch["image_mix"]).float() * (1 - lam)
-    scale = torch.tensor(aug["pixel_scale"], device=dev).view(3, 1, 1)
-    shift = torch.tensor(aug["pixel_shift"], device=dev).view(3, 1, 1)
+    scale = move(torch.tensor(aug["pixel_scale"])).view(3, 1, 1)  # built on the host: a blocking copy would sync
+    shift = move(torch.tensor(aug["pixel_shift"])).view(3, 1, 1)
     out["image"] = (image * scale).sub_(shift).contiguous()
     return out
 
@@ -196,11 +197,18 @@ def mix_fbanks(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def decode_flac(data: bytes, sample_rate: int) -> torch.Tensor:
-    """A `.flac` member as a float32 mono waveform at `sample_rate` (for our s16 FLAC: exactly s16 / 32768)."""
-    with open_flac(data) as container:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-        frames = [out for frame in container.decode(audio=0) for out in resampler.resample(frame)]
-        frames += resampler.resample(None)
+    """A `.flac` member as a float32 mono waveform at `sample_rate` (for our s16 FLAC: exactly s16 / 32768).
+    PyAV is imported here, not at module level: a trainer whose shards carry no `.flac` runs without it. A decoding
+    error is a BadSample (the sample is skipped)."""
+    import av
+
+    try:
+        with open_flac(data) as container:
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            frames = [out for frame in container.decode(audio=0) for out in resampler.resample(frame)]
+            frames += resampler.resample(None)
+    except av.FFmpegError as exc:
+        raise BadSample(f".flac member does not decode ({' '.join(str(exc).split())})") from None
     if not frames:
         raise ValueError("empty .flac member")
     return torch.from_numpy(np.concatenate([f.to_ndarray().reshape(-1) for f in frames]))
@@ -378,7 +386,7 @@ class Transform:
                 example = self.example(sample, partner, rng)
             except LabelError:
                 raise
-            except (OSError, ValueError, av.FFmpegError) as exc:  # a bad JPEG or .flac in a good shard; BadSample
+            except (OSError, ValueError) as exc:  # a bad JPEG or .flac in a good shard (BadSample is a ValueError)
                 failures.skip(sample["url"], f"sample {sample['key']!r}", exc)
                 continue
             example["_skipped"], skipped = skipped + failures.passed(), 0
@@ -438,6 +446,8 @@ class Transform:
         a `.flac`) or "fbank" (mel power-domain approximation)."""
         if self.audio is None or sample["flac"] is None or partner["flac"] is None:
             return mix_fbanks(fbank, torch.from_numpy(partner["fbank"]).float(), lam), "fbank"
+        from preprocess.features import fbank as compute_fbank  # PyAV + torchaudio: only for waveform mixup
+
         rate = int(self.audio["sample_rate"])
         mix = mix_waveforms(decode_flac(sample["flac"], rate), decode_flac(partner["flac"], rate), lam)
         return torch.from_numpy(compute_fbank(mix.numpy(), Config(self.audio))).float(), "waveform"
@@ -490,11 +500,11 @@ def train_loader(urls: list[str], transform: Transform, *, batch_size: int, num_
                else (lambda src: src),
                transform, wds.batched(batch_size, collation_fn=transform.collate, partial=False)]
     pipe = wds.DataPipeline(*stages)
-    return wds.WebLoader(pipe, batch_size=None, num_workers=num_workers).with_epoch(num_batches)
+    return wds.WebLoader(pipe, batch_size=None, num_workers=num_workers, pin_memory=PIN).with_epoch(num_batches)
 
 
 def eval_loader(urls: list[str], transform: Transform, *, batch_size: int, num_workers: int) -> wds.WebLoader:
     """Every sample of `urls` once (split by node and worker), last batch kept."""
     pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, decoded_samples,
                             transform, wds.batched(batch_size, collation_fn=transform.collate, partial=True))
-    return wds.WebLoader(pipe, batch_size=None, num_workers=min(num_workers, len(urls)))
+    return wds.WebLoader(pipe, batch_size=None, num_workers=min(num_workers, len(urls)), pin_memory=PIN)

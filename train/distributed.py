@@ -56,6 +56,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / world_size()
 
 
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """Maximum of a tensor over ranks (so that every rank takes the same decision from it)."""
+    if not dist.is_initialized():
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0, keeping gradients to the local part.
 

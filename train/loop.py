@@ -6,13 +6,19 @@ on (model, optimizer, scheduler, scaler, step, epoch and the position inside the
 rebuilds the data stream for the remaining batches of that epoch with a seed derived from the position, so the
 resumed run keeps the same step count and schedule (the samples drawn after the resume point are a fresh draw, not
 a replay: replaying shuffle buffers across loader workers exactly is not worth its cost).
+
+The step body never waits for the device: the metrics are summed as device tensors and read (one sync) only when a
+record is logged, and a non-finite loss is handled on the device too. Every optimizer step goes through a GradScaler
+(fp16: the official dynamic loss scale; otherwise a fixed scale of 1, reset each step), which skips a step whose
+gradients are not finite without asking the host (the fused CUDA optimizer takes the flag on the device). Such steps
+are counted (`nonfinite` in metrics.jsonl: optimizer steps with a non-finite loss) and the run stops with a one-line
+error once `NONFINITE_PATIENCE` of them came in a row; that is checked whenever a record is logged and at epoch ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,6 +32,7 @@ from train.checkpoint import read_checkpoint
 from train.data import device_augment
 
 LAST = "last.pt"
+NONFINITE_PATIENCE = 10  # consecutive optimizer steps with a non-finite loss before the run stops
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -88,7 +95,8 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
     this rank's batches of `epoch` starting at micro-batch `first_batch`; end_epoch(epoch) (1-based) may evaluate
     and save per-epoch weights, and its result is logged.
     """
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and precision == "fp16")
+    dynamic = device.type == "cuda" and precision == "fp16"
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dynamic else 1.0)
     log = MetricsLog(out)
     step, epoch, done = 0, 0, 0  # optimizer steps so far; current 0-based epoch; micro-batches done in it
     if resume and (out / LAST).exists():
@@ -97,7 +105,8 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved by a run whose scaler was disabled
+            scaler.load_state_dict(state["scaler"])
         step, epoch, done = state["step"], state["epoch"], state["batches_done"]
         if dist.is_main():
             print(f"resumed from {out / LAST}: step {step}, epoch {epoch + 1}, batch {done}")
@@ -109,6 +118,16 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
 
     per_epoch = steps_per_epoch * accum_steps
     skipped, mixups = 0, Counter()  # samples skipped; mixups by kind (waveform | fbank), since this (re)start
+    # on the device: optimizer steps with a non-finite loss, the current and the longest run of them in a row
+    nonfinite, streak, longest = (torch.zeros((), dtype=torch.int64, device=device) for _ in range(3))
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss among this step's micro-batches
+
+    def check_nonfinite(bar: tqdm) -> None:
+        worst = int(dist.all_reduce_max(longest))  # every rank stops together
+        if worst >= NONFINITE_PATIENCE:
+            bar.close()  # the error gets a line of its own
+            raise FloatingPointError(f"the loss was not finite for {worst} optimizer steps in a row "
+                                     f"(by step {step}, epoch {epoch + 1}); {int(nonfinite)} steps skipped in all")
     while epoch < epochs:
         model.train()
         batches = loader(epoch, done, per_epoch - done)
@@ -122,8 +141,7 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             inputs = device_augment(batch, device)  # SpecAugment, normalisation, noise, roll: batched, on device
             with ctx, autocast(device, precision):
                 loss, metrics = step_fn(model, inputs)
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"loss is {float(loss.detach())} at step {step} (epoch {epoch + 1})")
+            bad |= ~torch.isfinite(loss.detach())
             with ctx:
                 scaler.scale(loss / accum_steps).backward()
             done += 1
@@ -131,31 +149,38 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             seen += batch["audio"].shape[0]
             skipped += batch["skipped"]
             mixups.update(batch.get("mixup", {}))
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+            for name, value in metrics.items():  # device tensors: read only when a record is logged
+                sums[name] = sums.get(name, 0.0) + (value.detach() if torch.is_tensor(value) else value)
             if not sync:
                 continue
-            scaler.step(optimizer)
-            scaler.update()
+            scaler.step(optimizer)  # skipped, on the device, when a gradient is not finite
+            scaler.update(None if dynamic else 1.0)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            nonfinite += bad
+            streak.copy_((streak + 1) * bad)
+            torch.maximum(longest, streak, out=longest)
+            bad.zero_()
             step += 1
             bar.update(1)
-            rate = seen * dist.world_size() / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", samples_s=f"{rate:.1f}")
             if step % log_every == 0:
-                means = {k: v / count for k, v in sums.items()}
+                means = {k: float(v) / count for k, v in sums.items()}  # the one device sync per record
+                rate = seen * dist.world_size() / max(time.time() - t0, 1e-9)
+                if "loss" in means:
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", samples_s=f"{rate:.1f}")
                 log.write("train", step, {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                                          "samples_per_s": rate, "skipped": skipped,
+                                          "samples_per_s": rate, "skipped": skipped, "nonfinite": int(nonfinite),
                                           **{f"mixup_{k}": v for k, v in mixups.items()}, **means})
+                check_nonfinite(bar)
             if save_every and step % save_every == 0 and done < per_epoch:
                 checkpoint(epoch, done)
         bar.close()
+        check_nonfinite(bar)
         if done != per_epoch:
             raise RuntimeError(f"epoch {epoch + 1}: the data stream ended after {done} of {per_epoch} batches")
         epoch, done = epoch + 1, 0
         results = end_epoch(epoch) if end_epoch is not None else {}
-        log.write("epoch", step, {"epoch": epoch, "skipped": skipped, **results})
+        log.write("epoch", step, {"epoch": epoch, "skipped": skipped, "nonfinite": int(nonfinite), **results})
         checkpoint(epoch, 0)
         dist.barrier()
     log.close()
