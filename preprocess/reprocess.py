@@ -279,7 +279,7 @@ def _by_suffix(members: list[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
 def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
                    digest: str) -> tuple[str, dict, list[tuple[str, bytes]]]:
     from preprocess.decode import BadInput
-    from preprocess.features import fbank
+    from shards.fbank import fbank
 
     d = dict(_by_suffix(members))
     meta = json.loads(d["json"])

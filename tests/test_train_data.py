@@ -13,8 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from preprocess.features import encode_flac  # noqa: E402
-from preprocess.features import fbank as features_fbank  # noqa: E402
 from shards.config import load_config  # noqa: E402
+from shards.fbank import fbank as features_fbank  # noqa: E402
 from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
 from train.data import (LOG_SILENCE, Transform, device_augment, draw_augmentation, eval_loader,  # noqa: E402

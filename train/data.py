@@ -26,7 +26,7 @@ the target size, what ingest writes, is only decoded) and mixup. Mixup mixes 0-2
 equals mixing normalised ones: normalisation is affine and λ + (1-λ) = 1.
 
 Mixup is the official waveform-level one when both samples carry a `.flac` (ingest with `audio.keep_waveform:
-true`): the waveforms are mixed and the fbank recomputed with `preprocess.features.fbank` and the `audio:` config.
+true`): the waveforms are mixed and the fbank recomputed with `shards.fbank.fbank` and the `audio:` config.
 Without a waveform it falls back to mixing the stored fbanks in the mel power domain (`mix_fbanks`). Each batch
 counts which one ran (`batch["mixup"]`), and the trainer logs the totals as `mixup_waveform` / `mixup_fbank`.
 
@@ -57,7 +57,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from preprocess.features import fbank as compute_fbank
+from shards.fbank import fbank as compute_fbank
 from shards.config import Config
 from shards.manifest import MANIFEST, read_rows
 from shards.reader import decode_sample, raw_samples
