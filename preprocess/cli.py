@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 
 from shards.config import ConfigError, load_config
 
 from .inputs import InputError
 
 MAX_PROBLEMS = 50
+MAX_IGNORED_NAMED = 5
 EXAMPLES = """examples:
   cavmae-prep ingest ./videos --out shards/
   cavmae-prep ingest list.txt more_videos/ --out shards/ --labels labels.csv --label-index class_labels_indices.csv
@@ -115,6 +117,7 @@ def _reprocess(args: argparse.Namespace) -> int:
 
 
 def _report(summary, out: str) -> int:
+    _report_ignored(getattr(summary, "ignored", []))
     for line in summary.problems[:MAX_PROBLEMS]:
         print(f"cavmae-prep: failed: {line}", file=sys.stderr)
     if len(summary.problems) > MAX_PROBLEMS:
@@ -127,6 +130,19 @@ def _report(summary, out: str) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _report_ignored(ignored: list[tuple[str, str]]) -> None:
+    """Files of the input folders that were not taken: a count by reason, and the first few by name."""
+    if not ignored:
+        return
+    reasons = Counter(reason for _, reason in ignored)
+    print(f"cavmae-prep: ignored {len(ignored)} file(s) in the input folders ("
+          + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()) + ")", file=sys.stderr)
+    for path, reason in ignored[:MAX_IGNORED_NAMED]:
+        print(f"cavmae-prep: ignored: {path}: {reason}", file=sys.stderr)
+    if len(ignored) > MAX_IGNORED_NAMED:
+        print(f"cavmae-prep: ... and {len(ignored) - MAX_IGNORED_NAMED} more", file=sys.stderr)
 
 
 if __name__ == "__main__":

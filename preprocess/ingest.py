@@ -58,6 +58,7 @@ class Summary:
     seconds: float = 0.0
     videos: int = 0      # inputs processed in this run
     problems: list[str] = field(default_factory=list)  # "source: reason" for each failed or skipped input
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files of input folders not taken
 
     def line(self) -> str:
         rate = self.videos / self.seconds if self.seconds > 0 else 0.0
@@ -76,8 +77,9 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
     store.makedirs()
     _check_frozen_config(store, cfg)
     label_index = LabelIndex.read(label_index_csv) if label_index_csv else None
+    ignored: list[tuple[str, str]] = []
     items = collect_inputs(inputs, labels_csv=labels_csv, label_index=label_index,
-                           labels_from_folders=labels_from_folders)
+                           labels_from_folders=labels_from_folders, ignored=ignored)
     _remove_temporaries(store)
 
     rows = read_manifest(store)
@@ -91,7 +93,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
     groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups))
     redo = {it.video_id for it in todo}
     summary = Summary(already=sum(1 for it in items if it.video_id in holds and it.video_id not in redo),
-                      skipped=len(skipped_rows))
+                      skipped=len(skipped_rows), ignored=ignored)
     store.write_text(FROZEN_CONFIG, cfg.to_yaml())
     if groups:
         _save_plan(store, [(i, [asdict(it) for it in g]) for i, g in groups], cfg, job="ingest")
