@@ -298,7 +298,8 @@ FORWARD_ENV = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HADOOP_", "ARROW_", "CLASSP
 
 
 def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, fn, *, workers: int | None,
-               address: str | None, progress: bool, desc: str, extra: tuple = ()) -> list[dict[str, Any]]:
+               address: str | None, progress: bool, desc: str, extra: tuple = (),
+               unit: str = "video") -> list[dict[str, Any]]:
     """Run `fn(index, items, out_uri, cfg_dict, *extra)` as one Ray task per group; return all rows.
 
     Tasks ask for `ray.num_cpus_per_task` CPUs and are retried `ray.max_retries` times when their worker or
@@ -318,7 +319,7 @@ def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, f
         tracker = ray.remote(num_cpus=0)(Progress).remote() if progress else None
         pending = [task.remote(i, g, store.uri(), cfg_ref, *extra, progress=tracker) for i, g in groups]
         rows: list[dict[str, Any]] = []
-        with tqdm(total=sum(len(g) for _, g in groups), unit="video", disable=not progress, desc=desc) as bar:
+        with tqdm(total=sum(len(g) for _, g in groups), unit=unit, disable=not progress, desc=desc) as bar:
             while pending:  # one completion at a time keeps Ctrl-C prompt (Ray ends the tasks of a driver that left)
                 done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
                 rows += [row for got in ray.get(done) for row in got]
