@@ -377,6 +377,7 @@ class Transform:
             fbank, mixup = self.mix_audio(sample, partner, fbank.float(), lam)
             image_mix = self.pixels(partner, rng)
         example = {"audio": fbank, "image": image, "image_mix": image_mix, "lam": lam, "key": sample["key"],
+                   "video_id": sample["meta"].get("video_id"),
                    "_mixup": mixup, "aug": draw_augmentation(aug, d["target_length"], fbank.shape[1], rng)}
         if self.num_classes:
             first = label_indices(sample, self.label_map, self.label_file)
@@ -416,7 +417,7 @@ class Transform:
             aug.update(noise=torch.tensor([p["noise"] for p in params], dtype=torch.float32),
                        shift=torch.tensor([p["shift"] for p in params]), seed=params[0]["seed"])
         batch = {"audio": audio, "image": stack_pixels([e["image"] for e in examples]), "aug": aug,
-                 "key": [e["key"] for e in examples],
+                 "key": [e["key"] for e in examples], "video_id": [e["video_id"] for e in examples],
                  "skipped": sum(e["_skipped"] for e in examples),
                  "mixup": dict(Counter(e["_mixup"] for e in examples if e["_mixup"]))}
         if any(e["image_mix"] is not None for e in examples):
