@@ -68,6 +68,10 @@ class LabelIndex:
             raise InputError(f"{path}: bad label index row ({exc})") from None
         return table
 
+    def display_names(self) -> dict[str, str]:
+        """Label id (mid) → display name."""
+        return {mid: name for name, mid in self.names.items()}
+
     def lookup(self, label: str) -> int | None:
         """Class index of a label given as its id (mid) or its display name."""
         if label in self.index:

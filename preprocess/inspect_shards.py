@@ -59,7 +59,7 @@ def inspect(spec: str, out: str, *, key: str | None = None, count: int = 0, seed
     if key is None and count < 1:
         raise ConfigError("give --key KEY or --random N (N >= 1)")
     urls = list_shards(spec)
-    names = {mid: name for name, mid in LabelIndex.read(label_index_csv).names.items()} if label_index_csv else {}
+    names = LabelIndex.read(label_index_csv).display_names() if label_index_csv else {}
     samples = pick(urls, key=key, count=count, seed=seed)
     fig = sheet_figure(samples, frame_shift_s(shard_folder(spec, urls), default_shift_ms), names)
     store, name = Store.split(out)

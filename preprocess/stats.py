@@ -169,7 +169,7 @@ def manifest_summary(folder: Store) -> dict[str, Any]:
 
 def named_labels(counts: dict[str, int], label_index: LabelIndex | None) -> list[dict[str, Any]]:
     """Label counts, most frequent first, with the display name and class index when a label index is given."""
-    names = {mid: name for name, mid in label_index.names.items()} if label_index else {}
+    names = label_index.display_names() if label_index else {}
     out = []
     for label, n in counts.items():
         row: dict[str, Any] = {"label": label, "count": n}
