@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from preprocess.decode import BadInput
 from preprocess.ingest import _one_line
@@ -19,6 +18,7 @@ from preprocess.sample import iter_samples
 from shards.config import Config
 from shards.reader import decode_sample
 from shards.schema import member_suffix
+from train import distributed as dist
 from train import stage as st
 from train.data import device_augment
 from train.evaluate import batch_probabilities
@@ -53,8 +53,6 @@ def predict_videos(paths: list[str], cfg: Config, checkpoint: str, *, top_k: int
                    frames: str | int) -> Iterator[Prediction | tuple[str, str]]:
     """A `Prediction` per sample (per window in clip.mode windows), or (path, reason) for a video that failed,
     in the order of `paths`; batches of `eval.batch_size` samples."""
-    from train import distributed as dist
-
     device = dist.init()
     model = st.load_model(cfg, checkpoint, finetuned=True).to(device).eval()
     transform = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
@@ -72,9 +70,8 @@ def predict_videos(paths: list[str], cfg: Config, checkpoint: str, *, top_k: int
         if not scored:
             return
         batch = device_augment(transform.collate([e for _, _, e in scored]), device)
-        with torch.no_grad():
-            probs = batch_probabilities(model, batch, mode=mode, metric=cfg.finetune.metric, device=device,
-                                        precision=cfg.finetune.precision).mean(0).numpy()
+        probs = batch_probabilities(model, batch, mode=mode, metric=cfg.finetune.metric, device=device,
+                                    precision=cfg.finetune.precision).mean(0).numpy()
         for (path, sample, _), p in zip(scored, probs):
             best = np.argsort(-p, kind="stable")[:top_k]
             yield Prediction(path, sample["meta"]["video_id"], sample["meta"].get("window"),

@@ -233,7 +233,7 @@ def frame_pixels(jpeg: bytes, size: int) -> torch.Tensor:
     """A stored frame as uint8 [3, size, size], decoded with PIL as the official loader does, then the official
     Resize(short side, bicubic) + CenterCrop (no random crop or flip), skipped when the frame is already at the
     target size (ingest's output). `device_augment` normalises."""
-    image = Image.open(io.BytesIO(jpeg))
+    image = Image.open(io.BytesIO(jpeg), formats=["JPEG"])
     image.load()
     if image.mode != "RGB":
         image = image.convert("RGB")
