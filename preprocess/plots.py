@@ -83,7 +83,8 @@ def stats_figure(stats: dict[str, Any], top: int = 20) -> Figure:
         ax_dur.set_ylabel("samples")
         ax_dur.yaxis.set_major_locator(MaxNLocator(integer=True))
 
-    labels = [(row.get("name") or row["label"], row["count"]) for row in stats["label_counts"]]
+    labels = [(f"{row['name']} [{row['index']}]" if row.get("index") is not None else row["label"], row["count"])
+              for row in stats["label_counts"]]
     more = f" (top {top} of {len(labels)})" if len(labels) > top else ""
     _bars(ax_lab, labels[:top], f"label frequency{more}", "no labels", "tab:green")
 
@@ -103,7 +104,7 @@ def stats_figure(stats: dict[str, Any], top: int = 20) -> Figure:
     reasons += [(f"skipped: {r}", n) for r, n in man.get("skip_reasons", {}).items()]
     reasons += [(f"unreadable: {r}", n) for r, n in stats["unreadable_reasons"].items()]
     reasons.sort(key=lambda rn: -rn[1])
-    _bars(ax_fail, reasons[:top], "failure reasons (manifest) and unreadable samples", "no failures", "tab:red")
+    _bars(ax_fail, reasons[:top], "why inputs failed or were skipped (manifest); unreadable samples", "no failures", "tab:red")
     return fig
 
 
