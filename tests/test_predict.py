@@ -3,6 +3,7 @@ get their trained label as the top-1 display name."""
 
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +12,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cavmae.cli import main as cavmae  # noqa: E402
 from train.cli import main as train  # noqa: E402
 from train_fixtures import LABEL_IDS, TINY  # noqa: E402
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_never_imports_preprocess():
+    """DESIGN.md: what a member means lives in shards/ (shards/fbank.py); only `cavmae` composes the two stages."""
+    code = ("import sys, train.cli, train.data, train.embed, train.evaluate, train.retrieve, train.finetune, "
+            "train.pretrain; bad = sorted(m for m in sys.modules if m.split('.')[0] == 'preprocess'); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def sets(*extra):
