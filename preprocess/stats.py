@@ -57,6 +57,8 @@ def shard_sums(url: str, target_length: int) -> dict[str, Any]:
                 out["unreadable"].append(_one_line(exc))
     except (tarfile.TarError, OSError, ValueError) as exc:
         out["unreadable"].append(f"{url}: rest of the shard unreadable ({_one_line(exc)})")
+    for name in ("padded_sum", "padded_sumsq", "durations"):  # compact for the trip to the driver
+        out[name] = np.asarray(out[name], dtype=np.float64)
     return out
 
 
@@ -102,7 +104,7 @@ def merge(parts: list[dict[str, Any]], *, target_length: int, batch_size: int) -
     ok = [p for p in parts if p["samples"]]
     bins = {p["bins"] for p in ok}
     if len(bins) > 1:
-        raise ValueError(f"the shards hold fbanks of different widths ({sorted(bins)} mel bins)")
+        raise BadSample(f"the shards hold fbanks of different widths ({sorted(bins)} mel bins): one set at a time")
     samples = sum(p["samples"] for p in parts)
     fbank: dict[str, Any] = {"samples": samples}
     if ok:
@@ -116,11 +118,11 @@ def merge(parts: list[dict[str, Any]], *, target_length: int, batch_size: int) -
             mean=float(mean), std=float(math.sqrt(max(total_sq.sum() / n - mean ** 2, 0.0))), values=int(n),
             rows=int(rows), num_mel_bins=int(f), per_bin_mean=bin_mean.tolist(),
             per_bin_std=np.sqrt(np.maximum(total_sq / rows - bin_mean ** 2, 0.0)).tolist(),
-            padded_batches=_padded_batches([x for p in ok for x in p["padded_sum"]],
-                                           [x for p in ok for x in p["padded_sumsq"]],
+            padded_batches=_padded_batches(np.concatenate([p["padded_sum"] for p in ok]),
+                                           np.concatenate([p["padded_sumsq"] for p in ok]),
                                            per_sample=target_length * f, target_length=target_length,
                                            batch_size=batch_size))
-    durations = np.array([d for p in parts for d in p["durations"]])
+    durations = np.concatenate([p["durations"] for p in parts]) if parts else np.zeros(0)
     pixels = sum(p["pixels"] for p in parts)
     return {
         "shards": len(parts),
@@ -135,12 +137,13 @@ def merge(parts: list[dict[str, Any]], *, target_length: int, batch_size: int) -
     }
 
 
-def _padded_batches(sums: list[float], sumsqs: list[float], *, per_sample: int, target_length: int,
+def _padded_batches(sums: np.ndarray, sumsqs: np.ndarray, *, per_sample: int, target_length: int,
                     batch_size: int) -> dict[str, Any]:
-    """AST's get_norm_stats: mean over batches of torch.mean(batch) and torch.std(batch) (unbiased)."""
+    """AST's get_norm_stats: mean over batches of torch.mean(batch) and torch.std(batch) (unbiased), from each
+    sample's sum and sum of squares of its padded fbank."""
     means, stds = [], []
     for start in range(0, len(sums), batch_size):
-        s, q = sum(sums[start:start + batch_size]), sum(sumsqs[start:start + batch_size])
+        s, q = float(sums[start:start + batch_size].sum()), float(sumsqs[start:start + batch_size].sum())
         n = per_sample * len(sums[start:start + batch_size])
         means.append(s / n)
         stds.append(math.sqrt(max((q - s * s / n) / (n - 1), 0.0)) if n > 1 else 0.0)
