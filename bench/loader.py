@@ -167,7 +167,8 @@ def stage_table(root: Path, urls: list[Path], items: list[str], cfg, batch_size:
         "decode JPEG (PIL), uint8": lambda x: (x, frame_pixels(x["frames"][3], SIZE)),
         "draw aug params": lambda x: examples.append({
             "audio": torch.from_numpy(x[0]["fbank"]), "image": x[1], "image_mix": None, "lam": 1.0, "key": "",
-            "_skipped": 0, "_mixup": None, "aug": draw_augmentation(aug, target, x[0]["fbank"].shape[1], gen)})},
+            "video_id": "", "_skipped": 0, "_mixup": None,
+            "aug": draw_augmentation(aug, target, x[0]["fbank"].shape[1], gen)})},
         list(raw_samples([str(u) for u in urls])) * 5)
     start = time.perf_counter()
     n = sum(1 for _ in raw_samples([str(u) for u in urls]))

@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tarfile
+from collections import Counter
 
 from shards.config import ConfigError, load_config
+from shards.schema import BadSample
 
 from .inputs import InputError
 
 MAX_PROBLEMS = 50
+MAX_IGNORED_NAMED = 5
 EXAMPLES = """examples:
   cavmae-prep ingest ./videos --out shards/
   cavmae-prep ingest list.txt more_videos/ --out shards/ --labels labels.csv --label-index class_labels_indices.csv
@@ -25,6 +29,9 @@ EXAMPLES = """examples:
   cavmae-prep reprocess shards/ --out shards_64mel/ --set audio.num_mel_bins=64
   cavmae-prep reprocess shards/ --out shards_16f/ --set video.num_frames=16
   ray job submit --working-dir . -- cavmae-prep ingest s3://bucket/videos/ --out s3://bucket/shards/
+  cavmae-prep stats shards/ --label-index class_labels_indices.csv        # stats.json + stats.png beside the shards
+  cavmae-prep inspect shards/ --random 4 --out look.png                    # frames over log-mel, 4 samples
+  cavmae-prep inspect shards/ --key VIDEO_ID --out one.png
 """
 
 
@@ -85,6 +92,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new output folder for shards and manifest")
     add_run_args(p)
     add_config_args(p)
+    p = sub.add_parser("stats", help="what the shards hold, and their fbank mean/std for data.mean/data.std",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Read every sample once (one Ray task per shard) and write stats.json and "
+                                   "stats.png: fbank mean/std (unpadded, and AST-style over padded batches), "
+                                   "per-mel-bin mean/std, counts and failure reasons from the manifest, "
+                                   "durations, label counts and the frames' mean RGB.")
+    p.add_argument("shards", help="shard folder, tar, brace pattern, glob or URL (several joined with ::)")
+    p.add_argument("--out", help="folder for stats.json and stats.png (default: the shard folder)")
+    p.add_argument("--label-index", metavar="CSV", help="label index CSV index,mid,display_name: count labels "
+                                                        "by display name and class index")
+    p.add_argument("--batch-size", type=int, default=1000,
+                   help="samples per batch of the padded-batch figure (AST's get_norm_stats.py: 1000); rows are "
+                        "padded or cut to model.target_length")
+    add_run_args(p)
+    add_config_args(p)
+    p = sub.add_parser("inspect", help="draw samples: frames in a row over their log-mel, labels in the title",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Draw a sample sheet as a PNG: each sample's frames in a row, its log-mel "
+                                   "spectrogram under them on a time axis in seconds with the frame times "
+                                   "marked, and labels, video id and source as its title.")
+    p.add_argument("shards", help="shard folder, tar, brace pattern, glob or URL (several joined with ::)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", help="the sample with this key or video id")
+    which.add_argument("--random", type=int, metavar="N", help="a grid of N samples drawn at random")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="the picture to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    p.add_argument("--label-index", metavar="CSV", help="label index CSV: show display names")
+    add_config_args(p)
     return parser
 
 
@@ -97,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.sets)
         if args.command == "ingest":
             return _ingest(args, cfg)
-    except (ConfigError, InputError, FileNotFoundError) as exc:
+        if args.command == "stats":
+            return _stats(args, cfg)
+        if args.command == "inspect":
+            return _inspect(args, cfg)
+    except (ConfigError, InputError, FileNotFoundError, BadSample, tarfile.TarError) as exc:
         print(f"cavmae-prep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -116,6 +155,36 @@ def _ingest(args: argparse.Namespace, cfg) -> int:
     return _report(summary, args.out)
 
 
+def _stats(args: argparse.Namespace, cfg) -> int:
+    from shards.store import Store
+
+    from .stats import compute_stats, write_stats
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
+    stats = compute_stats(args.shards, cfg, label_index_csv=args.label_index, batch_size=args.batch_size,
+                          workers=args.workers, address=args.address, progress=not args.no_progress)
+    out = Store.of(args.out or stats["folder"])
+    json_path, png_path = write_stats(stats, out)
+    fb = stats["fbank"]
+    print(f"cavmae-prep: {stats['samples']} samples in {stats['shards']} shard(s), {stats['unreadable']} unreadable")
+    if "mean" in fb:
+        print(f"cavmae-prep: fbank mean {fb['mean']:.4f} std {fb['std']:.4f} (unpadded); "
+              f"{fb['padded_batches']['mean']:.4f} / {fb['padded_batches']['std']:.4f} (padded batches)")
+        print(f"cavmae-prep: train with {stats['use']['unpadded']}")
+    print(f"cavmae-prep: wrote {json_path} and {png_path}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace, cfg) -> int:
+    from .inspect_shards import inspect
+
+    n = inspect(args.shards, args.out, key=args.key, count=args.random or 0, seed=args.seed,
+                label_index_csv=args.label_index, default_shift_ms=cfg.audio.frame_shift_ms)
+    print(f"cavmae-prep: drew {n} sample(s) into {args.out}")
+    return 0
+
+
 def _reprocess(args: argparse.Namespace) -> int:
     from shards.store import Store
 
@@ -131,6 +200,7 @@ def _reprocess(args: argparse.Namespace) -> int:
 
 
 def _report(summary, out: str) -> int:
+    _report_ignored(getattr(summary, "ignored", []))
     for line in summary.problems[:MAX_PROBLEMS]:
         print(f"cavmae-prep: failed: {line}", file=sys.stderr)
     if len(summary.problems) > MAX_PROBLEMS:
@@ -143,6 +213,19 @@ def _report(summary, out: str) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _report_ignored(ignored: list[tuple[str, str]]) -> None:
+    """Files of the input folders that were not taken: a count by reason, and the first few by name."""
+    if not ignored:
+        return
+    reasons = Counter(reason for _, reason in ignored)
+    print(f"cavmae-prep: ignored {len(ignored)} file(s) in the input folders ("
+          + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common()) + ")", file=sys.stderr)
+    for path, reason in ignored[:MAX_IGNORED_NAMED]:
+        print(f"cavmae-prep: ignored: {path}: {reason}", file=sys.stderr)
+    if len(ignored) > MAX_IGNORED_NAMED:
+        print(f"cavmae-prep: ... and {len(ignored) - MAX_IGNORED_NAMED} more", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Per-clip features: the official log-mel fbank, JPEG frames, and the optional FLAC waveform.
+"""Per-clip encodings: JPEG frames and the optional FLAC waveform (the fbank is part of the format:
+`shards.fbank`).
 
 Every encoder here is deterministic: the same input gives the same bytes on every run.
 """
@@ -9,38 +10,9 @@ import io
 
 import av
 import numpy as np
-import torch
-import torchaudio.compliance.kaldi as kaldi
 from PIL import Image
 
-from shards.config import Config
-
 _FLAC_CHUNK = 4608
-
-
-def fbank(waveform: np.ndarray, audio: Config) -> np.ndarray:
-    """Log-mel fbank exactly as the official loader computes it: float16 [T, audio.num_mel_bins].
-
-    The waveform (mono float32 at audio.sample_rate) is mean-subtracted, then
-    torchaudio.compliance.kaldi.fbank(htk_compat=True, use_energy=False, dither=0.0, ...) with the frame
-    shift/length, window and mel bins of the config (Kaldi defaults otherwise).
-    """
-    wav = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).reshape(1, -1)
-    wav = wav - wav.mean()
-    with torch.inference_mode():
-        feats = kaldi.fbank(
-            wav, htk_compat=True, sample_frequency=float(audio.sample_rate), use_energy=False,
-            window_type=audio.window_type, num_mel_bins=int(audio.num_mel_bins), dither=0.0,
-            frame_shift=float(audio.frame_shift_ms), frame_length=float(audio.frame_length_ms),
-        )
-    return feats.numpy().astype(np.float16)
-
-
-def fbank_rows(num_samples: int, audio: Config) -> int:
-    """Rows kaldi.fbank gives for `num_samples` samples (snip_edges=True)."""
-    shift = int(audio.sample_rate * audio.frame_shift_ms * 0.001)
-    length = int(audio.sample_rate * audio.frame_length_ms * 0.001)
-    return 0 if num_samples < length else 1 + (num_samples - length) // shift
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:

@@ -58,6 +58,7 @@ class Summary:
     seconds: float = 0.0
     videos: int = 0      # inputs processed in this run
     problems: list[str] = field(default_factory=list)  # "source: reason" for each failed or skipped input
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files of input folders not taken
 
     def line(self) -> str:
         rate = self.videos / self.seconds if self.seconds > 0 else 0.0
@@ -76,8 +77,9 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
     store.makedirs()
     _check_frozen_config(store, cfg)
     label_index = LabelIndex.read(label_index_csv) if label_index_csv else None
+    ignored: list[tuple[str, str]] = []
     items = collect_inputs(inputs, labels_csv=labels_csv, label_index=label_index,
-                           labels_from_folders=labels_from_folders)
+                           labels_from_folders=labels_from_folders, ignored=ignored)
     _remove_temporaries(store)
 
     rows = read_manifest(store)
@@ -91,7 +93,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
     groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups, cfg.shards.pattern))
     redo = {it.video_id for it in todo}
     summary = Summary(already=sum(1 for it in items if it.video_id in holds and it.video_id not in redo),
-                      skipped=len(skipped_rows))
+                      skipped=len(skipped_rows), ignored=ignored)
     store.write_text(FROZEN_CONFIG, cfg.to_yaml())
     if groups:
         _save_plan(store, [(i, [asdict(it) for it in g]) for i, g in groups], cfg, job="ingest")
@@ -305,7 +307,8 @@ FORWARD_ENV = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HADOOP_", "ARROW_", "CLASSP
 
 
 def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, fn, *, workers: int | None,
-               address: str | None, progress: bool, desc: str, extra: tuple = ()) -> list[dict[str, Any]]:
+               address: str | None, progress: bool, desc: str, extra: tuple = (),
+               unit: str = "video") -> list[dict[str, Any]]:
     """Run `fn(index, items, out_uri, cfg_dict, *extra)` as one Ray task per group; return all rows.
 
     Tasks ask for `ray.num_cpus_per_task` CPUs and are retried `ray.max_retries` times when their worker or
@@ -325,7 +328,7 @@ def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, f
         tracker = ray.remote(num_cpus=0)(Progress).remote() if progress else None
         pending = [task.remote(i, g, store.uri(), cfg_ref, *extra, progress=tracker) for i, g in groups]
         rows: list[dict[str, Any]] = []
-        with tqdm(total=sum(len(g) for _, g in groups), unit="video", disable=not progress, desc=desc) as bar:
+        with tqdm(total=sum(len(g) for _, g in groups), unit=unit, disable=not progress, desc=desc) as bar:
             while pending:  # one completion at a time keeps Ctrl-C prompt (Ray ends the tasks of a driver that left)
                 done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
                 rows += [row for got in ray.get(done) for row in got]

@@ -2,17 +2,24 @@
 and attach labels (from the JSON, a `video_id,labels` CSV, or parent folder names).
 
 Every problem with a single input becomes an item with an `error` (a manifest row with status `skipped`),
-never an exception; only an argument that cannot be read at all raises `InputError`.
+never an exception; only an argument that cannot be read at all raises `InputError`. Files a folder holds but that
+are not taken (other extensions, hidden files and folders) are listed in `ignored` when the caller passes a list,
+so nothing is left out in silence. Audio files are taken: without `video.allow_missing` the decoder records them
+as failed ("no video stream"), with it they become audio-only samples.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
+AUDIO_EXTENSIONS = (".m4a", ".wav", ".flac", ".mp3", ".ogg")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
+NOT_MEDIA = "not a video or audio extension"
 LIST_EXTENSIONS = (".txt", ".csv", ".lst")
 
 
@@ -61,6 +68,10 @@ class LabelIndex:
             raise InputError(f"{path}: bad label index row ({exc})") from None
         return table
 
+    def display_names(self) -> dict[str, str]:
+        """Label id (mid) → display name."""
+        return {mid: name for name, mid in self.names.items()}
+
     def lookup(self, label: str) -> int | None:
         """Class index of a label given as its id (mid) or its display name."""
         if label in self.index:
@@ -75,11 +86,14 @@ def video_id_of(path: str) -> str:
 
 
 def collect_inputs(args: list[str], *, labels_csv: str | None = None, label_index: LabelIndex | None = None,
-                   labels_from_folders: bool = False) -> list[InputItem]:
-    """Expand input arguments into items sorted by video id (then path), labels attached and checked."""
+                   labels_from_folders: bool = False, ignored: list[tuple[str, str]] | None = None) -> list[InputItem]:
+    """Expand input arguments into items sorted by video id (then path), labels attached and checked.
+
+    `ignored`, when given, receives (path, reason) for every file of a folder argument that was not taken."""
     items: list[InputItem] = []
+    ignored = [] if ignored is None else ignored
     for arg in args:
-        items += _expand(arg)
+        items += _expand(arg, ignored)
     if labels_csv:
         table = _read_labels_csv(labels_csv)
         items = [replace(it, labels=split_labels(table[it.video_id], label_index)) if it.video_id in table else it
@@ -92,25 +106,43 @@ def collect_inputs(args: list[str], *, labels_csv: str | None = None, label_inde
     return _mark_duplicates(items)
 
 
-def _expand(arg: str) -> list[InputItem]:
+def _expand(arg: str, ignored: list[tuple[str, str]]) -> list[InputItem]:
     if "://" in arg.split("?", 1)[0]:
-        return _expand_remote(arg)
+        return _expand_remote(arg, ignored)
     path = Path(arg)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))  # hidden
-        return [InputItem(video_id_of(str(p)), str(p.resolve()), folder=p.parent.name) for p in files]
+        return [InputItem(video_id_of(str(p)), str(p.resolve()), folder=p.parent.name)
+                for p in _scan_folder(path, ignored)]
     if path.suffix.lower() == ".json" and path.is_file():
         return _read_dataset_json(path)
     if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
         return _read_path_list(path)
-    if path.exists() or path.suffix.lower() in VIDEO_EXTENSIONS:
+    if path.exists() or path.suffix.lower() in MEDIA_EXTENSIONS:
         # a single video, kept even when unreadable: decoding will record why it failed
         return [InputItem(video_id_of(arg), str(path.resolve()), folder=path.resolve().parent.name)]
     raise InputError(f"{arg}: no such file or folder")
 
 
-def _expand_remote(uri: str) -> list[InputItem]:
+def _scan_folder(root: Path, ignored: list[tuple[str, str]]) -> list[Path]:
+    """Media files under `root` (recursive, sorted); hidden folders are not entered, and everything not taken
+    goes to `ignored` (a hidden folder as one entry, not its every file)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        ignored += [(str(here / d) + "/", "hidden folder") for d in sorted(dirs) if d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            p = here / name
+            if name.startswith("."):
+                ignored.append((str(p), "hidden file"))
+            elif p.suffix.lower() not in MEDIA_EXTENSIONS:
+                ignored.append((str(p), NOT_MEDIA))
+            elif p.is_file():
+                found.append(p)
+    return found
+
+
+def _expand_remote(uri: str, ignored: list[tuple[str, str]]) -> list[InputItem]:
     """A remote video (`s3://b/v.mp4`) or folder (`s3://b/videos/`, recursive) through `shards.store`."""
     from shards.store import Store, is_temp_name
 
@@ -119,13 +151,14 @@ def _expand_remote(uri: str) -> list[InputItem]:
         if store.is_file(""):
             parent, name = Store.split(uri)
             return [InputItem(video_id_of(name), uri, folder=parent.path().rsplit("/", 1)[-1])]
-        names = [n for n in store.list(recursive=True)
-                 if Path(n).suffix.lower() in VIDEO_EXTENSIONS and not is_temp_name(n)]
+        listed = [n for n in store.list(recursive=True) if not is_temp_name(n)]
+        names = [n for n in listed if Path(n).suffix.lower() in MEDIA_EXTENSIONS]
+        ignored += [(store.uri(n), NOT_MEDIA) for n in listed if Path(n).suffix.lower() not in MEDIA_EXTENSIONS]
     except (OSError, ValueError) as exc:
         raise InputError(f"{uri}: cannot list ({exc})") from None
     if not names and not store.exists(""):
         base = uri.split("?", 1)[0].rstrip("/")
-        if Path(base).suffix.lower() in VIDEO_EXTENSIONS:   # kept, as a local one: decoding records why
+        if Path(base).suffix.lower() in MEDIA_EXTENSIONS:   # kept, as a local one: decoding records why
             return [InputItem(video_id_of(base), uri, folder=base.rsplit("/", 2)[-2])]
         raise InputError(f"{uri}: no such file or folder")
     items = []

@@ -318,7 +318,7 @@ def check_old_sample(key: str, members: list[tuple[str, bytes]], cfg: Config) ->
 def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
                    digest: str) -> tuple[str, dict, list[tuple[str, bytes]]]:
     from preprocess.decode import BadInput
-    from preprocess.features import fbank
+    from shards.fbank import fbank
 
     d = dict(_by_suffix(members))
     meta = decode_meta(d["json"])

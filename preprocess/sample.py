@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from shards.config import Config
+from shards.fbank import fbank
 from shards.schema import make_key, sample_members
 
 from .decode import BadInput, Clip, iter_clips
-from .features import encode_flac, encode_jpeg, fbank
+from .features import encode_flac, encode_jpeg
 
 __all__ = ["BadInput", "BuiltSample", "build_samples", "clip_meta", "iter_samples"]
 

@@ -14,9 +14,10 @@ import torchaudio
 from PIL import Image
 
 from preprocess.decode import BadInput, decode_clips
-from preprocess.features import encode_flac, encode_jpeg, fbank, fbank_rows
+from preprocess.features import encode_flac, encode_jpeg
 from preprocess.sample import build_samples
 from shards.config import load_config
+from shards.fbank import fbank, fbank_rows
 from shards.schema import META_FIELDS, decode_member, make_key, member_suffix
 from shards.writer import write_shard
 from tests.clips import bigbuckbunny, corrupt_corpus, make_clip

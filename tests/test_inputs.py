@@ -1,6 +1,7 @@
 """Input expansion and labels: folders, lists, official dataset JSON, label CSVs, duplicates."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,17 @@ def test_missing_argument_is_an_input_error(tree):
     bad.write_text("{}")
     with pytest.raises(InputError, match="bad.json: not a dataset JSON"):
         collect_inputs([str(bad)])
+
+
+def test_files_not_taken_are_reported_with_a_reason(tree):
+    videos = tree / "videos"
+    (videos / "cats" / "song.M4A").write_bytes(b"audio")
+    (videos / "dogs" / ".hidden.mp4").write_bytes(b"hidden")
+    (videos / ".cache" / "deep").mkdir(parents=True)
+    (videos / ".cache" / "deep" / "e.mp4").write_bytes(b"inside a hidden folder")
+    ignored = []
+    items = collect_inputs([str(videos)], ignored=ignored)
+    assert "song" in {it.video_id for it in items}  # audio files are inputs (the decoder decides their fate)
+    assert sorted((Path(p).name, reason) for p, reason in ignored) == [
+        (".cache", "hidden folder"), (".hidden.mp4", "hidden file"),
+        ("notes.txt", "not a video or audio extension")]

@@ -13,8 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from preprocess.features import encode_flac  # noqa: E402
-from preprocess.features import fbank as features_fbank  # noqa: E402
 from shards.config import load_config  # noqa: E402
+from shards.fbank import fbank as features_fbank  # noqa: E402
 from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
 from train.data import (LOG_SILENCE, Transform, device_augment, draw_augmentation, eval_loader,  # noqa: E402
@@ -47,7 +47,7 @@ def compact_batch(audio, aug, images=None, **params):
     rng = np.random.default_rng(params.pop("seed", 0))
     _, t, f = audio.shape
     examples = [{"audio": x, "image": torch.zeros(3, 4, 4, dtype=torch.uint8) if images is None else images[i],
-                 "image_mix": None, "lam": 1.0, "key": str(i), "_mixup": None, "_skipped": 0,
+                 "image_mix": None, "lam": 1.0, "key": str(i), "video_id": str(i), "_mixup": None, "_skipped": 0,
                  "aug": draw_augmentation(aug, t, f, rng)} for i, x in enumerate(audio)]
     return tf.collate(examples), [e["aug"] for e in examples]
 

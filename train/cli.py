@@ -24,6 +24,7 @@ EXAMPLES = """examples:
       --init cav-mae-scale++.pth --out runs/vgg
   cavmae-train eval --shards eval/ --labels class_labels_indices.csv --checkpoint runs/ft/model.pth --frames all
   cavmae-train retrieve --shards retrieval/ --checkpoint runs/pt/model.pth
+  cavmae-train embed --shards shards/ --checkpoint runs/ft/model.pth --out embeddings.parquet
 """
 
 
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PTH", help="pretrained (or finetuned) weights")
     p.add_argument("--frames", help="middle (official) | a frame index (default: middle)")
     p.add_argument("--out", help="also write the results as JSON to this file")
+
+    p = command("embed", "pooled audio and visual embeddings of every sample into a parquet file")
+    p.add_argument("--checkpoint", required=True, metavar="PTH", help="pretrained or finetuned weights")
+    p.add_argument("--out", required=True, metavar="FILE.parquet", help="one row per sample: key, video_id, "
+                                                                         "audio, visual (list<float32>)")
+    p.add_argument("--frames", help="all (visual = mean over the frames) | middle | a frame index "
+                                    "(default: eval.frames)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -140,21 +149,15 @@ def _finetune(args: argparse.Namespace, cfg) -> None:
 def _eval(args: argparse.Namespace, cfg) -> dict:
     from train import distributed as dist
     from train import stage as st
-    from train.checkpoint import load_pretrained_into
     from train.evaluate import predict, score
-    from train.model import build_finetune_model
 
     device = dist.init()
     mode = args.mode or cfg.finetune.mode
-    frames = frame_choice(args.frames, "--frames") if args.frames else frame_choice(cfg.eval.frames, "eval.frames")
+    frames = _frames(args, cfg)
     urls = st.shard_urls(args.shards, "--shards")
-    sd = _read_checkpoint(args.checkpoint)
-    if "mlp_head.1.weight" not in sd:
-        raise st.UsageError(f"{args.checkpoint}: no classification head (mlp_head.*): not a finetuned checkpoint")
+    model = st.load_model(cfg, args.checkpoint, finetuned=True)
     label_map, _ = st.labels(cfg, args.labels, cfg.finetune) if args.labels else (None, 0)
-    num_classes = sd["mlp_head.1.weight"].shape[0]
-    model = build_finetune_model(cfg.model.to_dict(), num_classes)
-    load_pretrained_into(model, sd)
+    num_classes = model.mlp_head[1].out_features
     tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, num_classes=num_classes, label_map=label_map,
                       label_csv=args.labels)
     pred = predict(model.to(device), urls, tf, mode=mode, metric=cfg.finetune.metric,
@@ -166,37 +169,42 @@ def _eval(args: argparse.Namespace, cfg) -> dict:
 def _retrieve(args: argparse.Namespace, cfg) -> dict:
     from train import distributed as dist
     from train import stage as st
-    from train.checkpoint import load_pretrained_into
-    from train.model import build_finetune_model, build_pretrain_model
     from train.retrieve import features, retrieval
 
     device = dist.init()
     urls = st.shard_urls(args.shards, "--shards")
-    sd = _read_checkpoint(args.checkpoint)
-    if "mlp_head.1.weight" in sd:
-        model = build_finetune_model(cfg.model.to_dict(), sd["mlp_head.1.weight"].shape[0])
-    else:
-        model = build_pretrain_model(cfg.model.to_dict())
-    load_pretrained_into(model, sd)
+    model = st.load_model(cfg, args.checkpoint)
     tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frame_choice(args.frames or "middle", "--frames"))
     audio, visual, _ = features(model.to(device), urls, tf, batch_size=cfg.eval.batch_size,
                                 num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision)
     return retrieval(audio, visual)
 
 
-def _read_checkpoint(path: str):
-    from train.checkpoint import CheckpointError, load_state_dict_file
-    from train.stage import UsageError
+def _embed(args: argparse.Namespace, cfg) -> dict:
+    from train import distributed as dist
+    from train import stage as st
+    from train.data import manifest_rows
+    from train.embed import embed
 
-    if not Path(path).is_file():
-        raise UsageError(f"--checkpoint {path}: no such file")
-    try:
-        return load_state_dict_file(path)
-    except CheckpointError as exc:
-        raise UsageError(f"--checkpoint {exc}") from None
+    device = dist.init()
+    if dist.world_size() > 1:
+        raise st.UsageError("embed runs as one process (it writes one file); start it without torchrun")
+    urls = st.shard_urls(args.shards, "--shards")
+    model = st.load_model(cfg, args.checkpoint)
+    frames = _frames(args, cfg)
+    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
+    rows = embed(model.to(device), urls, tf, args.out, batch_size=cfg.eval.batch_size,
+                 num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision,
+                 total=len(manifest_rows(urls, cfg.data.manifest)) or None, progress=not args.no_progress)
+    return {"rows": rows, "frames": frames, "out": args.out}
 
 
-COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "eval": _eval, "retrieve": _retrieve}
+def _frames(args: argparse.Namespace, cfg) -> str | int:
+    """--frames, else eval.frames (the frames choice of `eval`)."""
+    return frame_choice(args.frames, "--frames") if args.frames else frame_choice(cfg.eval.frames, "eval.frames")
+
+
+COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "eval": _eval, "retrieve": _retrieve, "embed": _embed}
 
 if __name__ == "__main__":
     sys.exit(main())

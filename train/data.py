@@ -26,7 +26,7 @@ the target size, what ingest writes, is only decoded) and mixup. Mixup mixes 0-2
 equals mixing normalised ones: normalisation is affine and λ + (1-λ) = 1.
 
 Mixup is the official waveform-level one when both samples carry a `.flac` (ingest with `audio.keep_waveform:
-true`): the waveforms are mixed and the fbank recomputed with `preprocess.features.fbank` and the `audio:` config.
+true`): the waveforms are mixed and the fbank recomputed with `shards.fbank.fbank` and the `audio:` config.
 Without a waveform it falls back to mixing the stored fbanks in the mel power domain (`mix_fbanks`). Each batch
 counts which one ran (`batch["mixup"]`), and the trainer logs the totals as `mixup_waveform` / `mixup_fbank`.
 
@@ -431,6 +431,7 @@ class Transform:
             fbank, mixup = self.mix_audio(sample, partner, fbank.float(), lam)
             image_mix = self.pixels(partner, rng)
         example = {"audio": fbank, "image": image, "image_mix": image_mix, "lam": lam, "key": sample["key"],
+                   "video_id": sample["meta"].get("video_id"),
                    "_mixup": mixup, "aug": draw_augmentation(aug, d["target_length"], fbank.shape[1], rng)}
         if self.num_classes:
             first = label_indices(sample, self.label_map, self.label_file)
@@ -446,7 +447,7 @@ class Transform:
         a `.flac`) or "fbank" (mel power-domain approximation)."""
         if self.audio is None or sample["flac"] is None or partner["flac"] is None:
             return mix_fbanks(fbank, torch.from_numpy(partner["fbank"]).float(), lam), "fbank"
-        from preprocess.features import fbank as compute_fbank  # PyAV + torchaudio: only for waveform mixup
+        from shards.fbank import fbank as compute_fbank  # torchaudio: only for waveform mixup
 
         rate = int(self.audio["sample_rate"])
         mix = mix_waveforms(decode_flac(sample["flac"], rate), decode_flac(partner["flac"], rate), lam)
@@ -474,7 +475,7 @@ class Transform:
             aug.update(noise=torch.tensor([p["noise"] for p in params], dtype=torch.float32),
                        shift=torch.tensor([p["shift"] for p in params]), seed=params[0]["seed"])
         batch = {"audio": audio, "image": stack_pixels([e["image"] for e in examples]), "aug": aug,
-                 "key": [e["key"] for e in examples],
+                 "key": [e["key"] for e in examples], "video_id": [e["video_id"] for e in examples],
                  "skipped": sum(e["_skipped"] for e in examples),
                  "mixup": dict(Counter(e["_mixup"] for e in examples if e["_mixup"]))}
         if any(e["image_mix"] is not None for e in examples):

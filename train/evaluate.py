@@ -51,6 +51,20 @@ def probabilities(logits: torch.Tensor, metric: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def batch_probabilities(model: torch.nn.Module, batch: dict[str, Any], *, mode: str, metric: str,
+                        device: torch.device, precision: str) -> torch.Tensor:
+    """Probabilities `[frames, B, K]` on the CPU of one `device_augment`ed batch, one slice per frame it holds (an
+    audio-only mode scores once: the frame does not matter)."""
+    audio, images = batch["audio"], batch["image"]
+    images = images.unsqueeze(1) if images.dim() == 4 else images  # [B, frames, 3, H, W]
+    if mode == "audioonly":
+        images = images[:, :1]
+    with autocast(device, precision):
+        return torch.stack([probabilities(model(audio, images[:, k], mode).float(), metric).cpu()
+                            for k in range(images.shape[1])])
+
+
+@torch.no_grad()
 def predict(model: torch.nn.Module, urls: list[str], transform: Transform, *, mode: str, metric: str,
             batch_size: int, num_workers: int, device: torch.device, precision: str) -> dict[str, np.ndarray]:
     """Probabilities `[frames, N, K]` (one slice per frame used), targets `[N, K]` and keys, gathered from all ranks
@@ -60,14 +74,7 @@ def predict(model: torch.nn.Module, urls: list[str], transform: Transform, *, mo
     probs, targets, keys = [], [], []
     for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
         batch = device_augment(batch, device)
-        audio, images = batch["audio"], batch["image"]
-        images = images.unsqueeze(1) if images.dim() == 4 else images  # [B, frames, 3, H, W]
-        if mode == "audioonly":
-            images = images[:, :1]
-        with autocast(device, precision):
-            frame_probs = [probabilities(model(audio, images[:, k], mode).float(), metric).cpu()
-                           for k in range(images.shape[1])]
-        probs.append(torch.stack(frame_probs))
+        probs.append(batch_probabilities(model, batch, mode=mode, metric=metric, device=device, precision=precision))
         targets.append(batch["label"].cpu())
         keys += batch["key"]
     parts = dist.gather_objects((torch.cat(probs, 1) if probs else None, torch.cat(targets) if targets else None,

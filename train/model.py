@@ -316,9 +316,15 @@ class _Encoder(nn.Module):
 
     def forward_feat(self, audio: torch.Tensor, image: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         """Unmasked, un-pooled audio [B, Na, D] and visual [B, Nv, D] streams after norm_a / norm_v (retrieval)."""
-        a = self._joint(self._specific(self.embed_audio(audio), self.blocks_a), "a")
-        v = self._joint(self._specific(self.embed_image(image), self.blocks_v), "v")
-        return a, v
+        return self.audio_feat(audio), self.visual_feat(image)
+
+    def audio_feat(self, audio: torch.Tensor) -> torch.Tensor:
+        """The audio stream of `forward_feat` alone (the two streams do not interact there)."""
+        return self._joint(self._specific(self.embed_audio(audio), self.blocks_a), "a")
+
+    def visual_feat(self, image: torch.Tensor) -> torch.Tensor:
+        """The visual stream of `forward_feat` alone: several frames of one clip cost no audio pass each."""
+        return self._joint(self._specific(self.embed_image(image), self.blocks_v), "v")
 
 
 # Parameters no forward pass ever uses: the `_a`/`_v` norms of modality-specific and decoder blocks.

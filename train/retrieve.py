@@ -26,11 +26,9 @@ def features(model: torch.nn.Module, urls: list[str], transform: Transform, *, b
     model = unwrap(model).eval()
     audio, visual, keys = [], [], []
     for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
-        batch = device_augment(batch, device)
-        with autocast(device, precision):
-            a, v = model.forward_feat(batch["audio"], batch["image"])
-        audio.append(F.normalize(a.float().mean(1), dim=-1).cpu())
-        visual.append(F.normalize(v.float().mean(1), dim=-1).cpu())
+        a, v = pooled_features(model, device_augment(batch, device), device, precision)
+        audio.append(F.normalize(a, dim=-1).cpu())
+        visual.append(F.normalize(v, dim=-1).cpu())
         keys += batch["key"]
     parts = [p for p in dist.gather_objects((audio, visual, keys)) if p[2]]
     if not parts:
@@ -40,6 +38,19 @@ def features(model: torch.nn.Module, urls: list[str], transform: Transform, *, b
     a = torch.cat([x for p in parts for x in p[0]])[order]
     v = torch.cat([x for p in parts for x in p[1]])[order]
     return a, v, [all_keys[i] for i in order]
+
+
+def pooled_features(model: torch.nn.Module, batch: dict[str, Any], device: torch.device,
+                    precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled (not normalised) float32 audio [B, D] and visual [B, D] features of a `device_augment`ed batch.
+    With several frames per sample (`image` [B, frames, 3, H, W], eval's "all") the visual feature is the mean of
+    the frames' pooled features; the audio stream runs once."""
+    images = batch["image"]
+    images = images.unsqueeze(1) if images.dim() == 4 else images
+    with autocast(device, precision):
+        a = model.audio_feat(batch["audio"]).float().mean(1)
+        v = torch.stack([model.visual_feat(images[:, k]).float().mean(1) for k in range(images.shape[1])]).mean(0)
+    return a, v
 
 
 def ranks(similarity: torch.Tensor) -> torch.Tensor:

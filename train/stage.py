@@ -86,6 +86,40 @@ def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes
                      label_map=label_map, label_file=label_csv, seed=seed, audio=cfg.audio.to_dict())
 
 
+def checkpoint_arg(path: str) -> dict[str, Any]:
+    """The state dict that `--checkpoint path` names (weights_only; `module.` stripped), or a one-line UsageError."""
+    from train.checkpoint import CheckpointError, load_state_dict_file
+
+    if not Path(path).is_file():
+        raise UsageError(f"--checkpoint {path}: no such file")
+    try:
+        return load_state_dict_file(path)
+    except CheckpointError as exc:
+        raise UsageError(f"--checkpoint {exc}") from None
+
+
+def load_model(cfg: Config, path: str, *, finetuned: bool = False):
+    """The model a checkpoint holds, built from `cfg.model`: the finetuning model when the checkpoint has a
+    classification head (`mlp_head.*`), else the pretraining one. `finetuned` requires the head."""
+    from train.checkpoint import load_pretrained_into
+    from train.model import build_finetune_model, build_pretrain_model
+
+    sd = checkpoint_arg(path)
+    head = sd.get("mlp_head.1.weight")
+    if head is None and finetuned:
+        raise UsageError(f"{path}: no classification head (mlp_head.*): not a finetuned checkpoint")
+    if head is None:
+        model = build_pretrain_model(cfg.model.to_dict())
+    else:
+        model = build_finetune_model(cfg.model.to_dict(), head.shape[0])
+    try:
+        load_pretrained_into(model, sd)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"--checkpoint {path}: does not fit model.* of the config ({str(exc).splitlines()[0]})") \
+            from None
+    return model
+
+
 def augmentation(stage: Config) -> dict[str, Any]:
     return {k: stage[k] for k in ("freqm", "timem", "mixup", "noise", "label_smooth")}
 

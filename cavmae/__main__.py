@@ -1,0 +1,5 @@
+import sys
+
+from cavmae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""`cavmae`: from raw videos to a model's answer, composing `preprocess` (decoding) and `train` (the model).
+
+Exit status: 0 when every video was scored, 1 when some could not be decoded (named on stderr), 2 for bad arguments,
+config, checkpoint or label index (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from shards.config import Config, ConfigError, load_config
+
+EXAMPLES = """examples:
+  cavmae predict clip.mp4 other.mkv --checkpoint runs/ft/model.pth --labels class_labels_indices.csv
+  cavmae predict videos/*.mp4 --checkpoint runs/ft/model.pth --labels labels.csv --prep-config shards/pipeline.yaml \\
+      --top-k 3 --out predictions.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cavmae", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="top-k labels of video files with a finetuned checkpoint",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Decode each video as ingest would (in memory), score it with a finetuned "
+                                   "checkpoint with eval's frames choice, and print its top-k labels by display "
+                                   "name with their scores (sigmoid for finetune.metric mAP, softmax for acc).")
+    p.add_argument("videos", nargs="+", help="video files")
+    p.add_argument("--checkpoint", required=True, metavar="PTH", help="finetuned weights (ours or official)")
+    p.add_argument("--labels", required=True, metavar="CSV", help="the label index CSV index,mid,display_name "
+                                                                  "the checkpoint was finetuned with")
+    p.add_argument("--top-k", type=int, default=5, help="labels per video (default 5)")
+    p.add_argument("--config", metavar="FILE", help="the training run's config (default: config.yaml beside the "
+                                                    "checkpoint, when there is one)")
+    p.add_argument("--prep-config", metavar="PIPELINE_YAML", help="take audio/video/clip (how videos become "
+                                                                  "samples) from this file: the pipeline.yaml of "
+                                                                  "the shards the model was trained on")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting (repeatable)")
+    p.add_argument("--mode", help="input mode (default: finetune.mode)")
+    p.add_argument("--frames", help="all | middle | a frame index (default: eval.frames)")
+    p.add_argument("--out", metavar="FILE.json", help="also write the predictions as JSON")
+    return parser
+
+
+def predict_config(args: argparse.Namespace) -> Config:
+    """The run's config (or --config), the sample sections from --prep-config, then --set."""
+    config = args.config
+    if config is None and (Path(args.checkpoint).parent / "config.yaml").is_file():
+        config = Path(args.checkpoint).parent / "config.yaml"
+    data = load_config(config).to_dict()
+    if args.prep_config:
+        prep = load_config(args.prep_config).to_dict()
+        data.update({section: prep[section] for section in ("audio", "video", "clip")})
+    return Config(data).with_overrides(args.sets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from preprocess.inputs import InputError, LabelIndex
+    from train.cli import frame_choice
+    from train.stage import UsageError
+
+    from .predict import Prediction, predict_videos
+
+    try:
+        if args.top_k < 1:
+            raise UsageError(f"--top-k must be >= 1; got {args.top_k}")
+        cfg = predict_config(args)
+        index = LabelIndex.read(args.labels)
+        display = index.display_names()
+        names = {i: display.get(mid, mid) for mid, i in index.index.items()}
+        frames = frame_choice(args.frames or cfg.eval.frames, "--frames" if args.frames else "eval.frames")
+        results, failed = [], 0
+        for got in predict_videos(args.videos, cfg, args.checkpoint, top_k=args.top_k,
+                                  mode=args.mode or cfg.finetune.mode, frames=frames):
+            if not isinstance(got, Prediction):
+                failed += 1
+                print(f"cavmae: failed: {got[0]}: {got[1]}", file=sys.stderr)
+                continue
+            top = [{"index": i, "label": names.get(i, str(i)), "score": round(score, 6)} for i, score in got.top]
+            window = f" [window {got.window}]" if got.window is not None else ""
+            print(f"{got.source}{window}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in top))
+            results.append({"source": got.source, "video_id": got.video_id, "window": got.window, "top": top})
+    except (ConfigError, UsageError, InputError) as exc:
+        print(f"cavmae: error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Top-k labels for video files with a finetuned checkpoint: `preprocess` decodes each video into in-memory
+samples exactly as `ingest` would (same `audio`/`video`/`clip` settings), `shards.reader.decode_sample` reads them
+as the trainer reads shard samples, and `train` scores them (the eval transform and frames choice,
+`device_augment`, `evaluate.batch_probabilities`). Nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from preprocess.decode import BadInput
+from preprocess.ingest import _one_line
+from preprocess.inputs import video_id_of
+from preprocess.sample import iter_samples
+from shards.config import Config
+from shards.reader import decode_sample
+from shards.schema import member_suffix
+from train import distributed as dist
+from train import stage as st
+from train.data import device_augment
+from train.evaluate import batch_probabilities
+
+
+@dataclass
+class Prediction:
+    source: str
+    video_id: str
+    window: int | None
+    top: list[tuple[int, float]]  # (class index, score), best first
+
+
+def video_samples(paths: list[str], cfg: Config) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """(path, decoded sample, None) for every sample of every video, or (path, None, reason) for a video that
+    cannot become a sample (an input is all or nothing, as in ingest)."""
+    for path in paths:
+        try:
+            samples = []
+            for built in iter_samples(path, video_id_of(path), path, [], None, cfg):
+                raw = {"__key__": built.key, "__url__": path}
+                raw.update((member_suffix(name), data) for name, data in built.members)
+                samples.append(decode_sample(raw))
+        except BadInput as exc:
+            yield path, None, _one_line(exc)
+            continue
+        for sample in samples:
+            yield path, sample, None
+
+
+def predict_videos(paths: list[str], cfg: Config, checkpoint: str, *, top_k: int, mode: str,
+                   frames: str | int) -> Iterator[Prediction | tuple[str, str]]:
+    """A `Prediction` per sample (per window in clip.mode windows), or (path, reason) for a video that failed,
+    in the order of `paths`; batches of `eval.batch_size` samples."""
+    device = dist.init()
+    model = st.load_model(cfg, checkpoint, finetuned=True).to(device).eval()
+    transform = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
+    pending: list[tuple[str, dict[str, Any]]] = []
+
+    def flush() -> Iterator[Prediction | tuple[str, str]]:
+        scored = []
+        for path, sample in pending:  # one at a time: the transform drops (and logs) a sample it cannot use
+            example = list(transform(iter([{**sample, "_skipped": 0}])))
+            if example:
+                scored.append((path, sample, example[0]))
+            else:
+                yield path, "the sample cannot be scored (no usable frame)"
+        pending.clear()
+        if not scored:
+            return
+        batch = device_augment(transform.collate([e for _, _, e in scored]), device)
+        probs = batch_probabilities(model, batch, mode=mode, metric=cfg.finetune.metric, device=device,
+                                    precision=cfg.finetune.precision).mean(0).numpy()
+        for (path, sample, _), p in zip(scored, probs):
+            best = np.argsort(-p, kind="stable")[:top_k]
+            yield Prediction(path, sample["meta"]["video_id"], sample["meta"].get("window"),
+                             [(int(i), float(p[i])) for i in best])
+
+    for path, sample, error in video_samples(paths, cfg):
+        if error is not None:
+            yield from flush() if pending else ()
+            yield path, error
+            continue
+        pending.append((path, sample))
+        if len(pending) == cfg.eval.batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()

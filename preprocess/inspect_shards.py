@@ -1,0 +1,68 @@
+"""`cavmae-prep inspect`: a picture of samples as the shards hold them (frames, log-mel, labels), the first thing
+to look at to see that frames and audio line up.
+
+Samples stream through `shards.reader` (one shard at a time): `--key` stops at the first match, `--random N` keeps
+a seeded reservoir of N samples, so memory never grows with the set.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+from shards.config import ConfigError
+from shards.reader import decode_sample, list_shards, raw_samples
+from shards.store import Store
+
+from .ingest import FROZEN_CONFIG, frozen_config
+from .inputs import LabelIndex
+from .stats import shard_folder
+
+
+def _samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    for raw in raw_samples(urls):
+        yield decode_sample(raw)
+
+
+def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """The sample with `key` (or with that video id), or `count` samples drawn uniformly (reservoir sampling,
+    seeded), in the order of the shards."""
+    if key is not None:
+        for sample in _samples(urls):
+            if key in (sample["key"], sample["meta"].get("video_id")):
+                return [sample]
+        raise ConfigError(f"--key {key}: no such sample in the {len(urls)} shard(s)")
+    rng = random.Random(seed)
+    chosen: list[tuple[int, dict[str, Any]]] = []
+    for seen, sample in enumerate(_samples(urls)):
+        if len(chosen) < count:
+            chosen.append((seen, sample))
+        elif (j := rng.randrange(seen + 1)) < count:
+            chosen[j] = (seen, sample)
+    if not chosen:
+        raise ConfigError("the shards hold no sample")
+    return [s for _, s in sorted(chosen, key=lambda x: x[0])]
+
+
+def frame_shift_s(folder: Store, default_ms: float) -> float:
+    """The fbank hop the shards were made with (their pipeline.yaml), else the given default."""
+    if folder.is_file(FROZEN_CONFIG):
+        return float(frozen_config(folder).audio.frame_shift_ms) / 1000
+    return default_ms / 1000
+
+
+def inspect(spec: str, out: str, *, key: str | None = None, count: int = 0, seed: int = 0,
+            label_index_csv: str | None = None, default_shift_ms: float = 10.0) -> int:
+    """Draw the sample sheet of `spec` into the PNG `out` (local path or URI); returns the number of samples."""
+    from .plots import sheet_figure, to_png
+
+    if key is None and count < 1:
+        raise ConfigError("give --key KEY or --random N (N >= 1)")
+    urls = list_shards(spec)
+    names = LabelIndex.read(label_index_csv).display_names() if label_index_csv else {}
+    samples = pick(urls, key=key, count=count, seed=seed)
+    fig = sheet_figure(samples, frame_shift_s(shard_folder(spec, urls), default_shift_ms), names)
+    store, name = Store.split(out)
+    store.makedirs()
+    store.write_bytes(name, to_png(fig))
+    return len(samples)

@@ -1,0 +1,51 @@
+"""`cavmae-train embed`: one parquet row per sample with its pooled audio and visual embeddings, for downstream use
+(cav-mae issue #33, "video feature extraction").
+
+The features are retrieval's (`retrieve.pooled_features`: the unmasked streams after norm_a / norm_v, mean-pooled
+over tokens), not L2-normalised, as float32 lists. The samples stream through `eval_loader` (every sample once, no
+augmentation) and each batch is written as it comes (`pyarrow.parquet.ParquetWriter`, one row group per batch), so
+memory does not grow with the set. The file appears under its name only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from train.data import Transform, device_augment, eval_loader
+from train.loop import unwrap
+from train.retrieve import pooled_features
+
+SCHEMA = pa.schema([("key", pa.string()), ("video_id", pa.string()),
+                    ("audio", pa.list_(pa.float32())), ("visual", pa.list_(pa.float32()))])
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, urls: list[str], transform: Transform, out: str | Path, *, batch_size: int,
+          num_workers: int, device: torch.device, precision: str, total: int | None = None,
+          progress: bool = True) -> int:
+    """Write the embeddings of every sample of `urls` to the parquet file `out`; returns the number of rows."""
+    model = unwrap(model).eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, SCHEMA) as writer, \
+                tqdm(total=total, unit="sample", desc="embed", disable=not progress) as bar:
+            for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
+                audio, visual = pooled_features(model, device_augment(batch, device), device, precision)
+                writer.write_table(pa.table({
+                    "key": batch["key"], "video_id": batch["video_id"],
+                    "audio": list(audio.cpu().numpy()), "visual": list(visual.cpu().numpy())}, schema=SCHEMA))
+                rows += len(batch["key"])
+                bar.update(len(batch["key"]))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
