@@ -153,4 +153,4 @@ def ingest_datasets(root: Path) -> Path:
 
 
 TINY = ["model.size=tiny", "model.target_length=128", "model.image_size=64", "data.num_workers=0",
-        "data.shuffle_buffer=16", "pretrain.log_every=1", "finetune.log_every=1", "video.num_frames=4"]
+        "pretrain.log_every=1", "finetune.log_every=1", "video.num_frames=4"]
