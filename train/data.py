@@ -16,7 +16,7 @@ batched ops (masks by broadcast comparisons, the roll as one gather with per-sam
 through it: training with the stage's augmentation, evaluation and retrieval with none (normalisation only).
 A masked bin therefore still ends up at (0 - mean) / std ≈ 1.133, as the official loader produces. All random
 draws except the noise tensor itself come from the sample's own numpy PCG64 generator (seeded from the run seed,
-the epoch and the sample's position in it, `train.epochs.sample_rng`); the noise tensor is drawn on the device from a
+the epoch and the sample's position in it, `train.epochs.SampleRngs`); the noise tensor is drawn on the device from a
 generator seeded with a number the batch's first sample drew, so a run stays reproducible from its seed (on one kind
 of device) and resumes anywhere without replaying anything.
 
@@ -66,7 +66,7 @@ from shards.index import SampleIndex, SpanReader, read_raw_sample
 from shards.manifest import MANIFEST, read_rows
 from shards.reader import decode_sample, is_remote, raw_samples
 from shards.schema import BadSample
-from train.epochs import EpochPlan, sample_rng
+from train.epochs import EpochPlan, SampleRngs
 
 log = logging.getLogger(__name__)
 
@@ -446,29 +446,30 @@ class EpochBatches(torch.utils.data.IterableDataset):
         reader = SpanReader()
         remote = any(is_remote(u) for u in self.index.urls)
         pool = ThreadPoolExecutor(REMOTE_READS) if remote else None
+        rngs = SampleRngs(self.plan.seed, self.epoch)
         try:
             for i in range(worker, len(self.positions), workers):
-                yield self.batch(self.positions[i], reader, pool)
+                yield self.batch(self.positions[i], reader, pool, rngs)
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
             reader.close()
 
-    def batch(self, positions: np.ndarray, reader: SpanReader, pool: ThreadPoolExecutor | None) -> dict[str, Any]:
+    def batch(self, positions: np.ndarray, reader: SpanReader, pool: ThreadPoolExecutor | None,
+              rngs: SampleRngs) -> dict[str, Any]:
         mixup = self.transform.aug["mixup"]
-        rngs, wanted = [], []
+        wanted = []
         for pos in positions:
-            rng = sample_rng(self.plan.seed, self.epoch, int(pos))
+            rng = rngs.at(int(pos), 0)
             partner = int(rng.integers(len(self.index))) if mixup > 0 and rng.random() < mixup else None
-            rngs.append(rng)
             wanted.append((int(self.order[pos]), partner))
         need = sorted({i for pair in wanted for i in pair if i is not None})
         samples = dict(zip(need, pool.map(self.sample, need, [reader] * len(need)) if pool is not None
                            else (self.sample(i, reader) for i in need)))
         examples, skipped = [], 0
-        for (i, partner), rng in zip(wanted, rngs):
+        for (i, partner), pos in zip(wanted, positions):
             example = None if samples[i] is None else self.transform.try_example(
-                samples[i], samples[partner] if partner is not None else None, rng)
+                samples[i], samples[partner] if partner is not None else None, rngs.at(int(pos), 1))
             if example is None:
                 skipped += 1
                 continue
