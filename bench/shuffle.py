@@ -14,7 +14,8 @@ correlation of sample positions at lag 1 and lag `batch` (a perfect shuffle: ~0)
 Read cost, with real shards (`--read-samples` samples of ~0.1 MB in shards of `--per-shard`) on local disk and on
 an S3-compatible server on 127.0.0.1 (moto, when installed): time per sample, requests per sample and bytes read
 per sample, streaming whole shards (what the resampling loader did) vs one ranged read per sample in permutation
-order (ours), one at a time and 16 in flight as a loader worker reads from object storage. A localhost server shows the request count and per-request overhead, not a real store's latency.
+order (ours), one at a time and 16 in flight as a loader worker reads from object storage. A localhost server
+shows the request count and per-request overhead, not a real store's latency.
 
     .venv/bin/python -m bench.shuffle [--shards 200] [--per-shard 128] [--batch-size 48] [--buffer 1000]
 """

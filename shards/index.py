@@ -16,6 +16,7 @@ before, and hold no more than the samples it is decoding.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tarfile
 import threading
@@ -29,6 +30,8 @@ import numpy as np
 
 from .reader import is_remote, open_stream, tar_members
 from .schema import BadSample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,13 +90,14 @@ def scan_spans(url: str) -> list[tuple[str, int, int]]:
 
     `tar_members` reads each member's data, its padding and the next header before it yields, so a member ends
     512 bytes before the position reached then; a sample starts where the previous one ended (which includes
-    any long-name or pax header in front of its first member). A corrupt shard is an `OSError` naming it."""
+    any long-name or pax header in front of its first member). A truncated or corrupt shard keeps the samples
+    before the damage (logged), as the streaming reader does."""
     spans: list[tuple[str, int, int]] = []
-    try:
-        with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as raw:
-            stream = _Counting(raw)
-            start = end = 0
-            current = None
+    with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as raw:
+        stream = _Counting(raw)
+        start = end = 0
+        current = None
+        try:
             for name, _ in tar_members(stream):
                 key = name.rsplit("/", 1)[-1].split(".", 1)[0]
                 if key != current:
@@ -101,10 +105,11 @@ def scan_spans(url: str) -> list[tuple[str, int, int]]:
                         spans.append((current, start, end - start))
                     current, start = key, end
                 end = stream.pos - 512
-            if current is not None:
-                spans.append((current, start, end - start))
-    except tarfile.TarError as exc:
-        raise OSError(f"{url}: cannot index shard ({exc})") from None
+        except tarfile.TarError as exc:
+            log.warning("indexing %s: kept the %d samples before the damage (%s)", url, len(spans), exc)
+            return spans
+        if current is not None:
+            spans.append((current, start, end - start))
     return spans
 
 

@@ -121,6 +121,10 @@ def test_index_from_manifest_offsets_equals_scan_and_corrupt_samples_are_skipped
         assert np.array_equal(getattr(a, field), getattr(b, field))
     assert [s[0] for s in scan_spans(urls[0])] == [r["key"] for r in sorted(rows, key=lambda r: r["offset"])
                                                  if r["shard"] == Path(urls[0]).name]
+    # a truncated shard without a manifest keeps the samples before the damage
+    data = Path(urls[0]).read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:len(data) // 2 + 100])
+    assert len(sample_index([str(tmp_path / "cut.tar")])) == 3  # of 7; the 4th is cut short
     # a sample whose npy is garbage: the training batch is one smaller and says so
     rng = random.Random(0)
     members = []

@@ -1,4 +1,4 @@
-"""`cavmae-train`: pretrain, finetune, evaluate and retrieve with CAV-MAE over WebDataset shards.
+"""`cavmae-train`: pretrain, finetune, evaluate, retrieve with CAV-MAE over WebDataset shards; show an epoch's order.
 
 One process per device: `torchrun --nproc-per-node N -m train pretrain ...` (or `cavmae-train ...` for one process).
 Exit status: 0 on success, 2 for bad arguments, config, shards or labels (a one-line message on stderr),

@@ -15,8 +15,9 @@ of GPUs:
 - Loader worker w of n reads this rank's micro-batches w, w+n, ...; torch's DataLoader yields the batches of
   an iterable dataset's workers round-robin, so the rank sees them in the same order whatever n is.
 - Every random draw about a sample (frame choice, mixup partner and λ, augmentation parameters, noise seed)
-  comes from a generator that is a function of (seed, epoch, its position in the epoch) (`SampleRngs`), and the model's own randomness
-  (masking, dropout) from (seed, global step, rank, micro-batch) (`step_seed`): no RNG state to save or replay.
+  comes from a generator that is a function of (seed, epoch, its position in the epoch) (`SampleRngs`), and the
+  model's own randomness (masking, dropout) from (seed, global step, rank, micro-batch) (`step_seed`): no RNG
+  state to save or replay.
 """
 
 from __future__ import annotations
