@@ -54,7 +54,7 @@ def order(capsys, shards, epoch, world, rank, *extra):
 def test_every_sample_once_per_epoch_equal_batches_and_elastic_steps(uneven, capsys):
     for batch, expect in ((2, 26), (4, 24)):  # 26 samples: a global batch of 4 drops a tail of 2
         first = None
-        for world in (1, 2):
+        for world in (1, 2, 4):
             if batch % world:
                 continue
             ranks = [order(capsys, uneven, 1, world, r, f"pretrain.batch_size={batch}") for r in range(world)]
