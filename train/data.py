@@ -15,8 +15,8 @@ the normalisation constants. `device_augment(batch, device)` moves it to the dev
 batched ops (masks by broadcast comparisons, the roll as one gather with per-sample shifts). Every command goes
 through it: training with the stage's augmentation, evaluation and retrieval with none (normalisation only).
 A masked bin therefore still ends up at (0 - mean) / std ≈ 1.133, as the official loader produces. All random
-draws except the noise tensor itself come from the sample's own numpy PCG64 generator (seeded from the run seed,
-the epoch and the sample's position in it, `train.epochs.SampleRngs`); the noise tensor is drawn on the device from a
+draws except the noise tensor itself come from the sample's own numpy generator (a function of the run seed, the
+epoch and the sample's position in it, `train.epochs.SampleRngs`); the noise tensor is drawn on the device from a
 generator seeded with a number the batch's first sample drew, so a run stays reproducible from its seed (on one kind
 of device) and resumes anywhere without replaying anything.
 
