@@ -62,12 +62,12 @@ run() {
         MODEL=(--set model.size=tiny --set model.target_length=128 --set model.image_size=64)
         GEOM=(--set video.image_size=64 --set video.num_frames=4 "${MODEL[@]}")
         BATCHES=(2 4); FT=2; STEPS=(--steps 1 --warmup 1); PROFILE_B=4; NUM_B=2; CURVE=(--steps 4 --every 2 --curve-batch 2)
-        SAMPLES=48; PER_SHARD=12; E2E_B=8; E2E_STEPS=6; E2E_SKIP=2; LOG=2; WORKERS=(1 2); SHUF=16
+        SAMPLES=48; PER_SHARD=12; E2E_B=8; E2E_STEPS=6; E2E_SKIP=2; LOG=2; WORKERS=(1 2)
         COMPILE_B=2; COMPILE_MORE=4
     else
         MODEL=(); GEOM=()
         BATCHES=(48 256); FT=48; STEPS=(--steps 6 --warmup 2); PROFILE_B=256; NUM_B=8; CURVE=(--steps 300 --every 25)
-        SAMPLES=768; PER_SHARD=96; E2E_B=48; E2E_STEPS=35; E2E_SKIP=10; LOG=5; WORKERS=(8 4 12); SHUF=200
+        SAMPLES=768; PER_SHARD=96; E2E_B=48; E2E_STEPS=35; E2E_SKIP=10; LOG=5; WORKERS=(8 4 12)
         COMPILE_B=256; COMPILE_MORE=48
     fi
     SHARDS=$WORK/shards
@@ -114,8 +114,7 @@ EOF
     local device
     device=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')
     local common=(--shards "$SHARDS" "${GEOM[@]}" --set "pretrain.batch_size=$E2E_B" --set pretrain.epochs=1
-                  --set "pretrain.epoch_samples=$(( E2E_B * E2E_STEPS ))" --set "pretrain.log_every=$LOG"
-                  --set "data.shuffle_buffer=$SHUF")
+                  --set "pretrain.epoch_samples=$(( E2E_B * E2E_STEPS ))" --set "pretrain.log_every=$LOG")
     if wanted e2e; then
         for w in "${WORKERS[@]}"; do
             rm -rf "$WORK/run"

@@ -232,6 +232,7 @@ def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[s
                 item_rows = [_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), cfg)]
             rows += item_rows
             report(progress, index, position, item_rows)
+    rows = shard.locate(rows)  # each sample's byte span in the shard (manifest offset/length)
     write_rows(fragment_name(name), rows, store=store)
     return rows
 

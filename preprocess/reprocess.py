@@ -265,6 +265,7 @@ def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data:
                                           duration_s=meta.get("duration_s"), bytes=sum(len(d) for _, d in members)))
             rows += item_rows
             report(progress, index, position, item_rows)
+    rows = shard.locate(rows)  # each sample's byte span in the shard (manifest offset/length)
     write_rows(fragment_name(name), rows, store=store)
     return rows
 

@@ -137,9 +137,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Keys that existed once: a file that has them (a shard folder's frozen pipeline.yaml, an old run's config.yaml)
+# still loads, ignoring them; `--set` of one is an error that says why it went.
+RETIRED = {"data.shuffle_buffer": "every training epoch is a full permutation now, with no shuffle buffer"}
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str, source: str) -> None:
     for key, value in over.items():
         dotted = f"{prefix}{key}"
+        if dotted in RETIRED:
+            continue
         if prefix == "presets." and isinstance(value, dict):
             base[key] = value  # a user file may define its own recipes
             continue
@@ -162,6 +169,8 @@ def _apply_set(data: dict[str, Any], item: str) -> None:
     except yaml.YAMLError:
         value = raw
     parts = dotted.strip().split(".")
+    if dotted.strip() in RETIRED:
+        raise ConfigError(f"--set: '{dotted.strip()}' was removed: {RETIRED[dotted.strip()]}")
     node = data
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:

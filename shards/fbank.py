@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchaudio.compliance.kaldi as kaldi
 
 from .config import Config
 
@@ -20,6 +19,8 @@ def fbank(waveform: np.ndarray, audio: Config) -> np.ndarray:
     torchaudio.compliance.kaldi.fbank(htk_compat=True, use_energy=False, dither=0.0, ...) with the frame
     shift/length, window and mel bins of the config (Kaldi defaults otherwise).
     """
+    import torchaudio.compliance.kaldi as kaldi  # here: the trainer imports this module without torchaudio
+
     wav = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).reshape(1, -1)
     wav = wav - wav.mean()
     with torch.inference_mode():

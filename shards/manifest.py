@@ -30,6 +30,8 @@ SCHEMA = pa.schema([
     ("labels", pa.list_(pa.string())),
     ("duration_s", pa.float64()),
     ("bytes", pa.int64()),            # bytes of the sample's members in its shard
+    ("offset", pa.int64()),           # byte offset of the sample's first tar header in its shard
+    ("length", pa.int64()),           # bytes from there through its last member's padding (one ranged read)
     ("config_digest", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)

@@ -80,7 +80,7 @@ def open_stream(url: str) -> IO[bytes]:
         import pyarrow.fs as pafs
 
         fs, path = pafs.FileSystem.from_uri(url)
-        return fs.open_input_stream(path)
+        return fs.open_input_stream(path, buffer_size=1 << 20)  # unbuffered, every read() is a request
     return open(url, "rb")
 
 

@@ -6,7 +6,9 @@ Every tar header field that could vary between runs (mtime, uid/gid, owner names
 same samples in the same order give byte-identical shards.
 
 `ShardWriter` streams samples into a shard as they are made (a task holds one input's samples, never a
-whole shard) and publishes it through `shards.store` (local or remote: temp + rename, or one upload).
+whole shard) and publishes it through `shards.store` (local or remote: temp + rename, or one upload). It also
+records where each sample lies in the tar (`spans`: byte offset of its first member header, length through its
+last member's padding), which the manifest keeps so a trainer can read any sample with one ranged read.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class ShardWriter:
         self._upload: Upload | None = None
         self._tar: tarfile.TarFile | None = None
         self.members = 0
+        self.spans: dict[str, tuple[int, int]] = {}  # sample key -> (offset, length) in the tar
 
     def add(self, members: Iterable[tuple[str, bytes]]) -> None:
         for name, data in members:
@@ -57,8 +60,16 @@ class ShardWriter:
             if self._tar is None:
                 self._upload = self.store.publish(self.name)
                 self._tar = tarfile.open(fileobj=self._upload.file, mode="w", format=tarfile.USTAR_FORMAT)
+            key, start = name.split(".", 1)[0], self._tar.offset
             self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            first, _ = self.spans.get(key, (start, 0))
+            self.spans[key] = (first, self._tar.offset - first)
             self.members += 1
+
+    def locate(self, rows: list[dict]) -> list[dict]:
+        """`rows` with the `offset` and `length` manifest columns filled in for the samples this shard holds."""
+        return [dict(r, offset=self.spans[r["key"]][0], length=self.spans[r["key"]][1])
+                if r.get("key") in self.spans else r for r in rows]
 
     def close(self) -> int | None:
         """Publish the shard; its size in bytes, or None when no member was added (nothing is written)."""

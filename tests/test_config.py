@@ -31,6 +31,7 @@ def test_file_then_sets_override_in_order(tmp_path):
     (["audio.keep_waveform=3"], "audio.keep_waveform"),
     (["audio=3"], "audio"),
     (["audio.num_mel_bins"], "audio.num_mel_bins"),
+    (["data.shuffle_buffer=8"], "data.shuffle_buffer' was removed"),
 ])
 def test_bad_sets_name_the_key(sets, needle):
     with pytest.raises(ConfigError) as err:
@@ -44,6 +45,12 @@ def test_unknown_key_in_file_is_named(tmp_path):
     user.write_text("video:\n  frames: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'video.frames'"):
         load_config(user)
+
+
+def test_retired_key_in_a_file_written_before_is_ignored(tmp_path):
+    old = tmp_path / "pipeline.yaml"  # e.g. the frozen config of a shard folder made before issue 9
+    old.write_text("data:\n  shuffle_buffer: 1000\n  seed: 3\n")
+    assert load_config(old).data.seed == 3 and "shuffle_buffer" not in load_config(old).data.to_dict()
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):

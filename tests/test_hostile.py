@@ -24,7 +24,7 @@ from preprocess.reprocess import _videos_in_source_order
 from shards.config import ConfigError, load_config
 from shards.media import open_flac, open_jpeg
 from shards.names import PatternError, check_pattern, shard_index, shard_name
-from shards.reader import decode_sample, raw_samples, tar_members
+from shards.reader import raw_samples, tar_members
 from shards.schema import BadSample, encode_npy, sample_members
 from shards.writer import write_shard
 from train import cli as train_cli

@@ -8,14 +8,20 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import ray
+import torch
 
 from preprocess.ingest import ingest
 from shards.config import load_config
-from shards.manifest import read_manifest
+from shards.index import sample_index
+from shards.manifest import read_manifest, read_rows
 from shards.reader import decode_sample, list_shards, raw_samples
 from shards.store import Store
 from tests.clips import make_clip
 from tests.conftest import LOCAL_RAY
+from tests.train_fixtures import write_synthetic_shards
+from train.cli import main
+from train.data import Transform, train_loader
+from train.epochs import EpochPlan
 
 SMALL = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=2"]
 BUCKET = "cavmae-test"
@@ -79,10 +85,46 @@ def test_ingest_to_s3_equals_local_and_reads_back(s3_server, videos, tmp_path):
     urls = list_shards(f"s3://{BUCKET}/run1/shards/")
     samples = [decode_sample(r) for r in raw_samples(urls)]
     assert sorted(s["meta"]["video_id"] for s in samples) == ["r0", "r1", "r2"]
+    # ingest records where each sample lies: the manifest's offsets are what a scan of the shards finds
+    rows = read_manifest(s3)
+    assert all(r["offset"] is not None and r["length"] > 0 for r in rows)
+    assert (sample_index(urls, rows).offset == sample_index(urls).offset).all()
 
     # a re-run resumes from the remote manifest: nothing to do
     again = ingest(inputs, f"s3://{BUCKET}/run1/shards", cfg)
     assert (again.videos, again.already) == (0, 3)
+
+
+def test_training_reads_an_epoch_from_s3_with_ranged_reads(s3_server, tmp_path, capsys):
+    """The same epoch, sample for sample, from the bucket as from the local copy: the index from the remote
+    manifest's offsets (or from a scan when the manifest is gone), each sample one ranged read."""
+    local = tmp_path / "local"
+    write_synthetic_shards(local, 11, 4)
+    s3 = Store.of(f"s3://{BUCKET}/epochs")
+    for p in sorted(local.iterdir()):
+        s3.write_bytes(p.name, p.read_bytes())
+
+    def keys(shards):
+        capsys.readouterr()
+        assert main(["order", "--shards", shards, "--epoch", "2", "--world-size", "2", "--rank", "1",
+                     "--set", "pretrain.batch_size=4"]) == 0
+        return capsys.readouterr().out
+
+    assert keys(f"s3://{BUCKET}/epochs/") == keys(str(local)) and len(keys(str(local)).split()) == 4
+    urls = list_shards(f"s3://{BUCKET}/epochs/")
+    rows = read_rows(f"s3://{BUCKET}/epochs/manifest.parquet")
+    index = sample_index(urls, rows)
+    assert (index.offset == sample_index(urls).offset).all()  # manifest offsets = a scan of the remote shards
+    tf = Transform({"target_length": 128, "mean": -5.081, "std": 4.4849, "image_size": 64,
+                    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+                   {"freqm": 8, "timem": 8, "mixup": 0.5, "noise": True, "label_smooth": 0.1}, frame="random",
+                   num_frames=4, num_classes=4, label_map=None, label_file=None, seed=0)
+    plan = EpochPlan(size=11, samples=11, global_batch=4, accum_steps=1, world_size=1, rank=0, seed=0)
+    remote = list(train_loader(index, tf, plan, epoch=1, first=0, count=2, num_workers=0))
+    here = list(train_loader(sample_index(list_shards(str(local))), tf, plan, epoch=1, first=0, count=2,
+                             num_workers=0))
+    for a, b in zip(remote, here):
+        assert a["key"] == b["key"] and torch.equal(a["audio"], b["audio"]) and torch.equal(a["image"], b["image"])
 
 
 def test_remote_inputs_from_s3(s3_server, videos, tmp_path):

@@ -1,9 +1,10 @@
 """Data-pipeline unit checks: pad/crop, SpecAugment before normalisation, roll, labels, mixup, corrupt samples,
-fixed epoch length; and the metrics (AP, retrieval ranks)."""
+fixed epoch length; and the metrics (AP, retrieval ranks). Epoch order and resume: tests/test_epochs.py."""
 
 import math
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from preprocess.features import encode_flac  # noqa: E402
 from shards.config import load_config  # noqa: E402
 from shards.fbank import fbank as features_fbank  # noqa: E402
+from shards.index import sample_index  # noqa: E402
 from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
 from train.data import (LOG_SILENCE, Transform, device_augment, draw_augmentation, eval_loader,  # noqa: E402
                         mix_fbanks, pad_or_crop, soft_labels, train_loader)
+from train.epochs import EpochPlan  # noqa: E402
 from train.evaluate import average_precision, mean_average_precision  # noqa: E402
 from train.retrieve import ranks, recall_metrics  # noqa: E402
 from train_fixtures import color_frames, tone_fbank, write_synthetic_shards  # noqa: E402
@@ -31,6 +34,14 @@ NO_AUG = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 
 def transform(aug=NO_AUG, frame="random", num_classes=4):
     return Transform(DATA, aug, frame=frame, num_frames=4, num_classes=num_classes, label_map=None,
                      label_file=None, seed=0)
+
+
+def epoch_loader(urls, tf, batch_size, samples=None, seed=0):
+    """Epoch 0 of `urls` in global batches of `batch_size` on one rank."""
+    index = sample_index(urls)
+    plan = EpochPlan(size=len(index), samples=samples or len(index), global_batch=batch_size, accum_steps=1,
+                     world_size=1, rank=0, seed=seed)
+    return train_loader(index, tf, plan, epoch=0, first=0, count=plan.batches, num_workers=0)
 
 
 def test_pad_or_crop():
@@ -149,20 +160,20 @@ def test_transform_order_and_shapes(tmp_path):
     assert abs(float(b["audio"].mean())) < 3
 
 
-def test_fixed_number_of_batches_per_epoch(tmp_path):
+def test_epoch_longer_than_the_set_repeats_it_evenly(tmp_path):
     urls = [str(p) for p in write_synthetic_shards(tmp_path, 5, 2)]  # shards of 2, 2, 1 samples
-    loader = train_loader(urls, transform(), batch_size=3, num_batches=7, seed=0, shuffle_buffer=4, num_workers=0)
-    assert sum(1 for _ in loader) == 7
-    assert sum(1 for _ in loader) == 7
+    loader = epoch_loader(urls, transform(), 3, samples=21)  # 7 batches: every sample 4 or 5 times
+    keys = [k for b in loader for k in b["key"]]
+    assert len(keys) == 21 and sorted(Counter(keys).values()) == [4, 4, 4, 4, 5]
+    assert [k for b in loader for k in b["key"]] == keys  # the same order again
 
 
 def test_mixup_in_the_stream_mixes_labels(tmp_path):
     urls = [str(p) for p in write_synthetic_shards(tmp_path, 8, 8)]
     aug = dict(NO_AUG, mixup=1.0, label_smooth=0.1)
-    batch = next(iter(train_loader(urls, transform(aug), batch_size=8, num_batches=1, seed=0, shuffle_buffer=1,
-                                   num_workers=0)))
-    # the first sample has no partner yet: positives set to 1 - ls (sum 0.9 + 3 x 0.025); mixed ones sum to 1
-    assert torch.allclose(batch["label"].sum(1), torch.tensor([0.975] + [1.0] * 7))
+    batch = next(iter(epoch_loader(urls, transform(aug), 8)))
+    # every sample is mixed with a partner drawn from the whole set: λ + (1 - λ) of 1 - ls, plus K x ls/K
+    assert torch.allclose(batch["label"].sum(1), torch.ones(8))
     assert (batch["label"].max(1).values < 0.9).any()  # at least one mix of two different classes
 
 
@@ -188,26 +199,28 @@ def test_waveform_mixup_with_flac_equals_fbank_of_mixed_waveform(tmp_path):
     aug = dict(NO_AUG, mixup=1.0)
     tf = Transform(DATA, aug, frame="random", num_frames=2, num_classes=2, label_map=None, label_file=None, seed=0,
                    audio=audio.to_dict())
-    batch = next(iter(train_loader(shard(tmp_path / "w.tar"), tf, batch_size=2, num_batches=1, seed=0,
-                                   shuffle_buffer=1, num_workers=0)))
-    batch = device_augment(batch)
-    assert batch["key"] == ["a", "b"] and batch["mixup"] == {"waveform": 1}  # "a" came first: no partner yet
-    lam = float(batch["label"][1, 1])  # "b" mixed with partner "a": label λ on b's class, 1-λ on a's
-    assert 0 < lam < 1 and float(batch["label"][1, 0]) == pytest.approx(1 - lam)
-    # the official route, written out: s16 waveforms (what the .flac holds), DC removed, a cut/padded to b's length
-    w1, w2 = (torch.from_numpy(np.round(waves[k] * 32768) / 32768).float() for k in ("b", "a"))
+    batch = device_augment(next(iter(epoch_loader(shard(tmp_path / "w.tar"), tf, 2))))
+    assert batch["mixup"] == {"waveform": 2}  # both mixed (a partner may be the sample itself, as officially)
+    row = next(i for i in range(2) if 0 < float(batch["label"][i].max()) < 1)  # a sample mixed with the other one
+    key, other = batch["key"][row], "ab".replace(batch["key"][row], "")
+    own = "ab".index(key)
+    lam = float(batch["label"][row, own])  # label λ on its own class, 1-λ on the partner's
+    assert 0 < lam < 1 and float(batch["label"][row, 1 - own]) == pytest.approx(1 - lam)
+    # the official route, written out: s16 waveforms (what the .flac holds), DC removed, the partner cut/padded
+    w1, w2 = (torch.from_numpy(np.round(waves[k] * 32768) / 32768).float() for k in (key, other))
     w1, w2 = w1 - w1.mean(), w2 - w2.mean()
-    mix = lam * w1 + (1 - lam) * w2[: w1.shape[0]]
+    w2 = torch.nn.functional.pad(w2, (0, max(0, w1.shape[0] - w2.shape[0])))[: w1.shape[0]]
+    mix = lam * w1 + (1 - lam) * w2
     expected = torch.from_numpy(features_fbank((mix - mix.mean()).numpy(), audio).astype(np.float32))
     expected = (pad_or_crop(expected, DATA["target_length"]) - DATA["mean"]) / DATA["std"]
-    assert torch.allclose(batch["audio"][1], expected, atol=1e-3)
-    approx = mix_fbanks(torch.from_numpy(features_fbank(waves["b"], audio).astype(np.float32)),
-                        torch.from_numpy(features_fbank(waves["a"], audio).astype(np.float32)), lam)
-    assert not torch.allclose(batch["audio"][1], (pad_or_crop(approx, 128) - DATA["mean"]) / DATA["std"], atol=1e-2)
+    assert torch.allclose(batch["audio"][row], expected, atol=5e-3)  # float32 rounding in near-silent bins
+    approx = mix_fbanks(torch.from_numpy(features_fbank(waves[key], audio).astype(np.float32)),
+                        torch.from_numpy(features_fbank(waves[other], audio).astype(np.float32)), lam)
+    assert not torch.allclose(batch["audio"][row], (pad_or_crop(approx, 128) - DATA["mean"]) / DATA["std"],
+                              atol=1e-2)
 
-    batch = next(iter(train_loader(shard(tmp_path / "f.tar", flac_b=False), tf, batch_size=2, num_batches=1,
-                                   seed=0, shuffle_buffer=1, num_workers=0)))
-    assert batch["mixup"] == {"fbank": 1}
+    batch = next(iter(epoch_loader(shard(tmp_path / "f.tar", flac_b=False), tf, 2)))
+    assert batch["mixup"].get("fbank", 0) >= 1  # "b" has no .flac: its mix (at least) is the power-domain one
 
 
 def test_corrupt_samples_are_counted_skips(tmp_path):

@@ -2,7 +2,8 @@
 
 Every step all-reduces gradients and (with contrast=global) all-gathers the contrastive vectors, so a rank with
 fewer batches than the other would hang or fail the run; the timeout turns a hang into a failure. Both ranks must
-end at the same step: rank 0's checkpoint holds the step count, and the run exits 0 only if rank 1 did too.
+end at the same step: rank 0's checkpoint holds the step count, and the run exits 0 only if rank 1 did too. A run
+stopped mid-epoch (`--stop-after-steps`) and resumed ends with the same weights as the uninterrupted one.
 """
 
 import json
@@ -20,19 +21,30 @@ from train_fixtures import TINY  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_ddp_over_uneven_shards(train_shards, tmp_path):
+def torchrun(train_shards, out, sets, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "train", "pretrain", "--shards", str(train_shards / "ddp"), "--out", str(out),
+           *[a for s in sets for a in ("--set", s)], *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_process_ddp_over_uneven_shards_and_exact_resume(train_shards, tmp_path):
     shards = sorted((train_shards / "ddp").glob("*.tar"))  # 20 + 20 + 5 samples
     assert len(shards) == 3
     out = tmp_path / "run"
     sets = TINY + ["pretrain.batch_size=8", "pretrain.epochs=2", "pretrain.contrast=global", "pretrain.lr=1.0e-3"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "train", "pretrain", "--shards", str(train_shards / "ddp"), "--out", str(out),
-           *[a for s in sets for a in ("--set", s)]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(train_shards, out, sets)
     steps_per_epoch = 45 // 8  # global batch 8 = 4 per rank
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 2 * steps_per_epoch and state["epoch"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 2 * steps_per_epoch + 1))
+    # stopped mid-epoch 2 and resumed, both ranks: the same weights, bit for bit
+    again = tmp_path / "again"
+    torchrun(train_shards, again, sets, "--stop-after-steps", "7")
+    assert torch.load(again / "last.pt", weights_only=True)["step"] == 7 and not (again / "model.pth").exists()
+    torchrun(train_shards, again, sets, "--resume")
+    a, b = (torch.load(run / "model.pth", weights_only=True) for run in (out, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from shards.manifest import MANIFEST, write_rows
 from shards.schema import make_key, sample_members
-from shards.writer import write_shard
+from shards.writer import ShardWriter
 from tests.clips import make_clip
 
 TONES = (300.0, 1800.0)
@@ -64,7 +64,7 @@ def pair(index: int, pairs: int) -> tuple[float, tuple[int, int, int]]:
 def write_synthetic_shards(folder: Path, n: int, per_shard: int, *, seed: int = 0, seconds: float = 1.3,
                            image_size: int = 64, num_frames: int = 4) -> list[Path]:
     """`n` samples of the 4-class task in shards of `per_shard` (the last one may be short), written directly
-    with the real schema and writer, plus manifest.parquet; returns the shards."""
+    with the real schema and writer, plus manifest.parquet (with sample offsets); returns the shards."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows, paths, members = [], [], []
@@ -82,7 +82,10 @@ def write_synthetic_shards(folder: Path, n: int, per_shard: int, *, seed: int = 
                      "labels": meta["labels"], "duration_s": seconds})
         if (i + 1) % per_shard == 0 or i == n - 1:
             paths.append(folder / shard)
-            write_shard(paths[-1], members)
+            with ShardWriter(folder, shard) as writer:
+                writer.add(members)
+            first = len(rows) - (len(rows) - 1) % per_shard - 1
+            rows[first:] = writer.locate(rows[first:])  # each sample's offset and length, as ingest records them
             members = []
     write_rows(folder / MANIFEST, rows)
     return paths
@@ -153,4 +156,4 @@ def ingest_datasets(root: Path) -> Path:
 
 
 TINY = ["model.size=tiny", "model.target_length=128", "model.image_size=64", "data.num_workers=0",
-        "data.shuffle_buffer=16", "pretrain.log_every=1", "finetune.log_every=1", "video.num_frames=4"]
+        "pretrain.log_every=1", "finetune.log_every=1", "video.num_frames=4"]

@@ -1,4 +1,4 @@
-"""`cavmae-train`: pretrain, finetune, evaluate and retrieve with CAV-MAE over WebDataset shards.
+"""`cavmae-train`: pretrain, finetune, evaluate, retrieve with CAV-MAE over WebDataset shards; show an epoch's order.
 
 One process per device: `torchrun --nproc-per-node N -m train pretrain ...` (or `cavmae-train ...` for one process).
 Exit status: 0 on success, 2 for bad arguments, config, shards or labels (a one-line message on stderr),
@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   cavmae-train pretrain --shards shards/ --out runs/pt --preset scale+
   torchrun --nproc-per-node 4 -m train pretrain --shards 's3://b/as2m/shard-{000000..013843}.tar' --out runs/pt
   cavmae-train pretrain --shards shards/ --out runs/pt --resume
+  cavmae-train order --shards shards/ --epoch 2 --world-size 4 --rank 3   # what GPU 3 reads in epoch 2
   cavmae-train finetune --shards as20k/ --val-shards eval/ --labels class_labels_indices.csv \\
       --init runs/pt/model.pth --out runs/ft
   cavmae-train finetune --preset vggsound-ft --shards vgg/ --labels vgg_labels.csv \
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "or not) or one of ours; for pretrain also an ImageNet MAE "
                                                      "full checkpoint (converted as the official IN-initial)")
         p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+        p.add_argument("--stop-after-steps", type=positive, metavar="N",
+                       help="stop cleanly after N optimizer steps of this run, OUT/last.pt written (a preemption "
+                            "rehearsal); --resume carries on")
         if name == "finetune":
             p.add_argument("--labels", metavar="CSV", help="label index CSV index,mid,display_name (default: "
                                                            "the .labels.txt members and finetune.num_classes)")
@@ -66,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", help="input mode (default: finetune.mode)")
     p.add_argument("--frames", help="all (official 10-frame average) | middle | a frame index (default: eval.frames)")
     p.add_argument("--out", help="also write the results as JSON to this file")
+
+    p = command("order", "print the micro-batches one rank reads in one epoch: one line per batch, its sample "
+                         "keys in order")
+    p.add_argument("--epoch", type=positive, required=True, metavar="E", help="the epoch, 1-based")
+    p.add_argument("--world-size", type=positive, default=1, metavar="W", help="number of ranks (default 1)")
+    p.add_argument("--rank", type=int, default=0, metavar="R", help="the rank, 0..W-1 (default 0)")
+    p.add_argument("--stage", choices=("pretrain", "finetune"), default="pretrain",
+                   help="whose batch_size, accum_steps, epoch_samples (and finetune.balanced) apply")
 
     p = command("retrieve", "audio<->visual retrieval R@1/5/10 and median rank with a pretrained checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="PTH", help="pretrained (or finetuned) weights")
@@ -80,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: eval.frames)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a usage error, exit 2)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def frame_choice(value: str, source: str) -> str | int:
@@ -136,14 +155,14 @@ def _pretrain(args: argparse.Namespace, cfg) -> None:
     from train import pretrain
 
     pretrain.run(cfg, shards=args.shards, out=args.out, val_shards=args.val_shards, init=args.init,
-                 resume=args.resume)
+                 resume=args.resume, stop_after=args.stop_after_steps)
 
 
 def _finetune(args: argparse.Namespace, cfg) -> None:
     from train import finetune
 
     finetune.run(cfg, shards=args.shards, out=args.out, val_shards=args.val_shards, init=args.init,
-                 labels_csv=args.labels, mode=args.mode, resume=args.resume)
+                 labels_csv=args.labels, mode=args.mode, resume=args.resume, stop_after=args.stop_after_steps)
 
 
 def _eval(args: argparse.Namespace, cfg) -> dict:
@@ -164,6 +183,21 @@ def _eval(args: argparse.Namespace, cfg) -> dict:
                    batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device,
                    precision=cfg.finetune.precision)
     return score(pred, cfg.finetune.metric) | {"mode": mode, "frames": frames}
+
+
+def _order(args: argparse.Namespace, cfg) -> None:
+    """The micro-batches rank R of W reads in epoch E, as training computes them (`train.epochs`)."""
+    from train import stage as st
+
+    if not 0 <= args.rank < args.world_size:
+        raise st.UsageError(f"--rank must be in 0..{args.world_size - 1}; got {args.rank}")
+    section = cfg[args.stage]
+    urls = st.shard_urls(args.shards, "--shards")
+    index, plan = st.epoch_plan(urls, cfg, section, args.stage, balanced=args.stage == "finetune" and section.balanced,
+                                world_size=args.world_size, rank=args.rank)
+    order = plan.order(args.epoch - 1)
+    for positions in plan.positions(0, plan.batches):
+        print(" ".join(index.key_of(i) for i in order[positions]))
 
 
 def _retrieve(args: argparse.Namespace, cfg) -> dict:
@@ -204,7 +238,8 @@ def _frames(args: argparse.Namespace, cfg) -> str | int:
     return frame_choice(args.frames, "--frames") if args.frames else frame_choice(cfg.eval.frames, "eval.frames")
 
 
-COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "eval": _eval, "retrieve": _retrieve, "embed": _embed}
+COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "eval": _eval, "order": _order, "retrieve": _retrieve,
+            "embed": _embed}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,9 +15,10 @@ the normalisation constants. `device_augment(batch, device)` moves it to the dev
 batched ops (masks by broadcast comparisons, the roll as one gather with per-sample shifts). Every command goes
 through it: training with the stage's augmentation, evaluation and retrieval with none (normalisation only).
 A masked bin therefore still ends up at (0 - mean) / std ≈ 1.133, as the official loader produces. All random
-draws except the noise tensor itself come from the worker's numpy PCG64 generator (seeded from the run seed and
-the worker); the noise tensor is drawn on the device from a generator seeded with a number the worker drew, so a
-run stays reproducible from its seed (on one kind of device).
+draws except the noise tensor itself come from the sample's own numpy generator (a function of the run seed, the
+epoch and the sample's position in it, `train.epochs.SampleRngs`); the noise tensor is drawn on the device from a
+generator seeded with a number the batch's first sample drew, so a run stays reproducible from its seed (on one kind
+of device) and resumes anywhere without replaying anything.
 
 Speed (bench/loader.py): the CPU does per sample only what cannot be batched: reading the tar (our own minimal
 tar-header parser in `shards.reader.raw_samples`, ~4x faster than `tarfile`'s streaming mode: it matters at ~12
@@ -30,9 +31,11 @@ true`): the waveforms are mixed and the fbank recomputed with `shards.fbank.fban
 Without a waveform it falls back to mixing the stored fbanks in the mel power domain (`mix_fbanks`). Each batch
 counts which one ran (`batch["mixup"]`), and the trainer logs the totals as `mixup_waveform` / `mixup_fbank`.
 
-The stream is a `webdataset.DataPipeline`. Training draws shards with replacement (`ResampledShards`, seeded per
-rank and worker) and every rank stops after the same fixed number of batches (`with_epoch`), so DDP ranks never
-wait on a rank whose shards ran out. Evaluation reads each shard once, split by node and by worker.
+Training reads the samples of an epoch in the order `train.epochs.EpochPlan` gives (a full permutation, the same
+global steps on any number of GPUs and workers, every rank the same number of batches), each sample with one ranged
+read of its bytes (`shards.index`), its mixup partner drawn from the whole set as the official loader does. Memory
+is bounded by the batches in flight: there is no shuffle buffer. Evaluation streams each shard once, split by node
+and by worker (`webdataset.DataPipeline`).
 
 A sample that fails to decode (bad JPEG, bad npy, a member outside the schema, a truncated shard) is skipped and
 counted; the count rides along in each batch (`batch["skipped"]`) so the trainer can report it. We never replace it
@@ -43,9 +46,9 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import tarfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -55,19 +58,21 @@ import webdataset as wds
 from torchvision import transforms
 
 from shards.config import Config
+from shards.index import SampleIndex, SpanReader, read_raw_sample
 from shards.manifest import MANIFEST, read_rows
 from shards.media import open_flac, open_jpeg
-from shards.reader import decode_sample, raw_samples
+from shards.reader import decode_sample, is_remote, raw_samples
 from shards.schema import BadSample
+from train.epochs import EpochPlan, SampleRngs
 
 log = logging.getLogger(__name__)
 
 # kaldi fbank floors mel energies at float32 eps before the log, so this is the log-mel of silence.
 LOG_SILENCE = math.log(torch.finfo(torch.float32).eps)
-MIX_POOL = 64  # recent samples a mixup partner is drawn from (the official loader draws from the whole set)
 # Batches in page-locked memory on CUDA: `device_augment`'s non_blocking copies then neither wait for the device
 # nor block the host (from pageable memory they stall the host until the stream reaches them).
 PIN = torch.cuda.is_available()
+REMOTE_READS = 16  # concurrent ranged reads per loader worker from object storage (each is one round trip)
 
 
 class LabelError(ValueError):
@@ -299,20 +304,22 @@ def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- manifest
 
 def manifest_rows(urls: list[str], path: str | None = None) -> list[dict[str, Any]]:
-    """The `ok` manifest rows of the samples in `urls` (the manifest beside the first shard unless `path` is
-    given; empty when there is none). Used for the epoch size and class-balance weights without opening tars."""
-    path = path or str(Path(urls[0]).parent / MANIFEST)
-    if "://" in path or not Path(path).exists():
+    """The `ok` manifest rows of the samples in `urls` (the manifest beside the first shard, local or in object
+    storage, unless `path` is given; empty when there is none). Used for the sample index (offsets), the label
+    check and class-balance weights without opening tars."""
+    path = path or f"{urls[0].rsplit('/', 1)[0] if '/' in urls[0] else '.'}/{MANIFEST}"
+    if path.startswith(("http://", "https://")):
         return []
-    names = {Path(u).name for u in urls}
+    names = {Path(u.split("?", 1)[0]).name for u in urls}
     return [r for r in read_rows(path) if r["status"] == "ok" and r["shard"] in names]
 
 
-def balance_weights(rows: list[dict[str, Any]]) -> dict[str, float]:
+def balance_weights(rows: list[dict[str, Any]], index: SampleIndex) -> np.ndarray:
     """Official class-balance weights (`gen_weight_file.py`): label weight 1000/(count+0.01), summed over a
-    sample's labels; keyed by sample key."""
+    sample's labels; one per sample of `index` (a sample the manifest does not list weighs nothing)."""
     counts = Counter(label for r in rows for label in r["labels"] or [])
-    return {r["key"]: sum(1000.0 / (counts[label] + 0.01) for label in r["labels"] or []) for r in rows}
+    by_key = {r["key"]: sum(1000.0 / (counts[label] + 0.01) for label in r["labels"] or []) for r in rows}
+    return np.array([by_key.get(k.decode(), 0.0) for k in index.key], dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline stages
@@ -339,22 +346,6 @@ def decoded_samples(shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]
             failures.skip(url, "the rest of the shard", exc)
 
 
-def repeat_by_weight(samples: Iterator[dict[str, Any]], weights: dict[str, float],
-                     seed: int) -> Iterator[dict[str, Any]]:
-    """Class-balanced sampling for a stream: emit each sample ⌊r⌋ or ⌈r⌉ times (stochastic rounding) with
-    r = weight / mean weight.
-
-    Its expected frequency is then proportional to its weight, as with the official
-    `WeightedRandomSampler(weights, replacement=True)`, and an epoch keeps about the same number of samples; the
-    shuffle buffer that follows spreads the repeats out."""
-    mean = sum(weights.values()) / max(len(weights), 1)
-    rng = random.Random(seed + wds.utils.pytorch_worker_seed())
-    for sample in samples:
-        r = weights.get(sample["key"], mean) / mean
-        for _ in range(int(r) + (rng.random() < r - int(r))):
-            yield sample
-
-
 class Transform:
     """Decoded samples → compact training/eval examples (`collate` batches them, `device_augment` finishes them).
 
@@ -375,24 +366,32 @@ class Transform:
         self.pixel_shift = (torch.tensor(data["image_mean"], dtype=torch.float64) / std).tolist()
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Examples of a decoded stream (evaluation: no mixup), skipping the samples `try_example` rejects."""
         rng = np.random.default_rng(self.seed * 100003 + wds.utils.pytorch_worker_seed())
-        pool: list[dict[str, Any]] = []
         failures = Failures()
         skipped = 0
         for sample in samples:
             skipped += sample["_skipped"]
-            partner = pool[rng.integers(len(pool))] if pool and rng.random() < self.aug["mixup"] else None
             try:
-                example = self.example(sample, partner, rng)
+                example = self.example(sample, None, rng)
             except LabelError:
                 raise
             except (OSError, ValueError) as exc:  # a bad JPEG or .flac in a good shard (BadSample is a ValueError)
                 failures.skip(sample["url"], f"sample {sample['key']!r}", exc)
                 continue
             example["_skipped"], skipped = skipped + failures.passed(), 0
-            if self.aug["mixup"] > 0:
-                pool = (pool + [sample])[-MIX_POOL:]
             yield example
+
+    def try_example(self, sample: dict[str, Any], partner: dict[str, Any] | None,
+                    rng: np.random.Generator) -> dict[str, Any] | None:
+        """`example`, or None (logged) for a sample that fails its checks or whose frames do not decode."""
+        try:
+            return self.example(sample, partner, rng)
+        except LabelError:
+            raise
+        except (OSError, ValueError) as exc:  # BadSample is a ValueError
+            log.warning("skipping sample %r of %s: %s", sample["key"], sample["url"], " ".join(str(exc).split()))
+            return None
 
     def check(self, sample: dict[str, Any]) -> None:
         """What `decode_sample` cannot know: the fbank's mel width must be the model's (`num_mel_bins` in `data`,
@@ -427,6 +426,7 @@ class Transform:
         image = self.pixels(sample, rng)
         lam, mixup, image_mix = 1.0, None, None
         if partner is not None:
+            self.check(partner)
             lam = float(rng.beta(10, 10))
             fbank, mixup = self.mix_audio(sample, partner, fbank.float(), lam)
             image_mix = self.pixels(partner, rng)
@@ -489,19 +489,77 @@ class Transform:
 
 # ---------------------------------------------------------------------------------------------- loaders
 
-def train_loader(urls: list[str], transform: Transform, *, batch_size: int, num_batches: int, seed: int,
-                 shuffle_buffer: int, num_workers: int, weights: dict[str, float] | None = None) -> wds.WebLoader:
-    """Endless resampled stream cut into exactly `num_batches` batches of `batch_size` (this rank's share).
+class EpochBatches(torch.utils.data.IterableDataset):
+    """This rank's micro-batches `first` .. `first + count - 1` of `epoch`, as `plan` orders them (see
+    `train.epochs`): loader worker w of n builds micro-batches w, w+n, ... and the DataLoader yields them
+    round-robin, so the order does not depend on n.
 
-    Build one per epoch with a seed derived from (run seed, epoch, position) so a resumed run draws fresh data."""
-    stages: list[Any] = [wds.ResampledShards(urls, seed=seed, deterministic=True), decoded_samples]
-    if weights:
-        stages.append(lambda src: repeat_by_weight(src, weights, seed))
-    stages += [wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)) if shuffle_buffer > 1
-               else (lambda src: src),
-               transform, wds.batched(batch_size, collation_fn=transform.collate, partial=False)]
-    pipe = wds.DataPipeline(*stages)
-    return wds.WebLoader(pipe, batch_size=None, num_workers=num_workers, pin_memory=PIN).with_epoch(num_batches)
+    A sample is read with one ranged read and decoded with `shards.reader.decode_sample`; its mixup partner is a
+    sample of the whole index. A sample that cannot be read or decoded is skipped and counted (the batch is
+    smaller); a bad partner only cancels that sample's mixup."""
+
+    def __init__(self, index: SampleIndex, transform: Transform, plan: EpochPlan, epoch: int, first: int,
+                 count: int):
+        self.index, self.transform, self.plan, self.epoch = index, transform, plan, epoch
+        self.order = plan.order(epoch)
+        self.positions = plan.positions(first, count)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = SpanReader()
+        remote = any(is_remote(u) for u in self.index.urls)
+        pool = ThreadPoolExecutor(REMOTE_READS) if remote else None
+        rngs = SampleRngs(self.plan.seed, self.epoch)
+        try:
+            for i in range(worker, len(self.positions), workers):
+                yield self.batch(self.positions[i], reader, pool, rngs)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+            reader.close()
+
+    def batch(self, positions: np.ndarray, reader: SpanReader, pool: ThreadPoolExecutor | None,
+              rngs: SampleRngs) -> dict[str, Any]:
+        mixup = self.transform.aug["mixup"]
+        wanted = []
+        for pos in positions:
+            rng = rngs.at(int(pos), 0)
+            partner = int(rng.integers(len(self.index))) if mixup > 0 and rng.random() < mixup else None
+            wanted.append((int(self.order[pos]), partner))
+        need = sorted({i for pair in wanted for i in pair if i is not None})
+        samples = dict(zip(need, pool.map(self.sample, need, [reader] * len(need)) if pool is not None
+                           else (self.sample(i, reader) for i in need)))
+        examples, skipped = [], 0
+        for (i, partner), pos in zip(wanted, positions):
+            example = None if samples[i] is None else self.transform.try_example(
+                samples[i], samples[partner] if partner is not None else None, rngs.at(int(pos), 1))
+            if example is None:
+                skipped += 1
+                continue
+            example["_skipped"] = 0
+            examples.append(example)
+        if not examples:
+            raise RuntimeError(f"epoch {self.epoch + 1}: no sample of a batch could be read (first: "
+                               f"{self.index.url_of(wanted[0][0])} {self.index.key_of(wanted[0][0])!r}); see the log")
+        examples[0]["_skipped"] = skipped
+        return self.transform.collate(examples)
+
+    def sample(self, i: int, reader: SpanReader) -> dict[str, Any] | None:
+        """Decoded sample `i` of the index, or None (logged) when it cannot be read or decoded."""
+        try:
+            return decode_sample(read_raw_sample(reader, self.index, i))
+        except (BadSample, tarfile.TarError, OSError, ValueError) as exc:
+            log.warning("skipping sample %r of %s: %s", self.index.key_of(i), self.index.url_of(i), exc)
+            return None
+
+
+def train_loader(index: SampleIndex, transform: Transform, plan: EpochPlan, *, epoch: int, first: int, count: int,
+                 num_workers: int) -> torch.utils.data.DataLoader:
+    """This rank's micro-batches `first` .. `first + count - 1` of `epoch` (0-based), collated (`EpochBatches`)."""
+    dataset = EpochBatches(index, transform, plan, epoch, first, count)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(num_workers, max(count, 1)),
+                                       pin_memory=PIN)
 
 
 def eval_loader(urls: list[str], transform: Transform, *, batch_size: int, num_workers: int) -> wds.WebLoader:

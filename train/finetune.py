@@ -19,7 +19,7 @@ from shards.config import Config, check_choice
 from train import distributed as dist
 from train import stage as st
 from train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict
-from train.data import balance_weights, manifest_rows, train_loader
+from train.data import train_loader
 from train.evaluate import predict, score
 from train.loop import save_state, train
 from train.model import FT_MODES, build_finetune_model
@@ -48,7 +48,8 @@ def average_weights(paths: list[str]) -> dict[str, torch.Tensor]:
 
 
 def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, init: str | None = None,
-        labels_csv: str | None = None, mode: str | None = None, resume: bool = False) -> dict[str, Any]:
+        labels_csv: str | None = None, mode: str | None = None, resume: bool = False,
+        stop_after: int | None = None) -> dict[str, Any]:
     device = dist.init()
     f = cfg.finetune
     mode = mode or f.mode
@@ -63,11 +64,8 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     label_map, num_classes = st.labels(cfg, labels_csv, f)
     st.check_manifest_labels(urls + (val_urls or []), cfg, label_map, labels_csv)
     run_dir = st.run_folder(out, cfg)
-    micro = st.micro_batch(f.batch_size, f.accum_steps)
-    steps = st.steps_per_epoch(urls, cfg, f, "finetune")
-    weights = balance_weights(manifest_rows(urls, cfg.data.manifest)) if f.balanced else None
-    if f.balanced and not weights:
-        raise st.UsageError("finetune.balanced needs the manifest.parquet of the shards (labels per sample)")
+    index, plan = st.epoch_plan(urls, cfg, f, "finetune", balanced=f.balanced)
+    steps = plan.steps
 
     torch.manual_seed(cfg.data.seed)
     model = build_finetune_model(cfg.model.to_dict(), num_classes)
@@ -90,11 +88,9 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     step_loss = loss_fn(kind)
 
     def loader(epoch: int, first: int, count: int):
-        seed = cfg.data.seed + 1_000_003 * epoch + first
         tf = st.transform(cfg, st.augmentation(f), frame="random", num_classes=num_classes, label_map=label_map,
-                          label_csv=labels_csv, seed=seed)
-        return train_loader(urls, tf, batch_size=micro, num_batches=count, seed=seed,
-                            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers, weights=weights)
+                          label_csv=labels_csv)
+        return train_loader(index, tf, plan, epoch=epoch, first=first, count=count, num_workers=cfg.data.num_workers)
 
     def validate(net: torch.nn.Module) -> dict[str, Any]:
         tf = st.transform(cfg, st.NO_AUGMENTATION, frame="middle", num_classes=num_classes, label_map=label_map,
@@ -118,7 +114,10 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     result = train(model=model, step_fn=lambda m, b: step_loss(m, b, mode), optimizer=optimizer,
                    scheduler=scheduler, loader=loader, epochs=f.epochs, steps_per_epoch=steps,
                    accum_steps=f.accum_steps, device=device, precision=f.precision, out=run_dir, resume=resume,
-                   log_every=f.log_every, save_every=f.save_every, end_epoch=end_epoch)
+                   log_every=f.log_every, save_every=f.save_every, seed=cfg.data.seed, order=st.order_key(plan),
+                   stop_after=stop_after, end_epoch=end_epoch)
+    if result["stopped"]:
+        return result
     final = official_state_dict(model)
     if f.wa:
         first, last = max(1, f.wa_start), min(f.epochs, f.wa_end)

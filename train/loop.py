@@ -1,11 +1,14 @@
 """The step loop shared by pretraining and finetuning: precision, accumulation, DDP, logging, checkpoints, resume.
 
 An epoch is `steps_per_epoch` optimizer steps on every rank (each of `accum_steps` micro-batches), never "until the
-data runs out", so ranks stay in lock-step whatever their shards hold. `last.pt` holds everything needed to carry
-on (model, optimizer, scheduler, scaler, step, epoch and the position inside the epoch); `--resume` reloads it and
-rebuilds the data stream for the remaining batches of that epoch with a seed derived from the position, so the
-resumed run keeps the same step count and schedule (the samples drawn after the resume point are a fresh draw, not
-a replay: replaying shuffle buffers across loader workers exactly is not worth its cost).
+data runs out", so ranks stay in lock-step whatever their shards hold. The data of every step is a function of
+(seed, epoch, step) (`train.epochs`) and so is the model's own randomness (torch is seeded per micro-batch with
+`step_seed`), so `last.pt` needs only the position (epoch, step, micro-batches done in the epoch) beside the model,
+optimizer, scheduler and scaler: `--resume` reloads it and the loader starts reading at the next micro-batch, with
+nothing replayed, and the run ends bit-identical to one never interrupted (on the CPU; on a GPU up to the
+nondeterminism of its kernels), on the same or another number of GPUs. `last.pt` also records what fixes the order
+(`order`: seed, global batch, epoch length, sample count); resuming with any of them changed is refused.
+`stop_after` (`--stop-after-steps`) stops cleanly after that many optimizer steps, `last.pt` written.
 
 The step body never waits for the device: the metrics are summed as device tensors and read (one sync) only when a
 record is logged, and a non-finite loss is handled on the device too. Every optimizer step goes through a GradScaler
@@ -30,6 +33,8 @@ from tqdm import tqdm
 from train import distributed as dist
 from train.checkpoint import read_checkpoint
 from train.data import device_augment
+from train.epochs import step_seed
+from train.stage import UsageError
 
 LAST = "last.pt"
 NONFINITE_PATIENCE = 10  # consecutive optimizer steps with a non-finite loss before the run stops
@@ -88,12 +93,14 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
           loader: Callable[[int, int, int], Iterable[dict]], epochs: int, steps_per_epoch: int, accum_steps: int,
           device: torch.device, precision: str, out: Path, resume: bool, log_every: int, save_every: int,
+          seed: int, order: dict[str, int], stop_after: int | None = None,
           end_epoch: Callable[[int], dict[str, Any]] | None = None, extra_state: dict[str, Any] | None = None) -> dict:
-    """Run (or resume) training to `epochs` and return the final counters.
+    """Run (or resume) training to `epochs`, or for `stop_after` optimizer steps, and return the final counters
+    (`stopped` says whether it stopped early).
 
     step_fn(model, batch) -> (loss, metrics) runs the forward pass; loader(epoch, first_batch, num_batches) gives
     this rank's batches of `epoch` starting at micro-batch `first_batch`; end_epoch(epoch) (1-based) may evaluate
-    and save per-epoch weights, and its result is logged.
+    and save per-epoch weights, and its result is logged. `order` is what fixes the data order besides the epoch.
     """
     dynamic = device.type == "cuda" and precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dynamic else 1.0)
@@ -108,13 +115,16 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
         if state["scaler"]:  # empty when saved by a run whose scaler was disabled
             scaler.load_state_dict(state["scaler"])
         step, epoch, done = state["step"], state["epoch"], state["batches_done"]
+        if state.get("order", order) != order:
+            raise UsageError(f"{out / LAST} was written with {state['order']}, this run has {order}: resuming would "
+                             f"not continue the same epochs")
         if dist.is_main():
             print(f"resumed from {out / LAST}: step {step}, epoch {epoch + 1}, batch {done}")
 
     def checkpoint(epoch: int, done: int) -> None:
         save_state(out / LAST, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                                "epoch": epoch, "batches_done": done, **(extra_state or {})})
+                                "epoch": epoch, "batches_done": done, "order": order, **(extra_state or {})})
 
     per_epoch = steps_per_epoch * accum_steps
     skipped, mixups = 0, Counter()  # samples skipped; mixups by kind (waveform | fbank), since this (re)start
@@ -128,7 +138,8 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             bar.close()  # the error gets a line of its own
             raise FloatingPointError(f"the loss was not finite for {worst} optimizer steps in a row "
                                      f"(by step {step}, epoch {epoch + 1}); {int(nonfinite)} steps skipped in all")
-    while epoch < epochs:
+    start, stop = step, False
+    while epoch < epochs and not stop:
         model.train()
         batches = loader(epoch, done, per_epoch - done)
         bar = tqdm(total=steps_per_epoch, initial=done // accum_steps, desc=f"epoch {epoch + 1}/{epochs}",
@@ -139,6 +150,7 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             sync = micro == accum_steps - 1
             ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             inputs = device_augment(batch, device)  # SpecAugment, normalisation, noise, roll: batched, on device
+            torch.manual_seed(step_seed(seed, step, dist.rank(), micro))  # masking / dropout: a function of the step
             with ctx, autocast(device, precision):
                 loss, metrics = step_fn(model, inputs)
             bad |= ~torch.isfinite(loss.detach())
@@ -172,10 +184,18 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
                                           "samples_per_s": rate, "skipped": skipped, "nonfinite": int(nonfinite),
                                           **{f"mixup_{k}": v for k, v in mixups.items()}, **means})
                 check_nonfinite(bar)
+            stop = stop_after is not None and step - start >= stop_after
+            if stop and done < per_epoch:
+                break
             if save_every and step % save_every == 0 and done < per_epoch:
                 checkpoint(epoch, done)
         bar.close()
         check_nonfinite(bar)
+        if stop and done < per_epoch:
+            checkpoint(epoch, done)
+            if dist.is_main():
+                print(f"stopped after {step - start} steps at step {step}: run again with --resume to continue")
+            break
         if done != per_epoch:
             raise RuntimeError(f"epoch {epoch + 1}: the data stream ended after {done} of {per_epoch} batches")
         epoch, done = epoch + 1, 0
@@ -184,4 +204,4 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
         checkpoint(epoch, 0)
         dist.barrier()
     log.close()
-    return {"step": step, "epoch": epoch, "skipped": skipped}
+    return {"step": step, "epoch": epoch, "skipped": skipped, "stopped": stop and epoch < epochs}

@@ -42,15 +42,15 @@ def step_fn(contrast: str):
 
 
 def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, init: str | None = None,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     device = dist.init()
     p = cfg.pretrain
     contrast = check_choice(cfg, "pretrain.contrast", ("local", "global"))
     urls = st.shard_urls(shards, "--shards")
     val_urls = st.shard_urls(val_shards, "--val-shards") if val_shards else None
     run_dir = st.run_folder(out, cfg)
-    micro = st.micro_batch(p.batch_size, p.accum_steps)
-    steps = st.steps_per_epoch(urls, cfg, p, "pretrain")
+    index, plan = st.epoch_plan(urls, cfg, p, "pretrain")
+    steps, micro = plan.steps, plan.micro
 
     torch.manual_seed(cfg.data.seed)
     model = build_pretrain_model(cfg.model.to_dict())
@@ -67,10 +67,8 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
         model = torch.nn.parallel.DistributedDataParallel(model)
 
     def loader(epoch: int, first: int, count: int):
-        seed = cfg.data.seed + 1_000_003 * epoch + first
-        tf = st.transform(cfg, st.augmentation(p), frame="random", seed=seed)
-        return train_loader(urls, tf, batch_size=micro, num_batches=count, seed=seed,
-                            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers)
+        tf = st.transform(cfg, st.augmentation(p), frame="random")
+        return train_loader(index, tf, plan, epoch=epoch, first=first, count=count, num_workers=cfg.data.num_workers)
 
     def end_epoch(epoch: int) -> dict[str, Any]:
         save_state(run_dir / f"model.{epoch}.pth", official_state_dict(model))  # the official per-epoch file
@@ -83,6 +81,8 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     result = train(model=model, step_fn=step_fn(contrast), optimizer=optimizer, scheduler=scheduler, loader=loader,
                    epochs=p.epochs, steps_per_epoch=steps, accum_steps=p.accum_steps, device=device,
                    precision=p.precision, out=run_dir, resume=resume, log_every=p.log_every,
-                   save_every=p.save_every, end_epoch=end_epoch)
-    save_state(run_dir / "model.pth", official_state_dict(model))
+                   save_every=p.save_every, seed=cfg.data.seed, order=st.order_key(plan), stop_after=stop_after,
+                   end_epoch=end_epoch)
+    if not result["stopped"]:
+        save_state(run_dir / "model.pth", official_state_dict(model))
     return result

@@ -2,8 +2,8 @@
 labels, and the data transform built from the config.
 
 Batch sizes in the config are *global* (the official numbers: 48, 120, 36 ... samples per optimizer step); each rank
-takes batch_size / (world_size * accum_steps) per micro-batch. An epoch is the number of samples the manifest lists
-for the given shards (or `epoch_samples`) divided by the global batch, as the official loader with drop_last.
+takes batch_size / (world_size * accum_steps) per micro-batch. An epoch is the number of samples the shards hold (or
+`epoch_samples`) divided by the global batch, as the official loader with drop_last (see `train.epochs`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from shards.config import Config
+from shards.index import SampleIndex, sample_index
 from shards.reader import list_shards
 from train import distributed as dist
-from train.data import LabelError, Transform, manifest_rows, read_label_index
+from train.data import LabelError, Transform, balance_weights, manifest_rows, read_label_index
+from train.epochs import EpochPlan
 
 
 class UsageError(ValueError):
@@ -42,21 +44,35 @@ def run_folder(out: str, cfg: Config) -> Path:
     return path
 
 
-def micro_batch(batch_size: int, accum_steps: int) -> int:
-    parts = dist.world_size() * accum_steps
-    if batch_size % parts:
-        raise UsageError(f"batch_size {batch_size} is not divisible by world size x accum_steps = {parts}")
-    return batch_size // parts
+def epoch_plan(urls: list[str], cfg: Config, stage: Config, section: str, *, balanced: bool = False,
+               world_size: int | None = None, rank: int | None = None) -> tuple[SampleIndex, EpochPlan]:
+    """The sample index of `urls` (offsets from the manifest, else a scan of the shards) and how its epochs are
+    cut into steps for this rank (`train.epochs`); `balanced` draws by the official class-balance weights."""
+    rows = manifest_rows(urls, cfg.data.manifest)
+    try:
+        index = sample_index(urls, rows)
+    except OSError as exc:
+        raise UsageError(f"--shards: {exc}") from None
+    if not len(index):
+        raise UsageError("--shards: the shards hold no sample")
+    weights = balance_weights(rows, index) if balanced else None
+    if balanced and not weights.any():
+        raise UsageError(f"{section}.balanced needs the manifest.parquet of the shards (labels per sample)")
+    try:
+        plan = EpochPlan(size=len(index), samples=stage.epoch_samples or len(index), global_batch=stage.batch_size,
+                         accum_steps=stage.accum_steps, world_size=world_size or dist.world_size(),
+                         rank=dist.rank() if rank is None else rank, seed=cfg.data.seed, weights=weights)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if plan.steps < 1:
+        raise UsageError(f"{plan.samples} samples per epoch is less than one batch of {stage.batch_size}")
+    return index, plan
 
 
-def steps_per_epoch(urls: list[str], cfg: Config, stage: Config, section: str) -> int:
-    samples = stage.epoch_samples or len(manifest_rows(urls, cfg.data.manifest))
-    if not samples:
-        raise UsageError(f"no manifest.parquet beside the shards to size an epoch; set {section}.epoch_samples")
-    steps = samples // stage.batch_size
-    if steps < 1:
-        raise UsageError(f"{samples} samples per epoch is less than one batch of {stage.batch_size}")
-    return steps
+def order_key(plan: EpochPlan) -> dict[str, int]:
+    """What fixes the data order of a run besides the epoch (kept in last.pt; a resume must not change it)."""
+    return {"seed": plan.seed, "global_batch": plan.global_batch, "samples": plan.samples, "size": plan.size,
+            "balanced": int(plan.weights is not None)}
 
 
 def labels(cfg: Config, label_csv: str | None, section: Config) -> tuple[dict[str, int] | None, int]:
@@ -79,11 +95,11 @@ def check_manifest_labels(urls: list[str], cfg: Config, label_map: dict[str, int
 
 
 def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes: int = 0,
-              label_map: dict[str, int] | None = None, label_csv: str | None = None, seed: int = 0) -> Transform:
+              label_map: dict[str, int] | None = None, label_csv: str | None = None) -> Transform:
     data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.model.image_size,
             "num_mel_bins": cfg.model.num_mel_bins}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
-                     label_map=label_map, label_file=label_csv, seed=seed, audio=cfg.audio.to_dict())
+                     label_map=label_map, label_file=label_csv, seed=0, audio=cfg.audio.to_dict())
 
 
 def checkpoint_arg(path: str) -> dict[str, Any]:

@@ -1,0 +1,183 @@
+"""Where every sample of a shard set lies, and how to read one sample alone.
+
+A `SampleIndex` lists every sample of a shard set as (shard, key, byte offset of its first tar header, length
+through its last member's padding), in a canonical order: shards in `list_shards` order, samples by offset. Ingest
+records offset and length per sample in the manifest (`ShardWriter.spans`), so building the index of AS-2M costs
+one parquet read; shards the manifest does not cover (older sets, a remote set without its manifest) are scanned
+once, sequentially, with the same tar parser the reader uses.
+
+`read_raw_sample` then fetches exactly one sample's bytes with a ranged read (local: `os.pread`; `s3://`, `gs://`,
+`hdfs://`: pyarrow's `read_at`; `http(s)://`: a `Range` request) and parses them with `tar_members`, giving the
+raw sample `raw_samples` would (member bytes by lower-case suffix, `__key__`, `__url__`) for `decode_sample`.
+That is what lets a trainer visit the samples of an epoch in any order, start mid-epoch without reading what came
+before, and hold no more than the samples it is decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+import threading
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Iterable
+
+import numpy as np
+
+from .reader import is_remote, open_stream, tar_members
+from .schema import BadSample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleIndex:
+    """Every sample of a shard set; sample i is in `urls[shard[i]]` at bytes [offset[i], offset[i] + length[i])."""
+
+    urls: list[str]
+    shard: np.ndarray   # int32
+    key: np.ndarray     # bytes (numpy "S"): compact even for millions of samples
+    offset: np.ndarray  # int64
+    length: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def key_of(self, i: int) -> str:
+        return self.key[i].decode()
+
+    def url_of(self, i: int) -> str:
+        return self.urls[self.shard[i]]
+
+
+def sample_index(urls: list[str], rows: Iterable[dict[str, Any]] = ()) -> SampleIndex:
+    """The index of `urls`, from manifest `rows` (ok rows naming each shard by file name, with offset and length)
+    where they cover a shard, else by scanning that shard's tar headers."""
+    by_shard: dict[str, list[tuple[str, int, int]]] = {}
+    for r in rows:
+        if r.get("status", "ok") == "ok" and r.get("offset") is not None and r.get("length") is not None:
+            by_shard.setdefault(r["shard"], []).append((r["key"], int(r["offset"]), int(r["length"])))
+    shard, key, offset, length = [], [], [], []
+    for i, url in enumerate(urls):
+        spans = by_shard.get(PurePosixPath(url.split("?", 1)[0]).name) or scan_spans(url)
+        spans.sort(key=lambda s: s[1])
+        shard += [i] * len(spans)
+        key += [k for k, _, _ in spans]
+        offset += [o for _, o, _ in spans]
+        length += [n for _, _, n in spans]
+    return SampleIndex(list(urls), np.asarray(shard, dtype=np.int32), np.asarray(key, dtype=np.bytes_),
+                       np.asarray(offset, dtype=np.int64), np.asarray(length, dtype=np.int64))
+
+
+class _Counting:
+    """A stream that counts the bytes read from it (to locate members while `tar_members` parses)."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.pos = stream, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.pos += len(data)
+        return data
+
+
+def scan_spans(url: str) -> list[tuple[str, int, int]]:
+    """(key, offset, length) of every sample of one shard, from one sequential read of it.
+
+    `tar_members` reads each member's data, its padding and the next header before it yields, so a member ends
+    512 bytes before the position reached then; a sample starts where the previous one ended (which includes
+    any long-name or pax header in front of its first member). A truncated or corrupt shard keeps the samples
+    before the damage (logged), as the streaming reader does."""
+    spans: list[tuple[str, int, int]] = []
+    with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as raw:
+        stream = _Counting(raw)
+        start = end = 0
+        current = None
+        try:
+            for name, _ in tar_members(stream):
+                key = name.rsplit("/", 1)[-1].split(".", 1)[0]
+                if key != current:
+                    if current is not None:
+                        spans.append((current, start, end - start))
+                    current, start = key, end
+                end = stream.pos - 512
+        except tarfile.TarError as exc:
+            log.warning("indexing %s: kept the %d samples before the damage (%s)", url, len(spans), exc)
+            return spans
+        if current is not None:
+            spans.append((current, start, end - start))
+    return spans
+
+
+class SpanReader:
+    """Ranged reads of shards, keeping up to `max_open` shards open (one reader per loader worker; remote reads
+    may come from several threads: pyarrow's `read_at` is thread-safe, and an evicted remote file is only
+    dropped, so a read still in flight on it completes)."""
+
+    def __init__(self, max_open: int = 64):
+        self.max_open = max_open
+        self.handles: OrderedDict[str, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def read(self, url: str, offset: int, length: int) -> bytes:
+        if url.startswith(("http://", "https://")):
+            request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+            with urllib.request.urlopen(request) as response:  # noqa: S310 (the scheme is checked above)
+                if response.status != 206:
+                    raise OSError(f"{url}: the server ignored the Range request (status {response.status})")
+                data = response.read()
+        else:
+            handle = self._handle(url)
+            data = handle.read_at(length, offset) if is_remote(url) else os.pread(handle, length, offset)
+        if len(data) != length:
+            raise OSError(f"{url}: {len(data)} of {length} bytes at offset {offset} (shard changed or truncated?)")
+        return data
+
+    def _handle(self, url: str) -> Any:
+        with self.lock:
+            if url in self.handles:
+                self.handles.move_to_end(url)
+                return self.handles[url]
+            if is_remote(url):
+                import pyarrow.fs as pafs
+
+                fs, path = pafs.FileSystem.from_uri(url)
+                handle = fs.open_input_file(path)
+            else:
+                handle = os.open(url, os.O_RDONLY)
+            self.handles[url] = handle
+            if len(self.handles) > self.max_open:
+                self._drop(self.handles.popitem(last=False)[1])
+            return handle
+
+    @staticmethod
+    def _drop(handle: Any) -> None:
+        if isinstance(handle, int):  # local files are read from one thread
+            os.close(handle)
+
+    def close(self) -> None:
+        with self.lock:
+            while self.handles:
+                self._drop(self.handles.popitem()[1])
+
+
+def read_raw_sample(reader: SpanReader, index: SampleIndex, i: int) -> dict[str, Any]:
+    """Sample `i` of the index as a raw sample (member bytes by lower-case suffix, `__key__`, `__url__`), read with
+    one ranged read. Raises `BadSample` when the bytes there are not that sample (the shard changed since it was
+    indexed), `OSError` / `tarfile.TarError` when they cannot be read."""
+    url, key = index.url_of(i), index.key_of(i)
+    raw: dict[str, Any] = {"__key__": key, "__url__": url}
+    for name, data in tar_members(io.BytesIO(reader.read(url, int(index.offset[i]), int(index.length[i])))):
+        base = name.rsplit("/", 1)[-1]
+        if not base.startswith(key + "."):
+            raise BadSample(f"{url}: member {name!r} found where sample {key!r} was indexed (shard changed?)")
+        suffix = base[len(key) + 1:].lower()
+        if suffix in raw:
+            raise BadSample(f"{url}: sample {key!r}: duplicate member {name!r}")
+        raw[suffix] = data
+    return raw
+
