@@ -240,7 +240,6 @@ def decode_unit(index: int, start: int, items: list[InputItem], out: str, cfg_da
                 with local_copy(item.path) as path, SampleSpool() as spool:
                     indices = list(item.label_indices) if item.label_indices is not None else None
                     for s in iter_samples(path, item.video_id, item.path, list(item.labels), indices, cfg):
-                        dog.progressed()
                         spool.add(s.members)
                         item_rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"),
                                               shard=name, duration_s=s.meta.get("duration_s"),
@@ -274,13 +273,12 @@ def assemble_shard(index: int, parts: list[str], rows: list[dict[str, Any]], out
 
 
 class Watchdog:
-    """Ends the worker process when the input it decodes makes no progress for `limit_s` seconds.
+    """Ends the worker process when one input has taken more than `limit_s` seconds of wall time.
 
-    A stalled decoder (a FIFO or a network read that never returns, a demuxer looping in C) cannot be
-    interrupted from Python, but PyAV releases the GIL while it blocks, so a thread can still notice. It
-    first leaves a marker for the input (the retried unit records it as failed "timed out after N s"), then
-    exits the process: Ray starts a fresh worker and retries the unit. The clock restarts with every sample
-    the input yields, so a long video in `clip.mode: windows` is limited per window, not as a whole."""
+    A stalled decoder (a network read that never returns, a demuxer looping in C, a stream that never ends in
+    `clip.mode: windows`) cannot be interrupted from Python, but PyAV releases the GIL while it works, so a
+    thread can still notice. It first leaves a marker for the input (the retried unit records it as failed
+    "timed out after N s"), then exits the process: Ray starts a fresh worker and retries the unit."""
 
     def __init__(self, limit_s: float):
         self.limit_s = float(limit_s)
@@ -291,12 +289,9 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="cavmae-watchdog", daemon=True)
 
     def watch(self, store: Store | None, marker: str | None) -> None:
-        """Start timing an input (its marker's name), or stop timing (None)."""
+        """Start timing an input (the name of its marker), or stop timing (None)."""
         self._since = time.monotonic()
         self._store, self._marker = store, marker
-
-    def progressed(self) -> None:
-        self._since = time.monotonic()
 
     def _run(self) -> None:
         while not self._stop.wait(min(1.0, self.limit_s / 4)):
