@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from shards.config import Config, ConfigError
 
 CONNECT_TIMEOUT_S = 3.0
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 AUTH_HINT = ("if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (print it on "
-             "the head with `ray get-auth-token`) or copy the head's ~/.ray/auth_token here")
+             "the head with `ray get-auth-token`), or copy the head's ~/.ray/auth_token to this machine")
 
 
 class ClusterError(ConfigError):
@@ -30,13 +33,17 @@ class ClusterError(ConfigError):
 def connect(cfg: Config, workers: int | None, address: str | None) -> bool:
     """Join `address` / RAY_ADDRESS / cfg.ray.address if given, else start a local Ray. True if we started it
     (and must shut it down)."""
+    address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
+    if address:
+        _probe(address)
+        token = _use_token()  # before Ray is imported: its core reads the authentication settings once
+
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
     if address:
-        _join(address)
+        _join(address, token)
     else:
         n = workers or cfg.ray.workers or os.cpu_count() or 1
         # A private instance ("local": never attach to another Ray found running on this machine),
@@ -46,20 +53,49 @@ def connect(cfg: Config, workers: int | None, address: str | None) -> bool:
     return True
 
 
-def _join(address: str) -> None:
-    import ray
-
-    _probe(address)
+def _use_token() -> str | None:
+    """Point Ray at the token found on this machine (if any); where it came from."""
     token = _token_source()
     if token and not os.environ.get("RAY_AUTH_MODE"):
         os.environ["RAY_AUTH_MODE"] = "token"
-    try:
-        ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-        ray.shutdown()
-        first = " ".join(str(exc).split())[:300] or type(exc).__name__
-        hint = f" (token from {token})" if token else f"; {AUTH_HINT}"
-        raise ClusterError(f"cannot join the Ray cluster at {address}: {first}{hint}") from None
+    if token and token != "RAY_AUTH_TOKEN":
+        os.environ["RAY_AUTH_TOKEN_PATH"] = token  # Ray's own lookup ignores $HOME (it asks the password database)
+    return token
+
+
+def _join(address: str, token: str | None) -> None:
+    import ray
+
+    with _stderr_held() as held:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+            ray.shutdown()
+            first = " ".join(str(exc).split())[:300] or type(exc).__name__
+    if "Authentication token is missing or incorrect" in held[0]:
+        where = f"the token from {token} is not the cluster's" if token else "no token is set here"
+        raise ClusterError(f"the Ray cluster at {address} uses token authentication and {where}; "
+                           f"{AUTH_HINT.split(', ', 1)[1]}")
+    hint = f" (token from {token})" if token else f"; {AUTH_HINT}"
+    raise ClusterError(f"cannot join the Ray cluster at {address}: {first}{hint}")
+
+
+@contextmanager
+def _stderr_held() -> Iterator[list[str]]:
+    """Hold what is written to file descriptor 2 (Ray's C++ core retries a refused join for ~20 s, logging
+    every attempt); afterwards the list holds it as text. A join that fails is then reported in one line."""
+    text: list[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text.append(held.read().decode(errors="replace"))
 
 
 def _probe(address: str) -> None:
