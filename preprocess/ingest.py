@@ -10,9 +10,9 @@ Exactly-once without coordination:
   task rewrites the same bytes, whatever the task size or the number of workers.
 - The driver folds the fragments into `manifest.parquet` (atomically, written last) and only then deletes
   the plan, the fragments and the parts. A run that dies anywhere leaves a state the next run completes.
-- An input that makes no progress for `ray.video_timeout_s` (a decoder stall, a hung read) becomes a `failed`
-  row "timed out after N s": the unit's worker leaves a marker and ends itself, Ray starts a new one and the
-  retried unit skips the marked input (`Watchdog`).
+- An input that takes longer than `ray.video_timeout_s` (a decoder stall, a hung read, a stream that never
+  ends) becomes a `failed` row "timed out after N s": the unit's worker leaves a marker and ends itself, Ray
+  starts a new one and the retried unit skips the marked input (`Watchdog`).
 - One run per output folder (`preprocess.outlock`).
 
 Storage: `out` (and any input) may be a local path or a URI (`s3://`, `gs://`, `hdfs://`, `file://`; see
