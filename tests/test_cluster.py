@@ -7,6 +7,7 @@ ray://."""
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,6 +204,7 @@ def _ray_start_head(env: dict[str, str]):
         left = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
         for pid in left:
             os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"ray start left processes behind: {left}"
 
 
