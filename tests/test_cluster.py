@@ -193,19 +193,28 @@ def _ray_start_head(env: dict[str, str]):
                 time.sleep(0.5)
         yield port, client_port
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
         try:
+            os.killpg(head.pid, signal.SIGTERM)
             head.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
-        os.killpg(head.pid, signal.SIGKILL)
+        for _ in range(5):  # its group, then anything of this head outside it (one forked during the kill)
+            for pid in [head.pid, *_pids_of(temp_dir)]:
+                try:
+                    (os.killpg if pid == head.pid else os.kill)(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(1)
+            if not _pids_of(temp_dir):
+                break
         head.wait()
-        time.sleep(1)
-        left = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
-        for pid in left:
-            os.kill(int(pid), signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not left, f"ray start left processes behind: {left}"
+        assert not _pids_of(temp_dir), "ray start left processes behind"
+
+
+def _pids_of(temp_dir: str) -> list[int]:
+    res = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
+    return [int(p) for p in res.stdout.split()]
 
 
 def test_join_a_ray_start_head_with_token_auth(many, tmp_path):
