@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from shards.config import Config, ConfigError, check_choice, load_config
-from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, write_rows
+from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, read_rows, write_rows
 from shards.reader import tar_members
 from shards.store import Store, is_temp_name, is_uri
 from shards.writer import ShardWriter
@@ -257,12 +257,15 @@ def decode_unit(index: int, start: int, items: list[InputItem], out: str, cfg_da
 
 
 def assemble_shard(index: int, parts: list[str], rows: list[dict[str, Any]], out: str,
-                   cfg_data: dict[str, Any]) -> None:
-    """One shard from its units' parts (in plan order), then its manifest fragment, then the parts go."""
+                   cfg_data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One shard from its units' parts (in plan order), then its manifest fragment, then the parts go; the
+    fragment's rows (what the manifest records) come back."""
     cfg = Config(cfg_data)
     store = Store.of(out)
     name = cfg.shards.pattern % index
-    if not store.is_file(fragment_name(name)):  # else a retry after the fragment was written: only clean up
+    if store.is_file(fragment_name(name)):  # a retry after the fragment was written: only clean up
+        rows = read_rows(fragment_name(name), store=store)
+    else:
         with ShardWriter(store, name) as shard:
             for part in parts:
                 with store.open_input(part) as f:
@@ -270,6 +273,7 @@ def assemble_shard(index: int, parts: list[str], rows: list[dict[str, Any]], out
         write_rows(fragment_name(name), rows, store=store)
     for part in parts:
         store.delete(part)
+    return rows
 
 
 class Watchdog:

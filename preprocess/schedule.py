@@ -73,7 +73,8 @@ def run_units(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, de
     """Decode `groups` (shard index → inputs) as units on the connected Ray; return every row, in plan order.
 
     `decode(index, start, items, out_uri, cfg_dict, progress=)` → (part name or None, rows) and
-    `assemble(index, parts, rows, out_uri, cfg_dict)` are the tasks. Only rows come back to the driver."""
+    `assemble(index, parts, rows, out_uri, cfg_dict)` → the shard's manifest rows are the tasks. Only rows come
+    back to the driver."""
     import ray
     from tqdm import tqdm
 
@@ -112,8 +113,7 @@ def run_units(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, de
             done, _ = ray.wait([*running, *assembling], num_returns=1, timeout=0.5)
             for ref in done:
                 if ref in assembling:
-                    ray.get(ref)
-                    assembling.pop(ref)
+                    rows_of[assembling.pop(ref)] = ray.get(ref)
                     continue
                 u, marks = running.pop(ref)
                 try:
@@ -132,8 +132,8 @@ def run_units(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, de
                     got = backs.pop(u.index)
                     ordered = [got[s] for s in sorted(got)]
                     parts = [p for p, _ in ordered if p is not None]
-                    rows_of[u.index] = [r for _, rs in ordered for r in rs]
-                    assembling[assemble_task.remote(u.index, parts, rows_of[u.index], store.uri(), cfg_ref)] = u.index
+                    rows = [r for _, rs in ordered for r in rs]
+                    assembling[assemble_task.remote(u.index, parts, rows, store.uri(), cfg_ref)] = u.index
             if tracker is not None:
                 show_progress(bar, tracker)
         bar.update(bar.total - bar.n)  # the returned rows are the truth; late progress reports are not
