@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   cavmae-prep ingest ./videos --out shards/
   cavmae-prep ingest list.txt more_videos/ --out shards/ --labels labels.csv --label-index class_labels_indices.csv
   cavmae-prep ingest ./videos --out shards/ --set audio.num_mel_bins=64 --set clip.mode=windows
+  RAY_ADDRESS=head:6379 cavmae-prep ingest /data/videos --out /data/shards
   RAY_ADDRESS=ray://head:10001 cavmae-prep ingest /data/videos --out /data/shards
   cavmae-prep ingest s3://bucket/videos/ --out s3://bucket/shards/ --address auto
   cavmae-prep reprocess shards/ --out shards_64mel/ --set audio.num_mel_bins=64
@@ -58,8 +59,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """Where the work runs (shared by every job subcommand)."""
     p.add_argument("--workers", type=positive_int, help="CPUs of the local Ray instance (default: all cores)")
-    p.add_argument("--address", help="join this Ray cluster: ray://head:10001, auto, or host:6379 "
-                                     "(default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--address", help="join this Ray cluster: host:6379 (a `ray start --head`), auto, or "
+                                     "ray://head:10001 (default: RAY_ADDRESS, else start a local Ray); a token "
+                                     "in RAY_AUTH_TOKEN or ~/.ray/auth_token is used")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

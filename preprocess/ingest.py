@@ -1,27 +1,32 @@
-"""The ingest job: inputs → plan of shard-sized groups → one Ray task per shard → manifest.
+"""The ingest job: inputs → plan of shard-sized groups → small work units on Ray → shards → manifest.
 
 Exactly-once without coordination:
 - The pending inputs are sorted and cut into groups of `shards.samples_per_shard`; the plan (shard index →
   inputs) is saved to `_plan.json` *before* any task starts, so a re-run after a crash rebuilds the very same
   shards instead of regrouping (byte-identical to an uninterrupted run).
-- A task decodes its group, writes its shard under a temporary name and renames it, then writes its
-  manifest fragment the same way. A retried task rewrites the same bytes.
+- Each shard's inputs are decoded in units of `ray.videos_per_task` (`preprocess.schedule`): a unit writes
+  its samples to a part file, and one assembly task per shard concatenates the parts in plan order, publishes
+  the shard under a temporary name plus rename, then writes its manifest fragment the same way. A retried
+  task rewrites the same bytes, whatever the task size or the number of workers.
 - The driver folds the fragments into `manifest.parquet` (atomically, written last) and only then deletes
-  the plan and the fragments. A run that dies anywhere leaves a state the next run completes.
+  the plan, the fragments and the parts. A run that dies anywhere leaves a state the next run completes.
+- An input that takes longer than `ray.video_timeout_s` (a decoder stall, a hung read, a stream that never
+  ends) becomes a `failed` row "timed out after N s": the unit's worker leaves a marker and ends itself, Ray
+  starts a new one and the retried unit skips the marked input (`Watchdog`).
+- One run per output folder (`preprocess.outlock`).
 
 Storage: `out` (and any input) may be a local path or a URI (`s3://`, `gs://`, `hdfs://`, `file://`; see
 `shards.store`): shards and fragments are published by rename where the store renames, by one upload of a
 write-once name otherwise. On a multi-node cluster `out` must be storage every node reaches (a URI, or a
 shared mount).
 
-Cluster: `address` / `RAY_ADDRESS` / `ray.address` joins a running cluster (`ray://head:10001`, `auto`, or
-the GCS address); inside `ray job submit` RAY_ADDRESS is set for us. Each task asks for
-`ray.num_cpus_per_task` CPUs; the driver holds plans and manifest rows only, never sample data.
+Cluster: see `preprocess.cluster` (`--address` / RAY_ADDRESS / `ray.address`, token authentication). Each
+unit asks for `ray.num_cpus_per_task` CPUs; the driver holds plans and manifest rows only, never sample data.
 
 Memory per task: one input is decoded at a time; its samples wait in a spool (memory up to SPOOL_BYTES, then
-local disk) until the input is done, then move into the shard's temporary file. In `clip.mode: windows` the
+local disk) until the input is done, then move into the unit's part file. In `clip.mode: windows` the
 decoder holds only the open windows' frames and audio, never the whole video: the peak grows neither with
-`shards.samples_per_shard` nor with the video's length.
+`shards.samples_per_shard` nor with the video's length. Assembly streams one member at a time.
 """
 
 from __future__ import annotations
@@ -31,18 +36,23 @@ import json
 import os
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from shards.config import Config, ConfigError, check_choice, load_config
-from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, write_rows
+from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, read_rows, write_rows
 from shards.names import shard_index, shard_name
+from shards.reader import tar_members
 from shards.store import Store, is_temp_name, is_uri
 from shards.writer import ShardWriter
 
+from .cluster import connect
 from .inputs import InputItem, LabelIndex, collect_inputs
+from .outlock import output_lock
+from .schedule import FORWARD_ENV, part_name, run_units, timed_out, timeout_name
 
 PLAN = "_plan.json"
 FROZEN_CONFIG = "pipeline.yaml"
@@ -72,43 +82,59 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
     """Ingest `inputs` into shards under `out`; resumable (see the module docstring)."""
     check_choice(cfg, "audio.channel_policy", ("first", "mix"))
     check_choice(cfg, "clip.mode", ("first", "windows"))
+    _check_run_settings(cfg)
     start = time.time()
     store = Store.of(out)
     store.makedirs()
-    _check_frozen_config(store, cfg)
-    label_index = LabelIndex.read(label_index_csv) if label_index_csv else None
-    ignored: list[tuple[str, str]] = []
-    items = collect_inputs(inputs, labels_csv=labels_csv, label_index=label_index,
-                           labels_from_folders=labels_from_folders, ignored=ignored)
-    _remove_temporaries(store)
+    with output_lock(store):
+        _check_frozen_config(store, cfg)
+        label_index = LabelIndex.read(label_index_csv) if label_index_csv else None
+        ignored: list[tuple[str, str]] = []
+        items = collect_inputs(inputs, labels_csv=labels_csv, label_index=label_index,
+                               labels_from_folders=labels_from_folders, ignored=ignored)
+        _remove_temporaries(store)
 
-    rows = read_manifest(store)
-    holds = {r["video_id"]: r["status"] for r in rows}
-    groups = _pending_plan(store, job="ingest")
-    planned = {it.video_id for _, group in groups for it in group}
-    todo = [it for it in items if it.video_id not in planned and it.error is None
-            and (holds.get(it.video_id) is None or (retry_failed and holds[it.video_id] != "ok"))]
-    skipped_rows = [_row(it, "skipped", it.error, cfg) for it in items
-                    if it.error is not None and it.video_id not in holds]
-    groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups, cfg.shards.pattern))
-    redo = {it.video_id for it in todo}
-    summary = Summary(already=sum(1 for it in items if it.video_id in holds and it.video_id not in redo),
-                      skipped=len(skipped_rows), ignored=ignored)
-    store.write_text(FROZEN_CONFIG, cfg.to_yaml())
-    if groups:
-        _save_plan(store, [(i, [asdict(it) for it in g]) for i, g in groups], cfg, job="ingest")
-        new_rows = run_groups(groups, store, cfg, process_group, workers=workers, address=address,
-                              progress=progress, desc="ingest")
-        summary.videos = sum(len(g) for _, g in groups)
-        summary.ok = sum(r["status"] == "ok" for r in new_rows)
-        summary.failed = sum(r["status"] == "failed" for r in new_rows)
-        rows = merge_rows(rows, new_rows)
-        summary.problems += [f"{r['source']}: {r['error']}" for r in new_rows if r["status"] == "failed"]
-    summary.problems += [f"{r['source']}: {r['error']}" for r in skipped_rows]
-    rows = merge_rows(rows, skipped_rows)
-    finish_run(store, rows)
+        rows = read_manifest(store)
+        holds = {r["video_id"]: r["status"] for r in rows}
+        groups = _pending_plan(store, job="ingest")
+        planned = {it.video_id for _, group in groups for it in group}
+        todo = [it for it in items if it.video_id not in planned and it.error is None
+                and (holds.get(it.video_id) is None or (retry_failed and holds[it.video_id] != "ok"))]
+        skipped_rows = [_row(it, "skipped", it.error, cfg) for it in items
+                        if it.error is not None and it.video_id not in holds]
+        groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups, cfg.shards.pattern))
+        redo = {it.video_id for it in todo}
+        summary = Summary(already=sum(1 for it in items if it.video_id in holds and it.video_id not in redo),
+                          skipped=len(skipped_rows), ignored=ignored)
+        store.write_text(FROZEN_CONFIG, cfg.to_yaml())
+        if groups:
+            _save_plan(store, [(i, [asdict(it) for it in g]) for i, g in groups], cfg, job="ingest")
+            started = connect(cfg, workers, address)
+            try:
+                new_rows = run_units(groups, store, cfg, decode_unit, assemble_shard, started=started,
+                                     progress=progress, desc="ingest")
+            finally:
+                if started:
+                    import ray
+
+                    ray.shutdown()
+            summary.videos = sum(len(g) for _, g in groups)
+            summary.ok = sum(r["status"] == "ok" for r in new_rows)
+            summary.failed = sum(r["status"] == "failed" for r in new_rows)
+            rows = merge_rows(rows, new_rows)
+            summary.problems += [f"{r['source']}: {r['error']}" for r in new_rows if r["status"] == "failed"]
+        summary.problems += [f"{r['source']}: {r['error']}" for r in skipped_rows]
+        rows = merge_rows(rows, skipped_rows)
+        finish_run(store, rows)
     summary.seconds = time.time() - start
     return summary
+
+
+def _check_run_settings(cfg: Config) -> None:
+    if not isinstance(cfg.ray.videos_per_task, int) or cfg.ray.videos_per_task < 1:
+        raise ConfigError(f"config 'ray.videos_per_task' must be an integer >= 1; got {cfg.ray.videos_per_task}")
+    if cfg.ray.video_timeout_s <= 0:
+        raise ConfigError(f"config 'ray.video_timeout_s' must be > 0; got {cfg.ray.video_timeout_s}")
 
 
 def finish_run(store: Store, rows: list[dict[str, Any]]) -> None:
@@ -172,9 +198,8 @@ def _save_plan(store: Store, groups: list[tuple[int, list[dict[str, Any]]]], cfg
 
 
 def _clear_run_state(store: Store) -> None:
-    for name in store.list(PARTS):
-        if name.endswith(".parquet"):
-            store.delete(name)
+    for name in store.list(PARTS):  # fragments, and the parts and time-out markers of units
+        store.delete(name)
     store.delete_dir_if_empty(PARTS)
     store.delete(PLAN)
 
@@ -203,21 +228,26 @@ def _row(item: InputItem, status: str, error: str | None, cfg: Config, **extra: 
             "config_digest": cfg.digest(*SAMPLE_SECTIONS), **extra}
 
 
-def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[str, Any], *,
-                  progress: Any = None) -> list[dict[str, Any]]:
-    """One shard: decode every input of the group, stream its samples into the shard, publish the shard and
-    then its manifest fragment, return the rows."""
+def decode_unit(index: int, start: int, items: list[InputItem], out: str, cfg_data: dict[str, Any], *,
+                progress: Any = None) -> tuple[str | None, list[dict[str, Any]]]:
+    """One work unit: decode inputs `start, start+1, ...` of shard `index` into a part file (published only if
+    some input gave samples); return its name and the inputs' rows. Inputs marked as timed out by an earlier
+    attempt become failed rows without being opened again."""
     from preprocess.decode import BadInput
     from preprocess.sample import iter_samples
 
     cfg = Config(cfg_data)
     store = Store.of(out)
     name = shard_name(cfg.shards.pattern, index)
+    marked = timed_out(store, name)
     rows: list[dict[str, Any]] = []
-    with ShardWriter(store, name) as shard:
-        for position, item in enumerate(items):
+    with ShardWriter(store, part_name(name, start)) as part, Watchdog(cfg.ray.video_timeout_s) as dog:
+        for position, item in enumerate(items, start):
             item_rows = []
             try:
+                if position in marked:
+                    raise BadInput(f"timed out after {marked[position]} s")
+                dog.watch(store, timeout_name(name, position))
                 with local_copy(item.path) as path, SampleSpool() as spool:
                     indices = list(item.label_indices) if item.label_indices is not None else None
                     for s in iter_samples(path, item.video_id, item.path, list(item.labels), indices, cfg):
@@ -225,16 +255,73 @@ def process_group(index: int, items: list[InputItem], out: str, cfg_data: dict[s
                         item_rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"),
                                               shard=name, duration_s=s.meta.get("duration_s"),
                                               bytes=sum(len(d) for _, d in s.members)))
-                    shard.add(spool.members())
+                    part.add(spool.members())
             except BadInput as exc:
                 item_rows = [_row(item, "failed", _one_line(exc), cfg)]
             except Exception as exc:  # a decoder bug on one file must not take the shard down with it
                 item_rows = [_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), cfg)]
+            finally:
+                dog.watch(None, None)
             rows += item_rows
             report(progress, index, position, item_rows)
-    rows = shard.locate(rows)  # each sample's byte span in the shard (manifest offset/length)
-    write_rows(fragment_name(name), rows, store=store)
+    return (part.name if part.members else None), rows
+
+
+def assemble_shard(index: int, parts: list[str], rows: list[dict[str, Any]], out: str,
+                   cfg_data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One shard from its units' parts (in plan order), then its manifest fragment, then the parts go; the
+    fragment's rows (what the manifest records) come back."""
+    cfg = Config(cfg_data)
+    store = Store.of(out)
+    name = shard_name(cfg.shards.pattern, index)
+    if store.is_file(fragment_name(name)):  # a retry after the fragment was written: only clean up
+        rows = read_rows(fragment_name(name), store=store)
+    else:
+        with ShardWriter(store, name) as shard:
+            for part in parts:
+                with store.open_input(part) as f:
+                    shard.add(tar_members(f))
+        rows = shard.locate(rows)  # each sample's byte span in the shard (manifest offset/length)
+        write_rows(fragment_name(name), rows, store=store)
+    for part in parts:
+        store.delete(part)
     return rows
+
+
+class Watchdog:
+    """Ends the worker process when one input has taken more than `limit_s` seconds of wall time.
+
+    A stalled decoder (a network read that never returns, a demuxer looping in C, a stream that never ends in
+    `clip.mode: windows`) cannot be interrupted from Python, but PyAV releases the GIL while it works, so a
+    thread can still notice. It first leaves a marker for the input (the retried unit records it as failed
+    "timed out after N s"), then exits the process: Ray starts a fresh worker and retries the unit."""
+
+    def __init__(self, limit_s: float):
+        self.limit_s = float(limit_s)
+        self._store: Store | None = None
+        self._marker: str | None = None
+        self._since = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cavmae-watchdog", daemon=True)
+
+    def watch(self, store: Store | None, marker: str | None) -> None:
+        """Start timing an input (the name of its marker), or stop timing (None)."""
+        self._since = time.monotonic()
+        self._store, self._marker = store, marker
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.limit_s / 4)):
+            store, marker = self._store, self._marker
+            if marker is not None and time.monotonic() - self._since > self.limit_s:
+                store.write_text(marker, f"{self.limit_s:g}")
+                os._exit(1)
+
+    def __enter__(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
 
 
 SPOOL_BYTES = 8 << 20  # per input; a first-mode sample (~0.4 MiB) never touches the disk
@@ -304,9 +391,6 @@ def _one_line(exc: Exception | str) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-FORWARD_ENV = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HADOOP_", "ARROW_", "CLASSPATH")
-
-
 def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, fn, *, workers: int | None,
                address: str | None, progress: bool, desc: str, extra: tuple = (),
                unit: str = "video") -> list[dict[str, Any]]:
@@ -317,7 +401,7 @@ def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, f
     import ray
     from tqdm import tqdm
 
-    started = _ray_init(cfg, workers, address)
+    started = connect(cfg, workers, address)
     try:
         options: dict[str, Any] = {"num_cpus": cfg.ray.num_cpus_per_task, "max_retries": cfg.ray.max_retries}
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
@@ -334,7 +418,7 @@ def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, f
                 done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
                 rows += [row for got in ray.get(done) for row in got]
                 if tracker is not None:
-                    _show(bar, tracker)
+                    show_progress(bar, tracker)
             bar.update(bar.total - bar.n)  # the returned rows are the truth; late progress reports are not
             bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows))
         return rows
@@ -365,7 +449,7 @@ def report(progress: Any, index: int, position: int, rows: list[dict[str, Any]])
         progress.report.remote(index, position, not any(r["status"] == "ok" for r in rows))
 
 
-def _show(bar: Any, tracker: Any) -> None:
+def show_progress(bar: Any, tracker: Any) -> None:
     import ray
 
     try:
@@ -374,21 +458,3 @@ def _show(bar: Any, tracker: Any) -> None:
         return
     bar.update(done - bar.n)
     bar.set_postfix(failed=failed)
-
-
-def _ray_init(cfg: Config, workers: int | None, address: str | None) -> bool:
-    """Join `address` / RAY_ADDRESS / cfg.ray.address if given, else start a local Ray. True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        n = workers or cfg.ray.workers or os.cpu_count() or 1
-        # A private instance ("local": never attach to another Ray found running on this machine),
-        # advertising loopback only (nothing outside this machine needs to reach it).
-        ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
-    return True

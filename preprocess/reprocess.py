@@ -47,6 +47,7 @@ from shards.writer import ShardWriter
 from .ingest import (FROZEN_CONFIG, SAMPLE_SECTIONS, Summary, _check_frozen_config, _cut, _next_index,
                      _one_line, _pending_plan, _remove_temporaries, _save_plan, finish_run, frozen_config,
                      local_copy, report, run_groups)
+from .outlock import output_lock
 
 FBANK_KEYS = ("audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_ms", "audio.window_type")
 MODES = {"repack": "repack only (members copied unchanged)",
@@ -146,36 +147,38 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
                               f"all {len(gone)} are gone: {shown}")
 
     store.makedirs()
-    _check_frozen_config(store, cfg)
-    _remove_temporaries(store)
-    rows = read_manifest(store)
-    holds = {r["video_id"] for r in rows}
-    groups = _pending_plan(store, job="reprocess")
-    planned = {it["video_id"] for _, g in groups for it in g}
-    gone_set = set(gone)
-    todo = [v for v in videos if v["video_id"] not in holds and v["video_id"] not in planned
-            and v["source"] not in gone_set]
-    groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups, cfg.shards.pattern))
+    with output_lock(store):
+        _check_frozen_config(store, cfg)
+        _remove_temporaries(store)
+        rows = read_manifest(store)
+        holds = {r["video_id"] for r in rows}
+        groups = _pending_plan(store, job="reprocess")
+        planned = {it["video_id"] for _, g in groups for it in g}
+        gone_set = set(gone)
+        todo = [v for v in videos if v["video_id"] not in holds and v["video_id"] not in planned
+                and v["source"] not in gone_set]
+        groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups, cfg.shards.pattern))
 
-    carried = [{**r, "config_digest": digest} for r in src_rows
-               if r["status"] != "ok" and r["video_id"] not in holds]
-    gone_rows = [_row(v, "failed", f"source video is gone: {v['source']}", digest) for v in videos
-                 if v["source"] in gone_set and v["video_id"] not in holds]
-    summary = ReprocessSummary(mode=mode, changed=tuple(changed), already=len(holds & {v["video_id"] for v in videos}),
-                               carried=len(carried), failed=len(gone_rows))
-    summary.problems += [f"{r['source']}: {r['error']}" for r in gone_rows]
-    store.write_text(FROZEN_CONFIG, cfg.to_yaml())
-    if groups:
-        _save_plan(store, groups, cfg, job="reprocess")
-        new_rows = run_groups(groups, store, cfg, reprocess_group, workers=workers, address=address,
-                              progress=progress, desc=f"reprocess ({mode})", extra=(src_store.uri(), mode))
-        summary.videos = sum(len(g) for _, g in groups)
-        summary.ok = sum(r["status"] == "ok" for r in new_rows)
-        summary.failed += sum(r["status"] == "failed" for r in new_rows)
-        summary.problems += [f"{r['source']}: {r['error']}" for r in new_rows if r["status"] == "failed"]
-        rows = merge_rows(rows, new_rows)
-    rows = merge_rows(rows, carried + gone_rows)
-    finish_run(store, rows)
+        carried = [{**r, "config_digest": digest} for r in src_rows
+                   if r["status"] != "ok" and r["video_id"] not in holds]
+        gone_rows = [_row(v, "failed", f"source video is gone: {v['source']}", digest) for v in videos
+                     if v["source"] in gone_set and v["video_id"] not in holds]
+        summary = ReprocessSummary(mode=mode, changed=tuple(changed),
+                                   already=len(holds & {v["video_id"] for v in videos}),
+                                   carried=len(carried), failed=len(gone_rows))
+        summary.problems += [f"{r['source']}: {r['error']}" for r in gone_rows]
+        store.write_text(FROZEN_CONFIG, cfg.to_yaml())
+        if groups:
+            _save_plan(store, groups, cfg, job="reprocess")
+            new_rows = run_groups(groups, store, cfg, reprocess_group, workers=workers, address=address,
+                                  progress=progress, desc=f"reprocess ({mode})", extra=(src_store.uri(), mode))
+            summary.videos = sum(len(g) for _, g in groups)
+            summary.ok = sum(r["status"] == "ok" for r in new_rows)
+            summary.failed += sum(r["status"] == "failed" for r in new_rows)
+            summary.problems += [f"{r['source']}: {r['error']}" for r in new_rows if r["status"] == "failed"]
+            rows = merge_rows(rows, new_rows)
+        rows = merge_rows(rows, carried + gone_rows)
+        finish_run(store, rows)
     summary.seconds = time.time() - start
     return summary
 

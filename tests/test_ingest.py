@@ -203,3 +203,95 @@ def test_ray_data_reads_the_shards(local_ray, videos, tmp_path):
     for r in rows:
         assert r["fbank.npy"].dtype == np.float16 and r["fbank.npy"].shape[1] == 128
         assert r["frame3.jpg"].shape == (64, 64, 3)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_same_bytes_whatever_the_task_size_and_worker_count(local_ray, videos, tmp_path):
+    """Shards are assembled from work units in plan order: units of 1, 4 or a whole shard (9) of inputs, on 2
+    or on 1 worker, give the very same folder (shards, manifest, pipeline.yaml differ only in ray.*)."""
+    base = ["clip.length_s=3.0", "video.num_frames=4", "video.image_size=64", "shards.samples_per_shard=9"]
+    inputs = _inputs(videos) + [str(make_clip(videos["dir"] / "late", "zz_late", seconds=1.0, size=(96, 64)))]
+    runs = {}
+    for size in (1, 9):
+        out = tmp_path / f"size{size}"
+        summary = ingest(inputs, out, load_config(sets=base + [f"ray.videos_per_task={size}"]))
+        assert (summary.ok, summary.failed) == (5, 7)
+        runs[size] = out
+    one_worker = tmp_path / "size4_1worker"
+    res = _cli(["ingest", *inputs, "--out", str(one_worker), "--workers", "1", "--no-progress",
+                *sum((["--set", s] for s in base + ["ray.videos_per_task=4"]), [])])
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs[4] = one_worker
+    ref = _files(runs[1])
+    assert len([n for n in ref if n.startswith("shard-")]) == 2  # 12 inputs, 9 per shard, ok samples in both
+    for size, out in runs.items():
+        got = _files(out)
+        assert sorted(got) == sorted(ref), size
+        for name in ref:
+            if name != "pipeline.yaml":
+                assert got[name] == ref[name], (size, name)
+
+
+def test_a_stalled_video_times_out_and_the_job_goes_on(local_ray, videos, tmp_path):
+    """A stream that never ends (an endless lavfi source written to a growing file, read in windows mode),
+    twice (the same file under a second name) among good clips, in one work unit: each ends its worker after
+    the time limit; the first time-out is retried by Ray, the second exhausts Ray's retries and is resubmitted
+    by the driver; both become failed rows and the good clips' samples are written."""
+    d = tmp_path / "in"
+    d.mkdir()
+    writer = subprocess.Popen(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-readrate", "100", "-f", "lavfi", "-i",
+         "testsrc=size=32x24:rate=10", "-readrate", "100", "-f", "lavfi", "-i", "sine=sample_rate=16000",
+         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-b:a", "16k", "-f", "matroska",
+         str(d / "b_endless.mkv")], stdin=subprocess.DEVNULL)
+    try:
+        while not (d / "b_endless.mkv").exists() or (d / "b_endless.mkv").stat().st_size < 100_000:
+            assert writer.poll() is None
+            time.sleep(0.1)
+        (d / "d_endless.mkv").symlink_to(d / "b_endless.mkv")
+        inputs = [str(videos["good"][0]), str(d / "b_endless.mkv"), str(videos["good"][3]), str(d / "d_endless.mkv")]
+        cfg = load_config(sets=SMALL + ["clip.mode=windows", "clip.length_s=1.0", "clip.hop_s=1.0",
+                                        "shards.samples_per_shard=4", "ray.videos_per_task=4",
+                                        "ray.video_timeout_s=2", "ray.max_retries=1"])
+        summary = ingest(inputs, tmp_path / "out", cfg)
+    finally:
+        writer.kill()
+        writer.wait()
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    status = {(r["video_id"], r["status"], r["error"]) for r in rows}
+    assert status == {("clip_a", "ok", None), ("clip_d", "ok", None), ("b_endless", "failed", "timed out after 2 s"),
+                      ("d_endless", "failed", "timed out after 2 s")}
+    assert summary.failed == 2 and summary.ok == sum(r["status"] == "ok" for r in rows) >= 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.parquet", "pipeline.yaml",
+                                                                    "shard-000000.tar"]
+
+
+def test_two_runs_into_one_folder(tmp_path, videos):
+    """While a run holds --out, a second one says so in one line and exits 2 (touching nothing)."""
+    from preprocess.outlock import output_lock
+    from shards.store import Store
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".shard-000000.tar.tmp-1").write_bytes(b"the first run's temporary shard")
+    with output_lock(Store.of(out)):
+        res = _cli(["ingest", str(videos["good"][0]), "--out", str(out), "--no-progress"])
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "another cavmae-prep run is writing into this folder" in res.stderr
+    assert (out / ".shard-000000.tar.tmp-1").exists()
+
+
+def test_an_address_with_nothing_behind_it(tmp_path, videos):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    res = _cli(["ingest", str(videos["good"][0]), "--out", str(tmp_path / "o"), "--no-progress",
+                "--address", f"127.0.0.1:{port}"])
+    assert res.returncode == 2 and time.time() - t0 < 30
+    assert res.stderr.count("\n") == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in res.stderr

@@ -14,14 +14,21 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import json, resource, sys, tempfile
 sys.path.insert(0, sys.argv[1])
-from preprocess.ingest import process_group
+from preprocess.ingest import assemble_shard, decode_unit
 from preprocess.inputs import InputItem
 from shards.config import load_config
-cfg = load_config(sets=["clip.mode=windows", "video.image_size=32", "audio.keep_waveform=true"]).to_dict()
+cfg = load_config(sets=["clip.mode=windows", "video.image_size=32", "audio.keep_waveform=true",
+                        "ray.video_timeout_s=600"]).to_dict()
+
+def task(index, item):  # the real task path: decode, spool, the unit's part, the shard assembled from it
+    part, rows = decode_unit(index, 0, [item], out, cfg)
+    assemble_shard(index, [part], rows, out, cfg)
+    return rows
+
 with tempfile.TemporaryDirectory() as out:
-    process_group(0, [InputItem("warm", sys.argv[3])], out, cfg)       # imports, codecs, torch kernels
+    task(0, InputItem("warm", sys.argv[3]))  # imports, codecs, torch kernels
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rows = process_group(1, [InputItem("v", sys.argv[2])], out, cfg)  # the real task path: decode, spool, shard
+    rows = task(1, InputItem("v", sys.argv[2]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"windows": len(rows), "base_kib": base, "peak_kib": peak,
                   "sample_kib": sum(r["bytes"] for r in rows) // 1024}))
