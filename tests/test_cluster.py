@@ -246,6 +246,10 @@ def test_join_a_ray_start_head_with_token_auth(many, tmp_path):
                            {**client, "RAY_AUTH_TOKEN": token})}
         for name, (args, env) in runs.items():
             res = _cli(args, env=env)
+            if name == "client" and "Starting Ray client server failed" in res.stderr:
+                # the head spawns a client server per connection; on a loaded 2-core machine its start can time
+                # out (Ray's own limit): the same command again resumes into the same --out
+                res = _cli(args, env=env)
             assert res.returncode == 0, (name, res.stderr[-3000:])
             assert "ok 4 samples, failed 0" in res.stdout, name
     ref = {p.name: p.read_bytes() for p in (tmp_path / "address").glob("shard-*.tar")}
