@@ -94,9 +94,11 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
                                labels_from_folders=labels_from_folders, ignored=ignored)
         _remove_temporaries(store)
 
+        # the plan before the rows: a fragment that a task of a killed run still writes in between then leaves
+        # its group pending (rebuilt identically), where the other order would plan its inputs a second time
+        groups = _pending_plan(store, job="ingest")
         rows = read_manifest(store)
         holds = {r["video_id"]: r["status"] for r in rows}
-        groups = _pending_plan(store, job="ingest")
         planned = {it.video_id for _, group in groups for it in group}
         todo = [it for it in items if it.video_id not in planned and it.error is None
                 and (holds.get(it.video_id) is None or (retry_failed and holds[it.video_id] != "ok"))]

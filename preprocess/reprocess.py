@@ -150,9 +150,11 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
     with output_lock(store):
         _check_frozen_config(store, cfg)
         _remove_temporaries(store)
+        # the plan before the rows: a fragment that a task of a killed run still writes in between then leaves
+        # its group pending (rebuilt identically), where the other order would plan its inputs a second time
+        groups = _pending_plan(store, job="reprocess")
         rows = read_manifest(store)
         holds = {r["video_id"] for r in rows}
-        groups = _pending_plan(store, job="reprocess")
         planned = {it["video_id"] for _, g in groups for it in g}
         gone_set = set(gone)
         todo = [v for v in videos if v["video_id"] not in holds and v["video_id"] not in planned
