@@ -12,12 +12,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from preprocess.decode import BadInput
-from preprocess.ingest import _one_line
 from preprocess.inputs import video_id_of
 from preprocess.sample import iter_samples
 from shards.config import Config
 from shards.reader import decode_sample
-from shards.schema import member_suffix
+from shards.schema import member_suffix, one_line
 from train import distributed as dist
 from train import stage as st
 from train.data import device_augment
@@ -43,7 +42,7 @@ def video_samples(paths: list[str], cfg: Config) -> Iterator[tuple[str, dict[str
                 raw.update((member_suffix(name), data) for name, data in built.members)
                 samples.append(decode_sample(raw))
         except BadInput as exc:
-            yield path, None, _one_line(exc)
+            yield path, None, one_line(exc)
             continue
         for sample in samples:
             yield path, sample, None

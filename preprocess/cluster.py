@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from shards.config import Config, ConfigError
+from shards.schema import one_line
 
 CONNECT_TIMEOUT_S = 3.0
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
@@ -72,7 +73,7 @@ def _join(address: str, token: str | None) -> None:
             return
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             ray.shutdown()
-            first = " ".join(str(exc).split())[:300] or type(exc).__name__
+            first = one_line(exc)[:300]
     if "Authentication token is missing or incorrect" in held[0]:
         where = f"the token from {token} is not the cluster's" if token else "no token is set here"
         raise ClusterError(f"the Ray cluster at {address} uses token authentication and {where}; "

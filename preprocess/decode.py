@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from shards.config import Config, ConfigError, check_choice
+from shards.schema import one_line
 
 # Codecs whose NONREF skipping is known to leave every other frame untouched (checked by the tests).
 _SKIP_SAFE_CODECS = ("h264", "hevc")
@@ -199,8 +200,7 @@ def _header_complete(container: av.container.InputContainer) -> bool:
 
 
 def _av_reason(exc: Exception) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return " ".join(str(text).split())
+    return one_line(getattr(exc, "strerror", None) or exc)
 
 
 def _resize_dims(width: int, height: int, size: int) -> tuple[int, int]:

@@ -46,6 +46,7 @@ from shards.config import Config, ConfigError, check_choice, load_config
 from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, read_rows, write_rows
 from shards.names import shard_index, shard_name
 from shards.reader import tar_members
+from shards.schema import one_line
 from shards.store import Store, is_temp_name, is_uri
 from shards.writer import ShardWriter
 
@@ -259,9 +260,9 @@ def decode_unit(index: int, start: int, items: list[InputItem], out: str, cfg_da
                                               bytes=sum(len(d) for _, d in s.members)))
                     part.add(spool.members())
             except BadInput as exc:
-                item_rows = [_row(item, "failed", _one_line(exc), cfg)]
+                item_rows = [_row(item, "failed", one_line(exc), cfg)]
             except Exception as exc:  # a decoder bug on one file must not take the shard down with it
-                item_rows = [_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), cfg)]
+                item_rows = [_row(item, "failed", one_line(f"{type(exc).__name__}: {exc}"), cfg)]
             finally:
                 dog.watch(None, None)
             rows += item_rows
@@ -381,16 +382,12 @@ class local_copy:
         except FileNotFoundError:
             raise BadInput("file not found") from None
         except OSError as exc:
-            raise BadInput(f"cannot read remote file ({_one_line(exc)})") from None
+            raise BadInput(f"cannot read remote file ({one_line(exc)})") from None
         return self.tmp
 
     def __exit__(self, *exc: Any) -> None:
         if self.tmp is not None:
             Path(self.tmp).unlink(missing_ok=True)
-
-
-def _one_line(exc: Exception | str) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, fn, *, workers: int | None,

@@ -40,12 +40,12 @@ from shards.media import open_flac, open_jpeg
 from shards.names import shard_index, shard_name
 from shards.reader import split_name, tar_members
 from shards.schema import (BadSample, check_key, decode_labels, decode_member, decode_meta, member_suffix,
-                           sample_members)
+                           one_line, sample_members)
 from shards.store import Store, is_uri
 from shards.writer import ShardWriter
 
 from .ingest import (FROZEN_CONFIG, SAMPLE_SECTIONS, Summary, _check_frozen_config, _cut, _next_index,
-                     _one_line, _pending_plan, _remove_temporaries, _save_plan, finish_run, frozen_config,
+                     _pending_plan, _remove_temporaries, _save_plan, finish_run, frozen_config,
                      local_copy, report, run_groups)
 from .outlock import output_lock
 
@@ -250,7 +250,7 @@ def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data:
             except (tarfile.TarError, BadSample, OSError, ValueError) as exc:
                 # SRC's shard is unreadable from here on (a malformed header, a missing sample): the rest of the
                 # group fails with the reason; what is already in the shard stays
-                why = _one_line(f"source shard: {exc}")
+                why = one_line(f"source shard: {exc}")
                 for rest, it in enumerate(items[position:], position):
                     rows.append(_row(it, "failed", why, digest))
                     report(progress, index, rest, rows[-1:])
@@ -260,9 +260,9 @@ def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data:
             try:
                 made = _remake(item, old, cfg, mode, digest)
             except BadInput as exc:
-                item_rows.append(_row(item, "failed", _one_line(exc), digest))
+                item_rows.append(_row(item, "failed", one_line(exc), digest))
             except Exception as exc:  # one bad video must not take the shard down
-                item_rows.append(_row(item, "failed", _one_line(f"{type(exc).__name__}: {exc}"), digest))
+                item_rows.append(_row(item, "failed", one_line(f"{type(exc).__name__}: {exc}"), digest))
             else:
                 for key, meta, members in made:
                     shard.add(members)

@@ -32,10 +32,10 @@ from PIL import Image, UnidentifiedImageError
 from shards.config import Config
 from shards.manifest import read_manifest
 from shards.reader import decode_sample, list_shards, raw_samples
-from shards.schema import BadSample
+from shards.schema import BadSample, one_line
 from shards.store import Store
 
-from .ingest import _one_line, report, run_groups
+from .ingest import report, run_groups
 from .inputs import LabelIndex
 
 AST_BATCH = 1000  # AST's get_norm_stats.py batch size
@@ -54,9 +54,9 @@ def shard_sums(url: str, target_length: int) -> dict[str, Any]:
             try:
                 _add_sample(out, decode_sample(raw), target_length)
             except (BadSample, UnidentifiedImageError, OSError, ValueError) as exc:
-                out["unreadable"].append(_one_line(exc))
+                out["unreadable"].append(one_line(exc))
     except (tarfile.TarError, OSError, ValueError) as exc:
-        out["unreadable"].append(f"{url}: rest of the shard unreadable ({_one_line(exc)})")
+        out["unreadable"].append(f"{url}: rest of the shard unreadable ({one_line(exc)})")
     for name in ("padded_sum", "padded_sumsq", "durations"):  # compact for the trip to the driver
         out[name] = np.asarray(out[name], dtype=np.float64)
     return out

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .schema import BadSample
+from .schema import BadSample, one_line
 
 MAX_FRAME_SCALE = 4  # a stored frame may be at most this many times the configured frame size on each side
 
@@ -28,7 +28,7 @@ def open_jpeg(data: bytes, size: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=["JPEG"])
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadSample(f"frame is not a readable JPEG ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+        raise BadSample(f"frame is not a readable JPEG ({one_line(exc)})") from None
     width, height = image.size
     if not (0 < width <= MAX_FRAME_SCALE * size and 0 < height <= MAX_FRAME_SCALE * size):
         raise BadSample(f"frame of {width}x{height} pixels is far larger than the configured size {size} "
@@ -45,4 +45,4 @@ def open_flac(data: bytes) -> Any:
     try:
         return av.open(io.BytesIO(data), format="flac")
     except (av.error.FFmpegError, ValueError) as exc:
-        raise BadSample(f".flac member is not FLAC ({' '.join(str(exc).split())})") from None
+        raise BadSample(f".flac member is not FLAC ({one_line(exc)})") from None

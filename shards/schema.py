@@ -37,6 +37,13 @@ class BadSample(ValueError):
     """A shard member that does not follow the schema (the message names the key and member)."""
 
 
+def one_line(what: object) -> str:
+    """An exception or text as one line (whitespace collapsed), for errors, warnings and manifest rows; an
+    exception without a message gives its type name."""
+    text = " ".join(str(what).split())
+    return text or (type(what).__name__ if isinstance(what, BaseException) else "")
+
+
 def make_key(video_id: str, window: int | None = None) -> str:
     """Deterministic, dot- and slash-free key for a video id (plus window index).
 

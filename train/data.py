@@ -62,7 +62,7 @@ from shards.index import SampleIndex, SpanReader, read_raw_sample
 from shards.manifest import MANIFEST, read_rows
 from shards.media import open_flac, open_jpeg
 from shards.reader import decode_sample, is_remote, raw_samples
-from shards.schema import BadSample
+from shards.schema import BadSample, one_line
 from train.epochs import EpochPlan, SampleRngs
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,10 @@ class Failures:
         self.skipped += 1
         self.in_a_row += 1
         self.urls[url] = None
-        log.warning("skipping %s of %s: %s", what, url, " ".join(str(reason).split()))
+        log.warning("skipping %s of %s: %s", what, url, one_line(reason))
         if self.in_a_row >= MAX_FAILURES:
             raise NoSamples(f"no sample decoded in {self.in_a_row} tries in a row (shards: {shard_list(self.urls)}; "
-                            f"last: {' '.join(str(reason).split())})")
+                            f"last: {one_line(reason)})")
 
     def passed(self) -> int:
         """A good sample: the skips since the previous one (and reset)."""
@@ -213,7 +213,7 @@ def decode_flac(data: bytes, sample_rate: int) -> torch.Tensor:
             frames = [out for frame in container.decode(audio=0) for out in resampler.resample(frame)]
             frames += resampler.resample(None)
     except av.FFmpegError as exc:
-        raise BadSample(f".flac member does not decode ({' '.join(str(exc).split())})") from None
+        raise BadSample(f".flac member does not decode ({one_line(exc)})") from None
     if not frames:
         raise ValueError("empty .flac member")
     return torch.from_numpy(np.concatenate([f.to_ndarray().reshape(-1) for f in frames]))
@@ -390,7 +390,7 @@ class Transform:
         except LabelError:
             raise
         except (OSError, ValueError) as exc:  # BadSample is a ValueError
-            log.warning("skipping sample %r of %s: %s", sample["key"], sample["url"], " ".join(str(exc).split()))
+            log.warning("skipping sample %r of %s: %s", sample["key"], sample["url"], one_line(exc))
             return None
 
     def check(self, sample: dict[str, Any]) -> None:
