@@ -188,9 +188,9 @@ def _inspect(args: argparse.Namespace, cfg) -> int:
 
 
 def _reprocess(args: argparse.Namespace) -> int:
+    from shards.frozen import frozen_config
     from shards.store import Store
 
-    from .ingest import frozen_config
     from .reprocess import ReprocessSummary, choose_mode, reprocess, reprocess_config
 
     cfg = reprocess_config(args.src, args.config, args.sets)

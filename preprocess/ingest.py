@@ -42,7 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from shards.config import Config, ConfigError, check_choice, load_config
+from shards.config import Config, ConfigError, check_choice
+from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_config
 from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, read_rows, write_rows
 from shards.names import shard_index, shard_name
 from shards.reader import tar_members
@@ -56,8 +57,6 @@ from .outlock import output_lock
 from .schedule import FORWARD_ENV, part_name, run_units, timed_out, timeout_name
 
 PLAN = "_plan.json"
-FROZEN_CONFIG = "pipeline.yaml"
-SAMPLE_SECTIONS = ("audio", "video", "clip")
 
 
 @dataclass
@@ -109,7 +108,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
         redo = {it.video_id for it in todo}
         summary = Summary(already=sum(1 for it in items if it.video_id in holds and it.video_id not in redo),
                           skipped=len(skipped_rows), ignored=ignored)
-        store.write_text(FROZEN_CONFIG, cfg.to_yaml())
+        store.write_text(FROZEN_CONFIG, cfg.to_yaml(*PREP_SECTIONS))
         if groups:
             _save_plan(store, [(i, [asdict(it) for it in g]) for i, g in groups], cfg, job="ingest")
             started = connect(cfg, workers, address)
@@ -155,18 +154,6 @@ def _check_frozen_config(store: Store, cfg: Config) -> None:
     if old.digest(*SAMPLE_SECTIONS) != cfg.digest(*SAMPLE_SECTIONS):
         raise ConfigError(f"{store.uri()}: holds shards made with other audio/video/clip settings "
                           f"(see {store.uri(FROZEN_CONFIG)}); use a new --out, or `cavmae-prep reprocess`")
-
-
-def frozen_config(store: Store) -> Config:
-    """The config a shard folder was made with (its pipeline.yaml, laid over today's defaults)."""
-
-    with tempfile.TemporaryDirectory(prefix="cavmae-cfg-") as tmp:
-        path = Path(tmp) / FROZEN_CONFIG
-        path.write_bytes(store.read_bytes(FROZEN_CONFIG))
-        try:
-            return load_config(path)
-        except ConfigError as exc:  # name the folder's file, not our temporary copy
-            raise ConfigError(str(exc).replace(str(path), store.uri(FROZEN_CONFIG))) from None
 
 
 def _remove_temporaries(store: Store) -> None:

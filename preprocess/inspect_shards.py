@@ -11,10 +11,10 @@ import random
 from typing import Any, Iterator
 
 from shards.config import ConfigError
+from shards.frozen import FROZEN_CONFIG, frozen_config
 from shards.reader import decode_sample, list_shards, raw_samples
 from shards.store import Store
 
-from .ingest import FROZEN_CONFIG, frozen_config
 from .inputs import LabelIndex
 from .stats import shard_folder
 

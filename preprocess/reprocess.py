@@ -37,6 +37,7 @@ import yaml
 from shards.config import Config, ConfigError, check_choice
 from shards.manifest import merge_rows, read_manifest, write_rows, fragment_name
 from shards.media import open_flac, open_jpeg
+from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_config
 from shards.names import shard_index, shard_name
 from shards.reader import split_name, tar_members
 from shards.schema import (BadSample, check_key, decode_labels, decode_member, decode_meta, member_suffix,
@@ -44,9 +45,8 @@ from shards.schema import (BadSample, check_key, decode_labels, decode_member, d
 from shards.store import Store, is_uri
 from shards.writer import ShardWriter
 
-from .ingest import (FROZEN_CONFIG, SAMPLE_SECTIONS, Summary, _check_frozen_config, _cut, _next_index,
-                     _pending_plan, _remove_temporaries, _save_plan, finish_run, frozen_config,
-                     local_copy, report, run_groups)
+from .ingest import (Summary, _check_frozen_config, _cut, _next_index, _pending_plan, _remove_temporaries,
+                     _save_plan, finish_run, local_copy, report, run_groups)
 from .outlock import output_lock
 
 FBANK_KEYS = ("audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_ms", "audio.window_type")
@@ -169,7 +169,7 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
                                    already=len(holds & {v["video_id"] for v in videos}),
                                    carried=len(carried), failed=len(gone_rows))
         summary.problems += [f"{r['source']}: {r['error']}" for r in gone_rows]
-        store.write_text(FROZEN_CONFIG, cfg.to_yaml())
+        store.write_text(FROZEN_CONFIG, cfg.to_yaml(*PREP_SECTIONS))
         if groups:
             _save_plan(store, groups, cfg, job="reprocess")
             new_rows = run_groups(groups, store, cfg, reprocess_group, workers=workers, address=address,

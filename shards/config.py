@@ -31,8 +31,9 @@ class ConfigError(ValueError):
 class Config:
     """Read-only attribute view of a nested dict: `cfg.audio.num_mel_bins`."""
 
-    def __init__(self, data: dict[str, Any]):
+    def __init__(self, data: dict[str, Any], explicit: Iterable[str] = ()):
         object.__setattr__(self, "_data", data)
+        object.__setattr__(self, "explicit", frozenset(explicit))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -53,15 +54,17 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._data)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self._data, sort_keys=False)
+    def to_yaml(self, *sections: str) -> str:
+        """The config as YAML: the named sections only, when some are named."""
+        data = {name: self._data[name] for name in sections} if sections else self._data
+        return yaml.safe_dump(data, sort_keys=False)
 
     def with_overrides(self, sets: Iterable[str]) -> "Config":
-        data = copy.deepcopy(self._data)
+        data, explicit = copy.deepcopy(self._data), set(self.explicit)
         for item in sets:
-            _apply_set(data, item)
+            explicit.add(_apply_set(data, item))
         check_values(data, "config")
-        return Config(data)
+        return Config(data, explicit)
 
     def digest(self, *sections: str) -> str:
         """Short stable hash of the named sections (all when none named)."""
@@ -74,27 +77,33 @@ class Config:
         return f"Config({self._data!r})"
 
 
-def load_config(path: str | Path | None = None, sets: Iterable[str] = (), presets: Iterable[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, sets: Iterable[str] = (), presets: Iterable[str] = (), *,
+                sections: Iterable[str] | None = None) -> Config:
     """Defaults, then the user file `path` (if any), then each named preset, then `sets`.
+
+    `sections` reads only those sections of the file (a shard folder's frozen pipeline.yaml: only its sample-side
+    settings mean anything). The result's `explicit` holds the dotted keys the file, presets and sets gave.
 
     A preset is an entry of the `presets:` section: a flat mapping of dotted keys to values, applied exactly
     like `--set` (so `--preset scale+` is shorthand for the handful of `--set`s of a recipe).
     `sets` are "dotted.key=value" strings, the value parsed as YAML.
     """
-    data = _read_yaml(DEFAULTS_PATH)
+    data, explicit = _read_yaml(DEFAULTS_PATH), set()
     if path is not None:
         user = _read_yaml(Path(path))
-        _merge(data, user, prefix="", source=str(path))
+        if sections is not None:
+            user = {name: user[name] for name in sections if name in user}
+        _merge(data, user, prefix="", source=str(path), explicit=explicit)
     for name in presets:
         table = data.get("presets", {})
         if name not in table:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(table)) or 'none'}")
         for dotted, value in table[name].items():
-            _apply_set(data, f"{dotted}={json.dumps(value)}")
+            explicit.add(_apply_set(data, f"{dotted}={json.dumps(value)}"))
     for item in sets:
-        _apply_set(data, item)
+        explicit.add(_apply_set(data, item))
     check_values(data, "config" if path is None else str(path))
-    return Config(data)
+    return Config(data, explicit)
 
 
 POSITIVE = ("audio.sample_rate", "audio.num_mel_bins", "video.num_frames", "video.image_size",
@@ -142,7 +151,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 RETIRED = {"data.shuffle_buffer": "every training epoch is a full permutation now, with no shuffle buffer"}
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str, source: str) -> None:
+def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str, source: str, explicit: set[str]) -> None:
     for key, value in over.items():
         dotted = f"{prefix}{key}"
         if dotted in RETIRED:
@@ -155,12 +164,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str, source: str)
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{dotted}' must be a mapping")
-            _merge(base[key], value, prefix=f"{dotted}.", source=source)
+            _merge(base[key], value, prefix=f"{dotted}.", source=source, explicit=explicit)
         else:
             base[key] = _checked(dotted, base[key], value, source)
+            explicit.add(dotted)
 
 
-def _apply_set(data: dict[str, Any], item: str) -> None:
+def _apply_set(data: dict[str, Any], item: str) -> str:
+    """Apply one "dotted.key=value"; returns the dotted key."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected dotted.key=value")
     dotted, raw = item.split("=", 1)
@@ -179,6 +190,7 @@ def _apply_set(data: dict[str, Any], item: str) -> None:
             if isinstance(node[part], dict):
                 raise ConfigError(f"--set: '{dotted}' is a section, set one of its keys")
             node[part] = _checked(dotted, node[part], value, "--set")
+            return dotted.strip()
         else:
             node = node[part]
 
