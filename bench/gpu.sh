@@ -59,7 +59,7 @@ run() {
         export PYTHONPATH=$PWD
     fi
     if (( TINY )); then
-        MODEL=(--set model.size=tiny --set model.target_length=128 --set model.image_size=64)
+        MODEL=(--set model.size=tiny --set model.target_length=128 --set video.image_size=64)
         GEOM=(--set video.image_size=64 --set video.num_frames=4 "${MODEL[@]}")
         BATCHES=(2 4); FT=2; STEPS=(--steps 1 --warmup 1); PROFILE_B=4; NUM_B=2; CURVE=(--steps 4 --every 2 --curve-batch 2)
         SAMPLES=48; PER_SHARD=12; E2E_B=8; E2E_STEPS=6; E2E_SKIP=2; LOG=2; WORKERS=(1 2)

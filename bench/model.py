@@ -32,6 +32,7 @@ from shards.config import load_config  # noqa: E402
 from train.loop import autocast  # noqa: E402
 from train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
 from train.schedule import make_optimizer  # noqa: E402
+from train.stage import model_settings  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched in order against the device name.
 PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0),
@@ -104,7 +105,7 @@ class Bench:
     def __init__(self, device: torch.device, cfg, kind: str, compile_model: bool):
         self.device, self.kind = device, kind
         torch.manual_seed(0)
-        model_cfg = cfg.model.to_dict()
+        model_cfg = model_settings(cfg)
         if kind == "pretrain":
             core = build_pretrain_model(model_cfg)
             self.flops = pretrain_forward_flops(core)
@@ -308,7 +309,7 @@ def main() -> None:
     peak, peak_text = peak_tflops(device, args.peak)
     base = {"device": name, "torch": torch.__version__, "size": cfg.model.size}
     print(f"device {name}, torch {torch.__version__}, model size {cfg.model.size}, "
-          f"fbank {cfg.model.target_length}x{cfg.model.num_mel_bins}, frames {cfg.model.image_size}²")
+          f"fbank {cfg.model.target_length}x{cfg.audio.num_mel_bins}, frames {cfg.video.image_size}²")
     print(f"MFU peak: {peak_text}", flush=True)
 
     if args.max_batch:

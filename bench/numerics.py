@@ -26,9 +26,10 @@ from shards.config import load_config  # noqa: E402
 from train.loop import autocast  # noqa: E402
 from train.model import PATCH_SIZE, build_pretrain_model  # noqa: E402
 from train.schedule import make_optimizer  # noqa: E402
+from train.stage import model_settings  # noqa: E402
 
 TERMS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
-TINY = ["model.size=tiny", "model.target_length=128", "model.image_size=64"]
+TINY = ["model.size=tiny", "model.target_length=128", "video.image_size=64"]
 
 
 def group_of(name: str) -> str:
@@ -59,7 +60,7 @@ def forward_backward(model, audio, image, device, precision: str) -> "tuple[dict
 def grads(args, device: torch.device) -> dict:
     cfg = load_config(None, args.sets, [])
     torch.manual_seed(0)
-    model = build_pretrain_model(cfg.model.to_dict()).to(device).train()
+    model = build_pretrain_model(model_settings(cfg)).to(device).train()
     audio, image = batch_for(model, args.batch, device, 0)
     t32, g32 = forward_backward(model, audio, image, device, "fp32")
     t16, g16 = forward_backward(model, audio, image, device, "bf16")
@@ -91,12 +92,12 @@ def grads(args, device: torch.device) -> dict:
 def curve(args, device: torch.device) -> dict:
     cfg = load_config(None, TINY + args.sets + [f"pretrain.lr={args.lr}"], [])
     stage = cfg.pretrain
-    geometry = build_pretrain_model(cfg.model.to_dict())
+    geometry = build_pretrain_model(model_settings(cfg))
     pool = [batch_for(geometry, args.curve_batch, device, seed) for seed in range(args.pool)]
     losses = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        model = build_pretrain_model(cfg.model.to_dict()).to(device).train()
+        model = build_pretrain_model(model_settings(cfg)).to(device).train()
         opt = make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}], stage)
         torch.manual_seed(1)
         out = []

@@ -17,6 +17,7 @@ from shards.config import load_config  # noqa: E402
 from train.checkpoint import official_state_dict  # noqa: E402
 from train.cli import main  # noqa: E402
 from train.model import build_finetune_model, build_pretrain_model  # noqa: E402
+from train.stage import model_settings  # noqa: E402
 from train_fixtures import TINY  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def sets(*extra):
 def test_embed_rows_and_duplicate_videos(train_shards, tmp_path, capsys):
     cfg = load_config(None, TINY)
     torch.manual_seed(0)
-    torch.save(official_state_dict(build_pretrain_model(cfg.model.to_dict())), tmp_path / "pt.pth")
+    torch.save(official_state_dict(build_pretrain_model(model_settings(cfg))), tmp_path / "pt.pth")
     out = tmp_path / "emb" / "val.parquet"
     assert main(["embed", "--shards", str(train_shards / "val"), "--checkpoint", str(tmp_path / "pt.pth"),
                  "--out", str(out), "--no-progress", *sets("eval.batch_size=8")]) == 0
@@ -59,7 +60,7 @@ def test_embed_rows_and_duplicate_videos(train_shards, tmp_path, capsys):
 
 def test_embed_with_a_finetuned_checkpoint_and_one_frame(train_shards, tmp_path, capsys):
     cfg = load_config(None, TINY)
-    torch.save(official_state_dict(build_finetune_model(cfg.model.to_dict(), 4)), tmp_path / "ft.pth")
+    torch.save(official_state_dict(build_finetune_model(model_settings(cfg), 4)), tmp_path / "ft.pth")
     out = tmp_path / "q.parquet"
     assert main(["embed", "--shards", str(train_shards / "query"), "--checkpoint", str(tmp_path / "ft.pth"),
                  "--out", str(out), "--frames", "middle", "--no-progress", *sets()]) == 0

@@ -31,13 +31,14 @@ from train import cli as train_cli
 from train import data as train_data
 from train.checkpoint import CheckpointError, read_checkpoint
 from train.data import NoSamples, Transform, decoded_samples, eval_loader
+from train.stage import model_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64  # the configured frame size of these tests
 DATA = {"target_length": 128, "mean": -5.081, "std": 4.4849, "image_size": SIZE, "num_mel_bins": 128,
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 NO_AUG = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 0.0}
-TINY = ["model.size=tiny", "model.target_length=128", "model.image_size=64", "data.num_workers=0",
+TINY = ["model.size=tiny", "model.target_length=128", "video.image_size=64", "data.num_workers=0",
         "video.num_frames=2"]
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke showpage\n%%EOF\n"
 
@@ -355,7 +356,7 @@ def test_train_cli_clear_errors(tmp_path, tiny_shard, capsys):
 
     from train.model import build_finetune_model
     ft = tmp_path / "ft.pth"
-    torch.save(build_finetune_model(load_config(None, TINY).model.to_dict(), 4).state_dict(), ft)
+    torch.save(build_finetune_model(model_settings(load_config(None, TINY)), 4).state_dict(), ft)
     junk = write_tar(tmp_path / "junk.tar", raw_members("j", json=b"[]"))
     for command in ("eval", "retrieve"):
         code, err = run_train([command, "--shards", str(junk), "--checkpoint", str(ft)] + sets, capsys)

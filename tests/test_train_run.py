@@ -16,6 +16,7 @@ import train.pretrain  # noqa: E402
 from shards.config import load_config  # noqa: E402
 from train.cli import main  # noqa: E402
 from train.model import build_pretrain_model  # noqa: E402
+from train.stage import model_settings  # noqa: E402
 from train_fixtures import TINY, write_synthetic_shards  # noqa: E402
 
 
@@ -125,7 +126,7 @@ def test_nonfinite_loss_skips_the_step_and_a_persistent_one_stops(tmp_path, monk
 def test_finetune_from_official_layout_checkpoint(data, tmp_path):
     root, labels = data
     cfg = load_config(None, TINY)
-    model = build_pretrain_model(cfg.model.to_dict())
+    model = build_pretrain_model(model_settings(cfg))
     official = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save(official, tmp_path / "official.pth")
     rc = main(["finetune", "--shards", str(root / "train"), "--labels", str(labels), "--init",

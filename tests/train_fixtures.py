@@ -155,5 +155,5 @@ def ingest_datasets(root: Path) -> Path:
     return root
 
 
-TINY = ["model.size=tiny", "model.target_length=128", "model.image_size=64", "data.num_workers=0",
+TINY = ["model.size=tiny", "model.target_length=128", "video.image_size=64", "data.num_workers=0",
         "pretrain.log_every=1", "finetune.log_every=1", "video.num_frames=4"]

@@ -68,7 +68,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     steps = plan.steps
 
     torch.manual_seed(cfg.data.seed)
-    model = build_finetune_model(cfg.model.to_dict(), num_classes)
+    model = build_finetune_model(st.model_settings(cfg), num_classes)
     if init:
         missing, unexpected = load_pretrained_into(model, load_state_dict_file(init))
         if dist.is_main():

@@ -94,10 +94,16 @@ def check_manifest_labels(urls: list[str], cfg: Config, label_map: dict[str, int
                 raise LabelError(f"unknown label id {label!r} (video {row['video_id']!r}) is not in {label_csv}")
 
 
+def model_settings(cfg: Config) -> dict[str, Any]:
+    """The keywords of the model builders: the `model:` section, with the geometry that follows from the samples
+    (mel bins, frame size; `shards.frozen` makes them the shards' own)."""
+    return {**cfg.model.to_dict(), "num_mel_bins": cfg.audio.num_mel_bins, "image_size": cfg.video.image_size}
+
+
 def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes: int = 0,
               label_map: dict[str, int] | None = None, label_csv: str | None = None) -> Transform:
-    data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.model.image_size,
-            "num_mel_bins": cfg.model.num_mel_bins}
+    data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.video.image_size,
+            "num_mel_bins": cfg.audio.num_mel_bins}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
                      label_map=label_map, label_file=label_csv, seed=0, audio=cfg.audio.to_dict())
 
@@ -125,9 +131,9 @@ def load_model(cfg: Config, path: str, *, finetuned: bool = False):
     if head is None and finetuned:
         raise UsageError(f"{path}: no classification head (mlp_head.*): not a finetuned checkpoint")
     if head is None:
-        model = build_pretrain_model(cfg.model.to_dict())
+        model = build_pretrain_model(model_settings(cfg))
     else:
-        model = build_finetune_model(cfg.model.to_dict(), head.shape[0])
+        model = build_finetune_model(model_settings(cfg), head.shape[0])
     try:
         load_pretrained_into(model, sd)
     except (ValueError, RuntimeError) as exc:
