@@ -36,7 +36,7 @@ import yaml
 
 from shards.config import Config, ConfigError, check_choice
 from shards.manifest import merge_rows, read_manifest, write_rows, fragment_name
-from shards.media import open_flac, open_jpeg
+from shards.media import decode_flac, open_flac, open_jpeg
 from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_config
 from shards.names import shard_index, shard_name
 from shards.reader import split_name, tar_members
@@ -333,7 +333,7 @@ def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
     if meta.get("has_audio"):
         if flac is None:
             raise BadInput(f"sample {key} has no stored waveform (.flac); reprocess needs its source video")
-        fb = fbank(decode_flac(flac), cfg.audio)
+        fb = fbank(decode_flac(flac, cfg.audio.sample_rate), cfg.audio)
     meta["audio_frames"] = 0 if fb is None else int(fb.shape[0])
     meta["config_digest"] = digest
     frames = sorted((int(s[5:-4]), data) for s, data in d.items() if s.startswith("frame"))
@@ -341,16 +341,6 @@ def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
     indices = (decode_labels(labels) or None) if labels else None
     keep = flac if cfg.audio.keep_waveform else None
     return key, meta, sample_members(key, meta, fb, [data for _, data in frames], keep, indices)
-
-
-def decode_flac(data: bytes):
-    """The stored 16-bit mono FLAC back to the float32 waveform the decoder produced (exact)."""
-    import numpy as np
-
-    with open_flac(data) as c:
-        chunks = [f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]
-    pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
-    return pcm.astype(np.float32) / np.float32(32768.0)
 
 
 def _old_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[str, list]]:

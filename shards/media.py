@@ -13,6 +13,7 @@ import io
 import warnings
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from .schema import BadSample, one_line
@@ -46,3 +47,22 @@ def open_flac(data: bytes) -> Any:
         return av.open(io.BytesIO(data), format="flac")
     except (av.error.FFmpegError, ValueError) as exc:
         raise BadSample(f".flac member is not FLAC ({one_line(exc)})") from None
+
+
+def decode_flac(data: bytes, sample_rate: int) -> np.ndarray:
+    """A `.flac` member as the float32 mono waveform at `sample_rate` (for our s16 FLAC at that rate: exactly the
+    decoder's waveform, s16 / 32768). Used by reprocess (new fbank settings from the stored waveform) and by
+    training (waveform mixup). PyAV is imported here: a trainer whose shards carry no `.flac` runs without it.
+    BadSample when the member is not FLAC, does not decode or holds no audio."""
+    import av
+
+    try:
+        with open_flac(data) as container:
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            frames = [out for frame in container.decode(audio=0) for out in resampler.resample(frame)]
+            frames += resampler.resample(None)
+    except av.FFmpegError as exc:
+        raise BadSample(f".flac member does not decode ({one_line(exc)})") from None
+    if not frames:
+        raise BadSample(".flac member holds no audio")
+    return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])

@@ -22,13 +22,12 @@ from preprocess.ingest import _next_index
 from preprocess.inputs import LabelIndex, collect_inputs
 from preprocess.reprocess import _videos_in_source_order
 from shards.config import ConfigError, load_config
-from shards.media import open_flac, open_jpeg
+from shards.media import decode_flac, open_flac, open_jpeg
 from shards.names import PatternError, check_pattern, shard_index, shard_name
 from shards.reader import raw_samples, tar_members
 from shards.schema import BadSample, encode_npy, sample_members
 from shards.writer import write_shard
 from train import cli as train_cli
-from train import data as train_data
 from train.checkpoint import CheckpointError, read_checkpoint
 from train.data import NoSamples, Transform, decoded_samples, eval_loader
 from train.stage import model_settings
@@ -193,7 +192,7 @@ def test_flac_member_is_decoded_as_flac_only(tmp_path, monkeypatch):
         assert sum(f.samples for f in probing.decode(audio=0)) == 16000
     with pytest.raises(BadSample, match="not FLAC"):
         open_flac(script)
-    assert train_data.decode_flac(target.read_bytes(), 16000).shape == (16000,)
+    assert decode_flac(target.read_bytes(), 16000).shape == (16000,)
 
 
 def pax_tar(record_length: bytes) -> bytes:

@@ -173,7 +173,7 @@ def _eval(args: argparse.Namespace, cfg) -> dict:
     device = dist.init()
     mode = args.mode or cfg.finetune.mode
     frames = _frames(args, cfg)
-    urls = st.shard_urls(args.shards, "--shards")
+    cfg, urls, _ = st.shard_sets(cfg, args.shards)
     model = st.load_model(cfg, args.checkpoint, finetuned=True)
     label_map, _ = st.labels(cfg, args.labels, cfg.finetune) if args.labels else (None, 0)
     num_classes = model.mlp_head[1].out_features
@@ -206,7 +206,7 @@ def _retrieve(args: argparse.Namespace, cfg) -> dict:
     from train.retrieve import features, retrieval
 
     device = dist.init()
-    urls = st.shard_urls(args.shards, "--shards")
+    cfg, urls, _ = st.shard_sets(cfg, args.shards)
     model = st.load_model(cfg, args.checkpoint)
     tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frame_choice(args.frames or "middle", "--frames"))
     audio, visual, _ = features(model.to(device), urls, tf, batch_size=cfg.eval.batch_size,
@@ -223,7 +223,7 @@ def _embed(args: argparse.Namespace, cfg) -> dict:
     device = dist.init()
     if dist.world_size() > 1:
         raise st.UsageError("embed runs as one process (it writes one file); start it without torchrun")
-    urls = st.shard_urls(args.shards, "--shards")
+    cfg, urls, _ = st.shard_sets(cfg, args.shards)
     model = st.load_model(cfg, args.checkpoint)
     frames = _frames(args, cfg)
     tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)

@@ -60,7 +60,7 @@ from torchvision import transforms
 from shards.config import Config
 from shards.index import SampleIndex, SpanReader, read_raw_sample
 from shards.manifest import MANIFEST, read_rows
-from shards.media import open_flac, open_jpeg
+from shards.media import decode_flac, open_jpeg
 from shards.reader import decode_sample, is_remote, raw_samples
 from shards.schema import BadSample, one_line
 from train.epochs import EpochPlan, SampleRngs
@@ -199,24 +199,6 @@ def mix_fbanks(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
         b = torch.nn.functional.pad(b, (0, 0, 0, n - b.shape[0]), value=LOG_SILENCE)
     b = b[:n]
     return torch.logaddexp(a + math.log(lam), b + math.log1p(-lam))
-
-
-def decode_flac(data: bytes, sample_rate: int) -> torch.Tensor:
-    """A `.flac` member as a float32 mono waveform at `sample_rate` (for our s16 FLAC: exactly s16 / 32768).
-    PyAV is imported here, not at module level: a trainer whose shards carry no `.flac` runs without it. A decoding
-    error is a BadSample (the sample is skipped)."""
-    import av
-
-    try:
-        with open_flac(data) as container:
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            frames = [out for frame in container.decode(audio=0) for out in resampler.resample(frame)]
-            frames += resampler.resample(None)
-    except av.FFmpegError as exc:
-        raise BadSample(f".flac member does not decode ({one_line(exc)})") from None
-    if not frames:
-        raise ValueError("empty .flac member")
-    return torch.from_numpy(np.concatenate([f.to_ndarray().reshape(-1) for f in frames]))
 
 
 def mix_waveforms(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
@@ -450,7 +432,7 @@ class Transform:
         from shards.fbank import fbank as compute_fbank  # torchaudio: only for waveform mixup
 
         rate = int(self.audio["sample_rate"])
-        mix = mix_waveforms(decode_flac(sample["flac"], rate), decode_flac(partner["flac"], rate), lam)
+        mix = mix_waveforms(*(torch.from_numpy(decode_flac(s["flac"], rate)) for s in (sample, partner)), lam)
         return torch.from_numpy(compute_fbank(mix.numpy(), Config(self.audio))).float(), "waveform"
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -59,8 +59,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     metric = check_choice(cfg, "finetune.metric", ("mAP", "acc"))
     if f.wa and max(1, f.wa_start) > min(f.epochs, f.wa_end):
         raise st.UsageError(f"finetune.wa averages epochs {f.wa_start}..{f.wa_end} but there are {f.epochs}")
-    urls = st.shard_urls(shards, "--shards")
-    val_urls = st.shard_urls(val_shards, "--val-shards") if val_shards else None
+    cfg, urls, val_urls = st.shard_sets(cfg, shards, val_shards)
     label_map, num_classes = st.labels(cfg, labels_csv, f)
     st.check_manifest_labels(urls + (val_urls or []), cfg, label_map, labels_csv)
     run_dir = st.run_folder(out, cfg)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.config import Config
+from shards.frozen import adopt_shard_settings
 from shards.index import SampleIndex, sample_index
 from shards.reader import list_shards
 from train import distributed as dist
@@ -30,6 +31,19 @@ def shard_urls(spec: str | None, flag: str) -> list[str]:
         return list_shards(spec)
     except FileNotFoundError as exc:
         raise UsageError(f"{flag}: {exc}") from None
+
+
+def shard_sets(cfg: Config, shards: str, val_shards: str | None = None
+               ) -> tuple[Config, list[str], list[str] | None]:
+    """`cfg` with the sample-side settings the shards were made with, and the URLs of --shards and --val-shards.
+
+    The fbank settings, mel bins and frame count and size come from the `pipeline.yaml` beside the shards
+    (`shards.frozen`), so the model's geometry and waveform mixup follow the data; a run that sets one of them to
+    another value, or shard sets made with different ones, stop here with one line naming both values."""
+    urls = shard_urls(shards, "--shards")
+    val_urls = shard_urls(val_shards, "--val-shards") if val_shards else None
+    flag = "--shards and --val-shards" if val_urls else "--shards"
+    return adopt_shard_settings(cfg, urls + (val_urls or []), flag), urls, val_urls
 
 
 def run_folder(out: str, cfg: Config) -> Path:
@@ -137,8 +151,8 @@ def load_model(cfg: Config, path: str, *, finetuned: bool = False):
     try:
         load_pretrained_into(model, sd)
     except (ValueError, RuntimeError) as exc:
-        raise UsageError(f"--checkpoint {path}: does not fit model.* of the config ({str(exc).splitlines()[0]})") \
-            from None
+        raise UsageError(f"--checkpoint {path}: does not fit the model of this config and shards "
+                         f"({str(exc).splitlines()[0]})") from None
     return model
 
 
