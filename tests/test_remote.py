@@ -12,6 +12,7 @@ import torch
 
 from preprocess.ingest import ingest
 from shards.config import load_config
+from shards.frozen import adopt_shard_settings
 from shards.index import sample_index
 from shards.manifest import read_manifest, read_rows
 from shards.reader import decode_sample, list_shards, raw_samples
@@ -89,6 +90,9 @@ def test_ingest_to_s3_equals_local_and_reads_back(s3_server, videos, tmp_path):
     rows = read_manifest(s3)
     assert all(r["offset"] is not None and r["length"] > 0 for r in rows)
     assert (sample_index(urls, rows).offset == sample_index(urls).offset).all()
+    # training takes the sample-side settings from the pipeline.yaml in the bucket
+    adopted = adopt_shard_settings(load_config(), urls)
+    assert (adopted.video.image_size, adopted.video.num_frames) == (32, 2)
 
     # a re-run resumes from the remote manifest: nothing to do
     again = ingest(inputs, f"s3://{BUCKET}/run1/shards", cfg)
