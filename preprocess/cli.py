@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        check_out(args.out)
+        if args.command != "inspect" and args.out is not None:  # inspect's --out is a picture, not a folder
+            check_out(args.out)
         if args.command == "reprocess":
             return _reprocess(args)
         cfg = load_config(args.config, args.sets)

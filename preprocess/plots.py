@@ -112,7 +112,14 @@ def _title(sample: dict[str, Any], names: dict[str, str]) -> str:
     meta = sample["meta"]
     labels = ", ".join(names.get(x, x) for x in meta.get("labels") or []) or "no labels"
     window = f"  window {meta['window']}" if meta.get("window") is not None else ""
-    return f"{_cut(labels, 60)}   ·   {meta.get('video_id')}{window}   ·   {_cut(str(meta.get('source')), 70)}"
+    return f"{_cut(labels, 60)}   ·   {meta.get('video_id')}{window}   ·   {_cut(_short(str(meta.get('source'))), 70)}"
+
+
+def _short(source: str) -> str:
+    """The source's file name and folder (`.../real/bigbuckbunny.mp4`): where it lay on the machine that ingested
+    it says little in a picture and takes the room."""
+    parts = source.rsplit("/", 2)
+    return f".../{parts[1]}/{parts[2]}" if len(parts) == 3 and parts[0] else source
 
 
 def sheet_figure(samples: list[dict[str, Any]], frame_shift_s: float, names: dict[str, str] | None = None) -> Figure:

@@ -4,6 +4,7 @@ the shards, and `stats` / `inspect` draw the pictures they promise. One real ing
 import contextlib
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -131,9 +132,17 @@ def test_stats_agree_with_a_direct_numpy_pass(ingested, tmp_path, capsys):
     assert len(stats_figure(stats).axes) == 4  # durations, labels, mean log-mel per bin, failure reasons
 
 
+def test_stats_default_to_the_shard_folder(ingested, tmp_path):
+    _, out, _, _ = ingested
+    copy = shutil.copytree(out, tmp_path / "shards")
+    assert main(["stats", str(copy), "--set", "model.target_length=128", "--no-progress"]) == 0
+    assert json.loads((copy / "stats.json").read_text())["fbank"] and (copy / "stats.png").is_file()
+
+
 def test_inspect_draws_frames_over_the_log_mel(ingested, tmp_path, capsys):
     _, out, index, _ = ingested
     assert main(["inspect", str(out), "--random", "2", "--out", str(tmp_path / "two.png")]) == 0
+    assert main(["inspect", str(out), "--random", "2", "--out", str(tmp_path / "two.png")]) == 0  # redrawn in place
     with Image.open(tmp_path / "two.png", formats=["PNG"]) as png:
         assert png.size == (2 * 10 * DPI, round(4.4 * DPI))  # two cells side by side
     urls = list_shards(str(out))
