@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from train import distributed as dist
 from train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
 
 MODULE_PREFIX = "module."
@@ -70,17 +71,6 @@ def load_state_dict_file(path: str) -> "OrderedDict[str, torch.Tensor]":
     return strip_module_prefix(obj)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]") -> LoadResult:
     """Load an official or our own checkpoint (with or without `module.`) into CAVMAE / CAVMAEFT / CAVMAEFTAudio.
 
@@ -88,7 +78,7 @@ def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]") -> Loa
     is missing or unexpected; torch raises on shape mismatches (e.g. a different target_length). Returns the
     tolerated missing/unexpected keys so the caller can log them.
     """
-    model = _unwrap(model)
+    model = dist.unwrap(model)
     sd = strip_module_prefix(sd)
     allowed_missing: "tuple[str, ...]" = ()
     allowed_unexpected: "tuple[str, ...]" = ()
@@ -117,7 +107,7 @@ def official_state_dict(model: nn.Module, module_prefix: bool = True) -> "Ordere
     """The model's state dict in the official layout (same keys and order; `module.` prefix so the official code,
     which wraps its models in DataParallel, loads it as is)."""
     prefix = MODULE_PREFIX if module_prefix else ""
-    return OrderedDict((prefix + k, v) for k, v in _unwrap(model).state_dict().items())
+    return OrderedDict((prefix + k, v) for k, v in dist.unwrap(model).state_dict().items())
 
 
 def imagenet_mae_init(

@@ -42,6 +42,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DistributedDataParallel / DataParallel / torch.compile wrappers (any nesting): the one
+    whose attributes, methods and un-prefixed state dict the code means."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from train import distributed as dist
 from train.data import Transform, device_augment, eval_loader
-from train.loop import unwrap
 from train.retrieve import pooled_features
 
 SCHEMA = pa.schema([("key", pa.string()), ("video_id", pa.string()),
@@ -30,7 +30,7 @@ def embed(model: torch.nn.Module, urls: list[str], transform: Transform, out: st
           num_workers: int, device: torch.device, precision: str, total: int | None = None,
           progress: bool = True) -> int:
     """Write the embeddings of every sample of `urls` to the parquet file `out`; returns the number of rows."""
-    model = unwrap(model).eval()
+    model = dist.unwrap(model).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

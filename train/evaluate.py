@@ -15,7 +15,7 @@ import torch
 
 from train import distributed as dist
 from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
-from train.loop import autocast, unwrap
+from train.loop import autocast
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -69,7 +69,7 @@ def predict(model: torch.nn.Module, urls: list[str], transform: Transform, *, mo
             batch_size: int, num_workers: int, device: torch.device, precision: str) -> dict[str, np.ndarray]:
     """Probabilities `[frames, N, K]` (one slice per frame used), targets `[N, K]` and keys, gathered from all ranks
     and sorted by key. An audio-only mode scores once: the frame does not matter."""
-    model = unwrap(model)
+    model = dist.unwrap(model)
     model.eval()
     probs, targets, keys = [], [], []
     for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
@@ -101,7 +101,7 @@ def score(pred: dict[str, np.ndarray], metric: str) -> dict[str, Any]:
 def pretrain_losses(model: torch.nn.Module, urls: list[str], transform: Transform, *, batch_size: int,
                     num_workers: int, device: torch.device, precision: str) -> dict[str, float]:
     """Mean pretraining losses over a validation set (random masks, as the official validation)."""
-    model = unwrap(model)
+    model = dist.unwrap(model)
     model.eval()
     sums: dict[str, float] = {}
     count = 0

@@ -121,7 +121,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     if f.wa:
         first, last = max(1, f.wa_start), min(f.epochs, f.wa_end)
         final = average_weights([str(run_dir / f"model.{e}.pth") for e in range(first, last + 1)])
-        core = model.module if dist.world_size() > 1 else model
+        core = dist.unwrap(model)
         core.load_state_dict(final)
         final = official_state_dict(core)
         if val_urls is not None:

@@ -85,10 +85,6 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
           loader: Callable[[int, int, int], Iterable[dict]], epochs: int, steps_per_epoch: int, accum_steps: int,
@@ -109,7 +105,7 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
     if resume and (out / LAST).exists():
         state = read_checkpoint(out / LAST, need=("model", "optimizer", "scheduler", "scaler", "step", "epoch",
                                                   "batches_done"))
-        unwrap(model).load_state_dict(state["model"])
+        dist.unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when saved by a run whose scaler was disabled
@@ -122,7 +118,7 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             print(f"resumed from {out / LAST}: step {step}, epoch {epoch + 1}, batch {done}")
 
     def checkpoint(epoch: int, done: int) -> None:
-        save_state(out / LAST, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        save_state(out / LAST, {"model": dist.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
                                 "epoch": epoch, "batches_done": done, "order": order, **(extra_state or {})})
 

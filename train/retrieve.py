@@ -16,14 +16,14 @@ import torch.nn.functional as F
 
 from train import distributed as dist
 from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
-from train.loop import autocast, unwrap
+from train.loop import autocast
 
 
 @torch.no_grad()
 def features(model: torch.nn.Module, urls: list[str], transform: Transform, *, batch_size: int, num_workers: int,
              device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """L2-normalised mean-pooled audio [N, D] and visual [N, D] features and keys, from all ranks, sorted by key."""
-    model = unwrap(model).eval()
+    model = dist.unwrap(model).eval()
     audio, visual, keys = [], [], []
     for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
         a, v = pooled_features(model, device_augment(batch, device), device, precision)

@@ -1,0 +1,62 @@
+"""CAV-MAE (Gong et al., ICLR 2023): contrastive audio-visual masked autoencoder, and its finetuning models.
+
+Three models share one encoder whose parameter names are those of the official checkpoints, so official weights load
+strictly (after stripping the DataParallel `module.` prefix) and our checkpoints load into the official code:
+
+  CAVMAE          pretraining: masked audio and image tokens -> modality-specific encoders -> one joint block ->
+                  (a) joint decoder reconstructing both modalities (MAE loss), (b) pooled per-modality vectors
+                  (contrastive InfoNCE loss).
+  CAVMAEFT        finetuning/inference classifier on all tokens, no decoder; five input modes.
+  CAVMAEFTAudio   audio-only finetuning model without any visual parameter.
+
+Files, in reading order:
+  blocks.py       sizes (ModelSize, MODEL_SIZES), the transformer Block, PatchEmbed, patchify/unpatchify, masking,
+                  weight initialisation
+  encoder.py      Encoder, shared by all three models (and the input conventions: fbank and image layouts)
+  pretraining.py  CAVMAE: masking, decoder, MAE and contrastive losses
+  finetuning.py   CAVMAEFT, CAVMAEFTAudio, FT_MODES
+  builders.py     build_pretrain_model / build_finetune_model from the `model:` config section
+  unused.py       which trainable parameters get no gradient in a pass (frozen before DDP wrapping)
+"""
+
+from train.model.blocks import (
+    MASK_MODES,
+    MODEL_SIZES,
+    PATCH_SIZE,
+    Block,
+    ModelSize,
+    PatchEmbed,
+    audio_as_image,
+    patchify,
+    random_masking,
+    resolve_size,
+    structured_audio_noise,
+    unpatchify,
+)
+from train.model.builders import build_finetune_model, build_pretrain_model
+from train.model.encoder import Encoder
+from train.model.finetuning import FT_MODES, CAVMAEFT, CAVMAEFTAudio
+from train.model.pretraining import CONTRAST_TEMPERATURE, CAVMAE
+
+__all__ = [
+    "CAVMAE",
+    "CAVMAEFT",
+    "CAVMAEFTAudio",
+    "CONTRAST_TEMPERATURE",
+    "Encoder",
+    "FT_MODES",
+    "MASK_MODES",
+    "MODEL_SIZES",
+    "PATCH_SIZE",
+    "Block",
+    "ModelSize",
+    "PatchEmbed",
+    "audio_as_image",
+    "build_finetune_model",
+    "build_pretrain_model",
+    "patchify",
+    "random_masking",
+    "resolve_size",
+    "structured_audio_noise",
+    "unpatchify",
+]

@@ -1,0 +1,39 @@
+"""The models from the `model:` config section (a plain dict: geometry `size, target_length, num_mel_bins,
+image_size` and the keys of both stages).
+
+One section serves both stages, so each builder passes its constructor exactly the keys that constructor accepts
+(read from its signature): a new model option is a constructor keyword plus its `pipeline.yaml` entry, nothing here.
+A key that no model accepts is a typo and is refused.
+"""
+
+import inspect
+
+from train.model.finetuning import CAVMAEFT, CAVMAEFTAudio
+from train.model.pretraining import CAVMAE
+
+
+def _keywords(model_class: type) -> "set[str]":
+    """The config keys `model_class` takes: its constructor's parameters except the label count, which comes from
+    the labels, not the config."""
+    return set(inspect.signature(model_class).parameters) - {"label_dim"}
+
+
+def _kwargs_for(model_class: type, cfg: dict) -> dict:
+    """The keys of `cfg` that `model_class` accepts; ValueError on a key that neither stage's model accepts."""
+    unknown = set(cfg) - _keywords(CAVMAE) - _keywords(CAVMAEFT)
+    if unknown:
+        raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+    accepted = _keywords(model_class)
+    return {k: v for k, v in cfg.items() if k in accepted}
+
+
+def build_pretrain_model(cfg: dict) -> CAVMAE:
+    """CAVMAE from the model config (finetuning-only keys are ignored)."""
+    return CAVMAE(**_kwargs_for(CAVMAE, cfg))
+
+
+def build_finetune_model(cfg: dict, label_dim: int, audio_only: bool = False) -> "CAVMAEFT | CAVMAEFTAudio":
+    """CAVMAEFT (or CAVMAEFTAudio, which has no image_size) from the model config (pretraining-only keys are
+    ignored)."""
+    model_class = CAVMAEFTAudio if audio_only else CAVMAEFT
+    return model_class(label_dim, **_kwargs_for(model_class, cfg))
