@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from shards.config import Config, check_choice
+from shards.config import Config
 from train import distributed as dist
 from train import stage as st
 from train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state
@@ -45,7 +45,6 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
         resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     device = dist.init()
     p = cfg.pretrain
-    contrast = check_choice(cfg, "pretrain.contrast", ("local", "global"))
     urls = st.shard_urls(shards, "--shards")
     val_urls = st.shard_urls(val_shards, "--val-shards") if val_shards else None
     run_dir = st.run_folder(out, cfg)
@@ -78,7 +77,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
         return pretrain_losses(model, val_urls, tf, batch_size=micro, num_workers=cfg.data.num_workers,
                                device=device, precision=p.precision)
 
-    result = train(model=model, step_fn=step_fn(contrast), optimizer=optimizer, scheduler=scheduler, loader=loader,
+    result = train(model=model, step_fn=step_fn(p.contrast), optimizer=optimizer, scheduler=scheduler, loader=loader,
                    epochs=p.epochs, steps_per_epoch=steps, accum_steps=p.accum_steps, device=device,
                    precision=p.precision, out=run_dir, resume=resume, log_every=p.log_every,
                    save_every=p.save_every, seed=cfg.data.seed, order=st.order_key(plan), stop_after=stop_after,
