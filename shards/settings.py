@@ -14,8 +14,8 @@ Values marked "official" reproduce the official CAV-MAE code (see README.md); th
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import json
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -274,7 +274,7 @@ BANNERS = {"audio": PREPROCESSING, "model": TRAINING}  # comment blocks above a 
 def defaults() -> dict[str, Any]:
     """Every section's defaults as plain data, then the presets: what `pipeline.yaml` holds."""
     data: dict[str, Any] = {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}
-    data["presets"] = json.loads(json.dumps(PRESETS))
+    data["presets"] = copy.deepcopy(PRESETS)
     return data
 
 
