@@ -69,7 +69,7 @@ class Config:
 
     def with_overrides(self, sets: Iterable[str]) -> "Config":
         """This config with `sets` ("dotted.key=value") applied and checked as `load_config` checks them."""
-        load = _Load(copy.deepcopy(self._data), dict.fromkeys(sorted(self.explicit), "config"))
+        load = _Load(copy.deepcopy(self._data), set(self.explicit))
         for item in sets:
             load.set_item(item)
         return load.result()
@@ -90,18 +90,19 @@ def load_config(path: str | Path | None = None, sets: Iterable[str] = (), preset
     """Defaults, then the user file `path` (if any), then each named preset, then `sets`.
 
     `sections` reads only those sections of the file (a shard folder's frozen pipeline.yaml: only its sample-side
-    settings mean anything). The result's `explicit` holds the dotted keys the file, presets and sets gave.
+    settings mean anything); such a file is a record of the settings used, not a request, so a key of it that has
+    no effect is not an error there. The result's `explicit` holds the dotted keys the file, presets and sets gave.
 
     A preset is an entry of the `presets:` section: a flat mapping of dotted keys to values, applied exactly
     like `--set` (so `--preset scale+` is shorthand for the handful of `--set`s of a recipe); a user file may add
     its own. `sets` are "dotted.key=value" strings, the value parsed as YAML.
     """
-    load = _Load(defaults(), {})
+    load = _Load(defaults(), set())
     if path is not None:
         user = _read_yaml(Path(path))
         if sections is not None:
             user = {name: user[name] for name in sections if name in user}
-        load.merge_file(user, str(path))
+        load.merge_file(user, str(path), record=sections is not None)
     for name in presets:
         table = load.data["presets"]
         if name not in table:
@@ -131,13 +132,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 class _Load:
-    """One load: the settings so far, the source of each explicit key, the renamed keys already warned about."""
+    """One load: the settings so far, the explicit keys, where each key given by this load came from (those the
+    no-effect rule checks: a base config was checked when it was made), the renamed keys already warned about."""
 
-    def __init__(self, data: dict[str, Any], given: dict[str, str]):
-        self.data, self.given, self.warned = data, given, set()
+    def __init__(self, data: dict[str, Any], explicit: set[str]):
+        self.data, self.explicit, self.given, self.warned = data, explicit, {}, set()
 
-    def merge_file(self, user: dict[str, Any], source: str) -> None:
-        """Lay a config file's sections over the settings (a retired key is ignored: files outlive keys)."""
+    def merge_file(self, user: dict[str, Any], source: str, record: bool = False) -> None:
+        """Lay a config file's sections over the settings (a retired key is ignored: files outlive keys); `record`:
+        the file records settings already used (not checked by the no-effect rule)."""
         for section, table in user.items():
             if section == "presets" and isinstance(table, dict):
                 for name, recipe in table.items():  # a user file may define its own recipes
@@ -151,7 +154,7 @@ class _Load:
                 raise ConfigError(f"{source}: '{section}' must be a mapping")
             for key, value in table.items():
                 if f"{section}.{key}" not in RETIRED:
-                    self.assign(f"{section}.{key}", value, source)
+                    self.assign(f"{section}.{key}", value, source, record=record)
 
     def set_item(self, item: str) -> None:
         """Apply one "dotted.key=value"."""
@@ -164,7 +167,7 @@ class _Load:
             value = raw
         self.assign(dotted.strip(), value, "--set")
 
-    def assign(self, dotted: str, value: Any, source: str) -> None:
+    def assign(self, dotted: str, value: Any, source: str, record: bool = False) -> None:
         """Set one key (by its current name when renamed) to a checked value, recording where it came from."""
         if dotted in RENAMED:
             if dotted not in self.warned:
@@ -181,13 +184,15 @@ class _Load:
             raise ConfigError(f"{source}: unknown config key '{dotted}'")
         section, key = dotted.split(".")
         self.data[section][key] = _checked(dotted, field, value, source)
-        self.given[dotted] = source
+        self.explicit.add(dotted)
+        if not record:
+            self.given[dotted] = source
 
     def result(self) -> Config:
-        """The config, once no explicit key is set to no effect (a `when=` of its field that does not hold)."""
+        """The config, once no key this load gave is set to no effect (a `when=` of its field that does not hold)."""
         for dotted, source in self.given.items():
             field = spec(dotted)
-            if field is None or field.metadata["when"] is None:
+            if field.metadata["when"] is None:
                 continue
             section = dotted.split(".")[0]
             option, applies = field.metadata["when"]
@@ -195,7 +200,7 @@ class _Load:
             if now != applies and self.data[section][field.name] != default_of(field):
                 raise ConfigError(f"{source}: '{dotted}' has no effect with {section}.{option}={as_yaml(now)} "
                                   f"(it applies to {as_yaml(applies)})")
-        return Config(self.data, self.given)
+        return Config(self.data, self.explicit)
 
 
 def _checked(dotted: str, field: Any, value: Any, source: str) -> Any:
