@@ -28,8 +28,6 @@ from .settings import RENAMED, RETIRED, SECTIONS, as_yaml, default_of, defaults,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Config", "ConfigError", "RETIRED", "load_config"]
-
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line and names the key."""

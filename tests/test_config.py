@@ -97,6 +97,11 @@ def test_pipeline_yaml_is_the_generated_text():
     assert PIPELINE_YAML.read_text() == render(), "run `python -m shards.settings --write` after editing settings"
 
 
+def test_defaults_meet_their_own_constraints():
+    every = load_config(PIPELINE_YAML)  # each key given, so each is type-, choice-, minimum- and effect-checked
+    assert every.to_dict() == load_config().to_dict() and "finetune.wa_end" in every.explicit
+
+
 def test_sample_settings_digest_is_unchanged():
     assert load_config(None).digest("audio", "video", "clip") == "94542efbd75aafcc"  # recorded in every sample
 
