@@ -14,6 +14,7 @@ import webdataset as wds
 
 from preprocess.ingest import ingest
 from shards.config import ConfigError, load_config
+from shards.frozen import PREP_SECTIONS
 from tests.clips import corrupt_corpus, make_clip
 
 SMALL = ["clip.length_s=3.0", "video.num_frames=4", "video.image_size=64", "shards.samples_per_shard=2"]
@@ -71,7 +72,7 @@ def test_mixed_folder_gives_samples_and_a_truthful_manifest(local_ray, videos, t
             assert meta["audio_frames"] == 1 + (3 * 16000 - 400) // 160
         assert [s[f"frame{i}.jpg"].size for i in range(4)] == [(64, 64)] * 4
         assert meta["config_digest"] == cfg.digest("audio", "video", "clip")
-    assert (tmp_path / "out" / "pipeline.yaml").read_text() == cfg.to_yaml()
+    assert (tmp_path / "out" / "pipeline.yaml").read_text() == cfg.to_yaml(*PREP_SECTIONS)
     assert not list((tmp_path / "out").glob("_*")) and not list((tmp_path / "out").glob(".*"))
 
 
