@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from shards.config import Config, ConfigError, load_config
+from shards.frozen import SAMPLE_SECTIONS
 
 EXAMPLES = """examples:
   cavmae predict clip.mp4 other.mkv --checkpoint runs/ft/model.pth --labels class_labels_indices.csv
@@ -54,8 +55,8 @@ def predict_config(args: argparse.Namespace) -> Config:
         config = Path(args.checkpoint).parent / "config.yaml"
     data = load_config(config).to_dict()
     if args.prep_config:
-        prep = load_config(args.prep_config).to_dict()
-        data.update({section: prep[section] for section in ("audio", "video", "clip")})
+        prep = load_config(args.prep_config, sections=SAMPLE_SECTIONS).to_dict()
+        data.update({section: prep[section] for section in SAMPLE_SECTIONS})
     return Config(data).with_overrides(args.sets)
 
 

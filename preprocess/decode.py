@@ -43,7 +43,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from shards.config import Config, ConfigError, check_choice
+from shards.config import Config, ConfigError
 from shards.schema import one_line
 
 # Codecs whose NONREF skipping is known to leave every other frame untouched (checked by the tests).
@@ -91,20 +91,16 @@ class DecodeSettings:
 
     @classmethod
     def from_config(cls, c: Config) -> "DecodeSettings":
-        policy = check_choice(c, "audio.channel_policy", ("first", "mix"))
-        mode = check_choice(c, "clip.mode", ("first", "windows"))
-        resize = check_choice(c, "video.resize", ("scaler", "pil"))
         a, v, k = c.audio, c.video, c.clip
-        if v.num_frames < 1 or v.image_size < 1:
-            raise ConfigError("config 'video.num_frames' and 'video.image_size' must be positive")
+        mode = k.mode
         if k.length_s <= 0 or (mode == "windows" and k.hop_s <= 0):
             raise ConfigError("config 'clip.length_s' and 'clip.hop_s' must be positive")
         return cls(
             num_frames=int(v.num_frames), image_size=int(v.image_size),
-            frame_offset=1 if v.official_frame_offset else 0, pil_resize=resize == "pil",
+            frame_offset=1 if v.official_frame_offset else 0, pil_resize=v.resize == "pil",
             skip_nonref=bool(v.skip_nonref),
             video_allow_missing=bool(v.allow_missing), sample_rate=int(a.sample_rate),
-            channel_policy=policy,
+            channel_policy=a.channel_policy,
             min_audio_samples=int(round(a.sample_rate * a.frame_length_ms / 1000.0)),
             audio_allow_missing=bool(a.allow_missing), windows=mode == "windows",
             length_s=float(k.length_s), hop_s=float(k.hop_s), min_window_s=float(k.min_window_s),

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from shards.config import Config, ConfigError, check_choice
+from shards.config import Config, ConfigError
 from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_config
 from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, read_rows, write_rows
 from shards.names import shard_index, shard_name
@@ -80,9 +80,6 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
            label_index_csv: str | None = None, labels_from_folders: bool = False, retry_failed: bool = False,
            workers: int | None = None, address: str | None = None, progress: bool = False) -> Summary:
     """Ingest `inputs` into shards under `out`; resumable (see the module docstring)."""
-    check_choice(cfg, "audio.channel_policy", ("first", "mix"))
-    check_choice(cfg, "clip.mode", ("first", "windows"))
-    _check_run_settings(cfg)
     start = time.time()
     store = Store.of(out)
     store.makedirs()
@@ -130,13 +127,6 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
         finish_run(store, rows)
     summary.seconds = time.time() - start
     return summary
-
-
-def _check_run_settings(cfg: Config) -> None:
-    if not isinstance(cfg.ray.videos_per_task, int) or cfg.ray.videos_per_task < 1:
-        raise ConfigError(f"config 'ray.videos_per_task' must be an integer >= 1; got {cfg.ray.videos_per_task}")
-    if cfg.ray.video_timeout_s <= 0:
-        raise ConfigError(f"config 'ray.video_timeout_s' must be > 0; got {cfg.ray.video_timeout_s}")
 
 
 def finish_run(store: Store, rows: list[dict[str, Any]]) -> None:

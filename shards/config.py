@@ -1,12 +1,15 @@
-"""The one config: `pipeline.yaml` defaults, an optional user file laid over them, then `--set` overrides.
+"""The one config: the settings of `shards/settings.py`, an optional user file laid over them, then presets, then
+`--set` overrides.
 
 It lives in `shards/` because both stages import `shards/` and because the config digest is part of the
 on-disk contract (every sample records the digest of the settings that produced it).
 
-The schema *is* the defaults file: a key that is not in `pipeline.yaml` is unknown, and a value must have the
-type of its default (an int is accepted where a float is expected, and as its text where a string is, for
-keys like `eval.frames: all | middle | 3`; a `null` default accepts any scalar).
-Errors are one line, naming the key, raised as `ConfigError`.
+Every key, its default, type, comment and constraints are a field of `shards/settings.py` (`pipeline.yaml` is
+generated from it). A value must have the field's type (an int is accepted where a float is expected, a YAML 1.1
+string like `1e-4` as a float, and an int as its text where a string is, for keys like `eval.frames: all | middle |
+3`), be one of its choices and at least its minimum; a key set explicitly to another value than its default while
+the options make it do nothing (`warmup_steps` under `schedule: step`) is refused too. A renamed key still works,
+with a warning. Errors are one line, naming the key, raised as `ConfigError`.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
+import typing
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
-from .names import PatternError, check_pattern
+from .settings import RENAMED, RETIRED, SECTIONS, as_yaml, default_of, defaults, spec
 
-DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "pipeline.yaml"
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -29,7 +34,8 @@ class ConfigError(ValueError):
 
 
 class Config:
-    """Read-only attribute view of a nested dict: `cfg.audio.num_mel_bins`."""
+    """Read-only attribute view of a nested dict: `cfg.audio.num_mel_bins`. `explicit` holds the dotted keys that a
+    file, preset or --set gave (by their current names)."""
 
     def __init__(self, data: dict[str, Any], explicit: Iterable[str] = ()):
         object.__setattr__(self, "_data", data)
@@ -60,11 +66,11 @@ class Config:
         return yaml.safe_dump(data, sort_keys=False)
 
     def with_overrides(self, sets: Iterable[str]) -> "Config":
-        data, explicit = copy.deepcopy(self._data), set(self.explicit)
+        """This config with `sets` ("dotted.key=value") applied and checked as `load_config` checks them."""
+        load = _Load(copy.deepcopy(self._data), set(self.explicit))
         for item in sets:
-            explicit.add(_apply_set(data, item))
-        check_values(data, "config")
-        return Config(data, explicit)
+            load.set_item(item)
+        return load.result()
 
     def digest(self, *sections: str) -> str:
         """Short stable hash of the named sections (all when none named)."""
@@ -82,51 +88,28 @@ def load_config(path: str | Path | None = None, sets: Iterable[str] = (), preset
     """Defaults, then the user file `path` (if any), then each named preset, then `sets`.
 
     `sections` reads only those sections of the file (a shard folder's frozen pipeline.yaml: only its sample-side
-    settings mean anything). The result's `explicit` holds the dotted keys the file, presets and sets gave.
+    settings mean anything); such a file is a record of the settings used, not a request, so a key of it that has
+    no effect is not an error there. The result's `explicit` holds the dotted keys the file, presets and sets gave.
 
     A preset is an entry of the `presets:` section: a flat mapping of dotted keys to values, applied exactly
-    like `--set` (so `--preset scale+` is shorthand for the handful of `--set`s of a recipe).
-    `sets` are "dotted.key=value" strings, the value parsed as YAML.
+    like `--set` (so `--preset scale+` is shorthand for the handful of `--set`s of a recipe); a user file may add
+    its own. `sets` are "dotted.key=value" strings, the value parsed as YAML.
     """
-    data, explicit = _read_yaml(DEFAULTS_PATH), set()
+    load = _Load(defaults(), set())
     if path is not None:
         user = _read_yaml(Path(path))
         if sections is not None:
             user = {name: user[name] for name in sections if name in user}
-        _merge(data, user, prefix="", source=str(path), explicit=explicit)
+        load.merge_file(user, str(path), record=sections is not None)
     for name in presets:
-        table = data.get("presets", {})
+        table = load.data["presets"]
         if name not in table:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(table)) or 'none'}")
         for dotted, value in table[name].items():
-            explicit.add(_apply_set(data, f"{dotted}={json.dumps(value)}"))
+            load.assign(dotted, value, f"--preset {name}")
     for item in sets:
-        explicit.add(_apply_set(data, item))
-    check_values(data, "config" if path is None else str(path))
-    return Config(data, explicit)
-
-
-POSITIVE = ("audio.sample_rate", "audio.num_mel_bins", "video.num_frames", "video.image_size",
-            "shards.samples_per_shard", "ray.num_cpus_per_task", "model.target_length", "model.num_mel_bins",
-            "model.image_size")
-NON_NEGATIVE = ("ray.workers", "ray.max_retries", "data.num_workers")
-
-
-def check_values(data: dict[str, Any], source: str) -> None:
-    """Values that type-check but cannot work, refused when the config loads (before anything is written, e.g. the
-    frozen pipeline.yaml of an output folder): sizes that must be >= 1, and an unsafe `shards.pattern`."""
-    for names, least in ((POSITIVE, 1), (NON_NEGATIVE, 0)):
-        for dotted in names:
-            section, key = dotted.split(".")
-            value = data.get(section, {}).get(key)
-            if value is not None and value < least:
-                raise ConfigError(f"{source}: '{dotted}' must be >= {least}; got {value!r}")
-    pattern = data.get("shards", {}).get("pattern")
-    if pattern is not None:
-        try:
-            check_pattern(pattern)
-        except PatternError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        load.set_item(item)
+    return load.result()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -146,92 +129,128 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-# Keys that existed once: a file that has them (a shard folder's frozen pipeline.yaml, an old run's config.yaml)
-# still loads, ignoring them; `--set` of one is an error that says why it went.
-RETIRED = {"data.shuffle_buffer": "every training epoch is a full permutation now, with no shuffle buffer"}
+class _Load:
+    """One load: the settings so far, the explicit keys, where each key given by this load came from (those the
+    no-effect rule checks: a base config was checked when it was made), the renamed keys already warned about."""
 
+    def __init__(self, data: dict[str, Any], explicit: set[str]):
+        self.data, self.explicit, self.given, self.warned = data, explicit, {}, set()
 
-def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str, source: str, explicit: set[str]) -> None:
-    for key, value in over.items():
-        dotted = f"{prefix}{key}"
+    def merge_file(self, user: dict[str, Any], source: str, record: bool = False) -> None:
+        """Lay a config file's sections over the settings (a retired key is ignored: files outlive keys); `record`:
+        the file records settings already used (not checked by the no-effect rule)."""
+        for section, table in user.items():
+            if section == "presets" and isinstance(table, dict):
+                for name, recipe in table.items():  # a user file may define its own recipes
+                    if not isinstance(recipe, dict):
+                        raise ConfigError(f"{source}: preset 'presets.{name}' must be a mapping of dotted keys")
+                    self.data["presets"][name] = recipe
+                continue
+            if section not in SECTIONS:
+                raise ConfigError(f"{source}: unknown config key '{section}'")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: '{section}' must be a mapping")
+            for key, value in table.items():
+                if f"{section}.{key}" not in RETIRED:
+                    self.assign(f"{section}.{key}", value, source, record=record)
+
+    def set_item(self, item: str) -> None:
+        """Apply one "dotted.key=value"."""
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        self.assign(dotted.strip(), value, "--set")
+
+    def assign(self, dotted: str, value: Any, source: str, record: bool = False) -> None:
+        """Set one key (by its current name when renamed) to a checked value, recording where it came from."""
+        if dotted in RENAMED:
+            if dotted not in self.warned:
+                self.warned.add(dotted)
+                log.warning("%s: '%s' is renamed '%s'; the old name goes in the next release", source, dotted,
+                            RENAMED[dotted])
+            dotted = RENAMED[dotted]
         if dotted in RETIRED:
-            continue
-        if prefix == "presets." and isinstance(value, dict):
-            base[key] = value  # a user file may define its own recipes
-            continue
-        if key not in base:
+            raise ConfigError(f"{source}: '{dotted}' was removed: {RETIRED[dotted]}")
+        field = spec(dotted)
+        if field is None:
+            if dotted in self.data:
+                raise ConfigError(f"{source}: '{dotted}' is a section, set one of its keys")
             raise ConfigError(f"{source}: unknown config key '{dotted}'")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: '{dotted}' must be a mapping")
-            _merge(base[key], value, prefix=f"{dotted}.", source=source, explicit=explicit)
-        else:
-            base[key] = _checked(dotted, base[key], value, source)
-            explicit.add(dotted)
+        section, key = dotted.split(".")
+        self.data[section][key] = _checked(dotted, field, value, source)
+        self.explicit.add(dotted)
+        if not record:
+            self.given[dotted] = source
+
+    def result(self) -> Config:
+        """The config, once no key this load gave is set to no effect (a `when=` of its field that does not hold)."""
+        for dotted, source in self.given.items():
+            field = spec(dotted)
+            if field.metadata["when"] is None:
+                continue
+            section = dotted.split(".")[0]
+            option, applies = field.metadata["when"]
+            now = self.data[section][option]
+            if now != applies and self.data[section][field.name] != default_of(field):
+                raise ConfigError(f"{source}: '{dotted}' has no effect with {section}.{option}={as_yaml(now)} "
+                                  f"(it applies to {as_yaml(applies)})")
+        return Config(self.data, self.explicit)
 
 
-def _apply_set(data: dict[str, Any], item: str) -> str:
-    """Apply one "dotted.key=value"; returns the dotted key."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-    dotted, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    parts = dotted.strip().split(".")
-    if dotted.strip() in RETIRED:
-        raise ConfigError(f"--set: '{dotted.strip()}' was removed: {RETIRED[dotted.strip()]}")
-    node = data
-    for i, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"--set: unknown config key '{'.'.join(parts[: i + 1])}'")
-        if i == len(parts) - 1:
-            if isinstance(node[part], dict):
-                raise ConfigError(f"--set: '{dotted}' is a section, set one of its keys")
-            node[part] = _checked(dotted, node[part], value, "--set")
-            return dotted.strip()
-        else:
-            node = node[part]
-
-
-def _checked(key: str, default: Any, value: Any, source: str) -> Any:
-    """Return `value` if it has the type of `default` (int widens to float), else raise ConfigError."""
-    if default is None:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{source}: '{key}' must be a single value")
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, list):
-        ok = isinstance(value, list)
-    elif isinstance(default, str) and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = str(value), True  # `--set eval.frames=3`: YAML reads 3 as an int; the consumer parses it
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ConfigError(
-            f"{source}: '{key}' must be {type(default).__name__}, got {type(value).__name__} {value!r}"
-        )
+def _checked(dotted: str, field: Any, value: Any, source: str) -> Any:
+    """`value` if it has the field's type (see the module docstring) and meets its constraints, else ConfigError."""
+    value = _typed(dotted, _type_of(dotted), value, source)
+    meta = field.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{source}: '{dotted}' must be one of {', '.join(map(str, meta['choices']))}; "
+                          f"got {value!r}")
+    if meta["min"] is not None and value is not None and value < meta["min"]:
+        raise ConfigError(f"{source}: '{dotted}' must be >= {meta['min']}; got {value!r}")
+    if meta["check"] is not None:
+        try:
+            meta["check"](value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     return value
 
 
-def check_choice(cfg: Config, dotted: str, choices: Iterable[str]) -> str:
-    """Value of `dotted` if it is one of `choices`, else a ConfigError naming the key."""
-    value: Any = cfg
-    for part in dotted.split("."):
-        value = value[part]
-    choices = tuple(choices)
-    if value not in choices:
-        raise ConfigError(f"config '{dotted}' must be one of {', '.join(choices)}; got {value!r}")
+def _type_of(dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return typing.get_type_hints(SECTIONS[section])[key]
+
+
+def _typed(dotted: str, kind: Any, value: Any, source: str) -> Any:
+    """`value` as a `kind` (int, float, str, bool, list[float], or one of those | None), else ConfigError."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value, number = float(value), True
+        except ValueError:
+            pass
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = number and isinstance(value, int)
+    elif kind is float:
+        ok, value = number, float(value) if number else value
+    elif kind is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # `--set eval.frames=3`: YAML reads 3 as an int; the consumer parses it
+        ok = isinstance(value, str)
+    else:  # list[float]
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        value = [float(v) for v in value] if ok else value
+    if not ok:
+        name = "list of numbers" if typing.get_origin(kind) is list else kind.__name__
+        raise ConfigError(f"{source}: '{dotted}' must be {name}{' or null' if args else ''}, got "
+                          f"{type(value).__name__} {value!r}")
     return value

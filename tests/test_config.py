@@ -1,8 +1,12 @@
-"""The config loader: defaults are the schema; unknown keys and wrong types are one-line errors."""
+"""The config loader and its schema (shards/settings.py): unknown keys, wrong types, bad choices, values below their
+minimum and keys set to no effect are one-line errors; renamed keys warn; pipeline.yaml is the generated text."""
+
+import logging
 
 import pytest
 
-from shards.config import ConfigError, check_choice, load_config
+from shards.config import ConfigError, load_config
+from shards.settings import PIPELINE_YAML, PRESETS, render
 
 
 def test_defaults_are_the_official_values():
@@ -68,12 +72,9 @@ def test_digest_follows_sample_settings_only():
     assert base.digest("audio") != load_config(sets=["audio.num_mel_bins=64"]).digest("audio")
 
 
-def test_choices_and_read_only():
-    cfg = load_config(sets=["audio.channel_policy=left"])
-    with pytest.raises(ConfigError, match="audio.channel_policy"):
-        check_choice(cfg, "audio.channel_policy", ("first", "mix"))
+def test_read_only():
     with pytest.raises(AttributeError):
-        cfg.audio = {}
+        load_config().audio = {}
 
 
 def test_round_trip_through_frozen_yaml(tmp_path):
@@ -90,3 +91,132 @@ def test_presets_apply_before_sets(tmp_path):
     assert cfg.audio.num_mel_bins == 32 and cfg.video.num_frames == 3
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         load_config(presets=["nope"])
+
+
+def test_pipeline_yaml_is_the_generated_text():
+    assert PIPELINE_YAML.read_text() == render(), "run `python -m shards.settings --write` after editing settings"
+
+
+def test_defaults_meet_their_own_constraints():
+    every = load_config(PIPELINE_YAML)  # each key given, so each is type-, choice-, minimum- and effect-checked
+    assert every.to_dict() == load_config().to_dict() and "finetune.wa_end" in every.explicit
+
+
+def test_sample_settings_digest_is_unchanged():
+    assert load_config(None).digest("audio", "video", "clip") == "94542efbd75aafcc"  # recorded in every sample
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["audio.channel_policy=left"], "--set: 'audio.channel_policy' must be one of first, mix; got 'left'"),
+    (["pretrain.schedule=linear"], "'pretrain.schedule' must be one of step, cosine"),
+    (["finetune.metric=auc"], "'finetune.metric' must be one of mAP, acc"),
+    (["video.num_frames=0"], "--set: 'video.num_frames' must be >= 1; got 0"),
+    (["ray.workers=-1"], "'ray.workers' must be >= 0"),
+    (["finetune.head_lr_scale=-1"], "'finetune.head_lr_scale' must be >= 0.0"),
+    (["shards.pattern=../x-%06d.tar"], "shards.pattern '../x-%06d.tar' must be a plain file name"),
+    (["pretrain.epoch_samples=ten"], "'pretrain.epoch_samples' must be int or null"),
+    (["data.betas=1"], "unknown config key 'data.betas'"),
+    (["pretrain.betas=[0.9, true]"], "'pretrain.betas' must be list of numbers"),
+])
+def test_choices_minimums_and_checks_refused_at_load(sets, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(sets=sets)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_choice_in_a_file_names_the_file(tmp_path):
+    user = tmp_path / "mine.yaml"
+    user.write_text("video:\n  resize: bicubic\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: 'video.resize' must be one of scaler, pil; got 'bicubic'"):
+        load_config(user)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["pretrain.warmup_steps=100"], "'pretrain.warmup_steps' has no effect with pretrain.schedule=step "
+                                    "(it applies to cosine)"),
+    (["finetune.min_lr_ratio=0.1"], "'finetune.min_lr_ratio' has no effect with finetune.schedule=step"),
+    (["pretrain.schedule=cosine", "pretrain.lr_start_epoch=3"], "'pretrain.lr_start_epoch' has no effect with "
+                                                                "pretrain.schedule=cosine (it applies to step)"),
+    (["finetune.schedule=cosine", "finetune.lr_step=2"], "'finetune.lr_step' has no effect"),
+    (["finetune.schedule=cosine", "finetune.lr_decay=0.1"], "'finetune.lr_decay' has no effect"),
+    (["finetune.wa=false", "finetune.wa_start=1"], "'finetune.wa_start' has no effect with finetune.wa=false "
+                                                   "(it applies to true)"),
+    (["finetune.wa_end=5", "finetune.wa=false"], "'finetune.wa_end' has no effect"),
+    (["clip.hop_s=5.0"], "--set: 'clip.hop_s' has no effect with clip.mode=first (it applies to windows)"),
+    (["clip.min_window_s=2.0"], "'clip.min_window_s' has no effect"),
+])
+def test_a_key_set_to_no_effect_is_an_error(sets, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(sets=sets)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_no_effect_rule_spares_defaults_and_applies_to_overrides(tmp_path):
+    same = load_config(sets=["pretrain.warmup_steps=0", "clip.hop_s=10.0", "finetune.wa=false",
+                             "finetune.wa_end=15"])  # explicit, but the default value: harmless
+    assert "pretrain.warmup_steps" in same.explicit
+    cosine = load_config(sets=["pretrain.schedule=cosine", "pretrain.warmup_steps=100"])
+    assert cosine.pretrain.warmup_steps == 100
+    with pytest.raises(ConfigError, match="--set: 'pretrain.min_lr_ratio' has no effect with pretrain.schedule=step"):
+        load_config(sets=["pretrain.schedule=cosine"]).with_overrides(["pretrain.min_lr_ratio=0.1",
+                                                                       "pretrain.schedule=step"])
+    # what a base config holds was checked when it loaded: reprocess may switch a shard folder's clip.mode back
+    windows = load_config(sets=["clip.mode=windows", "clip.hop_s=5.0"])
+    assert windows.with_overrides(["clip.mode=first"]).clip.hop_s == 5.0
+    user = tmp_path / "mine.yaml"
+    user.write_text("clip:\n  hop_s: 5.0\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: 'clip.hop_s' has no effect"):
+        load_config(user)
+    assert load_config(user, ["clip.mode=windows"]).clip.hop_s == 5.0
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_loads(name):
+    cfg = load_config(presets=[name])
+    assert {f"{k}" for k in PRESETS[name]} <= cfg.explicit
+
+
+@pytest.mark.parametrize("old, new, value", [
+    ("finetune.head_lr", "finetune.head_lr_scale", 10.0),
+    ("model.num_mel_bins", "audio.num_mel_bins", 64),
+    ("model.image_size", "video.image_size", 96),
+])
+def test_renamed_keys_apply_and_warn_once(old, new, value, tmp_path, caplog):
+    section, key = new.split(".")
+    old_section, old_key = old.split(".")
+    user = tmp_path / "old.yaml"
+    user.write_text(f"{old_section}:\n  {old_key}: {value}\n")
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text(f"presets:\n  mine: {{{old}: {value}}}\n")
+    for cfg in (load_config(sets=[f"{old}={value}", f"{old}={value}"]), load_config(user),
+                load_config(recipes, presets=["mine"]), load_config().with_overrides([f"{old}={value}"])):
+        assert cfg[section][key] == value and new in cfg.explicit and old not in cfg.explicit
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 4 and all(f"'{old}' is renamed '{new}'" in w for w in warnings)
+    assert "num_mel_bins" not in load_config().model.to_dict() and "head_lr" not in load_config().finetune
+
+
+def test_retired_label_smooth_of_pretraining():
+    with pytest.raises(ConfigError, match="'pretrain.label_smooth' was removed: pretraining has no labels"):
+        load_config(sets=["pretrain.label_smooth=0.1"])
+    assert load_config().finetune.label_smooth == 0.1
+
+
+def test_sections_reads_only_those_of_the_file(tmp_path):
+    frozen = tmp_path / "pipeline.yaml"  # a record of the settings used: a key without effect there is no error
+    frozen.write_text("audio:\n  num_mel_bins: 64\nclip:\n  hop_s: 5.0\nmodel:\n  nosuch: 1\npretrain:\n  lr: 1.0\n")
+    cfg = load_config(frozen, sections=("audio", "video", "clip"))
+    assert cfg.audio.num_mel_bins == 64 and cfg.clip.hop_s == 5.0 and cfg.pretrain.lr == 5.0e-5
+    assert cfg.explicit == {"audio.num_mel_bins", "clip.hop_s"}
+    with pytest.raises(ConfigError, match="unknown config key 'model.nosuch'"):
+        load_config(frozen)
+
+
+def test_explicit_holds_the_keys_given_by_file_presets_and_sets(tmp_path):
+    user = tmp_path / "mine.yaml"
+    user.write_text("video:\n  num_frames: 4\n")
+    cfg = load_config(user, ["eval.frames=3"], presets=["scale+"])
+    assert cfg.explicit == {"video.num_frames", "pretrain.lr", "pretrain.batch_size", "eval.frames"}
+    assert cfg.eval.frames == "3"  # an int accepted as text
+    assert cfg.with_overrides(["data.seed=1"]).explicit == cfg.explicit | {"data.seed"}
+    assert load_config().explicit == frozenset()

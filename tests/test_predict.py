@@ -33,9 +33,9 @@ def test_predict_gives_the_trained_label(train_shards, tmp_path, capsys):
     root, labels = train_shards, train_shards / "labels.csv"
     ft = tmp_path / "ft"  # overfit the 32 samples of "val": no augmentation, a constant lr
     assert train(["finetune", "--shards", str(root / "val"), "--labels", str(labels), "--out", str(ft),
-                  *sets("finetune.batch_size=8", "finetune.epochs=5", "finetune.lr=1.0e-3", "finetune.head_lr=10.0",
-                        "finetune.loss=ce", "finetune.metric=acc", "finetune.wa=false", "finetune.mixup=0.0",
-                        "finetune.freqm=0", "finetune.timem=0", "finetune.noise=false",
+                  *sets("finetune.batch_size=8", "finetune.epochs=5", "finetune.lr=1.0e-3",
+                        "finetune.head_lr_scale=10.0", "finetune.loss=ce", "finetune.metric=acc", "finetune.wa=false",
+                        "finetune.mixup=0.0", "finetune.freqm=0", "finetune.timem=0", "finetune.noise=false",
                         "finetune.lr_start_epoch=100")]) == 0
     truth = dict(csv.reader((root / "inputs" / "val_labels.csv").read_text().splitlines()[1:]))
     videos = []

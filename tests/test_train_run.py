@@ -145,7 +145,7 @@ def test_finetune_beats_chance_then_eval_and_errors(data, tmp_path, capsys):
     ft = tmp_path / "ft"
     rc = main(["finetune", "--shards", str(root / "train"), "--val-shards", str(root / "val"), "--labels",
                str(labels), "--out", str(ft),
-               *sets("finetune.batch_size=8", "finetune.epochs=4", "finetune.lr=1.0e-3", "finetune.head_lr=10.0",
+               *sets("finetune.batch_size=8", "finetune.epochs=4", "finetune.lr=1.0e-3", "finetune.head_lr_scale=10.0",
                      "finetune.loss=ce", "finetune.metric=acc", "finetune.wa_start=3", "finetune.wa_end=4",
                      "finetune.lr_start_epoch=3", "finetune.freqm=24", "finetune.timem=24")])
     assert rc == 0

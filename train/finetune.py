@@ -1,6 +1,6 @@
 """Finetuning CAVMAEFT on labelled shards (official recipe, reference §4.2), and linear probing.
 
-- Two parameter groups: the classification head (`mlp_head.*`) at lr x head_lr, everything else at lr.
+- Two parameter groups: the classification head (`mlp_head.*`) at lr x head_lr_scale, everything else at lr.
 - BCE with soft targets (multi-label, AudioSet; metric mAP) or cross-entropy with probability targets (VGGSound;
   metric acc); labels carry label smoothing and mixup weights from the data pipeline.
 - Each epoch's weights are saved (official layout) and, with `wa`, the uniform average of epochs
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from shards.config import Config, check_choice
+from shards.config import Config
 from train import distributed as dist
 from train import stage as st
 from train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict
@@ -55,8 +55,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     mode = mode or f.mode
     if mode not in FT_MODES:
         raise st.UsageError(f"--mode must be one of {', '.join(FT_MODES)}; got {mode!r}")
-    kind = check_choice(cfg, "finetune.loss", ("bce", "ce"))
-    metric = check_choice(cfg, "finetune.metric", ("mAP", "acc"))
+    metric = f.metric
     if f.wa and max(1, f.wa_start) > min(f.epochs, f.wa_end):
         raise st.UsageError(f"finetune.wa averages epochs {f.wa_start}..{f.wa_end} but there are {f.epochs}")
     cfg, urls, val_urls = st.shard_sets(cfg, shards, val_shards)
@@ -79,12 +78,12 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     model.to(device)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if not n.startswith(HEAD)], "lr": f.lr},
-              {"params": [p for n, p in trainable if n.startswith(HEAD)], "lr": f.lr * f.head_lr}]
+              {"params": [p for n, p in trainable if n.startswith(HEAD)], "lr": f.lr * f.head_lr_scale}]
     optimizer = make_optimizer([g for g in groups if g["params"]], f)
     scheduler = make_scheduler(optimizer, f, steps)
     if dist.world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    step_loss = loss_fn(kind)
+    step_loss = loss_fn(f.loss)
 
     def loader(epoch: int, first: int, count: int):
         tf = st.transform(cfg, st.augmentation(f), frame="random", num_classes=num_classes, label_map=label_map,

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from shards.config import Config, check_choice
+from shards.config import Config
 from train import distributed as dist
 from train import stage as st
 from train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state
 from train.data import train_loader
 from train.evaluate import pretrain_losses
-from train.loop import save_state, train
+from train.loop import save_state, train, unwrap
 from train.model import build_pretrain_model
 from train.schedule import make_optimizer, make_scheduler
 
@@ -31,7 +31,7 @@ def step_fn(contrast: str):
         out = model(batch["audio"], batch["image"])
         loss, loss_c, c_acc = out["loss"], out["loss_c"], out["c_acc"]
         if contrast == "global":
-            core = dist.unwrap(model)
+            core = unwrap(model)
             nce, c_acc = core.contrastive_loss(dist.all_gather_with_grad(out["c_a"]),
                                                dist.all_gather_with_grad(out["c_v"]), chunks=1)
             loss_c = core.contrast_loss_weight * nce
@@ -45,7 +45,6 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
         resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     device = dist.init()
     p = cfg.pretrain
-    contrast = check_choice(cfg, "pretrain.contrast", ("local", "global"))
     cfg, urls, val_urls = st.shard_sets(cfg, shards, val_shards)
     run_dir = st.run_folder(out, cfg)
     index, plan = st.epoch_plan(urls, cfg, p, "pretrain")
@@ -77,7 +76,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
         return pretrain_losses(model, val_urls, tf, batch_size=micro, num_workers=cfg.data.num_workers,
                                device=device, precision=p.precision)
 
-    result = train(model=model, step_fn=step_fn(contrast), optimizer=optimizer, scheduler=scheduler, loader=loader,
+    result = train(model=model, step_fn=step_fn(p.contrast), optimizer=optimizer, scheduler=scheduler, loader=loader,
                    epochs=p.epochs, steps_per_epoch=steps, accum_steps=p.accum_steps, device=device,
                    precision=p.precision, out=run_dir, resume=resume, log_every=p.log_every,
                    save_every=p.save_every, seed=cfg.data.seed, order=st.order_key(plan), stop_after=stop_after,

@@ -14,8 +14,6 @@ from typing import Any, Iterable
 
 import torch
 
-from shards.config import check_choice
-
 
 def step_decay(epoch: int, start: int, every: int, gamma: float) -> float:
     """Factor for 0-based `epoch`: gamma ** (number of milestones in range(start, 1000, every) that are <= epoch)."""
@@ -37,8 +35,7 @@ def make_optimizer(groups: Iterable[dict[str, Any]], stage: Any) -> torch.optim.
 
     On CUDA the fused implementation: one kernel for all parameters, and it takes the GradScaler's non-finite flag
     on the device, so skipping a step (train/loop.py) needs no host sync."""
-    kind = check_choice(stage, "optimizer", ("adam", "adamw"))
-    cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    cls = torch.optim.Adam if stage.optimizer == "adam" else torch.optim.AdamW
     groups = list(groups)
     fused = all(p.is_cuda for g in groups for p in g["params"]) or None
     return cls(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=tuple(stage.betas), fused=fused)
@@ -47,9 +44,8 @@ def make_optimizer(groups: Iterable[dict[str, Any]], stage: Any) -> torch.optim.
 def make_scheduler(optimizer: torch.optim.Optimizer, stage: Any,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-optimizer-step scheduler for `stage.schedule`: 'step' (official) or 'cosine'."""
-    kind = check_choice(stage, "schedule", ("step", "cosine"))
     total = stage.epochs * steps_per_epoch
-    if kind == "step":
+    if stage.schedule == "step":
         def factor(step: int) -> float:
             return step_decay(step // steps_per_epoch, stage.lr_start_epoch, stage.lr_step, stage.lr_decay)
     else:

@@ -157,7 +157,8 @@ def load_model(cfg: Config, path: str, *, finetuned: bool = False):
 
 
 def augmentation(stage: Config) -> dict[str, Any]:
-    return {k: stage[k] for k in ("freqm", "timem", "mixup", "noise", "label_smooth")}
+    """The stage's augmentation settings (pretraining has no labels, so no label_smooth: none there)."""
+    return {k: stage[k] if k in stage else off for k, off in NO_AUGMENTATION.items()}
 
 
 NO_AUGMENTATION = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 0.0}
