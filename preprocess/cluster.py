@@ -31,10 +31,23 @@ class ClusterError(ConfigError):
     """The Ray cluster named by --address / RAY_ADDRESS / ray.address cannot be joined (one line)."""
 
 
+def cluster_address(cfg: Config, address: str | None) -> str | None:
+    """The cluster to join: `address`, else RAY_ADDRESS, else cfg.ray.address (None: a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
+
+
+def check_address(cfg: Config, address: str | None) -> None:
+    """Fail in seconds, before a job writes anything into its output folder, when the cluster to join has nothing
+    behind its address."""
+    address = cluster_address(cfg, address)
+    if address:
+        _probe(address)
+
+
 def connect(cfg: Config, workers: int | None, address: str | None) -> bool:
     """Join `address` / RAY_ADDRESS / cfg.ray.address if given, else start a local Ray. True if we started it
     (and must shut it down)."""
-    address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
+    address = cluster_address(cfg, address)
     if address:
         _probe(address)
         token = _use_token()  # before Ray is imported: its core reads the authentication settings once

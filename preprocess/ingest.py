@@ -51,7 +51,7 @@ from shards.schema import one_line
 from shards.store import Store, is_temp_name, is_uri
 from shards.writer import ShardWriter
 
-from .cluster import connect
+from .cluster import check_address, connect
 from .inputs import InputItem, LabelIndex, collect_inputs
 from .outlock import output_lock
 from .schedule import FORWARD_ENV, part_name, run_units, timed_out, timeout_name
@@ -80,6 +80,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
            label_index_csv: str | None = None, labels_from_folders: bool = False, retry_failed: bool = False,
            workers: int | None = None, address: str | None = None, progress: bool = False) -> Summary:
     """Ingest `inputs` into shards under `out`; resumable (see the module docstring)."""
+    check_address(cfg, address)
     start = time.time()
     store = Store.of(out)
     store.makedirs()

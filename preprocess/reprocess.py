@@ -47,6 +47,7 @@ from shards.writer import ShardWriter
 
 from .ingest import (Summary, _check_frozen_config, _cut, _next_index, _pending_plan, _remove_temporaries,
                      _save_plan, finish_run, local_copy, report, run_groups)
+from .cluster import check_address
 from .outlock import output_lock
 
 FBANK_KEYS = ("audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_ms", "audio.window_type")
@@ -144,6 +145,7 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
             raise SourcesGone(f"reprocessing needs the source videos ({', '.join(changed)} changed) but "
                               f"all {len(gone)} are gone: {shown}")
 
+    check_address(cfg, address)
     store.makedirs()
     with output_lock(store):
         _check_frozen_config(store, cfg)

@@ -296,3 +296,4 @@ def test_an_address_with_nothing_behind_it(tmp_path, videos):
                 "--address", f"127.0.0.1:{port}"])
     assert res.returncode == 2 and time.time() - t0 < 30
     assert res.stderr.count("\n") == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in res.stderr
+    assert not (tmp_path / "o").exists()  # refused before anything is written
