@@ -28,3 +28,13 @@ def test_every_pipeline_yaml_model_key_is_a_model_keyword():
     accepted = set(keyword_defaults(CAVMAE)) | set(keyword_defaults(CAVMAEFT))
     assert set(load_config(None).model.to_dict()) <= accepted
     assert {"mask_ratio_a", "contrast_chunks", "tr_pos"} <= accepted
+
+
+def test_the_settings_choices_are_the_models():
+    """`shards/settings.py` cannot import the model, so its choices for model options are checked here."""
+    from shards.settings import spec
+    from train.model import FT_MODES, MASK_MODES, MODEL_SIZES
+
+    assert set(spec("model.size").metadata["choices"]) == set(MODEL_SIZES)
+    assert set(spec("model.mask_mode").metadata["choices"]) == set(MASK_MODES)
+    assert set(spec("finetune.mode").metadata["choices"]) == set(FT_MODES)

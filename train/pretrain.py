@@ -20,7 +20,7 @@ from train import stage as st
 from train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state
 from train.data import train_loader
 from train.evaluate import pretrain_losses
-from train.loop import save_state, train, unwrap
+from train.loop import save_state, train
 from train.model import build_pretrain_model
 from train.schedule import make_optimizer, make_scheduler
 
@@ -31,7 +31,7 @@ def step_fn(contrast: str):
         out = model(batch["audio"], batch["image"])
         loss, loss_c, c_acc = out["loss"], out["loss_c"], out["c_acc"]
         if contrast == "global":
-            core = unwrap(model)
+            core = dist.unwrap(model)
             nce, c_acc = core.contrastive_loss(dist.all_gather_with_grad(out["c_a"]),
                                                dist.all_gather_with_grad(out["c_v"]), chunks=1)
             loss_c = core.contrast_loss_weight * nce
