@@ -3,11 +3,13 @@
 Every step all-reduces gradients and (with contrast=global) all-gathers the contrastive vectors, so a rank with
 fewer batches than the other would hang or fail the run; the timeout turns a hang into a failure. Both ranks must
 end at the same step: rank 0's checkpoint holds the step count, and the run exits 0 only if rank 1 did too. A run
-stopped mid-epoch (`--stop-after-steps`) and resumed ends with the same weights as the uninterrupted one.
+stopped mid-epoch (`--stop-after-steps`) and resumed ends with the same weights as the uninterrupted one, and
+resumed by one process instead (an elastic restart) it carries on from the same global step.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +23,9 @@ from train_fixtures import TINY  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def torchrun(train_shards, out, sets, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "train", "pretrain", "--shards", str(train_shards / "ddp"), "--out", str(out),
+def torchrun(train_shards, out, sets, *extra, nproc=2):
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "train", "pretrain", "--shards", str(train_shards / "ddp"), "--out", str(out),
            *[a for s in sets for a in ("--set", s)], *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -45,6 +47,15 @@ def test_two_process_ddp_over_uneven_shards_and_exact_resume(train_shards, tmp_p
     again = tmp_path / "again"
     torchrun(train_shards, again, sets, "--stop-after-steps", "7")
     assert torch.load(again / "last.pt", weights_only=True)["step"] == 7 and not (again / "model.pth").exists()
+    elastic = tmp_path / "elastic"
+    shutil.copytree(again, elastic)
     torchrun(train_shards, again, sets, "--resume")
     a, b = (torch.load(run / "model.pth", weights_only=True) for run in (out, again))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same stop resumed by ONE process: it carries on at the global step (no sample replayed or skipped; the
+    # loader-level test in test_epochs.py checks the samples) and ends where the two-process run ended
+    torchrun(train_shards, elastic, sets, "--resume", nproc=1)
+    state = torch.load(elastic / "last.pt", weights_only=True)
+    assert (state["step"], state["epoch"]) == (2 * steps_per_epoch, 2) and (elastic / "model.pth").exists()
+    rows = [json.loads(line) for line in (elastic / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"][-3:] == [8, 9, 10]
