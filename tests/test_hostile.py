@@ -364,8 +364,9 @@ def test_train_cli_clear_errors(tmp_path, tiny_shard, capsys):
 
 def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
     """A downloaded shard set: each source sample is checked before it is copied (repack), a malformed source shard
-    fails the rest of its group with the reason, and nothing is written outside the output folder."""
-    from preprocess.reprocess import reprocess_group
+    fails the rest of its work unit with the reason, and nothing is written outside the output folder."""
+    from preprocess.ingest import assemble_shard
+    from preprocess.reprocess import reprocess_unit
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -375,7 +376,9 @@ def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
              "shard": f"shard-00000{n}.tar"} for key, n in (("g0", 0), ("eps_frame", 0), ("../climb", 0), ("g1", 1))]
     items = _videos_in_source_order(rows, "shard-%06d.tar", str(src))
     before = set(tmp_path.rglob("*"))
-    out = {r["video_id"]: r for r in reprocess_group(0, items, str(dst), load_config().to_dict(), str(src), "repack")}
+    cfg = load_config().to_dict()
+    part, rows = reprocess_unit(0, 0, items, str(dst), cfg, str(src), "repack")
+    out = {r["video_id"]: r for r in assemble_shard(0, [part], rows, str(dst), cfg)}
     assert out["g0"]["status"] == "ok"
     for key, needle in (("eps_frame", "not a readable JPEG"), ("../climb", "key"), ("g1", "source shard")):
         assert out[key]["status"] == "failed" and needle in out[key]["error"], out[key]
