@@ -15,12 +15,18 @@ sample-defining sections (audio, video, clip) decides how each sample is remade,
   **source**. Each video is decoded again from the `source` path of the manifest. Sources that are gone
   become failed rows naming the file; when every one is gone, `SourcesGone` is raised before any work.
 
-Work is planned and run exactly like ingest (plan file, one Ray task per output shard, shard then
-fragment, manifest last), so an interrupted reprocess is resumed by running the same command again, and
-DST is an ordinary shard folder that `ingest` can extend. Videos keep SRC's order (its shards in order), so
+Work is planned and run exactly like ingest (plan file; work units of `ray.videos_per_task` videos of one
+output shard, `preprocess.schedule`, each writing a part file, then one assembly task per shard writing the
+shard and its fragment; manifest last; `ray.video_timeout_s` per video), so an interrupted reprocess is
+resumed by running the same command again, DST's bytes do not depend on the task size or the worker count,
+and DST is an ordinary shard folder that `ingest` can extend. Videos keep SRC's order (its shards in order), so
 reprocessing a set made by one ingest run gives the same shards as ingesting anew with the new settings.
 Failed and skipped rows of SRC are carried over to DST's manifest (`ingest --retry-failed` into DST
 retries them).
+
+A unit reads only its videos' samples of SRC: by ranged reads at the `offset`/`length` SRC's manifest records
+(adjacent samples in one read), or, for older sets without them, by streaming SRC's shards up to its last
+sample. A SRC shard that cannot be read fails the rest of the unit with the reason, not the job.
 """
 
 from __future__ import annotations
