@@ -418,13 +418,16 @@ def _read_span(src: Store, files: dict[str, tuple[Any, int]], shard: str, offset
 def _sample_members(url: str, key: str, data: bytes) -> list[tuple[str, bytes]]:
     """The members of sample `key` from the bytes of its span (schema-checked names, no extraction)."""
     members = []
-    for name, member in tar_members(io.BytesIO(data)):
-        split = split_name(name)
-        if split is None:
-            continue
-        if split[0] != key:
-            raise BadSample(f"{url}: member {name!r} found where manifest.parquet puts sample {key!r}")
-        members.append((name, member))
+    try:
+        for name, member in tar_members(io.BytesIO(data)):
+            split = split_name(name)
+            if split is None:
+                continue
+            if split[0] != key:
+                raise BadSample(f"{url}: member {name!r} found where manifest.parquet puts sample {key!r}")
+            members.append((name, member))
+    except tarfile.TarError as exc:
+        raise tarfile.ReadError(f"{url}: sample {key!r}: {exc}") from None
     if not members:
         raise BadSample(f"{url}: no member of sample {key!r} where manifest.parquet puts it")
     return members
@@ -459,15 +462,18 @@ def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, list[tuple[
     """(key, [(member name, bytes)]) in tar order, streaming one shard (schema-checked, no extraction)."""
     with src.open_input(shard) as f:
         cur, members = None, []
-        for name, data in tar_members(f):
-            split = split_name(name)
-            if split is None:
-                continue
-            key = split[0]
-            if key != cur and members:
-                yield cur, members
-                members = []
-            cur = key
-            members.append((name, data))
+        try:
+            for name, data in tar_members(f):
+                split = split_name(name)
+                if split is None:
+                    continue
+                key = split[0]
+                if key != cur and members:
+                    yield cur, members
+                    members = []
+                cur = key
+                members.append((name, data))
+        except tarfile.TarError as exc:
+            raise tarfile.ReadError(f"{src.uri(shard)}: {exc}") from None
         if members:
             yield cur, members
