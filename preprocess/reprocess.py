@@ -199,8 +199,9 @@ def _videos_in_source_order(rows: list[dict[str, Any]], pattern: str, src: str) 
     """The ok videos of SRC as plan items, in SRC's order (its shards in order, then video id, window), with each
     sample's [shard, offset, length] where the manifest has them (for ranged reads).
 
-    SRC's manifest is untrusted: a shard it names must be a plain file name inside SRC. Shards named by SRC's
-    `shards.pattern` sort by index, any others (an earlier pattern) after them by name."""
+    SRC's manifest is untrusted: a shard it names must be a plain file name inside SRC, a sample key appears
+    once. Shards named by SRC's `shards.pattern` sort by index, any others (an earlier pattern) after them by
+    name."""
     def position(name: str) -> tuple[int, int, str]:
         try:
             return 0, shard_index(pattern, name), name
@@ -208,12 +209,16 @@ def _videos_in_source_order(rows: list[dict[str, Any]], pattern: str, src: str) 
             return 1, 0, name
 
     by_vid: dict[str, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
     for r in rows:
         if r["status"] == "ok":
             name = r["shard"]
             if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
                 raise ConfigError(f"{src}: manifest.parquet names shard {name!r} for {r['video_id']!r}, "
                                   f"which is not a file name inside the folder")
+            if r["key"] in seen:  # (each is read at its own span: a repeated key would be copied twice)
+                raise ConfigError(f"{src}: manifest.parquet lists sample {r['key']!r} more than once")
+            seen.add(r["key"])
             by_vid.setdefault(r["video_id"], []).append(r)
     items = []
     for vid, rs in by_vid.items():
