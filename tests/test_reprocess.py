@@ -253,3 +253,28 @@ def test_a_stalled_source_times_out(corpus, tmp_path):
     got = {r["video_id"]: (r["status"], r["error"]) for r in read_manifest(tmp_path / "out")}
     assert got["v1"] == ("failed", "timed out after 2 s") and summary.mode == "source"
     assert got["v0"] == got["v2"] == got["v3"] == ("ok", None)
+
+
+def test_resumes_an_interrupted_run(corpus, tmp_path):
+    """A run killed after its first shard, whose plan was saved before work units (items without spans), is
+    finished by running again: the same folder as an uninterrupted run."""
+    from preprocess.ingest import _cut, _save_plan, assemble_shard
+    from preprocess.reprocess import _videos_in_source_order, reprocess_unit
+    from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS
+    from shards.store import Store
+
+    cfg = reprocess_config(corpus["src"], sets=["audio.num_mel_bins=64", "ray.videos_per_task=1"])
+    reprocess(corpus["src"], tmp_path / "whole", cfg)
+    out = tmp_path / "resumed"
+    store = Store.of(out)
+    store.makedirs()
+    items = _videos_in_source_order(read_manifest(corpus["src"]), "shard-%06d.tar", str(corpus["src"]))
+    groups = _cut([{k: v for k, v in it.items() if k != "spans"} for it in items], 2, first_index=0)
+    store.write_text(FROZEN_CONFIG, cfg.to_yaml(*PREP_SECTIONS))
+    _save_plan(store, groups, cfg, job="reprocess")
+    part, rows = reprocess_unit(0, 0, groups[0][1], str(out), cfg.to_dict(), str(corpus["src"]), "waveform")
+    assemble_shard(0, [part], rows, str(out), cfg.to_dict())
+
+    summary = reprocess(corpus["src"], out, cfg)
+    assert (summary.videos, summary.already, summary.ok) == (2, 2, 2)
+    assert _folder_files(out) == _folder_files(tmp_path / "whole")
