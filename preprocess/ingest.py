@@ -109,15 +109,8 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
         store.write_text(FROZEN_CONFIG, cfg.to_yaml(*PREP_SECTIONS))
         if groups:
             _save_plan(store, [(i, [asdict(it) for it in g]) for i, g in groups], cfg, job="ingest")
-            started = connect(cfg, workers, address)
-            try:
-                new_rows = run_units(groups, store, cfg, decode_unit, assemble_shard, started=started,
-                                     progress=progress, desc="ingest")
-            finally:
-                if started:
-                    import ray
-
-                    ray.shutdown()
+            new_rows = run_units(groups, store, cfg, decode_unit, assemble_shard, workers=workers, address=address,
+                                 progress=progress, desc="ingest")
             summary.videos = sum(len(g) for _, g in groups)
             summary.ok = sum(r["status"] == "ok" for r in new_rows)
             summary.failed = sum(r["status"] == "failed" for r in new_rows)

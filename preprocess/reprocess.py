@@ -15,16 +15,23 @@ sample-defining sections (audio, video, clip) decides how each sample is remade,
   **source**. Each video is decoded again from the `source` path of the manifest. Sources that are gone
   become failed rows naming the file; when every one is gone, `SourcesGone` is raised before any work.
 
-Work is planned and run exactly like ingest (plan file, one Ray task per output shard, shard then
-fragment, manifest last), so an interrupted reprocess is resumed by running the same command again, and
-DST is an ordinary shard folder that `ingest` can extend. Videos keep SRC's order (its shards in order), so
+Work is planned and run exactly like ingest (plan file; work units of `ray.videos_per_task` videos of one
+output shard, `preprocess.schedule`, each writing a part file, then one assembly task per shard writing the
+shard and its fragment; manifest last; `ray.video_timeout_s` per video), so an interrupted reprocess is
+resumed by running the same command again, DST's bytes do not depend on the task size or the worker count,
+and DST is an ordinary shard folder that `ingest` can extend. Videos keep SRC's order (its shards in order), so
 reprocessing a set made by one ingest run gives the same shards as ingesting anew with the new settings.
 Failed and skipped rows of SRC are carried over to DST's manifest (`ingest --retry-failed` into DST
 retries them).
+
+A unit reads only its videos' samples of SRC: by ranged reads at the `offset`/`length` SRC's manifest records
+(adjacent samples in one read), or, for older sets without them, by streaming SRC's shards up to its last
+sample. A SRC shard that cannot be read fails the rest of the unit with the reason, not the job.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -35,7 +42,7 @@ from typing import Any, Iterator
 import yaml
 
 from shards.config import Config, ConfigError
-from shards.manifest import merge_rows, read_manifest, write_rows, fragment_name
+from shards.manifest import merge_rows, read_manifest
 from shards.media import decode_flac, open_flac, open_jpeg
 from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_config
 from shards.names import shard_index, shard_name
@@ -45,15 +52,17 @@ from shards.schema import (BadSample, check_key, decode_labels, decode_member, d
 from shards.store import Store, is_uri
 from shards.writer import ShardWriter
 
-from .ingest import (Summary, _check_frozen_config, _cut, _next_index, _pending_plan, _remove_temporaries,
-                     _save_plan, finish_run, local_copy, report, run_groups)
 from .cluster import check_address
+from .ingest import (Summary, Watchdog, _check_frozen_config, _cut, _next_index, _pending_plan, _remove_temporaries,
+                     _save_plan, assemble_shard, finish_run, local_copy, report)
 from .outlock import output_lock
+from .schedule import part_name, run_units, timed_out, timeout_name
 
 FBANK_KEYS = ("audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_ms", "audio.window_type")
 MODES = {"repack": "repack only (members copied unchanged)",
          "waveform": "from the stored waveforms (.flac), no video decoded",
          "source": "from the source videos"}
+READ_BYTES = 8 << 20  # the most one ranged read of SRC gathers (adjacent samples of a unit's videos)
 
 
 class SourcesGone(FileNotFoundError):
@@ -172,8 +181,9 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
         store.write_text(FROZEN_CONFIG, cfg.to_yaml(*PREP_SECTIONS))
         if groups:
             _save_plan(store, groups, cfg, job="reprocess")
-            new_rows = run_groups(groups, store, cfg, reprocess_group, workers=workers, address=address,
-                                  progress=progress, desc=f"reprocess ({mode})", extra=(src_store.uri(), mode))
+            new_rows = run_units(groups, store, cfg, reprocess_unit, assemble_shard, workers=workers,
+                                 address=address, progress=progress, desc=f"reprocess ({mode})",
+                                 extra=(src_store.uri(), mode))
             summary.videos = sum(len(g) for _, g in groups)
             summary.ok = sum(r["status"] == "ok" for r in new_rows)
             summary.failed += sum(r["status"] == "failed" for r in new_rows)
@@ -186,10 +196,12 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
 
 
 def _videos_in_source_order(rows: list[dict[str, Any]], pattern: str, src: str) -> list[dict[str, Any]]:
-    """The ok videos of SRC as plan items, in SRC's order (its shards in order, then video id, window).
+    """The ok videos of SRC as plan items, in SRC's order (its shards in order, then video id, window), with each
+    sample's [shard, offset, length] where the manifest has them (for ranged reads).
 
-    SRC's manifest is untrusted: a shard it names must be a plain file name inside SRC. Shards named by SRC's
-    `shards.pattern` sort by index, any others (an earlier pattern) after them by name."""
+    SRC's manifest is untrusted: a shard it names must be a plain file name inside SRC, a sample key appears
+    once. Shards named by SRC's `shards.pattern` sort by index, any others (an earlier pattern) after them by
+    name."""
     def position(name: str) -> tuple[int, int, str]:
         try:
             return 0, shard_index(pattern, name), name
@@ -197,21 +209,31 @@ def _videos_in_source_order(rows: list[dict[str, Any]], pattern: str, src: str) 
             return 1, 0, name
 
     by_vid: dict[str, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
     for r in rows:
         if r["status"] == "ok":
             name = r["shard"]
             if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
                 raise ConfigError(f"{src}: manifest.parquet names shard {name!r} for {r['video_id']!r}, "
                                   f"which is not a file name inside the folder")
+            if r["key"] in seen:  # (each is read at its own span: a repeated key would be copied twice)
+                raise ConfigError(f"{src}: manifest.parquet lists sample {r['key']!r} more than once")
+            seen.add(r["key"])
             by_vid.setdefault(r["video_id"], []).append(r)
     items = []
     for vid, rs in by_vid.items():
         rs.sort(key=lambda r: (position(r["shard"]), r["window"] if r["window"] is not None else -1))
         shards = list(dict.fromkeys(r["shard"] for r in rs))
+        spans = [[r["shard"], r.get("offset"), r.get("length")] for r in rs]
+        ranged = all(_is_int(o) and _is_int(n) for _, o, n in spans)  # older sets: no spans, streamed
         items.append({"video_id": vid, "source": rs[0]["source"], "labels": list(rs[0]["labels"] or []),
-                      "keys": [r["key"] for r in rs], "shards": shards})
+                      "keys": [r["key"] for r in rs], "shards": shards, "spans": spans if ranged else None})
     items.sort(key=lambda it: (position(it["shards"][0]), it["video_id"]))
     return items
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _source_exists(source: str) -> bool:
@@ -230,49 +252,55 @@ def _row(item: dict[str, Any], status: str, error: str | None, digest: str, **ex
             "duration_s": None, "bytes": None, "config_digest": digest, **extra}
 
 
-# ---- the task ---------------------------------------------------------------------------------------------
-def reprocess_group(index: int, items: list[dict[str, Any]], out: str, cfg_data: dict[str, Any], src: str,
-                    mode: str, *, progress: Any = None) -> list[dict[str, Any]]:
-    """One output shard: remake the samples of `items` (in order) from SRC's shards or from their sources."""
+# ---- the tasks ---------------------------------------------------------------------------------------------
+def reprocess_unit(index: int, start: int, items: list[dict[str, Any]], out: str, cfg_data: dict[str, Any],
+                   src: str, mode: str, *, progress: Any = None) -> tuple[str | None, list[dict[str, Any]]]:
+    """One work unit (`preprocess.schedule`): remake the samples of inputs `start, start+1, ...` of shard `index`
+    from SRC's samples or from their sources into a part file (published only if some input gave samples);
+    return its name and the inputs' rows. `ingest.assemble_shard` makes the shard of the parts."""
     from preprocess.decode import BadInput
 
     cfg = Config(cfg_data)
     store, src_store = Store.of(out), Store.of(src)
     digest = cfg.digest(*SAMPLE_SECTIONS)
     name = shard_name(cfg.shards.pattern, index)
+    marked = timed_out(store, name)
     rows: list[dict[str, Any]] = []
     need_old = mode != "source" or any(it["labels"] for it in items)
     olds = _old_samples(src_store, items) if need_old else ((it["video_id"], None) for it in items)
-    with ShardWriter(store, name) as shard:
-        for position, item in enumerate(items):
+    with ShardWriter(store, part_name(name, start)) as part, Watchdog(cfg.ray.video_timeout_s) as dog:
+        for position, item in enumerate(items, start):
             try:
                 vid, old = next(olds)
             except (tarfile.TarError, BadSample, OSError, ValueError) as exc:
                 # SRC's shard is unreadable from here on (a malformed header, a missing sample): the rest of the
-                # group fails with the reason; what is already in the shard stays
+                # unit fails with the reason; what is already in the part stays
                 why = one_line(f"source shard: {exc}")
-                for rest, it in enumerate(items[position:], position):
+                for rest, it in enumerate(items[position - start:], position):
                     rows.append(_row(it, "failed", why, digest))
                     report(progress, index, rest, rows[-1:])
                 break
             assert vid == item["video_id"]
             item_rows = []
             try:
+                if position in marked:
+                    raise BadInput(f"timed out after {marked[position]} s")
+                dog.watch(store, timeout_name(name, position))
                 made = _remake(item, old, cfg, mode, digest)
             except BadInput as exc:
                 item_rows.append(_row(item, "failed", one_line(exc), digest))
-            except Exception as exc:  # one bad video must not take the shard down
+            except Exception as exc:  # one bad video must not take the unit down
                 item_rows.append(_row(item, "failed", one_line(f"{type(exc).__name__}: {exc}"), digest))
             else:
                 for key, meta, members in made:
-                    shard.add(members)
+                    part.add(members)
                     item_rows.append(_row(item, "ok", None, digest, key=key, window=meta.get("window"), shard=name,
                                           duration_s=meta.get("duration_s"), bytes=sum(len(d) for _, d in members)))
+            finally:
+                dog.watch(None, None)
             rows += item_rows
             report(progress, index, position, item_rows)
-    rows = shard.locate(rows)  # each sample's byte span in the shard (manifest offset/length)
-    write_rows(fragment_name(name), rows, store=store)
-    return rows
+    return (part.name if part.members else None), rows
 
 
 def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]] | None, cfg: Config, mode: str,
@@ -344,8 +372,75 @@ def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
 
 
 def _old_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[str, list]]:
-    """(video_id, [(key, members)]) for each item in order, streaming SRC's shards (one video buffered at a
-    time when SRC's order is kept, as it is by the plan)."""
+    """(video_id, [(key, members)]) for each item in order: by ranged reads of exactly the items' samples where
+    SRC's manifest gave every one's span, else by streaming SRC's shards."""
+    if all(it.get("spans") for it in items):
+        return _ranged_samples(src, items)
+    return _streamed_samples(src, items)
+
+
+def _ranged_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[str, list]]:
+    """`_old_samples` by ranged reads at the manifest's (offset, length): a unit of a few videos reads those
+    videos' samples, not the shards they lie in. Adjacent samples (consecutive videos keep SRC's order) come in
+    one read of up to READ_BYTES, so memory holds at most one read and one video, as streaming does. The spans
+    are untrusted: each must lie inside its shard and hold exactly the members of its key."""
+    todo = [(it["video_id"], key, *span) for it in items for key, span in zip(it["keys"], it["spans"])]
+    files: dict[str, tuple[Any, int]] = {}
+    buf_shard, buf_start, buf = None, 0, b""
+    got: list[tuple[str, list[tuple[str, bytes]]]] = []
+    try:
+        for n, (vid, key, shard, offset, length) in enumerate(todo):
+            if not (shard == buf_shard and buf_start <= offset and offset + length <= buf_start + len(buf)):
+                end = offset + length
+                for _, _, next_shard, next_offset, next_length in todo[n + 1:]:
+                    if next_shard != shard or next_offset != end or end + next_length - offset > READ_BYTES:
+                        break
+                    end += next_length
+                buf_shard, buf_start, buf = shard, offset, _read_span(src, files, shard, offset, end - offset)
+            got.append((key, _sample_members(src.uri(shard), key, buf[offset - buf_start:offset + length - buf_start])))
+            if n + 1 == len(todo) or todo[n + 1][0] != vid:
+                yield vid, got
+                got = []
+    finally:
+        for f, _ in files.values():
+            f.close()
+
+
+def _read_span(src: Store, files: dict[str, tuple[Any, int]], shard: str, offset: int, length: int) -> bytes:
+    if shard not in files:
+        files[shard] = (src.open_input(shard), src.size(shard))
+    f, size = files[shard]
+    if not (0 <= offset and 0 < length and offset + length <= size):
+        raise ValueError(f"{src.uri(shard)}: manifest.parquet puts a sample at bytes {offset}..{offset + length}, "
+                         f"outside the shard's {size}")
+    f.seek(offset)
+    data = f.read(length)
+    if len(data) != length:
+        raise OSError(f"{src.uri(shard)}: {len(data)} of {length} bytes at offset {offset} (shard truncated?)")
+    return data
+
+
+def _sample_members(url: str, key: str, data: bytes) -> list[tuple[str, bytes]]:
+    """The members of sample `key` from the bytes of its span (schema-checked names, no extraction)."""
+    members = []
+    try:
+        for name, member in tar_members(io.BytesIO(data)):
+            split = split_name(name)
+            if split is None:
+                continue
+            if split[0] != key:
+                raise BadSample(f"{url}: member {name!r} found where manifest.parquet puts sample {key!r}")
+            members.append((name, member))
+    except tarfile.TarError as exc:
+        raise tarfile.ReadError(f"{url}: sample {key!r}: {exc}") from None
+    if not members:
+        raise BadSample(f"{url}: no member of sample {key!r} where manifest.parquet puts it")
+    return members
+
+
+def _streamed_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[str, list]]:
+    """`_old_samples` streaming SRC's shards from their start (one video buffered at a time when SRC's order
+    is kept, as it is by the plan): for sets whose manifest has no sample spans."""
     want = {k: it["video_id"] for it in items for k in it["keys"]}
     keys_of = {it["video_id"]: it["keys"] for it in items}
     got: dict[str, dict[str, list]] = {}
@@ -372,15 +467,18 @@ def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, list[tuple[
     """(key, [(member name, bytes)]) in tar order, streaming one shard (schema-checked, no extraction)."""
     with src.open_input(shard) as f:
         cur, members = None, []
-        for name, data in tar_members(f):
-            split = split_name(name)
-            if split is None:
-                continue
-            key = split[0]
-            if key != cur and members:
-                yield cur, members
-                members = []
-            cur = key
-            members.append((name, data))
+        try:
+            for name, data in tar_members(f):
+                split = split_name(name)
+                if split is None:
+                    continue
+                key = split[0]
+                if key != cur and members:
+                    yield cur, members
+                    members = []
+                cur = key
+                members.append((name, data))
+        except tarfile.TarError as exc:
+            raise tarfile.ReadError(f"{src.uri(shard)}: {exc}") from None
         if members:
             yield cur, members

@@ -30,6 +30,8 @@ from shards.manifest import PARTS
 from shards.names import shard_name
 from shards.store import Store
 
+from .cluster import connect
+
 FORWARD_ENV = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HADOOP_", "ARROW_", "CLASSPATH")
 UNITS_PER_CPU = 2        # in flight per CPU: a finished unit's CPU is handed the next one without a round trip
 MIN_IN_FLIGHT = 8
@@ -70,12 +72,27 @@ def timed_out(store: Store, shard_name: str) -> dict[int, str]:
 
 
 def run_units(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, decode: Callable,
-              assemble: Callable, *, started: bool, progress: bool, desc: str) -> list[dict[str, Any]]:
-    """Decode `groups` (shard index → inputs) as units on the connected Ray; return every row, in plan order.
+              assemble: Callable, *, workers: int | None, address: str | None, progress: bool, desc: str,
+              extra: tuple = ()) -> list[dict[str, Any]]:
+    """Decode `groups` (shard index → inputs) as units on Ray (`preprocess.cluster.connect`); return every row,
+    in plan order.
 
-    `decode(index, start, items, out_uri, cfg_dict, progress=)` → (part name or None, rows) and
-    `assemble(index, parts, rows, out_uri, cfg_dict)` → the shard's manifest rows are the tasks. Only rows come
-    back to the driver."""
+    `decode(index, start, items, out_uri, cfg_dict, *extra, progress=)` → (part name or None, rows) and
+    `assemble(index, parts, rows, out_uri, cfg_dict)` → the shard's manifest rows are the tasks (ingest's and
+    reprocess's). Only rows come back to the driver."""
+    import ray
+
+    started = connect(cfg, workers, address)
+    try:
+        return _run(groups, store, cfg, decode, assemble, started=started, progress=progress, desc=desc,
+                    extra=extra)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, decode: Callable, assemble: Callable, *,
+         started: bool, progress: bool, desc: str, extra: tuple) -> list[dict[str, Any]]:
     import ray
     from tqdm import tqdm
 
@@ -108,7 +125,7 @@ def run_units(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, de
             while queue and len(running) < window:
                 u, marks = queue.popleft()
                 ref = decode_task.remote(u.index, u.start, items[u.index][u.start:u.start + u.count],
-                                         store.uri(), cfg_ref, progress=tracker)
+                                         store.uri(), cfg_ref, *extra, progress=tracker)
                 running[ref] = (u, marks)
             # one completion at a time keeps Ctrl-C prompt (Ray ends the tasks of a driver that left)
             done, _ = ray.wait([*running, *assembling], num_returns=1, timeout=0.5)

@@ -103,9 +103,9 @@ class Ray:
     workers: int = setting(0, "local Ray CPUs; 0 = all cores", min=0)
     num_cpus_per_task: int = setting(1, min=1)
     max_retries: int = setting(3, min=0)
-    videos_per_task: int = setting(4, "ingest work unit: a few videos of one shard (shards stay the same bytes "
-                                   "whatever this is); small units keep every core busy and make the job's tail "
-                                   "short", min=1)
+    videos_per_task: int = setting(4, "work unit of ingest and reprocess: a few videos of one shard (shards stay "
+                                   "the same bytes whatever this is); small units keep every core busy and make the "
+                                   "job's tail short", min=1)
     video_timeout_s: int = setting(30, "an input that takes longer than this (wall time) becomes a failed row "
                                    "\"timed out after N s\" and its worker is replaced (a 10 s clip takes 0.1-0.3 s; "
                                    "raise it for long videos in clip.mode: windows, 0.1-0.3 s per window)", min=1)

@@ -22,6 +22,7 @@ from preprocess.ingest import _next_index
 from preprocess.inputs import LabelIndex, collect_inputs
 from preprocess.reprocess import _videos_in_source_order
 from shards.config import ConfigError, load_config
+from shards.index import scan_spans
 from shards.media import decode_flac, open_flac, open_jpeg
 from shards.names import PatternError, check_pattern, shard_index, shard_name
 from shards.reader import raw_samples, tar_members
@@ -364,24 +365,43 @@ def test_train_cli_clear_errors(tmp_path, tiny_shard, capsys):
 
 def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
     """A downloaded shard set: each source sample is checked before it is copied (repack), a malformed source shard
-    fails the rest of its group with the reason, and nothing is written outside the output folder."""
-    from preprocess.reprocess import reprocess_group
+    fails the rest of its work unit with the reason, and nothing is written outside the output folder; the same
+    when the samples are read at the spans SRC's manifest records."""
+    from preprocess.ingest import assemble_shard
+    from preprocess.reprocess import reprocess_unit
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     write_tar(src / "shard-000000.tar", good("g0") + HOSTILE["eps_frame"][0] + HOSTILE["../climb"][0])
     (src / "shard-000001.tar").write_bytes(pax_tar(b"000"))
-    rows = [{"video_id": key, "key": key, "window": None, "source": f"{key}.mp4", "status": "ok", "labels": [],
-             "shard": f"shard-00000{n}.tar"} for key, n in (("g0", 0), ("eps_frame", 0), ("../climb", 0), ("g1", 1))]
-    items = _videos_in_source_order(rows, "shard-%06d.tar", str(src))
+    rows_in = [{"video_id": key, "key": key, "window": None, "source": f"{key}.mp4", "status": "ok", "labels": [],
+                "shard": f"shard-00000{n}.tar"} for key, n in (("g0", 0), ("eps_frame", 0), ("../climb", 0), ("g1", 1))]
+    items = _videos_in_source_order(rows_in, "shard-%06d.tar", str(src))
     before = set(tmp_path.rglob("*"))
-    out = {r["video_id"]: r for r in reprocess_group(0, items, str(dst), load_config().to_dict(), str(src), "repack")}
-    assert out["g0"]["status"] == "ok"
-    for key, needle in (("eps_frame", "not a readable JPEG"), ("../climb", "key"), ("g1", "source shard")):
-        assert out[key]["status"] == "failed" and needle in out[key]["error"], out[key]
+    cfg = load_config().to_dict()
+    part, rows = reprocess_unit(0, 0, items, str(dst), cfg, str(src), "repack")
+    out = {r["video_id"]: r for r in assemble_shard(0, [part], rows, str(dst), cfg)}
+    def checked(out):
+        assert out["g0"]["status"] == "ok"
+        for key, needle in (("eps_frame", "not a readable JPEG"), ("../climb", "key"), ("g1", "source shard")):
+            assert out[key]["status"] == "failed" and needle in out[key]["error"], out[key]
+
+    checked(out)
     assert [s["__key__"] for s in raw_samples([str(dst / "shard-000000.tar")])] == ["g0"]
     assert {p for p in set(tmp_path.rglob("*")) - before if dst not in p.parents} == {dst}
     assert not fake_gs.exists()
+
+    # the same by ranged reads at the spans a manifest records: every sample is still checked
+    spans = scan_spans(str(src / "shard-000000.tar")) + [("g1", 0, (src / "shard-000001.tar").stat().st_size)]
+    with_spans = [dict(r, offset=o, length=n) for r, (_, o, n) in zip(rows_in, spans)]
+    items = _videos_in_source_order(with_spans, "shard-%06d.tar", str(src))
+    assert all(it["spans"] for it in items)
+    part, rows = reprocess_unit(1, 0, items, str(dst), cfg, str(src), "repack")
+    ranged = {r["video_id"]: r for r in assemble_shard(1, [part], rows, str(dst), cfg)}
+    checked(ranged)
+    assert [s["__key__"] for s in raw_samples([str(dst / "shard-000001.tar")])] == ["g0"]
+    with pytest.raises(ConfigError, match="lists sample 'g0' more than once"):
+        _videos_in_source_order(rows_in + rows_in[:1], "shard-%06d.tar", str(src))
 
 
 def test_late_audio_start_is_recorded(tmp_path):

@@ -11,6 +11,7 @@ import ray
 import torch
 
 from preprocess.ingest import ingest
+from preprocess.reprocess import reprocess, reprocess_config
 from shards.config import load_config
 from shards.frozen import adopt_shard_settings
 from shards.index import sample_index
@@ -97,6 +98,15 @@ def test_ingest_to_s3_equals_local_and_reads_back(s3_server, videos, tmp_path):
     # a re-run resumes from the remote manifest: nothing to do
     again = ingest(inputs, f"s3://{BUCKET}/run1/shards", cfg)
     assert (again.videos, again.already) == (0, 3)
+
+    # reprocess reads a unit's samples from the bucket by ranged reads: the same shards as from the local copy
+    sets = ["shards.samples_per_shard=3", "ray.videos_per_task=1"]
+    for src, out in ((f"s3://{BUCKET}/run1/shards", tmp_path / "re_s3"), (tmp_path / "local", tmp_path / "re_local")):
+        assert reprocess(src, out, reprocess_config(src, sets=sets)).ok == 3
+    made = [p.name for p in (tmp_path / "re_local").glob("shard-*.tar")]
+    assert made == ["shard-000000.tar"]
+    assert (tmp_path / "re_s3" / made[0]).read_bytes() == (tmp_path / "re_local" / made[0]).read_bytes()
+    assert read_manifest(tmp_path / "re_s3") == read_manifest(tmp_path / "re_local")
 
 
 def test_training_reads_an_epoch_from_s3_with_ranged_reads(s3_server, tmp_path, capsys):

@@ -1,18 +1,21 @@
 """`cavmae-prep reprocess`: from the stored waveform (sources hidden), from the source videos, repack only,
-sources gone; each compared byte for byte with a fresh ingest of the new settings."""
+sources gone; each compared byte for byte with a fresh ingest of the new settings; the same bytes whatever the
+work unit size; a unit reads only its samples of SRC; the per-video time limit in source mode."""
 
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from preprocess.ingest import ingest
 from preprocess.reprocess import SourcesGone, choose_mode, reprocess, reprocess_config
 from shards.config import load_config
-from shards.manifest import read_manifest
+from shards.manifest import read_manifest, write_rows
 from shards.reader import decode_sample, list_shards, raw_samples
 from tests.clips import make_clip
 
@@ -154,3 +157,125 @@ def test_cli_says_which_way(corpus, tmp_path):
     assert "reprocess from the stored waveforms" in res.stdout and "audio.num_mel_bins" in res.stdout
     assert "ok 4 samples" in res.stdout
     assert "cavmae-prep reprocess" in _cli(["--help"]).stdout
+
+
+def _folder_files(out: Path) -> dict[str, bytes]:
+    assert not list(out.glob("_*")) and not list(out.glob(".*"))
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "pipeline.yaml"}
+
+
+def _without_ray(out: Path) -> dict:
+    data = yaml.safe_load((out / "pipeline.yaml").read_text())
+    data.pop("ray")
+    return data
+
+
+@pytest.mark.parametrize("sets", [["audio.num_mel_bins=64"], ["shards.samples_per_shard=3"], ["video.num_frames=3"]],
+                         ids=["waveform", "repack", "source"])
+def test_same_bytes_whatever_the_task_size(corpus, sets):
+    """Work units of 1 video, of 2 (a whole shard of 2, part of one of 3) and the default 4 (a whole shard) give
+    the same shards, manifest and pipeline.yaml (but for ray.*)."""
+    runs = {}
+    for size in (None, 1, 2):
+        out = corpus["root"] / f"units_{sets[0]}_{size}"
+        cfg = reprocess_config(corpus["src"], sets=sets + ([] if size is None else [f"ray.videos_per_task={size}"]))
+        assert reprocess(corpus["src"], out, cfg).ok == 4, size
+        runs[size] = out
+    ref = _folder_files(runs[None])
+    assert [n for n in ref if n.startswith("shard-")]
+    for size, out in runs.items():
+        assert _folder_files(out) == ref, size
+        assert _without_ray(out) == _without_ray(runs[None])
+
+
+def test_a_unit_reads_only_its_samples(corpus, tmp_path):
+    """SRC's samples are read at the spans its manifest records: a broken tar header in front of v0 fails v0 only
+    (not v1 of the same shard), a span outside its shard fails that video with one line naming the shard. Without
+    spans (an older set) SRC's shards are streamed: the broken header fails every unit of that shard."""
+    src = tmp_path / "src"
+    shutil.copytree(corpus["src"], src)
+    shard = src / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 1  # the first member's name: its header checksum no longer matches
+    shard.write_bytes(bytes(data))
+    rows = read_manifest(src)
+    assert {r["video_id"] for r in rows if r["shard"] == shard.name} == {"v0", "v1"}
+    for r in rows:
+        if r["video_id"] == "v2":
+            r["offset"] = 1 << 40
+    write_rows(src / "manifest.parquet", rows)
+
+    def run(source, out):
+        cfg = reprocess_config(source, sets=["audio.num_mel_bins=64", "ray.videos_per_task=1"])
+        reprocess(source, out, cfg)
+        return {r["video_id"]: (r["status"], r["error"]) for r in read_manifest(out)}
+
+    got = run(src, tmp_path / "ranged")
+    assert got["v0"] == ("failed", f"source shard: {shard}: sample 'v0': bad checksum")
+    assert got["v1"] == got["v3"] == ("ok", None)
+    assert got["v2"][0] == "failed" and f"{src / 'shard-000001.tar'}: manifest.parquet puts" in got["v2"][1]
+    assert "\n" not in got["v2"][1] and "outside the shard" in got["v2"][1]
+
+    for r in rows:
+        r["offset"] = r["length"] = None
+    write_rows(src / "manifest.parquet", rows)
+    got = run(src, tmp_path / "streamed")
+    assert got["v0"] == got["v1"] == ("failed", f"source shard: {shard}: bad checksum")
+    assert got["v2"] == got["v3"] == ("ok", None)
+
+
+def test_a_stalled_source_times_out(corpus, tmp_path):
+    """Source mode has ingest's per-video time limit: a source that never ends (an endless stream written to a
+    growing file, read in windows mode) becomes a failed row "timed out after N s", the rest of its unit is made
+    (by a fresh worker, whose imports count against the limit too: 5 s leaves room on a busy machine)."""
+    endless = tmp_path / "endless.mkv"
+    writer = subprocess.Popen(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-readrate", "100", "-f", "lavfi", "-i",
+         "testsrc=size=32x24:rate=10", "-readrate", "100", "-f", "lavfi", "-i", "sine=sample_rate=16000",
+         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-b:a", "16k", "-f", "matroska", str(endless)],
+        stdin=subprocess.DEVNULL)
+    try:
+        src = tmp_path / "src"
+        shutil.copytree(corpus["src"], src)
+        rows = read_manifest(src)
+        for r in rows:
+            if r["video_id"] == "v1":
+                r["source"] = str(endless)
+        write_rows(src / "manifest.parquet", rows)
+        while not endless.exists() or endless.stat().st_size < 100_000:
+            assert writer.poll() is None
+            time.sleep(0.1)
+        cfg = reprocess_config(src, sets=["clip.mode=windows", "clip.length_s=1.0", "clip.hop_s=1.0",
+                                          "ray.videos_per_task=2", "ray.video_timeout_s=5", "ray.max_retries=1"])
+        summary = reprocess(src, tmp_path / "out", cfg)
+    finally:
+        writer.kill()
+        writer.wait()
+    got = {r["video_id"]: (r["status"], r["error"]) for r in read_manifest(tmp_path / "out")}
+    assert got["v1"] == ("failed", "timed out after 5 s") and summary.mode == "source"
+    assert got["v0"] == got["v2"] == got["v3"] == ("ok", None)
+
+
+def test_resumes_an_interrupted_run(corpus, tmp_path):
+    """A run killed after its first shard, whose plan was saved before work units (items without spans), is
+    finished by running again: the same folder as an uninterrupted run."""
+    from preprocess.ingest import _cut, _save_plan, assemble_shard
+    from preprocess.reprocess import _videos_in_source_order, reprocess_unit
+    from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS
+    from shards.store import Store
+
+    cfg = reprocess_config(corpus["src"], sets=["audio.num_mel_bins=64", "ray.videos_per_task=1"])
+    reprocess(corpus["src"], tmp_path / "whole", cfg)
+    out = tmp_path / "resumed"
+    store = Store.of(out)
+    store.makedirs()
+    items = _videos_in_source_order(read_manifest(corpus["src"]), "shard-%06d.tar", str(corpus["src"]))
+    groups = _cut([{k: v for k, v in it.items() if k != "spans"} for it in items], 2, first_index=0)
+    store.write_text(FROZEN_CONFIG, cfg.to_yaml(*PREP_SECTIONS))
+    _save_plan(store, groups, cfg, job="reprocess")
+    part, rows = reprocess_unit(0, 0, groups[0][1], str(out), cfg.to_dict(), str(corpus["src"]), "waveform")
+    assemble_shard(0, [part], rows, str(out), cfg.to_dict())
+
+    summary = reprocess(corpus["src"], out, cfg)
+    assert (summary.videos, summary.already, summary.ok) == (2, 2, 2)
+    assert _folder_files(out) == _folder_files(tmp_path / "whole")
