@@ -54,7 +54,10 @@ def read_rows(path: str | Path, store: Store | None = None) -> list[dict[str, An
     store, name = (store, str(path)) if store is not None else Store.split(path)
     if not store.is_file(name):
         return []
-    return pq.read_table(io.BytesIO(store.read_bytes(name))).to_pylist()
+    # use_threads=False: a threaded read from memory leaves pyarrow's CPU pool in a state that aborts the process
+    # at exit ("terminate called without an active exception") in about half of the runs (pyarrow 25); a
+    # manifest is small enough to decode on one thread
+    return pq.read_table(io.BytesIO(store.read_bytes(name)), use_threads=False).to_pylist()
 
 
 def read_manifest(out: "str | Path | Store") -> list[dict[str, Any]]:
