@@ -28,6 +28,8 @@ def open_jpeg(data: bytes, size: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=["JPEG"])
+    except Image.UnidentifiedImageError:  # its text names the BytesIO object's address: a new reason every run
+        raise BadSample("frame is not a readable JPEG (not JPEG data)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadSample(f"frame is not a readable JPEG ({one_line(exc)})") from None
     width, height = image.size

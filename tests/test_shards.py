@@ -154,3 +154,20 @@ def test_tar_parser_refuses_damaged_or_hostile_headers(tmp_path, damage):
     (tmp_path / "bad.tar").write_bytes(bytes(data))
     with pytest.raises(tarfile.TarError):
         list(raw_samples([str(tmp_path / "bad.tar")]))
+
+
+def test_a_process_that_read_a_manifest_exits_cleanly(tmp_path):
+    """pyarrow's threaded parquet read from memory left its thread pool aborting the interpreter at exit in about
+    half of the runs ("terminate called without an active exception", status 134): a CLI that printed its result
+    then died. Five fresh processes each read a manifest; every one must exit 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rows = [{"video_id": f"v{i}", "key": f"v{i}", "status": "ok", "shard": "shard-000000.tar", "labels": ["/m/a"]}
+            for i in range(50)]
+    write_rows(tmp_path / "manifest.parquet", rows)
+    code = f"from shards.manifest import read_manifest; assert len(read_manifest({str(tmp_path)!r})) == 50"
+    repo = Path(__file__).resolve().parents[1]
+    codes = [subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True).returncode for _ in range(5)]
+    assert codes == [0] * 5
