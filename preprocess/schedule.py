@@ -80,9 +80,9 @@ def run_units(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, de
     `decode(index, start, items, out_uri, cfg_dict, *extra, progress=)` → (part name or None, rows) and
     `assemble(index, parts, rows, out_uri, cfg_dict)` → the shard's manifest rows are the tasks (ingest's and
     reprocess's). Only rows come back to the driver."""
+    started = connect(cfg, workers, address)  # first: it sets the auth token up before Ray is imported
     import ray
 
-    started = connect(cfg, workers, address)
     try:
         return _run(groups, store, cfg, decode, assemble, started=started, progress=progress, desc=desc,
                     extra=extra)
