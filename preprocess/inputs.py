@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from shards.errors import UserError
+
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
 AUDIO_EXTENSIONS = (".m4a", ".wav", ".flac", ".mp3", ".ogg")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
@@ -23,7 +25,7 @@ NOT_MEDIA = "not a video or audio extension"
 LIST_EXTENSIONS = (".txt", ".csv", ".lst")
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """An input argument that cannot be used at all (the message is one line and names it)."""
 
 

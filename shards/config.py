@@ -25,11 +25,12 @@ from typing import Any, Iterable
 import yaml
 
 from .settings import RENAMED, RETIRED, SECTIONS, as_yaml, default_of, defaults, spec
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad config file, key or value; the message is one line and names the key."""
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 
+from .errors import UserError
+
 _FIELD = r"%(?:0?[1-9]\d?)?d"  # %d, %6d, %06d
 
 
-class PatternError(ValueError):
+class PatternError(UserError):
     """A `shards.pattern` that is not a safe one-field file name (the message is one line)."""
 
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from train import distributed as dist
 from train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
+from shards.errors import UserError
 
 MODULE_PREFIX = "module."
 _VISUAL_PREFIXES = ("modality_v", "pos_embed_v", "patch_embed_v.", "blocks_v.", "norm_v.")
@@ -37,7 +38,7 @@ def strip_module_prefix(sd: "dict[str, torch.Tensor]") -> "OrderedDict[str, torc
     return OrderedDict((k[len(MODULE_PREFIX):] if k.startswith(MODULE_PREFIX) else k, v) for k, v in sd.items())
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read safely: missing, truncated, not a torch file, or holding pickled objects
     beyond tensors and plain containers (the message is one line and names the file)."""
 

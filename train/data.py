@@ -64,6 +64,7 @@ from shards.media import decode_flac, open_jpeg
 from shards.reader import decode_sample, is_remote, raw_samples
 from shards.schema import BadSample, one_line
 from train.epochs import EpochPlan, SampleRngs
+from shards.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,11 @@ PIN = torch.cuda.is_available()
 REMOTE_READS = 16  # concurrent ranged reads per loader worker from object storage (each is one round trip)
 
 
-class LabelError(ValueError):
+class LabelError(UserError):
     """A label id that the label index does not know (one line, naming the label and the file)."""
 
 
-class NoSamples(ValueError):
+class NoSamples(UserError):
     """Shards from which no sample decodes (one line, naming the shards): no progress is possible."""
 
 

@@ -18,9 +18,10 @@ from shards.reader import list_shards
 from train import distributed as dist
 from train.data import LabelError, Transform, balance_weights, manifest_rows, read_label_index
 from train.epochs import EpochPlan
+from shards.errors import UserError
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Bad command-line input (missing shards, bad sizes); the CLI prints it on one line and exits with 2."""
 
 
