@@ -86,12 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p = sub.add_parser("reprocess", help="re-derive a shard set with changed settings into a new folder",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-                       description="Remake the samples of an existing shard folder with SRC's pipeline.yaml plus "
-                                   "--config/--set: from the stored waveforms when only fbank settings change "
-                                   "and SRC kept them, else from the source videos of the manifest; members are "
-                                   "copied unchanged when only shards.* changes. Re-running resumes.")
+                       description="Remake the samples of an existing shard folder with the sample settings of "
+                                   "SRC's pipeline.yaml (audio, video, clip, shards.pattern; never its ray: or other "
+                                   "shards: settings) plus --config/--set: from the stored waveforms when only "
+                                   "fbank settings change and SRC kept them, else from the source videos of the "
+                                   "manifest (read only inside --sources); members are copied unchanged when only "
+                                   "shards.* changes. Re-running resumes.")
     p.add_argument("src", help="existing shard folder (local path or URI)")
     p.add_argument("--out", required=True, help="new output folder for shards and manifest")
+    p.add_argument("--sources", action="append", default=[], metavar="DIR|URI",
+                   help="a folder or URI prefix the source videos may be read from (repeatable); needed when the "
+                        "change means decoding the sources again; a source SRC's manifest names outside them is "
+                        "a failed row, never opened")
     add_run_args(p)
     add_config_args(p)
     p = sub.add_parser("stats", help="what the shards hold, and their fbank mean/std for data.mean/data.std",
@@ -197,7 +203,7 @@ def _reprocess(args: argparse.Namespace) -> int:
     cfg = reprocess_config(args.src, args.config, args.sets)
     mode, changed = choose_mode(frozen_config(Store.of(args.src)), cfg)
     print(f"cavmae-prep: {ReprocessSummary(mode=mode, changed=tuple(changed)).how()}", flush=True)
-    summary = reprocess(args.src, args.out, cfg, workers=args.workers, address=args.address,
+    summary = reprocess(args.src, args.out, cfg, sources=args.sources, workers=args.workers, address=args.address,
                         progress=not args.no_progress)
     return _report(summary, args.out)
 

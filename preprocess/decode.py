@@ -22,6 +22,11 @@ then moves to the next decoded (reference) frame. Video decoding stops at the la
 files are opened with a minimal stream probe (their header already says what the probe would decode a frame
 to learn); other formats, or a header missing basic parameters, get FFmpeg's default probe.
 
+Raw inputs are untrusted and FFmpeg picks a demuxer by the bytes, not the name: an `evil.mp4` that is an ffconcat
+script or an HLS playlist would make FFmpeg open the files or URLs it names. So every input is opened with an
+allow-list of container demuxers (`ALLOWED_DEMUXERS`, the formats ingest documents) and the `file` protocol only;
+anything else is a BadInput before any header is read.
+
 If the video stream ends before a pick because the file is truncated or damaged, the input is a BadInput; when
 the file is whole and only its frame count was overstated, the remaining picks repeat the last decoded frame
 (visible in frame_times_s). Nothing decodable at all is a BadInput.
@@ -133,9 +138,19 @@ def iter_clips(path: str | os.PathLike, cfg: Config, *, threads: int = 1) -> Ite
         container.close()
 
 
+# FFmpeg demuxer names of the documented input formats (mp4/mov/m4a/m4v, mkv/webm, avi, flv, wav, flac, mp3, ogg).
+# Never concat, hls, image2 or any other demuxer that opens further files or URLs.
+ALLOWED_DEMUXERS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv", "wav", "flac", "mp3",
+                    "ogg")
+_RESTRICTED = {"format_whitelist": ",".join(ALLOWED_DEMUXERS), "protocol_whitelist": "file"}
+NOT_ALLOWED = ("not a media file of an allowed container format "
+               "(mp4/mov, matroska/webm, avi, flv, wav, flac, mp3, ogg)")
+
+
 def open_media(path: str | os.PathLike) -> av.container.InputContainer:
-    """Open `path` for demuxing, turning every way it can fail into a one-line BadInput."""
-    path = os.fspath(path)
+    """Open `path` for demuxing (allowed demuxers and the file protocol only), turning every way it can fail into a
+    one-line BadInput."""
+    path = os.path.abspath(os.fspath(path))   # absolute: a name like `concat:x.mp4` is a path, not a protocol
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -151,7 +166,7 @@ def open_media(path: str | os.PathLike) -> av.container.InputContainer:
     if not os.access(path, os.R_OK):
         raise BadInput("permission denied")
     try:
-        container = av.open(path, mode="r", metadata_errors="replace", options=_FAST_PROBE)
+        container = av.open(path, mode="r", metadata_errors="replace", options={**_RESTRICTED, **_FAST_PROBE})
     except PermissionError:
         raise BadInput("permission denied") from None
     except (av.FFmpegError, OSError):
@@ -161,9 +176,11 @@ def open_media(path: str | os.PathLike) -> av.container.InputContainer:
             return container
         container.close()
     try:
-        return av.open(path, mode="r", metadata_errors="replace")
+        return av.open(path, mode="r", metadata_errors="replace", options=_RESTRICTED)
     except PermissionError:
         raise BadInput("permission denied") from None
+    except av.ArgumentError:                      # what FFmpeg answers for a demuxer not on the allow-list
+        raise BadInput(NOT_ALLOWED) from None
     except av.InvalidDataError:
         raise BadInput("not a media file, or truncated beyond repair (no readable container)") from None
     except av.FFmpegError as exc:

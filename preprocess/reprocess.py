@@ -1,7 +1,10 @@
 """`cavmae-prep reprocess SRC --out DST --set ...`: re-derive a shard set from an existing one.
 
-The new config is SRC's frozen `pipeline.yaml` with `--config` / `--set` laid over it. What changed in the
-sample-defining sections (audio, video, clip) decides how each sample is remade, for the whole set:
+The new config is SRC's sample settings (the audio, video and clip sections and `shards.pattern` of its frozen
+`pipeline.yaml`, `shards.frozen.FROZEN_KEYS`) with `--config` / `--set` laid over them; everything else, where and
+how the job runs included (`ray.*`, the rest of `shards.*`), is the user's: a downloaded folder never chooses the
+cluster to join. What changed in the sample-defining sections (audio, video, clip) decides how each sample is
+remade, for the whole set:
 
 - nothing (only shards.*, ray.*, ... changed): **repack**. Every member is copied unchanged (the samples'
   config digest is the same); only the grouping into shards follows the new `shards.*`.
@@ -12,8 +15,11 @@ sample-defining sections (audio, video, clip) decides how each sample is remade,
   source video is opened.
 - anything else (video.*, clip.*, `audio.sample_rate` and `channel_policy`, which act before the stored
   16 kHz waveform, `keep_waveform` switched on, `allow_missing`, or fbank changes without stored waveforms):
-  **source**. Each video is decoded again from the `source` path of the manifest. Sources that are gone
-  become failed rows naming the file; when every one is gone, `SourcesGone` is raised before any work.
+  **source**. Each video is decoded again from the `source` path of the manifest. SRC's manifest is untrusted,
+  so a source is read only inside the folders (or URI prefixes) the user names with `--sources`; without them
+  the job is refused before any work, and each source outside them becomes a failed row naming it, never
+  opened or even looked up. Sources that are gone become failed rows naming the file; when no source is left
+  to read, the job is refused before any work.
 
 Work is planned and run exactly like ingest (plan file; work units of `ray.videos_per_task` videos of one
 output shard, `preprocess.schedule`, each writing a part file, then one assembly task per shard writing the
@@ -37,7 +43,7 @@ import os
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -53,6 +59,7 @@ from shards.store import Store, is_uri
 from shards.writer import ShardWriter
 
 from .cluster import check_address
+from .inputs import InputError
 from .ingest import (Summary, Watchdog, _check_frozen_config, _cut, _next_index, _pending_plan, _remove_temporaries,
                      _save_plan, assemble_shard, finish_run, local_copy, report)
 from .outlock import output_lock
@@ -129,9 +136,10 @@ def choose_mode(old: Config, new: Config) -> tuple[str, list[str]]:
     return "source", changed
 
 
-def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, workers: int | None = None,
-              address: str | None = None, progress: bool = False) -> ReprocessSummary:
-    """Re-derive SRC's samples with `cfg` (see `reprocess_config`) into the shard folder `out`; resumable."""
+def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, sources: Iterable[str] = (),
+              workers: int | None = None, address: str | None = None, progress: bool = False) -> ReprocessSummary:
+    """Re-derive SRC's samples with `cfg` (see `reprocess_config`) into the shard folder `out`; resumable. Source
+    mode reads source videos only inside the folders or URI prefixes `sources` (InputError when none given)."""
     start = time.time()
     src_store, store = Store.of(src), Store.of(out)
     if src_store.uri().rstrip("/") == store.uri().rstrip("/"):
@@ -146,13 +154,21 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
     digest = cfg.digest(*SAMPLE_SECTIONS)
 
     videos = _videos_in_source_order(src_rows, old.shards.pattern, src_store.uri())
+    roots = tuple(sources)
+    refused: list[str] = []
     gone: list[str] = []
     if mode == "source":
-        gone = [v["source"] for v in videos if not _source_exists(v["source"])]
-        if videos and len(gone) == len(videos):
-            shown = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
-            raise SourcesGone(f"reprocessing needs the source videos ({', '.join(changed)} changed) but "
-                              f"all {len(gone)} are gone: {shown}")
+        need = f"reprocessing needs the source videos ({', '.join(changed)} changed)"
+        if not roots:
+            raise InputError(f"{need}: name the folder(s) or URI prefix(es) they may be read from with "
+                             f"--sources DIR|URI (repeatable)")
+        refused = [v["source"] for v in videos if not source_allowed(v["source"], roots)]
+        if videos and len(refused) == len(videos):
+            raise InputError(f"{need} but none of the {len(refused)} lies inside --sources "
+                             f"{' '.join(roots)}: {_some(refused)}")
+        gone = [v["source"] for v in videos if v["source"] not in refused and not _source_exists(v["source"])]
+        if videos and len(gone) + len(refused) == len(videos):
+            raise SourcesGone(f"{need} but all {len(gone)} inside --sources are gone: {_some(gone)}")
 
     check_address(cfg, address)
     store.makedirs()
@@ -165,15 +181,16 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
         rows = read_manifest(store)
         holds = {r["video_id"] for r in rows}
         planned = {it["video_id"] for _, g in groups for it in g}
-        gone_set = set(gone)
+        unread = {**{s: f"source video is gone: {s}" for s in gone},
+                  **{s: f"source is outside --sources: {s}" for s in refused}}
         todo = [v for v in videos if v["video_id"] not in holds and v["video_id"] not in planned
-                and v["source"] not in gone_set]
+                and v["source"] not in unread]
         groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups, cfg.shards.pattern))
 
         carried = [{**r, "config_digest": digest} for r in src_rows
                    if r["status"] != "ok" and r["video_id"] not in holds]
-        gone_rows = [_row(v, "failed", f"source video is gone: {v['source']}", digest) for v in videos
-                     if v["source"] in gone_set and v["video_id"] not in holds]
+        gone_rows = [_row(v, "failed", unread[v["source"]], digest) for v in videos
+                     if v["source"] in unread and v["video_id"] not in holds]
         summary = ReprocessSummary(mode=mode, changed=tuple(changed),
                                    already=len(holds & {v["video_id"] for v in videos}),
                                    carried=len(carried), failed=len(gone_rows))
@@ -183,7 +200,7 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, wo
             _save_plan(store, groups, cfg, job="reprocess")
             new_rows = run_units(groups, store, cfg, reprocess_unit, assemble_shard, workers=workers,
                                  address=address, progress=progress, desc=f"reprocess ({mode})",
-                                 extra=(src_store.uri(), mode))
+                                 extra=(src_store.uri(), mode, roots))
             summary.videos = sum(len(g) for _, g in groups)
             summary.ok = sum(r["status"] == "ok" for r in new_rows)
             summary.failed += sum(r["status"] == "failed" for r in new_rows)
@@ -236,6 +253,34 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def source_allowed(source: Any, roots: tuple[str, ...]) -> bool:
+    """Whether `source` (a path or URI from SRC's manifest: untrusted) lies inside one of the user's `roots`, judged
+    without opening or listing anything remote. A local path must be absolute and, links resolved, inside a root
+    folder (a link inside pointing out is outside); a URI must extend a root URI by plain path segments (no `.`,
+    `..` or empty ones) and carry the root's query exactly (the query can name the endpoint to contact)."""
+    if not isinstance(source, str) or not source:
+        return False
+    for root in roots:
+        if is_uri(root) != is_uri(source):
+            continue
+        if is_uri(root):
+            base, _, query = source.partition("?")
+            root_base, _, root_query = root.partition("?")
+            prefix = root_base.rstrip("/") + "/"
+            rest = base[len(prefix):] if base.startswith(prefix) else ""
+            if query == root_query and rest and all(seg not in ("", ".", "..") for seg in rest.split("/")):
+                return True
+        elif os.path.isabs(source):
+            real, top = os.path.realpath(source), os.path.realpath(root)
+            if real != top and os.path.commonpath([real, top]) == top:
+                return True
+    return False
+
+
+def _some(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
 def _source_exists(source: str) -> bool:
     try:
         if is_uri(source):
@@ -254,10 +299,11 @@ def _row(item: dict[str, Any], status: str, error: str | None, digest: str, **ex
 
 # ---- the tasks ---------------------------------------------------------------------------------------------
 def reprocess_unit(index: int, start: int, items: list[dict[str, Any]], out: str, cfg_data: dict[str, Any],
-                   src: str, mode: str, *, progress: Any = None) -> tuple[str | None, list[dict[str, Any]]]:
+                   src: str, mode: str, roots: tuple[str, ...] = (), *,
+                   progress: Any = None) -> tuple[str | None, list[dict[str, Any]]]:
     """One work unit (`preprocess.schedule`): remake the samples of inputs `start, start+1, ...` of shard `index`
-    from SRC's samples or from their sources into a part file (published only if some input gave samples);
-    return its name and the inputs' rows. `ingest.assemble_shard` makes the shard of the parts."""
+    from SRC's samples or from their sources (inside `roots` only) into a part file (published only if some input
+    gave samples); return its name and the inputs' rows. `ingest.assemble_shard` makes the shard of the parts."""
     from preprocess.decode import BadInput
 
     cfg = Config(cfg_data)
@@ -286,7 +332,7 @@ def reprocess_unit(index: int, start: int, items: list[dict[str, Any]], out: str
                 if position in marked:
                     raise BadInput(f"timed out after {marked[position]} s")
                 dog.watch(store, timeout_name(name, position))
-                made = _remake(item, old, cfg, mode, digest)
+                made = _remake(item, old, cfg, mode, digest, roots)
             except BadInput as exc:
                 item_rows.append(_row(item, "failed", one_line(exc), digest))
             except Exception as exc:  # one bad video must not take the unit down
@@ -304,7 +350,7 @@ def reprocess_unit(index: int, start: int, items: list[dict[str, Any]], out: str
 
 
 def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]] | None, cfg: Config, mode: str,
-            digest: str) -> list[tuple[str, dict, list[tuple[str, bytes]]]]:
+            digest: str, roots: tuple[str, ...]) -> list[tuple[str, dict, list[tuple[str, bytes]]]]:
     """[(key, meta, members)] of one video."""
     if mode != "source":  # (the source mode reads only the labels of SRC's sample, and decodes them checked)
         for key, members in old:
@@ -321,6 +367,8 @@ def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]]
         labels_txt = dict(_by_suffix(old[0][1])).get("labels.txt")
         if labels_txt is not None:
             indices = decode_labels(labels_txt) or None
+    if not source_allowed(item["source"], roots):  # (a plan saved by an earlier run with other --sources)
+        raise BadInput(f"source is outside --sources: {item['source']}")
     with local_copy(item["source"]) as path:
         if not is_uri(item["source"]) and not os.path.exists(path):
             raise BadInput(f"source video is gone: {item['source']}")

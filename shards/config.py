@@ -88,9 +88,10 @@ def load_config(path: str | Path | None = None, sets: Iterable[str] = (), preset
                 sections: Iterable[str] | None = None) -> Config:
     """Defaults, then the user file `path` (if any), then each named preset, then `sets`.
 
-    `sections` reads only those sections of the file (a shard folder's frozen pipeline.yaml: only its sample-side
-    settings mean anything); such a file is a record of the settings used, not a request, so a key of it that has
-    no effect is not an error there. The result's `explicit` holds the dotted keys the file, presets and sets gave.
+    `sections` reads only those parts of the file, each a whole section (`audio`) or one key (`shards.pattern`): a
+    shard folder's frozen pipeline.yaml is read for its sample-side settings only, the rest of it is never looked
+    at; such a file is a record of the settings used, not a request, so a key of it that has no effect is not an
+    error there. The result's `explicit` holds the dotted keys the file, presets and sets gave.
 
     A preset is an entry of the `presets:` section: a flat mapping of dotted keys to values, applied exactly
     like `--set` (so `--preset scale+` is shorthand for the handful of `--set`s of a recipe); a user file may add
@@ -100,7 +101,7 @@ def load_config(path: str | Path | None = None, sets: Iterable[str] = (), preset
     if path is not None:
         user = _read_yaml(Path(path))
         if sections is not None:
-            user = {name: user[name] for name in sections if name in user}
+            user = _only(user, sections)
         load.merge_file(user, str(path), record=sections is not None)
     for name in presets:
         table = load.data["presets"]
@@ -111,6 +112,19 @@ def load_config(path: str | Path | None = None, sets: Iterable[str] = (), preset
     for item in sets:
         load.set_item(item)
     return load.result()
+
+
+def _only(user: dict[str, Any], parts: Iterable[str]) -> dict[str, Any]:
+    """The `parts` of a config file's mapping: whole sections (`audio`) or single keys (`shards.pattern`)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        section, _, key = part.partition(".")
+        if not key:
+            if section in user:
+                out[section] = user[section]
+        elif isinstance(user.get(section), dict) and key in user[section]:
+            out.setdefault(section, {})[key] = user[section][key]
+    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """The settings a shard set was made with: the `pipeline.yaml` that ingest froze beside its shards.
 
-Only the preprocessing sections of that file describe the shards (`PREP_SECTIONS`); of those, training takes the
-sample-side facts (`SAMPLE_FACTS`: how the fbank was computed and how many frames of what size a sample holds) from
-the shards rather than from its own config, so the model's geometry and waveform mixup follow the data. A run that
-sets one of them explicitly to another value, or a `--shards` list that mixes sets made differently, is refused
-with one line naming both values: otherwise it would surface as a shape error at the first forward pass, or never
-(a different `frame_shift_ms`).
+The file is untrusted (shard folders are downloaded): only what describes the samples is ever read from it
+(`FROZEN_KEYS`: the audio, video and clip sections and `shards.pattern`), never where or how a job runs (`ray.*`,
+the rest of `shards.*`): that comes from the user's own config. Of those, training takes the sample-side facts
+(`SAMPLE_FACTS`: how the fbank was computed and how many frames of what size a sample holds) from the shards rather
+than from its own config, so the model's geometry and waveform mixup follow the data. A run that sets one of them
+explicitly to another value, or a `--shards` list that mixes sets made differently, is refused with one line naming
+both values: otherwise it would surface as a shape error at the first forward pass, or never (a different
+`frame_shift_ms`).
 """
 
 from __future__ import annotations
@@ -22,18 +24,20 @@ log = logging.getLogger(__name__)
 
 FROZEN_CONFIG = "pipeline.yaml"
 SAMPLE_SECTIONS = ("audio", "video", "clip")        # what a sample's bytes depend on (its config digest)
-PREP_SECTIONS = SAMPLE_SECTIONS + ("shards", "ray")  # what a frozen pipeline.yaml means
+PREP_SECTIONS = SAMPLE_SECTIONS + ("shards", "ray")  # what a frozen pipeline.yaml records
+FROZEN_KEYS = SAMPLE_SECTIONS + ("shards.pattern",)  # what is read back from one: the samples and their shards' names
 SAMPLE_FACTS = ("audio.sample_rate", "audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_ms",
                 "audio.window_type", "video.num_frames", "video.image_size")
 
 
 def frozen_config(store: Store) -> Config:
-    """The config a shard folder was made with: its pipeline.yaml's preprocessing sections over today's defaults."""
+    """The settings a shard folder's samples were made with: its pipeline.yaml's `FROZEN_KEYS` over today's defaults
+    (every other setting is the default)."""
     with tempfile.TemporaryDirectory(prefix="cavmae-cfg-") as tmp:
         path = Path(tmp) / FROZEN_CONFIG
         path.write_bytes(store.read_bytes(FROZEN_CONFIG))
         try:
-            return load_config(path, sections=PREP_SECTIONS)
+            return load_config(path, sections=FROZEN_KEYS)
         except ConfigError as exc:  # name the folder's file, not our temporary copy
             raise ConfigError(str(exc).replace(str(path), store.uri(FROZEN_CONFIG))) from None
 

@@ -19,8 +19,8 @@ from shards.manifest import read_manifest, write_rows
 from shards.reader import decode_sample, list_shards, raw_samples
 from tests.clips import make_clip
 
-BASE = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=2",
-        "audio.keep_waveform=true"]
+SHARDS = ["shards.samples_per_shard=2"]  # a run's own (never taken from SRC's pipeline.yaml)
+BASE = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "audio.keep_waveform=true", *SHARDS]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_mode_choice(corpus):
 
 def test_from_waveform_without_the_sources(corpus):
     expected = _fresh(corpus, ["audio.num_mel_bins=64"], "fresh_mel64")
-    cfg = reprocess_config(corpus["src"], sets=["audio.num_mel_bins=64"])
+    cfg = reprocess_config(corpus["src"], sets=SHARDS + ["audio.num_mel_bins=64"])
     out = corpus["root"] / "re_mel64"
     with hidden(corpus["videos"]):
         summary = reprocess(corpus["src"], out, cfg)
@@ -98,9 +98,9 @@ def test_from_waveform_without_the_sources(corpus):
 def test_from_sources_equals_fresh_ingest(corpus):
     sets = ["video.num_frames=3", "clip.mode=windows", "clip.length_s=1.0", "clip.hop_s=1.0"]
     expected = _fresh(corpus, sets, "fresh_frames3", samples=6)
-    cfg = reprocess_config(corpus["src"], sets=sets)
+    cfg = reprocess_config(corpus["src"], sets=SHARDS + sets)
     out = corpus["root"] / "re_frames3"
-    summary = reprocess(corpus["src"], out, cfg)
+    summary = reprocess(corpus["src"], out, cfg, sources=[str(corpus["videos"])])
     assert summary.mode == "source" and summary.videos == 4
     _same_folder(out, expected)
     rows = [r for r in read_manifest(out) if r["video_id"] == "v3"]
@@ -110,7 +110,7 @@ def test_from_sources_equals_fresh_ingest(corpus):
 
 
 def test_repack_copies_members_unchanged(corpus):
-    cfg = reprocess_config(corpus["src"], sets=["shards.samples_per_shard=1"])
+    cfg = reprocess_config(corpus["src"], sets=SHARDS + ["shards.samples_per_shard=1"])
     out = corpus["root"] / "re_repack"
     with hidden(corpus["videos"]):
         summary = reprocess(corpus["src"], out, cfg)
@@ -129,10 +129,11 @@ def _cli(args):
 
 def test_sources_gone(corpus, tmp_path):
     with hidden(corpus["videos"]):
-        with pytest.raises(SourcesGone, match="all 4 are gone"):
-            reprocess(corpus["src"], tmp_path / "x", reprocess_config(corpus["src"], sets=["video.num_frames=3"]))
+        with pytest.raises(SourcesGone, match="all 4 inside --sources are gone"):
+            reprocess(corpus["src"], tmp_path / "x", reprocess_config(corpus["src"], sets=["video.num_frames=3"]),
+                      sources=[str(corpus["videos"])])
         res = _cli(["reprocess", str(corpus["src"]), "--out", str(tmp_path / "y"), "--set", "video.num_frames=3",
-                    "--workers", "1", "--no-progress"])
+                    "--sources", str(corpus["videos"]), "--workers", "1", "--no-progress"])
     assert res.returncode == 2, res.stderr
     err = res.stderr.strip()
     assert "\n" not in err and "video.num_frames changed" in err and str(corpus["videos"] / "v0.mp4") in err
@@ -144,7 +145,7 @@ def test_sources_gone(corpus, tmp_path):
     src = tmp_path / "src"
     assert ingest([str(partial)], src, load_config(sets=BASE)).ok == 4
     (partial / "v2.mp4").unlink()
-    summary = reprocess(src, tmp_path / "z", reprocess_config(src, sets=["video.num_frames=3"]))
+    summary = reprocess(src, tmp_path / "z", reprocess_config(src, sets=["video.num_frames=3"]), sources=[str(partial)])
     rows = {r["video_id"]: r for r in read_manifest(tmp_path / "z")}
     assert summary.ok == 3 and rows["v2"]["status"] == "failed"
     assert rows["v2"]["error"] == f"source video is gone: {partial / 'v2.mp4'}"
@@ -178,8 +179,9 @@ def test_same_bytes_whatever_the_task_size(corpus, sets):
     runs = {}
     for size in (None, 1, 2):
         out = corpus["root"] / f"units_{sets[0]}_{size}"
-        cfg = reprocess_config(corpus["src"], sets=sets + ([] if size is None else [f"ray.videos_per_task={size}"]))
-        assert reprocess(corpus["src"], out, cfg).ok == 4, size
+        units = [] if size is None else [f"ray.videos_per_task={size}"]
+        cfg = reprocess_config(corpus["src"], sets=SHARDS + sets + units)
+        assert reprocess(corpus["src"], out, cfg, sources=[str(corpus["videos"])]).ok == 4, size
         runs[size] = out
     ref = _folder_files(runs[None])
     assert [n for n in ref if n.startswith("shard-")]
@@ -206,7 +208,7 @@ def test_a_unit_reads_only_its_samples(corpus, tmp_path):
     write_rows(src / "manifest.parquet", rows)
 
     def run(source, out):
-        cfg = reprocess_config(source, sets=["audio.num_mel_bins=64", "ray.videos_per_task=1"])
+        cfg = reprocess_config(source, sets=SHARDS + ["audio.num_mel_bins=64", "ray.videos_per_task=1"])
         reprocess(source, out, cfg)
         return {r["video_id"]: (r["status"], r["error"]) for r in read_manifest(out)}
 
@@ -245,9 +247,9 @@ def test_a_stalled_source_times_out(corpus, tmp_path):
         while not endless.exists() or endless.stat().st_size < 100_000:
             assert writer.poll() is None
             time.sleep(0.1)
-        cfg = reprocess_config(src, sets=["clip.mode=windows", "clip.length_s=1.0", "clip.hop_s=1.0",
-                                          "ray.videos_per_task=2", "ray.video_timeout_s=5", "ray.max_retries=1"])
-        summary = reprocess(src, tmp_path / "out", cfg)
+        cfg = reprocess_config(src, sets=SHARDS + ["clip.mode=windows", "clip.length_s=1.0", "clip.hop_s=1.0",
+                                                   "ray.videos_per_task=2", "ray.video_timeout_s=5", "ray.max_retries=1"])
+        summary = reprocess(src, tmp_path / "out", cfg, sources=[str(tmp_path), str(corpus["videos"])])
     finally:
         writer.kill()
         writer.wait()
@@ -264,7 +266,7 @@ def test_resumes_an_interrupted_run(corpus, tmp_path):
     from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS
     from shards.store import Store
 
-    cfg = reprocess_config(corpus["src"], sets=["audio.num_mel_bins=64", "ray.videos_per_task=1"])
+    cfg = reprocess_config(corpus["src"], sets=SHARDS + ["audio.num_mel_bins=64", "ray.videos_per_task=1"])
     reprocess(corpus["src"], tmp_path / "whole", cfg)
     out = tmp_path / "resumed"
     store = Store.of(out)
