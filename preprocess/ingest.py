@@ -47,7 +47,7 @@ from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_
 from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, read_rows, write_rows
 from shards.names import shard_index, shard_name
 from shards.reader import tar_members
-from shards.schema import one_line
+from shards.schema import one_line, safe_text
 from shards.store import Store, is_temp_name, is_uri
 from shards.writer import ShardWriter
 
@@ -197,7 +197,7 @@ def _cut(items: list[InputItem], size: int, first_index: int) -> list[tuple[int,
 
 
 def _row(item: InputItem, status: str, error: str | None, cfg: Config, **extra: Any) -> dict[str, Any]:
-    return {"video_id": item.video_id, "key": None, "window": None, "source": item.path, "status": status,
+    return {"video_id": item.video_id, "key": None, "window": None, "source": safe_text(item.path), "status": status,
             "error": error, "shard": None, "labels": list(item.labels), "duration_s": None, "bytes": None,
             "config_digest": cfg.digest(*SAMPLE_SECTIONS), **extra}
 
@@ -224,7 +224,8 @@ def decode_unit(index: int, start: int, items: list[InputItem], out: str, cfg_da
                 dog.watch(store, timeout_name(name, position))
                 with local_copy(item.path) as path, SampleSpool() as spool:
                     indices = list(item.label_indices) if item.label_indices is not None else None
-                    for s in iter_samples(path, item.video_id, item.path, list(item.labels), indices, cfg):
+                    for s in iter_samples(path, item.video_id, safe_text(item.path), list(item.labels), indices,
+                                          cfg):
                         spool.add(s.members)
                         item_rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"),
                                               shard=name, duration_s=s.meta.get("duration_s"),

@@ -3,20 +3,24 @@ and attach labels (from the JSON, a `video_id,labels` CSV, or parent folder name
 
 Every problem with a single input becomes an item with an `error` (a manifest row with status `skipped`),
 never an exception; only an argument that cannot be read at all raises `InputError`. Files a folder holds but that
-are not taken (other extensions, hidden files and folders) are listed in `ignored` when the caller passes a list,
-so nothing is left out in silence. Audio files are taken: without `video.allow_missing` the decoder records them
-as failed ("no video stream"), with it they become audio-only samples.
+are not taken (other extensions, hidden files and folders, links to folders, and media names that are not
+regular files: FIFOs, dangling links, link loops) are listed in `ignored` with the reason when the caller passes a
+list, so nothing is left out in silence. A file name that is not UTF-8 is taken: what is recorded of it (video id,
+source) is `shards.schema.safe_text` of its bytes. Audio files are taken: without `video.allow_missing` the decoder
+records them as failed ("no video stream"), with it they become audio-only samples.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shards.errors import UserError
+from shards.schema import LABEL_INDEX_LIMIT, safe_text
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
 AUDIO_EXTENSIONS = (".m4a", ".wav", ".flac", ".mp3", ".ogg")
@@ -62,7 +66,10 @@ class LabelIndex:
                 if not reader.fieldnames or not {"index", "mid"} <= set(reader.fieldnames):
                     raise InputError(f"{path}: label index CSV needs the header index,mid,display_name")
                 for row in reader:
-                    table.index[row["mid"]] = int(row["index"])
+                    index = int(row["index"])
+                    if not 0 <= index < LABEL_INDEX_LIMIT:
+                        raise ValueError(f"index {index} of {row['mid']!r} is not in 0..{LABEL_INDEX_LIMIT - 1}")
+                    table.index[row["mid"]] = index
                     table.names[row.get("display_name") or row["mid"]] = row["mid"]
         except OSError as exc:
             raise InputError(f"{path}: cannot read label index ({exc.strerror or exc})") from None
@@ -83,8 +90,9 @@ class LabelIndex:
 
 
 def video_id_of(path: str) -> str:
-    """The official video id: the file name without its extension (ids may contain dots)."""
-    return Path(path).stem
+    """The official video id: the file name without its extension (ids may contain dots; a name that is not UTF-8
+    gives `safe_text` of its bytes)."""
+    return safe_text(Path(path).stem)
 
 
 def collect_inputs(args: list[str], *, labels_csv: str | None = None, label_index: LabelIndex | None = None,
@@ -113,7 +121,7 @@ def _expand(arg: str, ignored: list[tuple[str, str]]) -> list[InputItem]:
         return _expand_remote(arg, ignored)
     path = Path(arg)
     if path.is_dir():
-        return [InputItem(video_id_of(str(p)), str(p.resolve()), folder=p.parent.name)
+        return [InputItem(video_id_of(str(p)), str(p.resolve()), folder=safe_text(p.parent.name))
                 for p in _scan_folder(path, ignored)]
     if path.suffix.lower() == ".json" and path.is_file():
         return _read_dataset_json(path)
@@ -121,18 +129,22 @@ def _expand(arg: str, ignored: list[tuple[str, str]]) -> list[InputItem]:
         return _read_path_list(path)
     if path.exists() or path.suffix.lower() in MEDIA_EXTENSIONS:
         # a single video, kept even when unreadable: decoding will record why it failed
-        return [InputItem(video_id_of(arg), str(path.resolve()), folder=path.resolve().parent.name)]
+        return [InputItem(video_id_of(arg), str(path.resolve()), folder=safe_text(path.resolve().parent.name))]
     raise InputError(f"{arg}: no such file or folder")
 
 
 def _scan_folder(root: Path, ignored: list[tuple[str, str]]) -> list[Path]:
-    """Media files under `root` (recursive, sorted); hidden folders are not entered, and everything not taken
-    goes to `ignored` (a hidden folder as one entry, not its every file)."""
+    """Media files under `root` (recursive, sorted); hidden folders and links to folders are not entered, and
+    everything not taken goes to `ignored` (a hidden folder as one entry, not its every file)."""
     found = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
-        ignored += [(str(here / d) + "/", "hidden folder") for d in sorted(dirs) if d.startswith(".")]
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in sorted(dirs):
+            if d.startswith("."):
+                ignored.append((str(here / d) + "/", "hidden folder"))
+            elif (here / d).is_symlink():  # (os.walk lists it but never enters it: a loop, or a way out)
+                ignored.append((str(here / d) + "/", "link to a folder (not followed)"))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (here / d).is_symlink())
         for name in sorted(files):
             p = here / name
             if name.startswith("."):
@@ -141,7 +153,20 @@ def _scan_folder(root: Path, ignored: list[tuple[str, str]]) -> list[Path]:
                 ignored.append((str(p), NOT_MEDIA))
             elif p.is_file():
                 found.append(p)
+            else:
+                ignored.append((str(p), _not_regular(p)))
     return found
+
+
+def _not_regular(path: Path) -> str:
+    """Why a media name in a folder is not a regular file to decode."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "dangling link"
+    except OSError as exc:
+        return "link loop" if exc.errno == errno.ELOOP else f"cannot stat ({exc.strerror or exc})"
+    return "not a regular file (a FIFO, device or socket)"
 
 
 def _expand_remote(uri: str, ignored: list[tuple[str, str]]) -> list[InputItem]:
@@ -200,12 +225,12 @@ def _read_dataset_json(path: Path) -> list[InputItem]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "video_id" not in entry:
             raise InputError(f"{path}: entry {i} has no video_id")
-        vid = str(entry["video_id"])
-        labels = tuple(x for x in str(entry.get("labels", "")).split(",") if x)
+        vid = safe_text(str(entry["video_id"]))  # (JSON may escape a lone surrogate)
+        labels = tuple(x for x in safe_text(str(entry.get("labels", ""))).split(",") if x)
         video = _locate_video(path.parent, vid, str(entry.get("video_path", "")))
         if video is None:
-            items.append(InputItem(vid, str(entry.get("video_path", "")), labels,
-                                   error=f"no video file for video_id {vid!r} under {entry.get('video_path')!r}"))
+            where = safe_text(str(entry.get("video_path", "")))
+            items.append(InputItem(vid, where, labels, error=f"no video file for video_id {vid!r} under {where!r}"))
         else:
             items.append(InputItem(vid, str(video.resolve()), labels, folder=video.parent.name))
     return items
@@ -265,7 +290,7 @@ def _mark_duplicates(items: list[InputItem]) -> list[InputItem]:
     out, seen = [], {}
     for it in items:
         if it.video_id in seen and it.error is None:
-            it = replace(it, error=f"duplicate video_id {it.video_id!r} (also {seen[it.video_id]})")
+            it = replace(it, error=f"duplicate video_id {it.video_id!r} (also {safe_text(seen[it.video_id])})")
         else:
             seen.setdefault(it.video_id, it.path)
         out.append(it)

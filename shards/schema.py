@@ -31,6 +31,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")  # make_key's alphabet: no '/', '.', '..' or absolute path can pass
 _MEMBER = re.compile(r"^(json|fbank\.npy|frame(\d{1,3})\.jpg|flac|labels\.txt)$")
 KEY_MAX = 96
+LABEL_INDEX_LIMIT = 10**9  # class indices are 0 .. LABEL_INDEX_LIMIT - 1 (at most 9 digits in labels.txt)
 
 
 class BadSample(ValueError):
@@ -42,6 +43,16 @@ def one_line(what: object) -> str:
     exception without a message gives its type name."""
     text = " ".join(str(what).split())
     return text or (type(what).__name__ if isinstance(what, BaseException) else "")
+
+
+def safe_text(text: str) -> str:
+    """`text` as valid UTF-8 text, for what is recorded (video ids, sources in samples and manifests): a file name
+    that is not UTF-8 (os gives its bytes back as lone surrogates) gets its bad bytes as `\\xNN` escapes, so the
+    same bytes always give the same text, and nothing downstream fails to encode it."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte (from a JSON list, say)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def make_key(video_id: str, window: int | None = None) -> str:
@@ -159,6 +170,6 @@ def decode_labels(data: bytes) -> list[int]:
     if not text:
         return []
     parts = text.split(",")
-    if not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+    if not all(p.strip().isdigit() and len(p.strip()) <= len(str(LABEL_INDEX_LIMIT - 1)) for p in parts):
         raise BadSample(f"labels.txt {text[:40]!r} is not comma-separated non-negative class indices")
     return [int(p) for p in parts]

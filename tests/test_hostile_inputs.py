@@ -1,0 +1,211 @@
+"""Hostile input, round two (issue 17): raw videos, input folders and downloaded shard folders never choose what is
+read, run or contacted. Every case is built here at test time and runs under an alarm; a marker file's access time
+shows it was not read, a listener on 127.0.0.1 shows nothing was contacted."""
+
+import os
+import shutil
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cavmae.predict import video_samples
+from preprocess import cli as prep_cli
+from preprocess.decode import NOT_ALLOWED
+from preprocess.ingest import ingest
+from preprocess.inputs import InputError, LabelIndex
+from preprocess.reprocess import reprocess, reprocess_config, source_allowed
+from shards.config import load_config
+from shards.manifest import read_manifest, write_rows
+from tests.clips import make_clip
+
+SMALL = ["clip.length_s=1.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=4"]
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    def expired(*_):
+        raise TimeoutError("hostile-input case did not finish in 120 s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+class Marker:
+    """A real video outside every input, with its access time set before its change time: reading it (relatime
+    or strictatime) moves the access time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        st = path.stat()
+        os.utime(path, ns=(st.st_mtime_ns - 10**11, st.st_mtime_ns))
+        self.atime = path.stat().st_atime_ns
+
+    def untouched(self) -> bool:
+        return self.path.stat().st_atime_ns == self.atime
+
+
+def atime_works(tmp: Path) -> bool:
+    """Whether this filesystem records reads at all (a noatime mount would make the marker check vacuous)."""
+    probe = tmp / "atime-probe"
+    probe.write_bytes(b"x")
+    marker = Marker(probe)
+    probe.read_bytes()
+    return not marker.untouched()
+
+
+class Listener:
+    """A TCP listener on 127.0.0.1 that records every connection made to it."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, local_ray):
+    """Input folders holding every hostile case, their ingest, and a second ingest to reprocess."""
+    root = tmp_path_factory.mktemp("hostile_inputs")
+    elsewhere = root / "elsewhere"
+    secret = make_clip(elsewhere, "secret", seconds=1.0, size=(64, 48), color="red", container="mkv")
+    secret_ts = elsewhere / "secret.ts"  # what an HLS playlist can name
+    shutil.copy(make_clip(elsewhere / "src", "ts", seconds=1.0, size=(64, 48), color="red", container="ts"), secret_ts)
+
+    inputs = root / "inputs"
+    make_clip(inputs, "good", seconds=1.0, size=(64, 48))
+    (inputs / "list.m3u8").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXT-X-VERSION:3\n#EXTINF:1.0,\n"
+                                      f"{secret_ts}\n#EXT-X-ENDLIST\n")
+    (inputs / "concat.mp4").write_text("ffconcat version 1.0\nfile 'list.m3u8'\n")
+    (inputs / "hls.mp4").write_text((inputs / "list.m3u8").read_text())
+    with open(os.fsencode(inputs) + b"/caf\xe9.mp4", "wb") as f:  # a name that is not UTF-8
+        f.write((inputs / "good.mp4").read_bytes())
+    os.mkfifo(inputs / "fifo.mp4")
+    (inputs / "dangling.mp4").symlink_to(root / "nowhere.mp4")
+    (inputs / "loop.mp4").symlink_to(inputs / "loop.mp4")
+    (inputs / "here").symlink_to(".")
+    make_clip(root / "outside", "linked_clip", seconds=1.0, size=(64, 48))
+    (inputs / "linked").symlink_to(root / "outside")
+    markers = [Marker(secret), Marker(secret_ts)]
+    summary = ingest([str(inputs)], root / "out", load_config(sets=SMALL))
+
+    videos = root / "videos"
+    for name in ("a", "b"):
+        make_clip(videos, name, seconds=1.0, size=(64, 48), tone_hz=300 if name == "a" else 500)
+    src = root / "src"
+    assert ingest([str(videos)], src, load_config(sets=SMALL)).ok == 2
+    return {"root": root, "inputs": inputs, "summary": summary, "markers": markers, "secret": secret,
+            "videos": videos, "src": src, "atime": atime_works(root)}
+
+
+def test_ingest_opens_only_allowed_demuxers_and_names_every_entry_it_skips(world):
+    rows = {r["video_id"]: r for r in read_manifest(world["root"] / "out")}
+    assert rows["good"]["status"] == "ok"
+    assert rows["concat"]["status"] == "failed" and rows["concat"]["error"] == NOT_ALLOWED
+    assert rows["hls"]["status"] == "failed" and "not a media file" in rows["hls"]["error"]
+    # a name that is not UTF-8: ingested, recorded by its bytes' escapes, and a rerun finds it done
+    assert rows["caf\\xe9"]["status"] == "ok" and rows["caf\\xe9"]["source"].endswith("caf\\xe9.mp4")
+    assert rows["caf\\xe9"]["key"] == "caf_xe9_" + rows["caf\\xe9"]["key"].rsplit("_", 1)[1]
+    assert set(rows) == {"good", "concat", "hls", "caf\\xe9"}
+    assert not list((world["root"] / "out").glob("_*"))
+    again = ingest([str(world["inputs"])], world["root"] / "out", load_config(sets=SMALL))
+    assert again.already == 4 and again.videos == 0
+
+    inputs = world["inputs"]
+    ignored = dict(world["summary"].ignored)
+    assert ignored[str(inputs / "fifo.mp4")] == "not a regular file (a FIFO, device or socket)"
+    assert ignored[str(inputs / "dangling.mp4")] == "dangling link"
+    assert ignored[str(inputs / "loop.mp4")] == "link loop"
+    assert ignored[str(inputs / "here") + "/"] == ignored[str(inputs / "linked") + "/"] == \
+        "link to a folder (not followed)"
+    if world["atime"]:
+        assert all(m.untouched() for m in world["markers"])
+
+
+def test_predict_refuses_what_ingest_refuses(world):
+    paths = [str(world["inputs"] / "concat.mp4"), str(world["inputs"] / "hls.mp4")]
+    got = list(video_samples(paths, load_config(sets=SMALL)))
+    assert [(p, s) for p, s, _ in got] == [(paths[0], None), (paths[1], None)]
+    assert got[0][2] == NOT_ALLOWED and "not a media file" in got[1][2]
+    if world["atime"]:
+        assert all(m.untouched() for m in world["markers"])
+
+
+@pytest.mark.parametrize("index", ["-1", str(10**12)])
+def test_label_index_out_of_range_is_refused_at_ingest(tmp_path, capsys, index):
+    csv = tmp_path / "index.csv"
+    csv.write_text(f"index,mid,display_name\n0,/m/a,A\n{index},/m/b,B\n")
+    with pytest.raises(InputError, match=f"index {index} of '/m/b' is not in 0..999999999"):
+        LabelIndex.read(csv)
+    code = prep_cli.main(["ingest", str(tmp_path), "--out", str(tmp_path / "o"), "--label-index", str(csv),
+                          "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and f"index {index}" in err
+    assert not (tmp_path / "o" / "manifest.parquet").exists()
+
+
+def test_source_roots():
+    roots = ("/data/videos", "s3://bucket/videos?endpoint_override=minio:9000")
+    assert source_allowed("/data/videos/a.mp4", roots) and source_allowed("/data/videos/x/a.mp4", roots)
+    for source in ("/data/videos2/a.mp4", "/data/videos/../secret.mp4", "relative/a.mp4", "/data/videos", None, 3,
+                   "s3://bucket/videos/a.mp4", "s3://bucket/videos/a.mp4?endpoint_override=evil:80",
+                   "s3://bucket/videos/../x.mp4?endpoint_override=minio:9000", "file:///data/videos/a.mp4"):
+        assert not source_allowed(source, roots), source
+    assert source_allowed("s3://bucket/videos/d/a.mp4?endpoint_override=minio:9000", roots)
+
+
+def test_reprocess_reads_only_inside_sources_and_never_joins_the_folders_cluster(world, tmp_path):
+    """A downloaded SRC whose manifest names a file outside the user's --sources and whose pipeline.yaml names a
+    cluster: the outside file becomes a failed row naming it (never read), nothing connects to the cluster."""
+    listener = Listener()
+    try:
+        src = tmp_path / "src"
+        shutil.copytree(world["src"], src)
+        frozen = yaml.safe_load((src / "pipeline.yaml").read_text())
+        frozen["ray"].update(address=f"127.0.0.1:{listener.port}", max_retries=0)
+        frozen["shards"]["samples_per_shard"] = 1
+        (src / "pipeline.yaml").write_text(yaml.safe_dump(frozen))
+        rows = read_manifest(src)
+        for r in rows:
+            if r["video_id"] == "b":
+                r["source"] = str(world["secret"])
+        write_rows(src / "manifest.parquet", rows)
+        marker = Marker(world["secret"])
+
+        cfg = reprocess_config(src, sets=["video.num_frames=3"])
+        assert cfg.ray.address is None and cfg.ray.max_retries != 0 and cfg.shards.samples_per_shard != 1
+        with pytest.raises(InputError, match="--sources DIR"):
+            reprocess(src, tmp_path / "refused", cfg)
+        assert not (tmp_path / "refused").exists()
+
+        summary = reprocess(src, tmp_path / "dst", cfg, sources=[str(world["videos"])])
+        got = {r["video_id"]: (r["status"], r["error"]) for r in read_manifest(tmp_path / "dst")}
+        assert got == {"a": ("ok", None), "b": ("failed", f"source is outside --sources: {world['secret']}")}
+        assert summary.ok == 1 and summary.failed == 1
+        assert yaml.safe_load((tmp_path / "dst" / "pipeline.yaml").read_text())["ray"]["address"] is None
+        assert listener.connections == 0
+        if world["atime"]:
+            assert marker.untouched()
+    finally:
+        listener.close()
