@@ -69,6 +69,7 @@ FBANK_KEYS = ("audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_
 MODES = {"repack": "repack only (members copied unchanged)",
          "waveform": "from the stored waveforms (.flac), no video decoded",
          "source": "from the source videos"}
+FLAC_SLACK_S = 1.0  # how much longer than its clip a stored waveform may declare itself
 READ_BYTES = 8 << 20  # the most one ranged read of SRC gathers (adjacent samples of a unit's videos)
 
 
@@ -409,7 +410,8 @@ def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
     if meta.get("has_audio"):
         if flac is None:
             raise BadInput(f"sample {key} has no stored waveform (.flac); reprocess needs its source video")
-        fb = fbank(decode_flac(flac, cfg.audio.sample_rate), cfg.audio)
+        # (waveform mode keeps clip.*: a stored waveform is at most one clip long)
+        fb = fbank(decode_flac(flac, cfg.audio.sample_rate, cfg.clip.length_s + FLAC_SLACK_S), cfg.audio)
     meta["audio_frames"] = 0 if fb is None else int(fb.shape[0])
     meta["config_digest"] = digest
     frames = sorted((int(s[5:-4]), data) for s, data in d.items() if s.startswith("frame"))

@@ -37,3 +37,10 @@ def fbank_rows(num_samples: int, audio: Config) -> int:
     shift = int(audio.sample_rate * audio.frame_shift_ms * 0.001)
     length = int(audio.sample_rate * audio.frame_length_ms * 0.001)
     return 0 if num_samples < length else 1 + (num_samples - length) // shift
+
+
+def waveform_seconds(rows: int, audio: Config) -> float:
+    """The longest waveform (seconds) whose fbank has `rows` rows: what a sample's `.flac` may hold at most."""
+    shift = int(audio.sample_rate * audio.frame_shift_ms * 0.001)
+    length = int(audio.sample_rate * audio.frame_length_ms * 0.001)
+    return (length + rows * shift) / audio.sample_rate

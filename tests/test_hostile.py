@@ -193,7 +193,7 @@ def test_flac_member_is_decoded_as_flac_only(tmp_path, monkeypatch):
         assert sum(f.samples for f in probing.decode(audio=0)) == 16000
     with pytest.raises(BadSample, match="not FLAC"):
         open_flac(script)
-    assert decode_flac(target.read_bytes(), 16000).shape == (16000,)
+    assert decode_flac(target.read_bytes(), 16000, 1.0).shape == (16000,)
 
 
 def pax_tar(record_length: bytes) -> bytes:

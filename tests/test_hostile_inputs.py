@@ -2,19 +2,24 @@
 read, run or contacted. Every case is built here at test time and runs under an alarm; a marker file's access time
 shows it was not read, a listener on 127.0.0.1 shows nothing was contacted."""
 
+import json
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from cavmae.predict import video_samples
 from preprocess import cli as prep_cli
 from preprocess.decode import NOT_ALLOWED
+from preprocess.features import encode_flac
 from preprocess.ingest import ingest
 from preprocess.inputs import InputError, LabelIndex
 from preprocess.reprocess import reprocess, reprocess_config, source_allowed
@@ -22,6 +27,7 @@ from shards.config import load_config
 from shards.manifest import read_manifest, write_rows
 from tests.clips import make_clip
 
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["clip.length_s=1.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=4"]
 
 
@@ -209,3 +215,50 @@ def test_reprocess_reads_only_inside_sources_and_never_joins_the_folders_cluster
             assert marker.untouched()
     finally:
         listener.close()
+
+
+def in_child(code: str, memory_gb: int = 2, timeout: int = 60) -> str:
+    """Run `code` in a child Python whose address space is capped at `memory_gb`; its stdout (it must exit 0)."""
+    cap = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({memory_gb << 30}, {memory_gb << 30}))\n"
+    res = subprocess.run([sys.executable, "-c", cap + code], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def flac_declaring(rate: int | None = None, samples: int | None = None, seconds: float = 1.0) -> bytes:
+    """Our own mono 16 kHz FLAC of `seconds`, its STREAMINFO then patched to declare `rate` / `samples`."""
+    data = bytearray(encode_flac(np.full(int(16000 * seconds), 0.1, np.float32), 16000))
+    packed = int.from_bytes(data[18:26], "big")
+    if rate is not None:
+        packed = (packed & ((1 << 44) - 1)) | (rate << 44)
+    if samples is not None:
+        packed = (packed & ~((1 << 36) - 1)) | samples
+    data[18:26] = packed.to_bytes(8, "big")
+    return bytes(data)
+
+
+def test_flac_streaminfo_is_checked_before_decoding(tmp_path):
+    """A member declaring 1 Hz (resampled to 16000x its length), 2**36-1 samples, or fewer samples than it holds:
+    each a BadSample, in a process capped at 2 GB; our own member decodes."""
+    cases = {"one_hz": flac_declaring(rate=1), "endless": flac_declaring(samples=(1 << 36) - 1),
+             "liar": flac_declaring(samples=1600, seconds=3.0), "ours": flac_declaring()}
+    for name, data in cases.items():
+        (tmp_path / f"{name}.flac").write_bytes(data)
+    out = in_child(f"""
+import json, pathlib
+from shards.media import decode_flac
+from shards.schema import BadSample
+got = {{}}
+for p in sorted(pathlib.Path({str(tmp_path)!r}).glob("*.flac")):
+    try:
+        got[p.stem] = int(decode_flac(p.read_bytes(), 16000, 10.0).size)
+    except BadSample as exc:
+        got[p.stem] = str(exc)
+print(json.dumps(got))
+""")
+    got = json.loads(out)
+    assert got["ours"] == 16000
+    assert "declares 16000 samples of 1 channel(s) at 1 Hz" in got["one_hz"]
+    assert f"declares {(1 << 36) - 1} samples" in got["endless"] and "at most 160000" in got["endless"]
+    assert got["liar"] == ".flac member holds more than the 1600 samples it declares"

@@ -431,10 +431,13 @@ class Transform:
         if self.audio is None or sample["flac"] is None or partner["flac"] is None:
             return mix_fbanks(fbank, torch.from_numpy(partner["fbank"]).float(), lam), "fbank"
         from shards.fbank import fbank as compute_fbank  # torchaudio: only for waveform mixup
+        from shards.fbank import waveform_seconds
 
-        rate = int(self.audio["sample_rate"])
-        mix = mix_waveforms(*(torch.from_numpy(decode_flac(s["flac"], rate)) for s in (sample, partner)), lam)
-        return torch.from_numpy(compute_fbank(mix.numpy(), Config(self.audio))).float(), "waveform"
+        audio = Config(self.audio)
+        waves = (decode_flac(s["flac"], int(audio.sample_rate), waveform_seconds(s["fbank"].shape[0], audio))
+                 for s in (sample, partner))  # (no longer than its fbank says: checked before decoding)
+        mix = mix_waveforms(*map(torch.from_numpy, waves), lam)
+        return torch.from_numpy(compute_fbank(mix.numpy(), audio)).float(), "waveform"
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """A compact batch: fbanks zero-padded / cut to target_length in one [B, T, F] buffer (float16 when every
