@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shards.config import Config, ConfigError, load_config
 from shards.frozen import SAMPLE_SECTIONS
+from shards.store import check_out_file
 
 EXAMPLES = """examples:
   cavmae predict clip.mp4 other.mkv --checkpoint runs/ft/model.pth --labels class_labels_indices.csv
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top_k < 1:
             raise UsageError(f"--top-k must be >= 1; got {args.top_k}")
+        if args.out:  # written after every video is scored: a bad --out is said first
+            check_out_file(args.out)
         cfg = predict_config(args)
         index = LabelIndex.read(args.labels)
         display = index.display_names()
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cavmae: error: {exc}", file=sys.stderr)
         return 2
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 1 if failed else 0
 

@@ -15,6 +15,7 @@ from collections import Counter
 
 from shards.config import ConfigError, load_config
 from shards.schema import BadSample
+from shards.store import check_out_file
 
 from .inputs import InputError
 
@@ -134,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command != "inspect" and args.out is not None:  # inspect's --out is a picture, not a folder
+        if args.command == "inspect":  # inspect's --out is a picture, not a folder
+            check_out_file(args.out)
+        elif args.out is not None:
             check_out(args.out)
         if args.command == "reprocess":
             return _reprocess(args)
@@ -188,8 +191,8 @@ def _stats(args: argparse.Namespace, cfg) -> int:
 def _inspect(args: argparse.Namespace, cfg) -> int:
     from .inspect_shards import inspect
 
-    n = inspect(args.shards, args.out, key=args.key, count=args.random or 0, seed=args.seed,
-                label_index_csv=args.label_index, default_shift_ms=cfg.audio.frame_shift_ms)
+    n = inspect(args.shards, args.out, cfg, key=args.key, count=args.random or 0, seed=args.seed,
+                label_index_csv=args.label_index)
     print(f"cavmae-prep: drew {n} sample(s) into {args.out}")
     return 0
 

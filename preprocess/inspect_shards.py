@@ -2,39 +2,52 @@
 to look at to see that frames and audio line up.
 
 Samples stream through `shards.reader` (one shard at a time): `--key` stops at the first match, `--random N` keeps
-a seeded reservoir of N samples, so memory never grows with the set.
+a seeded reservoir of N samples, so memory never grows with the set. Each sample is checked against the shards' own
+sample settings (`shards.validate.check_sample`) before it is kept: one that fails is skipped with a warning, so its
+frames are never decoded (a JPEG header claiming 12000x12000 is refused by its header).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Iterator
 
-from shards.config import ConfigError
-from shards.frozen import FROZEN_CONFIG, frozen_config
+from shards.config import Config, ConfigError
+from shards.frozen import adopt_shard_settings
 from shards.reader import decode_sample, list_shards, raw_samples
-from shards.store import Store
+from shards.schema import BadSample, one_line
+from shards.store import Store, regular_files
+from shards.validate import SampleSpec, check_sample
 
 from .inputs import LabelIndex
-from .stats import shard_folder
+log = logging.getLogger(__name__)
 
 
-def _samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+def _samples(urls: list[str], spec: SampleSpec) -> Iterator[dict[str, Any]]:
+    """The samples that decode and fit `spec`; the others are skipped with a warning."""
     for raw in raw_samples(urls):
-        yield decode_sample(raw)
+        try:
+            sample = decode_sample(raw)
+            check_sample(sample, spec)
+        except BadSample as exc:
+            log.warning("skipping %s", one_line(exc))
+            continue
+        yield sample
 
 
-def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int = 0,
+         spec: SampleSpec = SampleSpec()) -> list[dict[str, Any]]:
     """The sample with `key` (or with that video id), or `count` samples drawn uniformly (reservoir sampling,
-    seeded), in the order of the shards."""
+    seeded), in the order of the shards; only samples that fit `spec`."""
     if key is not None:
-        for sample in _samples(urls):
+        for sample in _samples(urls, spec):
             if key in (sample["key"], sample["meta"].get("video_id")):
                 return [sample]
         raise ConfigError(f"--key {key}: no such sample in the {len(urls)} shard(s)")
     rng = random.Random(seed)
     chosen: list[tuple[int, dict[str, Any]]] = []
-    for seen, sample in enumerate(_samples(urls)):
+    for seen, sample in enumerate(_samples(urls, spec)):
         if len(chosen) < count:
             chosen.append((seen, sample))
         elif (j := rng.randrange(seen + 1)) < count:
@@ -44,24 +57,19 @@ def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int =
     return [s for _, s in sorted(chosen, key=lambda x: x[0])]
 
 
-def frame_shift_s(folder: Store, default_ms: float) -> float:
-    """The fbank hop the shards were made with (their pipeline.yaml), else the given default."""
-    if folder.is_file(FROZEN_CONFIG):
-        return float(frozen_config(folder).audio.frame_shift_ms) / 1000
-    return default_ms / 1000
-
-
-def inspect(spec: str, out: str, *, key: str | None = None, count: int = 0, seed: int = 0,
-            label_index_csv: str | None = None, default_shift_ms: float = 10.0) -> int:
-    """Draw the sample sheet of `spec` into the PNG `out` (local path or URI); returns the number of samples."""
+def inspect(spec: str, out: str, cfg: Config, *, key: str | None = None, count: int = 0, seed: int = 0,
+            label_index_csv: str | None = None) -> int:
+    """Draw the sample sheet of `spec` into the PNG `out` (local path or URI); returns the number of samples. The
+    sample settings (fbank hop and width, frames) are the shards' own (their pipeline.yaml), else `cfg`'s."""
     from .plots import sheet_figure, to_png
 
     if key is None and count < 1:
         raise ConfigError("give --key KEY or --random N (N >= 1)")
-    urls = list_shards(spec)
+    urls = regular_files(list_shards(spec))
+    cfg = adopt_shard_settings(cfg, urls, flag="inspect")
     names = LabelIndex.read(label_index_csv).display_names() if label_index_csv else {}
-    samples = pick(urls, key=key, count=count, seed=seed)
-    fig = sheet_figure(samples, frame_shift_s(shard_folder(spec, urls), default_shift_ms), names)
+    samples = pick(urls, key=key, count=count, seed=seed, spec=SampleSpec.of(cfg))
+    fig = sheet_figure(samples, float(cfg.audio.frame_shift_ms) / 1000, names)
     store, name = Store.split(out)
     store.makedirs()
     store.write_bytes(name, to_png(fig))

@@ -13,7 +13,10 @@ Two normalisation figures, so the user can choose:
   feeds it; the padding zeros pull both towards 0 for clips shorter than target_length.
 
 Counts and failure reasons come from the folder's `manifest.parquet`; durations, labels and the frames' mean RGB
-from the samples themselves. A sample the reader rejects is counted under `unreadable` with its reason.
+from the samples themselves. Every sample is checked against the shards' own sample settings (their pipeline.yaml,
+`shards.frozen.adopt_shard_settings`; `shards.validate.check_sample`) before it counts: a sample the reader rejects
+is counted under `unreadable` with its reason, and can neither set the fbank width the others are measured
+against nor cost more than its configured frame size to decode.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from shards.config import Config
+from shards.frozen import adopt_shard_settings
 from shards.manifest import read_manifest
 from shards.reader import decode_sample, list_shards, raw_samples
 from shards.schema import BadSample, one_line
-from shards.store import Store
+from shards.store import Store, regular_files
+from shards.validate import SampleSpec, check_sample
 
 from .ingest import report, run_groups
 from .inputs import LabelIndex
@@ -43,16 +48,19 @@ HIST_BINS = 20
 TOP = 20  # label and failure-reason bars in the picture
 
 
-def shard_sums(url: str, target_length: int) -> dict[str, Any]:
+def shard_sums(url: str, target_length: int, spec: SampleSpec) -> dict[str, Any]:
     """One shard's contribution: float64 sums over its fbank values (per mel bin), per-sample sums of the padded
-    fbank, durations, label counts and RGB sums of every frame, plus the reasons of the samples it could not read."""
+    fbank, durations, label counts and RGB sums of every frame, plus the reasons of the samples it could not read
+    (each sample checked against `spec` first)."""
     out: dict[str, Any] = {"url": url, "samples": 0, "bins": None, "rows": 0, "sum": None, "sumsq": None,
                            "padded_sum": [], "padded_sumsq": [], "durations": [], "labels": Counter(),
                            "rgb_sum": np.zeros(3), "pixels": 0, "frames": 0, "unreadable": []}
     try:
         for raw in raw_samples([url]):
             try:
-                _add_sample(out, decode_sample(raw), target_length)
+                sample = decode_sample(raw)
+                check_sample(sample, spec)
+                _add_sample(out, sample, target_length)
             except (BadSample, UnidentifiedImageError, OSError, ValueError) as exc:
                 out["unreadable"].append(one_line(exc))
     except (tarfile.TarError, OSError, ValueError) as exc:
@@ -64,10 +72,8 @@ def shard_sums(url: str, target_length: int) -> dict[str, Any]:
 
 def _add_sample(out: dict[str, Any], sample: dict[str, Any], target_length: int) -> None:
     fbank = sample["fbank"].astype(np.float64)
-    if out["bins"] is None:
+    if out["bins"] is None:  # (every sample has the width of the settings: `check_sample`)
         out["bins"], out["sum"], out["sumsq"] = fbank.shape[1], np.zeros(fbank.shape[1]), np.zeros(fbank.shape[1])
-    if fbank.shape[1] != out["bins"]:
-        raise BadSample(f"sample {sample['key']!r}: fbank has {fbank.shape[1]} mel bins, the shard {out['bins']}")
     rgb, pixels = np.zeros(3), 0
     for jpeg in sample["frames"]:
         with Image.open(io.BytesIO(jpeg), formats=["JPEG"]) as image:
@@ -92,7 +98,8 @@ def _add_sample(out: dict[str, Any], sample: dict[str, Any], target_length: int)
 def _stats_task(index: int, urls: list[str], out: str, cfg_data: dict[str, Any], *,
                 progress: Any = None) -> list[dict[str, Any]]:
     """`run_groups` task body: one shard's sums (with a status, so the progress bar counts the shard)."""
-    sums = shard_sums(urls[0], int(cfg_data["model"]["target_length"]))
+    cfg = Config(cfg_data)
+    sums = shard_sums(urls[0], int(cfg.model.target_length), SampleSpec.of(cfg))
     sums["status"] = "failed" if sums["unreadable"] else "ok"
     report(progress, index, 0, [sums])
     return [sums]
@@ -193,8 +200,9 @@ def compute_stats(spec: str, cfg: Config, *, label_index_csv: str | None = None,
                   workers: int | None = None, address: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Everything `stats.json` holds for the shards of `spec` (one Ray task per shard)."""
     label_index = LabelIndex.read(label_index_csv) if label_index_csv else None
-    urls = list_shards(spec)
+    urls = regular_files(list_shards(spec))
     folder = shard_folder(spec, urls)
+    cfg = adopt_shard_settings(cfg, urls, flag="stats")  # samples are checked against the shards' own settings
     parts = run_groups([(i, [u]) for i, u in enumerate(urls)], folder, cfg, _stats_task, workers=workers,
                        address=address, progress=progress, desc="stats", unit="shard")
     stats = {"folder": folder.uri(), **merge(parts, target_length=int(cfg.model.target_length), batch_size=batch_size)}

@@ -212,7 +212,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     `BadSample` (naming the key and shard) for anything outside the schema: a key outside the key alphabet (a
     member name with a directory, `../` or an absolute path), a json that is not an object, an fbank that is not
     2-D float with rows and columns and finite values. What depends on the config (mel width, frame size, number
-    of classes) the consumer checks (`train.data.Transform.example`).
+    of classes) every reader checks with `shards.validate.check_sample`.
     """
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
     try:

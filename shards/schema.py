@@ -145,23 +145,48 @@ def decode_member(suffix: str, data: bytes) -> Any:
 
 
 MAX_JSON_BYTES = 1 << 20
+_NUMBER = (int, float)
+# The type of each META_FIELDS entry a reader uses (None is allowed for all: older sets, audio- or video-only).
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "video_id": (str,), "source": (str,), "duration_s": _NUMBER, "fps": _NUMBER, "audio_frames": (int,),
+    "sample_rate": (int,), "has_audio": (bool,), "has_video": (bool,), "config_digest": (str,), "window": (int,),
+    "clip_start_s": _NUMBER, "audio_start_s": _NUMBER,
+}
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def decode_meta(data: bytes) -> dict[str, Any]:
-    """The `.json` member: a JSON object of at most MAX_JSON_BYTES whose `labels`, when present, is a list of
-    strings (what the trainer maps through a label index); deep nesting is a BadSample, not a RecursionError."""
+    """The `.json` member: a JSON object of at most MAX_JSON_BYTES whose fields have their schema types
+    (`META_TYPES`; `labels` a list of strings, what the trainer maps through a label index; `frame_times_s` a
+    list of numbers) and no NaN or Infinity; deep nesting is a BadSample, not a RecursionError."""
     if len(data) > MAX_JSON_BYTES:
         raise BadSample(f"json member of {len(data)} bytes (at most {MAX_JSON_BYTES})")
     try:
-        meta = json.loads(data)
+        meta = json.loads(data, parse_constant=_no_constant)
     except RecursionError:
         raise BadSample("json member is nested too deeply") from None
+    except ValueError as exc:
+        raise BadSample(f"json member is not valid JSON ({one_line(exc)})") from None
     if not isinstance(meta, dict):
         raise BadSample(f"json member is a {type(meta).__name__}, not an object")
     labels = meta.get("labels")
     if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
         raise BadSample("json 'labels' is not a list of strings")
+    times = meta.get("frame_times_s")
+    if times is not None and not (isinstance(times, list) and all(_is_number(t) for t in times)):
+        raise BadSample("json 'frame_times_s' is not a list of numbers")
+    for name, types in META_TYPES.items():
+        value = meta.get(name)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise BadSample(f"json {name!r} is a {type(value).__name__}, not {' or '.join(t.__name__ for t in types)}")
     return meta
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
 
 
 def decode_labels(data: bytes) -> list[int]:

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO
 
 import pyarrow.fs as pafs
+
+from .config import ConfigError
 
 RENAME_TYPES = ("local", "hdfs")
 _CHUNK = 8 << 20
@@ -118,7 +121,7 @@ class Store:
     def open_input(self, name: str) -> IO[bytes]:
         """A seekable binary reader (local: a plain file)."""
         if self.local:
-            return open(self.path(name), "rb")
+            return open_regular(self.path(name))
         return self.fs.open_input_file(self.path(name))
 
     def list(self, sub: str = "", *, recursive: bool = False) -> list[str]:
@@ -170,6 +173,57 @@ class Store:
                 self.fs.delete_dir(self.path(sub))
             except OSError:
                 pass
+
+
+NOT_REGULAR = "not a regular file (a FIFO, device or socket): only regular files are read"
+
+
+def open_regular(path: str | os.PathLike, buffering: int = -1) -> IO[bytes]:
+    """`path` opened for reading only if it is a regular file (a link to one is): a FIFO named `shard-000002.tar`
+    would block its reader forever, a device would stream without end. The check is on the opened descriptor
+    (opened non-blocking, so a FIFO without a writer does not block the open itself), not a racy stat before it.
+    OSError (FileNotFoundError, ...) as `open` raises it; for anything but a regular file, one naming the path."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{os.fspath(path)}: {NOT_REGULAR}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def regular_files(urls: list[str]) -> list[str]:
+    """`urls` (a shard list) when every local one that exists is a regular file, else FileNotFoundError naming the
+    first that is not (a FIFO, device or socket named like a shard); checked where shards are listed, before any
+    reader opens one and blocks."""
+    for url in urls:
+        if is_uri(url):
+            continue
+        try:
+            mode = os.stat(url).st_mode
+        except OSError:
+            continue  # (the reader says it is missing)
+        if not stat.S_ISREG(mode):
+            raise FileNotFoundError(f"{url}: {NOT_REGULAR}")
+    return urls
+
+
+def check_out_file(out: str, flag: str = "--out") -> None:
+    """A local file a command will write (`--out FILE`), checked before the work rather than failing after it: not
+    an existing folder, FIFO or device, and under a folder (the nearest existing parent is not a file). A URI is
+    its store's to judge. ConfigError, one line."""
+    if is_uri(out):
+        return
+    path = Path(out).absolute()
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise ConfigError(f"{flag} {out}: exists and is not a regular file")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {out}: {parent} is not a folder")
 
 
 def temp_name(name: str) -> str:

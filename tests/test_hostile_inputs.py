@@ -2,6 +2,7 @@
 read, run or contacted. Every case is built here at test time and runs under an alarm; a marker file's access time
 shows it was not read, a listener on 127.0.0.1 shows nothing was contacted."""
 
+import io
 import json
 import os
 import shutil
@@ -24,7 +25,10 @@ from preprocess.ingest import ingest
 from preprocess.inputs import InputError, LabelIndex
 from preprocess.reprocess import reprocess, reprocess_config, source_allowed
 from shards.config import load_config
+from shards.frozen import PREP_SECTIONS
 from shards.manifest import read_manifest, write_rows
+from shards.schema import sample_members
+from shards.writer import ShardWriter
 from tests.clips import make_clip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,3 +266,163 @@ print(json.dumps(got))
     assert "declares 16000 samples of 1 channel(s) at 1 Hz" in got["one_hz"]
     assert f"declares {(1 << 36) - 1} samples" in got["endless"] and "at most 160000" in got["endless"]
     assert got["liar"] == ".flac member holds more than the 1600 samples it declares"
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A tiny JPEG (a few hundred bytes) whose frame header claims width x height."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_stats_and_inspect_check_each_sample_against_the_shards_settings(tmp_path):
+    """A 64-mel sample first in the shard, then a frame whose 633-byte JPEG claims 12000x12000, then good samples:
+    stats counts the two as unreadable and its mean/std are the good samples' alone; inspect draws the good ones;
+    both in a process capped at 2 GB."""
+    from PIL import Image
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    cfg = load_config(sets=["video.image_size=32", "video.num_frames=2"])
+    (folder / "pipeline.yaml").write_text(cfg.to_yaml(*PREP_SECTIONS))
+    rng = np.random.default_rng(0)
+    frame = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(frame, format="JPEG")
+    good = [rng.normal(-4, 2, (50, 128)).astype(np.float16) for _ in range(2)]
+    bomb = jpeg_claiming(12000, 12000)
+    assert len(bomb) < 1000
+    with ShardWriter(folder, "shard-000000.tar") as shard:
+        shard.add(sample_members("narrow", {"video_id": "narrow"}, np.full((50, 64), 30, np.float16),
+                                 [frame.getvalue()]))
+        shard.add(sample_members("bomb", {"video_id": "bomb"}, good[0], [bomb]))
+        for i, fb in enumerate(good):
+            shard.add(sample_members(f"good{i}", {"video_id": f"good{i}"}, fb, [frame.getvalue()] * 2))
+    out = in_child(f"""
+import json
+from preprocess.cli import main
+from preprocess.stats import shard_sums, merge
+from shards.config import load_config
+from shards.frozen import adopt_shard_settings
+from shards.validate import SampleSpec
+url = {str(folder / "shard-000000.tar")!r}
+cfg = adopt_shard_settings(load_config(), [url])
+part = shard_sums(url, 1024, SampleSpec.of(cfg))
+stats = merge([part], target_length=1024, batch_size=1000)
+code = main(["inspect", {str(folder)!r}, "--random", "4", "--out", {str(tmp_path / "look.png")!r}])
+print(json.dumps({{"samples": stats["samples"], "unreadable": stats["unreadable_reasons"],
+                   "mean": stats["fbank"]["mean"], "rgb": stats["frames"]["mean_rgb"], "inspect": code}}))
+""", timeout=120)
+    got = json.loads(out.strip().splitlines()[-1])
+    values = np.concatenate([g.astype(np.float64).ravel() for g in good])
+    assert got["samples"] == 2 and got["mean"] == pytest.approx(values.mean())
+    reasons = " ".join(got["unreadable"])
+    assert "fbank has 64 mel bins, the settings say 128" in reasons and "not a readable JPEG" in reasons
+    assert got["rgb"][0] > 150 and got["inspect"] == 0 and (tmp_path / "look.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("meta, needle", [
+    (b'{"video_id": 3}', "'video_id' is a int, not str"),
+    (b'{"frame_times_s": {"a": 1}}', "'frame_times_s' is not a list of numbers"),
+    (b'{"duration_s": NaN}', "not valid JSON (NaN"),
+    (b'{"has_audio": 1}', "'has_audio' is a int, not bool"),
+    (b'{"window": true}', "'window' is a bool, not int"),
+])
+def test_json_fields_of_the_wrong_type_are_bad_samples(meta, needle):
+    from shards.reader import decode_sample
+    from shards.schema import BadSample, encode_npy
+
+    raw = {"__key__": "k", "__url__": "x.tar", "json": meta, "fbank.npy": encode_npy(np.zeros((4, 128), np.float16))}
+    with pytest.raises(BadSample, match="x.tar: sample 'k': json ") as err:
+        decode_sample(raw)
+    assert needle in str(err.value)
+
+
+TINY = ["model.size=tiny", "model.target_length=128", "video.image_size=64", "data.num_workers=0",
+        "video.num_frames=2", "pretrain.epoch_samples=2", "pretrain.batch_size=2", "finetune.epoch_samples=2",
+        "finetune.batch_size=2", "finetune.num_classes=4"]
+
+
+@pytest.fixture()
+def shard_folder(tmp_path):
+    """A folder of one good shard and a FIFO named like the next one."""
+    from PIL import Image
+    from shards.writer import write_shard
+
+    frame = io.BytesIO()
+    Image.new("RGB", (64, 64), (20, 20, 200)).save(frame, format="JPEG")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    fb = np.random.default_rng(1).normal(-5, 2, (40, 128)).astype(np.float16)
+    write_shard(folder / "shard-000000.tar", [m for i in range(2) for m in sample_members(
+        f"s{i}", {"video_id": f"s{i}", "labels": []}, fb, [frame.getvalue()] * 2, label_indices=[i])])
+    return folder
+
+
+def train_main(argv, capsys) -> tuple[int, str]:
+    from train import cli as train_cli
+
+    sets = [x for s in TINY for x in ("--set", s)]
+    code = train_cli.main(argv + sets)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(shard_folder, tmp_path, capsys):
+    import torch
+    from train.model import build_finetune_model
+    from train.stage import model_settings
+
+    ft = tmp_path / "ft.pth"
+    torch.save(build_finetune_model(model_settings(load_config(None, TINY)), 4).state_dict(), ft)
+    fifo = shard_folder / "shard-000002.tar"
+    os.mkfifo(fifo)
+    for argv in (["eval", "--shards", str(shard_folder), "--checkpoint", str(ft)],
+                 ["order", "--shards", str(shard_folder), "--epoch", "1"]):
+        code, err = train_main(argv, capsys)
+        assert code == 2 and f"{fifo}: not a regular file" in err and "\n" not in err, err
+    code = prep_cli.main(["inspect", str(shard_folder), "--random", "1", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{fifo}: not a regular file" in err and "\n" not in err, err
+
+
+def test_out_naming_a_folder_is_refused_before_the_work(shard_folder, tmp_path, capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    missing = str(tmp_path / "missing.pth")  # the work would fail on it: --out must be said first
+    for argv in (["eval", "--shards", str(shard_folder), "--checkpoint", missing, "--out", str(folder)],
+                 ["embed", "--shards", str(shard_folder), "--checkpoint", missing, "--out", str(folder)]):
+        code, err = train_main(argv, capsys)
+        assert code == 2 and err == f"cavmae-train: error: --out {folder}: exists and is not a regular file", err
+    from cavmae import cli as cavmae_cli
+
+    code = cavmae_cli.main(["predict", str(tmp_path / "v.mp4"), "--checkpoint", missing, "--labels",
+                            str(tmp_path / "labels.csv"), "--out", str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"cavmae: error: --out {folder}: exists and is not a regular file", err
+    code = prep_cli.main(["inspect", str(shard_folder), "--random", "1", "--out", str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"cavmae-prep: error: --out {folder}: exists and is not a regular file", err
+
+
+def test_init_and_resume_of_another_model_shape_are_one_line(shard_folder, tmp_path, capsys):
+    import torch
+    from train.model import build_pretrain_model
+    from train.stage import model_settings
+
+    other = build_pretrain_model(model_settings(load_config(None, TINY + ["model.target_length=256"]))).state_dict()
+    init = tmp_path / "other.pth"
+    torch.save(other, init)
+    for command in ("pretrain", "finetune"):
+        code, err = train_main([command, "--shards", str(shard_folder), "--init", str(init), "--out",
+                                str(tmp_path / command)], capsys)
+        assert code == 2 and f"--init {init}: does not fit" in err and "pos_embed_a" in err and "\n" not in err, err
+    run = tmp_path / "resumed"
+    run.mkdir()
+    torch.save({"model": other, "optimizer": {}, "scheduler": {}, "scaler": {}, "step": 1, "epoch": 0,
+                "batches_done": 1}, run / "last.pt")
+    code, err = train_main(["pretrain", "--shards", str(shard_folder), "--out", str(run), "--resume"], capsys)
+    assert code == 2 and f"{run / 'last.pt'}: does not fit" in err and "\n" not in err, err

@@ -72,12 +72,30 @@ def load_state_dict_file(path: str) -> "OrderedDict[str, torch.Tensor]":
     return strip_module_prefix(obj)
 
 
-def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]") -> LoadResult:
+def _some(items: "list[str]", shown: int = 3) -> str:
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def check_shapes(model: nn.Module, sd: "dict[str, Any]", source: str) -> None:
+    """CheckpointError (one line naming the first keys) when a tensor of `sd` has another shape than the model's
+    tensor of that name: another model size, target_length, mel bins or class count. torch would raise a
+    RuntimeError of a line per key."""
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{source}: the model's weights are not a state dict")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+             if k in own and (not isinstance(v, torch.Tensor) or v.shape != own[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{source}: does not fit {type(model).__name__} of this config (another model size, "
+                              f"target_length or mel bins?): checkpoint vs model shapes {_some(wrong)}")
+
+
+def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]", source: str = "checkpoint") -> LoadResult:
     """Load an official or our own checkpoint (with or without `module.`) into CAVMAE / CAVMAEFT / CAVMAEFTAudio.
 
-    Raises ValueError listing the offending keys when anything beyond the documented mismatches (module docstring)
-    is missing or unexpected; torch raises on shape mismatches (e.g. a different target_length). Returns the
-    tolerated missing/unexpected keys so the caller can log them.
+    Raises CheckpointError (one line, starting with `source`) naming the offending keys when anything beyond the
+    documented mismatches (module docstring) is missing or unexpected, or when a shape differs (e.g. another
+    target_length). Returns the tolerated missing/unexpected keys so the caller can log them.
     """
     model = dist.unwrap(model)
     sd = strip_module_prefix(sd)
@@ -91,6 +109,7 @@ def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]") -> Loa
     elif not isinstance(model, CAVMAE):
         raise TypeError(f"unsupported model type {type(model).__name__}")
 
+    check_shapes(model, sd, source)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     bad_missing = [k for k in missing if not k.startswith(allowed_missing)]
     bad_unexpected = [k for k in unexpected if not k.startswith(allowed_unexpected)]
@@ -98,9 +117,8 @@ def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]") -> Loa
     if head and len(head) != len([k for k in model.state_dict() if k.startswith("mlp_head.")]):
         bad_missing += head  # a partial head is a broken checkpoint, not a pretrained one
     if bad_missing or bad_unexpected:
-        raise ValueError(
-            f"checkpoint does not fit {type(model).__name__}: missing {bad_missing}, unexpected {bad_unexpected}"
-        )
+        raise CheckpointError(f"{source}: does not fit {type(model).__name__}: missing "
+                              f"[{_some(bad_missing)}], unexpected [{_some(bad_unexpected)}]")
     return LoadResult(sorted(missing), sorted(unexpected))
 
 
@@ -191,6 +209,10 @@ def pretrain_init_state(path: str, model_cfg: "dict[str, Any]") -> "dict[str, to
     into the official initialisation by `imagenet_mae_init`."""
     sd = load_state_dict_file(path)
     if "blocks.0.attn.qkv.weight" in sd:
-        sd = imagenet_mae_init(sd, size=model_cfg["size"], target_length=model_cfg["target_length"],
-                               num_mel_bins=model_cfg["num_mel_bins"])
+        try:
+            sd = imagenet_mae_init(sd, size=model_cfg["size"], target_length=model_cfg["target_length"],
+                                   num_mel_bins=model_cfg["num_mel_bins"])
+        except (ValueError, KeyError, AttributeError, RuntimeError) as exc:  # a damaged or foreign MAE file
+            raise CheckpointError(f"{path}: not an ImageNet MAE checkpoint this model can start from "
+                                  f"({' '.join(str(exc).split())[:300]})") from None
     return sd

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from shards.config import ConfigError, load_config
+from shards.store import check_out_file
 
 EXAMPLES = """examples:
   cavmae-train pretrain --shards shards/ --out runs/pt --preset scale+
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.stage import UsageError
 
     try:
+        if args.command in ("eval", "retrieve", "embed") and args.out:  # a file, written after the work
+            check_out_file(args.out)
         cfg = load_config(args.config, args.sets, args.presets)
         result = COMMANDS[args.command](args, cfg)
     except (ConfigError, UsageError, LabelError, CheckpointError, NoSamples) as exc:
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(result, indent=2)
         print(text)
         if getattr(args, "out", None) and args.command in ("eval", "retrieve"):
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text + "\n")
     return 0
 

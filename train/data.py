@@ -63,6 +63,7 @@ from shards.manifest import MANIFEST, read_rows
 from shards.media import decode_flac, open_jpeg
 from shards.reader import decode_sample, is_remote, raw_samples
 from shards.schema import BadSample, one_line
+from shards.validate import SampleSpec, check_labels, check_sample
 from train.epochs import EpochPlan, SampleRngs
 from shards.errors import UserError
 
@@ -377,11 +378,10 @@ class Transform:
             return None
 
     def check(self, sample: dict[str, Any]) -> None:
-        """What `decode_sample` cannot know: the fbank's mel width must be the model's (`num_mel_bins` in `data`,
-        when given). Frame sizes are checked as each frame is opened (`frame_pixels`), label indices in `example`."""
-        bins = self.data.get("num_mel_bins")
-        if bins is not None and sample["fbank"].shape[1] != bins:
-            raise BadSample(f"fbank has {sample['fbank'].shape[1]} mel bins, the model takes {bins}")
+        """What `decode_sample` cannot know (`shards.validate.check_sample`): the fbank's mel width must be the
+        model's (`num_mel_bins` in `data`, when given), the frames at most `num_frames`. Frame sizes are checked as
+        each frame is opened (`frame_pixels`: only those used are), label indices in `example` (after mapping)."""
+        check_sample(sample, SampleSpec(num_mel_bins=self.data.get("num_mel_bins"), num_frames=self.num_frames))
 
     def frame_indices(self, available: int, rng: np.random.Generator) -> list[int]:
         if self.frame == "random":
@@ -418,8 +418,7 @@ class Transform:
                    "_mixup": mixup, "aug": draw_augmentation(aug, d["target_length"], fbank.shape[1], rng)}
         if self.num_classes:
             first = label_indices(sample, self.label_map, self.label_file)
-            if any(not 0 <= i < self.num_classes for i in first):
-                raise BadSample(f"label indices {first} outside 0..{self.num_classes - 1}")
+            check_labels(first, self.num_classes)
             second = label_indices(partner, self.label_map, self.label_file) if partner is not None else None
             example["label"] = soft_labels(self.num_classes, aug["label_smooth"], first, second, lam)
         return example

@@ -68,7 +68,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     torch.manual_seed(cfg.data.seed)
     model = build_finetune_model(st.model_settings(cfg), num_classes)
     if init:
-        missing, unexpected = load_pretrained_into(model, load_state_dict_file(init))
+        missing, unexpected = load_pretrained_into(model, load_state_dict_file(init), source=f"--init {init}")
         if dist.is_main():
             print(f"loaded {init}: {len(missing)} missing (new head), {len(unexpected)} unexpected (decoder) keys")
     frozen = model.unused_parameter_names(mode)

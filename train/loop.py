@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from train import distributed as dist
-from train.checkpoint import read_checkpoint
+from train.checkpoint import CheckpointError, check_shapes, read_checkpoint
 from train.data import device_augment
 from train.epochs import step_seed
 from train.stage import UsageError
@@ -105,11 +105,16 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
     if resume and (out / LAST).exists():
         state = read_checkpoint(out / LAST, need=("model", "optimizer", "scheduler", "scaler", "step", "epoch",
                                                   "batches_done"))
-        dist.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when saved by a run whose scaler was disabled
-            scaler.load_state_dict(state["scaler"])
+        check_shapes(dist.unwrap(model), state["model"], str(out / LAST))
+        try:
+            dist.unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"]:  # empty when saved by a run whose scaler was disabled
+                scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # another model, optimizer or schedule
+            raise CheckpointError(f"{out / LAST}: does not fit this run (another model or settings?): "
+                                  f"{' '.join(str(exc).split())[:300]}") from None
         step, epoch, done = state["step"], state["epoch"], state["batches_done"]
         if state.get("order", order) != order:
             raise UsageError(f"{out / LAST} was written with {state['order']}, this run has {order}: resuming would "

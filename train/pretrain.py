@@ -53,7 +53,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     torch.manual_seed(cfg.data.seed)
     model = build_pretrain_model(st.model_settings(cfg))
     if init:
-        load_pretrained_into(model, pretrain_init_state(init, st.model_settings(cfg)))
+        load_pretrained_into(model, pretrain_init_state(init, st.model_settings(cfg)), source=f"--init {init}")
     unused = model.unused_parameter_names()
     for name, param in model.named_parameters():  # DDP needs every trainable parameter to get a gradient
         if name in unused:

@@ -15,6 +15,7 @@ from shards.config import Config
 from shards.frozen import adopt_shard_settings
 from shards.index import SampleIndex, sample_index
 from shards.reader import list_shards
+from shards.store import regular_files
 from train import distributed as dist
 from train.data import LabelError, Transform, balance_weights, manifest_rows, read_label_index
 from train.epochs import EpochPlan
@@ -29,7 +30,7 @@ def shard_urls(spec: str | None, flag: str) -> list[str]:
     if not spec:
         raise UsageError(f"{flag} is required")
     try:
-        return list_shards(spec)
+        return regular_files(list_shards(spec))
     except FileNotFoundError as exc:
         raise UsageError(f"{flag}: {exc}") from None
 
@@ -138,7 +139,7 @@ def checkpoint_arg(path: str) -> dict[str, Any]:
 def load_model(cfg: Config, path: str, *, finetuned: bool = False):
     """The model a checkpoint holds, built from `cfg.model`: the finetuning model when the checkpoint has a
     classification head (`mlp_head.*`), else the pretraining one. `finetuned` requires the head."""
-    from train.checkpoint import load_pretrained_into
+    from train.checkpoint import CheckpointError, load_pretrained_into
     from train.model import build_finetune_model, build_pretrain_model
 
     sd = checkpoint_arg(path)
@@ -150,10 +151,9 @@ def load_model(cfg: Config, path: str, *, finetuned: bool = False):
     else:
         model = build_finetune_model(model_settings(cfg), head.shape[0])
     try:
-        load_pretrained_into(model, sd)
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(f"--checkpoint {path}: does not fit the model of this config and shards "
-                         f"({str(exc).splitlines()[0]})") from None
+        load_pretrained_into(model, sd, source=f"--checkpoint {path} (this config and shards)")
+    except CheckpointError as exc:  # one line, naming what does not fit
+        raise UsageError(str(exc)) from None
     return model
 
 
