@@ -25,7 +25,7 @@ from train.evaluate import batch_probabilities
 
 @dataclass
 class Prediction:
-    source: str
+    source: str  # the video path as text (`shards.schema.safe_text`: printable whatever its bytes)
     video_id: str
     window: int | None
     top: list[tuple[int, float]]  # (class index, score), best first
@@ -73,7 +73,7 @@ def predict_videos(paths: list[str], cfg: Config, checkpoint: str, *, top_k: int
                                     precision=cfg.finetune.precision).mean(0).numpy()
         for (path, sample, _), p in zip(scored, probs):
             best = np.argsort(-p, kind="stable")[:top_k]
-            yield Prediction(path, sample["meta"]["video_id"], sample["meta"].get("window"),
+            yield Prediction(safe_text(path), sample["meta"]["video_id"], sample["meta"].get("window"),
                              [(int(i), float(p[i])) for i in best])
 
     for path, sample, error in video_samples(paths, cfg):

@@ -21,6 +21,7 @@ from shards.store import Store, regular_files
 from shards.validate import SampleSpec, check_sample
 
 from .inputs import LabelIndex
+
 log = logging.getLogger(__name__)
 
 
