@@ -167,7 +167,8 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, so
         if videos and len(refused) == len(videos):
             raise InputError(f"{need} but none of the {len(refused)} lies inside --sources "
                              f"{' '.join(roots)}: {_some(refused)}")
-        gone = [v["source"] for v in videos if v["source"] not in refused and not _source_exists(v["source"])]
+        outside = set(refused)
+        gone = [v["source"] for v in videos if v["source"] not in outside and not _source_exists(v["source"])]
         if videos and len(gone) + len(refused) == len(videos):
             raise SourcesGone(f"{need} but all {len(gone)} inside --sources are gone: {_some(gone)}")
 
@@ -278,8 +279,8 @@ def source_allowed(source: Any, roots: tuple[str, ...]) -> bool:
     return False
 
 
-def _some(paths: list[str]) -> str:
-    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+def _some(paths: list[Any]) -> str:
+    return ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def _source_exists(source: str) -> bool:
