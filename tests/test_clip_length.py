@@ -1,0 +1,55 @@
+"""Other clip lengths: a model pretrained at the official 1024 rows finetunes and evaluates on 5 s audio at
+target_length 512 (ESC-50's length, cav-mae #27), the position tables rebuilt for the shorter grid."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from train.cli import main  # noqa: E402
+from train.pos_embed import get_2d_sincos_pos_embed  # noqa: E402
+from train_fixtures import TINY, label_index_csv, write_synthetic_shards  # noqa: E402
+
+
+def sets(*extra):
+    return [a for s in TINY + list(extra) for a in ("--set", s)]
+
+
+def test_pretrained_at_1024_rows_finetunes_and_evaluates_at_512(tmp_path, caplog):
+    shards, labels = tmp_path / "shards", label_index_csv(tmp_path / "labels.csv")
+    write_synthetic_shards(shards, 16, 8, seconds=5.0)  # 5 s of audio: 498 fbank rows
+    assert main(["pretrain", "--shards", str(shards), "--out", str(tmp_path / "pt"),
+                 *sets("model.target_length=1024", "pretrain.batch_size=8", "pretrain.epoch_samples=16",
+                       "pretrain.epochs=1")]) == 0
+    pretrained = torch.load(tmp_path / "pt" / "model.pth", weights_only=True)
+    assert pretrained["module.pos_embed_a"].shape == (1, 8 * 64, 64)
+
+    ft = tmp_path / "ft"
+    at_512 = sets("model.target_length=512", "finetune.batch_size=8", "finetune.epoch_samples=16",
+                  "finetune.epochs=2", "finetune.lr=1.0e-3", "finetune.wa_start=1", "finetune.wa_end=2",
+                  "finetune.mixup=0.0")
+    assert main(["finetune", "--shards", str(shards), "--labels", str(labels), "--init",
+                 str(tmp_path / "pt" / "model.pth"), "--mode", "audioonly", "--out", str(ft), *at_512]) == 0
+    rows = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    out = torch.load(ft / "model.pth", weights_only=True)
+    assert out["module.pos_embed_a"].shape == (1, 8 * 32, 64)
+    assert torch.equal(out["module.patch_embed_v.proj.weight"], pretrained["module.patch_embed_v.proj.weight"])
+    # trainable in finetuning (tr_pos), so trained from the rebuilt sin-cos table, not from a cut of the old one
+    fixed = get_2d_sincos_pos_embed(64, 8, 32)
+    assert (out["module.pos_embed_a"][0] - fixed).abs().max() < 0.1
+
+    assert main(["eval", "--shards", str(shards), "--labels", str(labels), "--checkpoint", str(ft / "model.pth"),
+                 "--mode", "audioonly", "--out", str(tmp_path / "eval.json"),
+                 *sets("model.target_length=512")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["samples"] == 16
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):  # back at 1024: a trained table is stretched
+        assert main(["eval", "--shards", str(shards), "--labels", str(labels), "--checkpoint",
+                     str(ft / "model.pth"), "--mode", "audioonly", *sets("model.target_length=1024")]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"] == [
+        "pos_embed_a: trained position table fitted from grid 8x32 to 8x64 (centre cut / bilinear, as AST)"]
