@@ -1,5 +1,5 @@
-"""What to ingest: expand folders, files, path lists and official dataset JSONs into sorted `InputItem`s,
-and attach labels (from the JSON, a `video_id,labels` CSV, or parent folder names).
+"""What to ingest: expand folders, files, path lists, official dataset JSONs and the datasets' own lists
+(`preprocess.datasets`: AudioSet, VGGSound, Kinetics, ESC-50) into sorted `InputItem`s, and attach labels (from the JSON, a `video_id,labels` CSV, or parent folder names).
 
 Every problem with a single input becomes an item with an `error` (a manifest row with status `skipped`),
 never an exception; only an argument that cannot be read at all raises `InputError`. Files a folder holds but that
@@ -15,8 +15,12 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shards.errors import UserError
+
+if TYPE_CHECKING:
+    from .datasets import ListOptions
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
 AUDIO_EXTENSIONS = (".m4a", ".wav", ".flac", ".mp3", ".ogg")
@@ -37,13 +41,16 @@ class InputItem:
     label_indices: tuple[int, ...] | None = None
     folder: str = ""          # parent folder name, for --labels-from-folders
     error: str | None = None  # set when the item must be recorded as skipped instead of processed
+    segment: tuple[float, float] | None = None  # [start, end) of the original video a dataset list names
+    dataset: dict | None = None                 # what that list says beyond labels (format, split, fold)
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputItem":
         """Inverse of `dataclasses.asdict` after a JSON round trip (lists back to tuples)."""
-        indices = d.get("label_indices")
+        indices, segment = d.get("label_indices"), d.get("segment")
         return cls(**{**d, "labels": tuple(d["labels"]),
-                      "label_indices": None if indices is None else tuple(indices)})
+                      "label_indices": None if indices is None else tuple(indices),
+                      "segment": None if segment is None else tuple(segment)})
 
 
 @dataclass
@@ -88,14 +95,19 @@ def video_id_of(path: str) -> str:
 
 
 def collect_inputs(args: list[str], *, labels_csv: str | None = None, label_index: LabelIndex | None = None,
-                   labels_from_folders: bool = False, ignored: list[tuple[str, str]] | None = None) -> list[InputItem]:
+                   labels_from_folders: bool = False, ignored: list[tuple[str, str]] | None = None,
+                   lists: "ListOptions | None" = None) -> list[InputItem]:
     """Expand input arguments into items sorted by video id (then path), labels attached and checked.
 
-    `ignored`, when given, receives (path, reason) for every file of a folder argument that was not taken."""
+    `ignored`, when given, receives (path, reason) for every file of a folder argument that was not taken.
+    `lists`: how dataset lists (`preprocess.datasets`) are read."""
+    from .datasets import dataset_items
+
     items: list[InputItem] = []
     ignored = [] if ignored is None else ignored
     for arg in args:
-        items += _expand(arg, ignored)
+        listed = dataset_items(arg, lists)
+        items += listed if listed is not None else _expand(arg, ignored)
     if labels_csv:
         table = _read_labels_csv(labels_csv)
         items = [replace(it, labels=split_labels(table[it.video_id], label_index)) if it.video_id in table else it
@@ -253,8 +265,9 @@ def _read_labels_csv(path: str) -> dict[str, tuple[str, ...]]:
 def _with_indices(item: InputItem, index: LabelIndex) -> InputItem:
     found = [index.lookup(label) for label in item.labels]
     unknown = [label for label, i in zip(item.labels, found) if i is None]
-    if unknown and item.error is None:
-        return replace(item, error=f"label(s) {', '.join(map(repr, unknown))} not in the label index")
+    if unknown:  # an item already skipped keeps its own reason
+        return item if item.error else replace(item, error=f"label(s) {', '.join(map(repr, unknown))} not in "
+                                                           "the label index")
     # labels are stored as ids (mids), whatever form the user gave them in
     mids = tuple(label if label in index.index else index.names[label] for label in item.labels)
     return replace(item, labels=mids, label_indices=tuple(i for i in found if i is not None))
