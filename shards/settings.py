@@ -279,6 +279,7 @@ FINETUNE_RECIPES: dict[str, dict[str, tuple[Any, str]]] = {
     # stats, which go with AST's (x - mean) / (2 std). 5-fold cross-validation: one fold's shards as --val-shards.
     "esc50-audioonly": {
         "finetune.mode": ("audioonly", "ESC-50 is audio only"),
+        "finetune.num_classes": (50, f"{_AST} --n_class (the samples' .labels.txt targets; no --labels needed)"),
         "model.target_length": (512, f"{_AST} audio_length (5 s = 498 rows)"),
         "finetune.lr": (1.0e-5, f"{_AST} lr (from an AudioSet-pretrained model)"),
         "finetune.head_lr_scale": (1.0, f"{_AST}: one lr for every parameter"),
