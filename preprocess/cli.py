@@ -184,7 +184,9 @@ def _stats(args: argparse.Namespace, cfg) -> int:
     out = Store.of(args.out or stats["folder"])
     json_path, png_path = write_stats(stats, out)
     fb = stats["fbank"]
-    print(f"cavmae-prep: {stats['samples']} samples in {stats['shards']} shard(s), {stats['unreadable']} unreadable")
+    missing = stats["missing"]
+    print(f"cavmae-prep: {stats['samples']} samples in {stats['shards']} shard(s), {stats['unreadable']} unreadable, "
+          f"{missing['audio']} without audio, {missing['video']} without frames")
     if "mean" in fb:
         print(f"cavmae-prep: fbank mean {fb['mean']:.4f} std {fb['std']:.4f} (unpadded); "
               f"{fb['padded_batches']['mean']:.4f} / {fb['padded_batches']['std']:.4f} (padded batches)")

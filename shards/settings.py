@@ -147,6 +147,9 @@ class Data:
     manifest: str | None = setting(None, "manifest.parquet: sample offsets, labels, balance weights (null: beside "
                                    "the shards)")
     seed: int = setting(0, "with the epoch, fixes every epoch's order and every random draw (see README)")
+    missing_modality: str = setting("skip", "a sample without the audio or the frames a mode needs (pretraining, "
+                                    "multimodal): skip (counted) | fill (official: the loader's 0.01-filled fbank "
+                                    "or image in its place)", choices=("skip", "fill"))
 
 
 @dataclass
