@@ -16,6 +16,7 @@ from collections import Counter
 from shards.config import ConfigError, load_config
 from shards.schema import BadSample
 
+from .datasets import FORMATS
 from .inputs import InputError
 
 MAX_PROBLEMS = 50
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest", help="decode videos into WebDataset shards plus manifest.parquet",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-                       description="Decode videos (folders, files, path lists, official dataset JSONs) into "
+                       description="Decode videos (folders, files, path lists, official dataset JSONs, dataset lists) into "
                                    "WebDataset tar shards, manifest.parquet and the frozen pipeline.yaml. "
                                    "Re-running into the same --out resumes and adds new inputs.")
     p.add_argument("inputs", nargs="+", help="video files, folders (recursive), .txt/.csv path lists, an "
@@ -85,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "the list's folder, ESC-50: ../audio)")
     p.add_argument("--split", help="keep the rows of these splits of a dataset list, comma-separated (train, "
                                    "test, val; ESC-50: folds, e.g. 1,2,3,4)")
-    p.add_argument("--list-format", default="auto", help="auto (recognised from the first lines) | audioset | "
-                                                         "vggsound | kinetics | esc50")
+    p.add_argument("--list-format", default="auto", choices=("auto", *FORMATS),
+                   help="auto (recognised from the first lines) | audioset | vggsound | kinetics | esc50")
     p.add_argument("--out", required=True, help="output folder for shards and manifest")
     p.add_argument("--labels", metavar="CSV", help="video_id,labels CSV (labels comma-separated, quoted)")
     p.add_argument("--label-index", metavar="CSV", help="label index CSV index,mid,display_name; adds .labels.txt "

@@ -1,11 +1,13 @@
-"""What to ingest: expand folders, files, path lists, official dataset JSONs and the datasets' own lists
-(`preprocess.datasets`: AudioSet, VGGSound, Kinetics, ESC-50) into sorted `InputItem`s, and attach labels (from the JSON, a `video_id,labels` CSV, or parent folder names).
+"""What to ingest: expand folders, files, path lists and official dataset JSONs into sorted `InputItem`s,
+and attach labels (from the JSON, a `video_id,labels` CSV, or parent folder names).
 
 Every problem with a single input becomes an item with an `error` (a manifest row with status `skipped`),
 never an exception; only an argument that cannot be read at all raises `InputError`. Files a folder holds but that
 are not taken (other extensions, hidden files and folders) are listed in `ignored` when the caller passes a list,
 so nothing is left out in silence. Audio files are taken: without `video.allow_missing` the decoder records them
 as failed ("no video stream"), with it they become audio-only samples.
+
+The datasets' own lists (AudioSet, VGGSound, Kinetics, ESC-50) are read by `preprocess.datasets`.
 """
 
 from __future__ import annotations
