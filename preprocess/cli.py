@@ -25,7 +25,7 @@ EXAMPLES = """examples:
   cavmae-prep ingest ./videos --out shards/
   cavmae-prep ingest list.txt more_videos/ --out shards/ --labels labels.csv --label-index class_labels_indices.csv
   cavmae-prep ingest ./videos --out shards/ --set audio.num_mel_bins=64 --set clip.mode=windows
-  cavmae-prep ingest balanced_train_segments.csv --videos-dir videos/ --out as20k/ --label-index class_labels_indices.csv
+  cavmae-prep ingest balanced_train_segments.csv --videos-dir videos/ --out as20k/ --label-index labels.csv
   cavmae-prep ingest vggsound.csv --split test --videos-dir vgg/ --out vgg_test/ --label-index vgg_labels.csv
   cavmae-prep ingest ESC-50-master/meta/esc50.csv --split 5 --out esc_fold5/ --set video.allow_missing=true
   RAY_ADDRESS=head:6379 cavmae-prep ingest /data/videos --out /data/shards
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest", help="decode videos into WebDataset shards plus manifest.parquet",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-                       description="Decode videos (folders, files, path lists, official dataset JSONs, dataset lists) into "
-                                   "WebDataset tar shards, manifest.parquet and the frozen pipeline.yaml. "
+                       description="Decode videos (folders, files, path lists, official dataset JSONs, the "
+                                   "datasets' own lists) into WebDataset tar shards, manifest.parquet and the frozen pipeline.yaml. "
                                    "Re-running into the same --out resumes and adds new inputs.")
     p.add_argument("inputs", nargs="+", help="video files, folders (recursive), .txt/.csv path lists, an "
                                              "official dataset .json, or a dataset's own list: AudioSet segment "

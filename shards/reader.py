@@ -209,8 +209,8 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
 
     `fbank` is None and `frames` empty for a sample whose json says `has_audio` / `has_video` false (a video-only
     or audio-only clip); otherwise the fbank is required. `frames` are JPEG bytes in index order (decode the one you
-    need, with `shards.media.open_jpeg`), `flac` is bytes or None (`shards.media.open_flac`), `labels` the `.labels.txt` class indices (non-negative) or None. Raises
-    `BadSample` (naming the key and shard) for anything outside the schema: a key outside the key alphabet (a
+    need, with `shards.media.open_jpeg`), `flac` is bytes or None (`shards.media.open_flac`), `labels` the
+    `.labels.txt` class indices (non-negative) or None. Raises `BadSample` (naming the key and shard) for anything outside the schema: a key outside the key alphabet (a
     member name with a directory, `../` or an absolute path), a json that is not an object, an fbank that is not
     2-D float with rows and columns and finite values. What depends on the config (mel width, frame size, number
     of classes) the consumer checks (`train.data.Transform.example`).

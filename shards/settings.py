@@ -312,7 +312,8 @@ PRESET_NOTES = {  # (comment line above the preset, comment after it) in pipelin
     "as20k-ft": ("Finetuning (reference 4.2; the default finetune section is AS-20K multimodal, as-is in as20k-ft)",
                  ""),
     "esc50-audioonly": ("ESC-50 audio only, from AST's ESC-50 recipe (the same author's code); CAV-MAE's fbank "
-                        "normalisation kept (its author in issue #24). 5-fold CV: hold one fold out as --val-shards", ""),
+                        "normalisation kept (its author in issue #24). 5-fold CV: hold one fold out as --val-shards",
+                        ""),
 }
 
 # Keys that existed once: a file that has them (a shard folder's frozen pipeline.yaml, an old run's config.yaml)
