@@ -21,6 +21,7 @@ from train import distributed as dist
 from train import stage as st
 from train.data import device_augment
 from train.evaluate import batch_probabilities
+from train.model import FT_MODES
 
 
 @dataclass
@@ -54,17 +55,17 @@ def predict_videos(paths: list[str], cfg: Config, checkpoint: str, *, top_k: int
     in the order of `paths`; batches of `eval.batch_size` samples."""
     device = dist.init()
     model = st.load_model(cfg, checkpoint, finetuned=True).to(device).eval()
-    transform = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
+    transform = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, needs=FT_MODES.get(mode, ("av",))[0])
+    rng = np.random.default_rng(0)  # (the eval transform draws nothing)
     pending: list[tuple[str, dict[str, Any]]] = []
 
     def flush() -> Iterator[Prediction | tuple[str, str]]:
         scored = []
-        for path, sample in pending:  # one at a time: the transform drops (and logs) a sample it cannot use
-            example = list(transform(iter([{**sample, "_skipped": 0}])))
-            if example:
-                scored.append((path, sample, example[0]))
-            else:
-                yield path, "the sample cannot be scored (no usable frame)"
+        for path, sample in pending:  # one at a time: a sample the mode cannot use is named with the reason
+            try:
+                scored.append((path, sample, {**transform.example(sample, None, rng), "_skipped": 0}))
+            except (OSError, ValueError) as exc:  # BadSample (MissingModality too) is a ValueError
+                yield path, f"the sample cannot be scored in mode {mode} ({one_line(exc)})"
         pending.clear()
         if not scored:
             return

@@ -17,6 +17,7 @@ from shards.config import ConfigError, load_config
 from shards.schema import BadSample
 from shards.store import check_out_file
 
+from .datasets import FORMATS
 from .inputs import InputError
 
 MAX_PROBLEMS = 50
@@ -25,6 +26,9 @@ EXAMPLES = """examples:
   cavmae-prep ingest ./videos --out shards/
   cavmae-prep ingest list.txt more_videos/ --out shards/ --labels labels.csv --label-index class_labels_indices.csv
   cavmae-prep ingest ./videos --out shards/ --set audio.num_mel_bins=64 --set clip.mode=windows
+  cavmae-prep ingest balanced_train_segments.csv --videos-dir videos/ --out as20k/ --label-index labels.csv
+  cavmae-prep ingest vggsound.csv --split test --videos-dir vgg/ --out vgg_test/ --label-index vgg_labels.csv
+  cavmae-prep ingest ESC-50-master/meta/esc50.csv --split 5 --out esc_fold5/ --set video.allow_missing=true
   RAY_ADDRESS=head:6379 cavmae-prep ingest /data/videos --out /data/shards
   RAY_ADDRESS=ray://head:10001 cavmae-prep ingest /data/videos --out /data/shards
   cavmae-prep ingest s3://bucket/videos/ --out s3://bucket/shards/ --address auto
@@ -72,11 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest", help="decode videos into WebDataset shards plus manifest.parquet",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-                       description="Decode videos (folders, files, path lists, official dataset JSONs) into "
-                                   "WebDataset tar shards, manifest.parquet and the frozen pipeline.yaml. "
+                       description="Decode videos (folders, files, path lists, official dataset JSONs, the "
+                                   "datasets' own lists) into WebDataset tar shards, manifest.parquet and the frozen pipeline.yaml. "
                                    "Re-running into the same --out resumes and adds new inputs.")
-    p.add_argument("inputs", nargs="+", help="video files, folders (recursive), .txt/.csv path lists, or "
-                                             "an official dataset .json")
+    p.add_argument("inputs", nargs="+", help="video files, folders (recursive), .txt/.csv path lists, an "
+                                             "official dataset .json, or a dataset's own list: AudioSet segment "
+                                             "CSV, VGGSound CSV, Kinetics CSV, ESC-50 meta/esc50.csv")
+    p.add_argument("--videos-dir", metavar="DIR", help="where the files of a dataset list are, found by id "
+                                                       "({id}.ext or {id}_{start}[_{end}].ext, recursive; default: "
+                                                       "the list's folder, ESC-50: ../audio)")
+    p.add_argument("--split", help="keep the rows of these splits of a dataset list, comma-separated (train, "
+                                   "test, val; ESC-50: folds, e.g. 1,2,3,4)")
+    p.add_argument("--list-format", default="auto", choices=("auto", *FORMATS),
+                   help="auto (recognised from the first lines) | audioset | vggsound | kinetics | esc50")
     p.add_argument("--out", required=True, help="output folder for shards and manifest")
     p.add_argument("--labels", metavar="CSV", help="video_id,labels CSV (labels comma-separated, quoted)")
     p.add_argument("--label-index", metavar="CSV", help="label index CSV index,mid,display_name; adds .labels.txt "
@@ -159,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ingest(args: argparse.Namespace, cfg) -> int:
+    from .datasets import ListOptions
     from .ingest import ingest
 
+    split = tuple(s.strip() for s in args.split.split(",") if s.strip()) if args.split else None
+    lists = ListOptions(args.list_format, args.videos_dir, split)
     summary = ingest(args.inputs, args.out, cfg, labels_csv=args.labels, label_index_csv=args.label_index,
                      labels_from_folders=args.labels_from_folders, retry_failed=args.retry_failed,
-                     workers=args.workers, address=args.address, progress=not args.no_progress)
+                     workers=args.workers, address=args.address, progress=not args.no_progress, lists=lists)
     return _report(summary, args.out)
 
 
@@ -179,7 +194,9 @@ def _stats(args: argparse.Namespace, cfg) -> int:
     out = Store.of(args.out or stats["folder"])
     json_path, png_path = write_stats(stats, out)
     fb = stats["fbank"]
-    print(f"cavmae-prep: {stats['samples']} samples in {stats['shards']} shard(s), {stats['unreadable']} unreadable")
+    missing = stats["missing"]
+    print(f"cavmae-prep: {stats['samples']} samples in {stats['shards']} shard(s), {stats['unreadable']} unreadable, "
+          f"{missing['audio']} without audio, {missing['video']} without frames")
     if "mean" in fb:
         print(f"cavmae-prep: fbank mean {fb['mean']:.4f} std {fb['std']:.4f} (unpadded); "
               f"{fb['padded_batches']['mean']:.4f} / {fb['padded_batches']['std']:.4f} (padded batches)")

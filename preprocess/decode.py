@@ -31,6 +31,13 @@ If the video stream ends before a pick because the file is truncated or damaged,
 the file is whole and only its frame count was overstated, the remaining picks repeat the last decoded frame
 (visible in frame_times_s). Nothing decodable at all is a BadInput.
 
+Segments: an input may name a segment [start, end) of its original video (a dataset list's row, `Segment`). The
+clip (`first`) or the windows (`windows`) then start at the segment's start and end at its end, in the file, unless
+the file's duration is within SEGMENT_TOLERANCE of the segment's length: then the file is that segment already cut
+(as downloaders save AudioSet and VGGSound clips) and is taken from its own start. Each clip says which
+(`Clip.segment_s`, `Clip.file_is_segment`). The file is decoded from its start (no seek), so frame numbers keep
+the official rule's meaning.
+
 Audio, as the official route (ffmpeg -ar 16000 to a 16-bit wav, then sox remix 1, torchaudio.load): the first
 audio stream through libswresample (the same `aresample` the ffmpeg CLI inserts) to `audio.sample_rate` as
 s16, divided by 32768. `audio.channel_policy: first` keeps channel 0 after resampling; `mix` asks the
@@ -59,6 +66,27 @@ class BadInput(Exception):
     """An input that cannot become a sample. The message is one line and does not name the file."""
 
 
+SEGMENT_TOLERANCE_S = 1.0  # or 10 % of the segment's length, whichever is more
+
+
+@dataclass(frozen=True)
+class Segment:
+    """[start_s, end_s) of an input's original video, as a dataset list names it."""
+
+    start_s: float
+    end_s: float
+
+    def place(self, file_duration_s: float | None) -> tuple[float, float, bool]:
+        """(start, end) to decode in a file of that duration, and whether the file is the segment already cut
+        (its duration within SEGMENT_TOLERANCE_S or 10 % of the segment's length; an unknown duration: not cut)."""
+        length = self.end_s - self.start_s
+        if file_duration_s is not None and abs(file_duration_s - length) <= max(SEGMENT_TOLERANCE_S, 0.1 * length):
+            return 0.0, length, True
+        if file_duration_s is not None and self.start_s >= file_duration_s:
+            raise BadInput(f"the file ({file_duration_s:.2f} s) ends before the segment's start ({self.start_s:g} s)")
+        return self.start_s, self.end_s, False
+
+
 @dataclass
 class Clip:
     """One decoded clip (clip.mode first) or window (clip.mode windows)."""
@@ -75,6 +103,8 @@ class Clip:
     sample_rate: int = 16000
     audio_start_s: float | None = None  # how late the audio's first sample comes after the file's start; the
                                         # waveform begins there (it is not padded), so a late start is recorded
+    segment_s: tuple[float, float] | None = None  # the input's segment as decoded, seconds in the file
+    file_is_segment: bool | None = None           # the file was the segment already cut (see `Segment.place`)
 
 
 @dataclass(frozen=True)
@@ -119,17 +149,20 @@ def official_picks(n_frames: int, num: int, offset: int = 1) -> list[int]:
     return [max(int(i * (n_frames / num)) - offset, 0) for i in range(num)]
 
 
-def decode_clips(path: str | os.PathLike, cfg: Config, *, threads: int = 1) -> list[Clip]:
+def decode_clips(path: str | os.PathLike, cfg: Config, *, threads: int = 1,
+                 segment: Segment | None = None) -> list[Clip]:
     """All clips of `path` (one in first mode, one per window in windows mode). Raises BadInput."""
-    return list(iter_clips(path, cfg, threads=threads))
+    return list(iter_clips(path, cfg, threads=threads, segment=segment))
 
 
-def iter_clips(path: str | os.PathLike, cfg: Config, *, threads: int = 1) -> Iterator[Clip]:
-    """Yield each clip as soon as it is complete, from a single pass over the file. Raises BadInput."""
+def iter_clips(path: str | os.PathLike, cfg: Config, *, threads: int = 1,
+               segment: Segment | None = None) -> Iterator[Clip]:
+    """Yield each clip as soon as it is complete, from a single pass over the file (within `segment` when
+    given). Raises BadInput."""
     settings = DecodeSettings.from_config(cfg)
     container = open_media(path)
     try:
-        yield from _Decoder(container, settings, threads).run()
+        yield from _Decoder(container, settings, threads, segment).run()
     except av.FFmpegError as exc:
         raise BadInput(f"decode failed ({_av_reason(exc)})") from None
     except ValueError as exc:                    # PyAV's own checks, e.g. an audio format change mid-stream
@@ -240,7 +273,8 @@ class _Window:
 
 
 class _Decoder:
-    def __init__(self, container: av.container.InputContainer, s: DecodeSettings, threads: int):
+    def __init__(self, container: av.container.InputContainer, s: DecodeSettings, threads: int,
+                 segment: Segment | None = None):
         self.c = container
         self.s = s
         self.vs = next((st for st in container.streams.video
@@ -253,6 +287,8 @@ class _Decoder:
         if self.as_ is None and not s.audio_allow_missing:
             raise BadInput("no audio stream")
         self.duration_s = self._duration()
+        self.seg_start, self.seg_end, self.file_is_segment = (
+            segment.place(self.duration_s) if segment is not None else (0.0, None, None))
         self.fps = 0.0
         self.frame_count: int | None = None
         if self.vs is not None:
@@ -262,6 +298,7 @@ class _Decoder:
         self.windows: list[_Window] = []
         self.next_window = 0
         self.finished = False         # first mode: the one clip has been emitted
+        self.last_planned = False     # windows mode in a segment: no window starts after the open ones
 
     # ---- metadata ---------------------------------------------------------------------------------
     def _duration(self) -> float | None:
@@ -323,17 +360,18 @@ class _Decoder:
     # ---- windows ----------------------------------------------------------------------------------
     def _window_plan(self, k: int) -> _Window:
         s = self.s
-        start_s = k * s.hop_s if s.windows else 0.0
+        start_s = self.seg_start + (k * s.hop_s if s.windows else 0.0)
+        length_s = s.length_s if self.seg_end is None else min(s.length_s, self.seg_end - start_s)
         start_frame = int(round(start_s * self.fps)) if self.vs is not None else 0
         if self.vs is not None:
-            n = int(self.fps * s.length_s)
+            n = int(self.fps * length_s)
             if self.frame_count is not None:
                 n = min(n, self.frame_count - start_frame)
             picks = [start_frame + p for p in official_picks(n, s.num_frames, s.frame_offset)]
         else:
             picks = []
         a0 = int(round(start_s * s.sample_rate))
-        return _Window(k, start_s, start_frame, picks, a0, a0 + int(round(s.length_s * s.sample_rate)))
+        return _Window(k, start_s, start_frame, picks, a0, a0 + int(round(length_s * s.sample_rate)))
 
     def _open_windows_until(self, frame_index: int | None = None, audio_sample: int | None = None) -> None:
         """Open every window whose start has been reached by the video or the audio."""
@@ -341,6 +379,10 @@ class _Decoder:
             if not self.s.windows and self.next_window > 0:
                 return
             plan = self._window_plan(self.next_window)
+            if (self.next_window > 0 and self.seg_end is not None
+                    and self.seg_end - plan.start_s < max(self.s.min_window_s, 1e-6)):
+                self.last_planned = True          # the segment's end: this window would be too short
+                return
             reached = ((frame_index is not None and frame_index >= plan.start_frame)
                        or (audio_sample is not None and audio_sample > plan.a0))
             if not reached:
@@ -354,7 +396,7 @@ class _Decoder:
                 return True
         if self.s.windows or self.next_window == 0:
             # Windows not opened yet: look ahead at the plans that could contain frame j.
-            t = j / self.fps
+            t = j / self.fps - self.seg_start
             k_lo = max(self.next_window, int(math.floor((t - self.s.length_s) / self.s.hop_s)) if self.s.windows else 0)
             k_hi = int(math.floor(t / self.s.hop_s)) + 1 if self.s.windows else 0
             for k in range(k_lo, k_hi + 1):
@@ -542,7 +584,7 @@ class _Decoder:
             clip = self._make_clip(w, final=False)
             if clip is not None:
                 yield clip
-            if not self.s.windows:
+            if not self.s.windows or (self.last_planned and not self.windows):
                 self.finished = True
                 return
             if self.as_ is not None:
@@ -629,6 +671,8 @@ class _Decoder:
             waveform=waveform, duration_s=float(duration), fps=self.fps, clip_start_s=w.start_s,
             window=w.index if s.windows else None, has_audio=has_audio, has_video=has_video,
             sample_rate=s.sample_rate, audio_start_s=(self.audio_start_s or 0.0) if has_audio else None,
+            segment_s=None if self.seg_end is None else (self.seg_start, self.seg_end),
+            file_is_segment=self.file_is_segment,
         )
 
 

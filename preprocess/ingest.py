@@ -52,6 +52,7 @@ from shards.store import Store, is_temp_name, is_uri
 from shards.writer import ShardWriter
 
 from .cluster import check_address, connect
+from .datasets import ListOptions
 from .inputs import InputItem, LabelIndex, collect_inputs
 from .outlock import output_lock
 from .schedule import FORWARD_ENV, part_name, run_units, timed_out, timeout_name
@@ -78,8 +79,10 @@ class Summary:
 
 def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv: str | None = None,
            label_index_csv: str | None = None, labels_from_folders: bool = False, retry_failed: bool = False,
-           workers: int | None = None, address: str | None = None, progress: bool = False) -> Summary:
-    """Ingest `inputs` into shards under `out`; resumable (see the module docstring)."""
+           workers: int | None = None, address: str | None = None, progress: bool = False,
+           lists: ListOptions | None = None) -> Summary:
+    """Ingest `inputs` into shards under `out`; resumable (see the module docstring). `lists`: how dataset lists
+    (AudioSet, VGGSound, Kinetics, ESC-50) are read (`preprocess.datasets`)."""
     check_address(cfg, address)
     start = time.time()
     store = Store.of(out)
@@ -89,7 +92,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
         label_index = LabelIndex.read(label_index_csv) if label_index_csv else None
         ignored: list[tuple[str, str]] = []
         items = collect_inputs(inputs, labels_csv=labels_csv, label_index=label_index,
-                               labels_from_folders=labels_from_folders, ignored=ignored)
+                               labels_from_folders=labels_from_folders, ignored=ignored, lists=lists)
         _remove_temporaries(store)
 
         # the plan before the rows: a fragment that a task of a killed run still writes in between then leaves
@@ -207,7 +210,7 @@ def decode_unit(index: int, start: int, items: list[InputItem], out: str, cfg_da
     """One work unit: decode inputs `start, start+1, ...` of shard `index` into a part file (published only if
     some input gave samples); return its name and the inputs' rows. Inputs marked as timed out by an earlier
     attempt become failed rows without being opened again."""
-    from preprocess.decode import BadInput
+    from preprocess.decode import BadInput, Segment
     from preprocess.sample import iter_samples
 
     cfg = Config(cfg_data)
@@ -224,8 +227,9 @@ def decode_unit(index: int, start: int, items: list[InputItem], out: str, cfg_da
                 dog.watch(store, timeout_name(name, position))
                 with local_copy(item.path) as path, SampleSpool() as spool:
                     indices = list(item.label_indices) if item.label_indices is not None else None
-                    for s in iter_samples(path, item.video_id, safe_text(item.path), list(item.labels), indices,
-                                          cfg):
+                    segment = Segment(*item.segment) if item.segment is not None else None
+                    for s in iter_samples(path, item.video_id, safe_text(item.path), list(item.labels), indices, cfg,
+                                          segment=segment, dataset=item.dataset):
                         spool.add(s.members)
                         item_rows.append(_row(item, "ok", None, cfg, key=s.key, window=s.meta.get("window"),
                                               shard=name, duration_s=s.meta.get("duration_s"),

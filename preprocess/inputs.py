@@ -8,6 +8,8 @@ regular files: FIFOs, dangling links, link loops) are listed in `ignored` with t
 list, so nothing is left out in silence. A file name that is not UTF-8 is taken: what is recorded of it (video id,
 source) is `shards.schema.safe_text` of its bytes. Audio files are taken: without `video.allow_missing` the decoder
 records them as failed ("no video stream"), with it they become audio-only samples.
+
+The datasets' own lists (AudioSet, VGGSound, Kinetics, ESC-50) are read by `preprocess.datasets`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shards.errors import UserError
 from shards.schema import LABEL_INDEX_LIMIT, safe_text
+
+if TYPE_CHECKING:
+    from .datasets import ListOptions
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
 AUDIO_EXTENSIONS = (".m4a", ".wav", ".flac", ".mp3", ".ogg")
@@ -41,13 +47,16 @@ class InputItem:
     label_indices: tuple[int, ...] | None = None
     folder: str = ""          # parent folder name, for --labels-from-folders
     error: str | None = None  # set when the item must be recorded as skipped instead of processed
+    segment: tuple[float, float] | None = None  # [start, end) of the original video a dataset list names
+    dataset: dict | None = None                 # what that list says beyond labels (format, split, fold)
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputItem":
         """Inverse of `dataclasses.asdict` after a JSON round trip (lists back to tuples)."""
-        indices = d.get("label_indices")
+        indices, segment = d.get("label_indices"), d.get("segment")
         return cls(**{**d, "labels": tuple(d["labels"]),
-                      "label_indices": None if indices is None else tuple(indices)})
+                      "label_indices": None if indices is None else tuple(indices),
+                      "segment": None if segment is None else tuple(segment)})
 
 
 @dataclass
@@ -96,14 +105,19 @@ def video_id_of(path: str) -> str:
 
 
 def collect_inputs(args: list[str], *, labels_csv: str | None = None, label_index: LabelIndex | None = None,
-                   labels_from_folders: bool = False, ignored: list[tuple[str, str]] | None = None) -> list[InputItem]:
+                   labels_from_folders: bool = False, ignored: list[tuple[str, str]] | None = None,
+                   lists: "ListOptions | None" = None) -> list[InputItem]:
     """Expand input arguments into items sorted by video id (then path), labels attached and checked.
 
-    `ignored`, when given, receives (path, reason) for every file of a folder argument that was not taken."""
+    `ignored`, when given, receives (path, reason) for every file of a folder argument that was not taken.
+    `lists`: how dataset lists (`preprocess.datasets`) are read."""
+    from .datasets import dataset_items
+
     items: list[InputItem] = []
     ignored = [] if ignored is None else ignored
     for arg in args:
-        items += _expand(arg, ignored)
+        listed = dataset_items(arg, lists)
+        items += listed if listed is not None else _expand(arg, ignored)
     if labels_csv:
         table = _read_labels_csv(labels_csv)
         items = [replace(it, labels=split_labels(table[it.video_id], label_index)) if it.video_id in table else it
@@ -278,8 +292,9 @@ def _read_labels_csv(path: str) -> dict[str, tuple[str, ...]]:
 def _with_indices(item: InputItem, index: LabelIndex) -> InputItem:
     found = [index.lookup(label) for label in item.labels]
     unknown = [label for label, i in zip(item.labels, found) if i is None]
-    if unknown and item.error is None:
-        return replace(item, error=f"label(s) {', '.join(map(repr, unknown))} not in the label index")
+    if unknown:  # an item already skipped keeps its own reason
+        return item if item.error else replace(item, error=f"label(s) {', '.join(map(repr, unknown))} not in "
+                                                           "the label index")
     # labels are stored as ids (mids), whatever form the user gave them in
     mids = tuple(label if label in index.index else index.names[label] for label in item.labels)
     return replace(item, labels=mids, label_indices=tuple(i for i in found if i is not None))

@@ -154,6 +154,10 @@ def _cell(cell: Any, sample: dict[str, Any], frame_shift_s: float, names: dict[s
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no frames (audio-only sample)", ha="center", va="center", color="0.4")
     ax = cell.add_subplot(grid[1, :])
+    if sample["fbank"] is None:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no audio (video-only sample)", ha="center", va="center", color="0.4")
+        return
     fbank = sample["fbank"].astype(np.float32)
     end = start + fbank.shape[0] * frame_shift_s
     ax.imshow(fbank.T, origin="lower", aspect="auto", cmap="magma", extent=(start, end, 0, fbank.shape[1]),

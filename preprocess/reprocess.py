@@ -361,21 +361,37 @@ def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]]
         return [(key, decode_meta(dict(_by_suffix(m))["json"]), m) for key, m in old]
     if mode == "waveform":
         return [_from_waveform(key, m, cfg, digest) for key, m in old]
-    from preprocess.decode import BadInput
+    from preprocess.decode import BadInput, Segment
     from preprocess.sample import build_samples
 
-    indices = None
+    indices, segment, dataset = None, None, None
     if old:
-        labels_txt = dict(_by_suffix(old[0][1])).get("labels.txt")
-        if labels_txt is not None:
-            indices = decode_labels(labels_txt) or None
+        members = dict(_by_suffix(old[0][1]))
+        if members.get("labels.txt") is not None:
+            indices = decode_labels(members["labels.txt"]) or None
+        segment, dataset = listed_segment(decode_meta(members["json"]))
     if not source_allowed(item["source"], roots):  # (a plan saved by an earlier run with other --sources)
         raise BadInput(f"source is outside --sources: {item['source']}")
     with local_copy(item["source"]) as path:
         if not is_uri(item["source"]) and not os.path.exists(path):
             raise BadInput(f"source video is gone: {item['source']}")
-        samples = build_samples(path, item["video_id"], item["source"], item["labels"], indices, cfg)
+        samples = build_samples(path, item["video_id"], item["source"], item["labels"], indices, cfg,
+                                segment=segment and Segment(*segment), dataset=dataset)
     return [(s.key, s.meta, s.members) for s in samples]
+
+
+def listed_segment(meta: dict[str, Any]) -> tuple[tuple[float, float] | None, dict | None]:
+    """The segment a dataset list gave the sample's video (json `segment.listed_s`) and its `dataset` entry, so a
+    sample remade from its source covers the same segment; SRC is untrusted, so anything malformed is a BadSample."""
+    segment, dataset = meta.get("segment"), meta.get("dataset")
+    listed = segment.get("listed_s") if isinstance(segment, dict) else None
+    if segment is not None and not (isinstance(listed, list) and len(listed) == 2
+                                    and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in listed)
+                                    and 0 <= listed[0] < listed[1]):
+        raise BadSample(f"json 'segment' is not {{listed_s: [start, end]}} ({str(segment)[:60]})")
+    if dataset is not None and not isinstance(dataset, dict):
+        raise BadSample("json 'dataset' is not an object")
+    return (None if listed is None else (float(listed[0]), float(listed[1]))), dataset
 
 
 def _by_suffix(members: list[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:

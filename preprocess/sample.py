@@ -15,7 +15,7 @@ from shards.config import Config
 from shards.fbank import fbank
 from shards.schema import make_key, sample_members
 
-from .decode import BadInput, Clip, iter_clips
+from .decode import BadInput, Clip, Segment, iter_clips
 from .features import encode_flac, encode_jpeg
 
 __all__ = ["BadInput", "BuiltSample", "build_samples", "clip_meta", "iter_samples"]
@@ -38,8 +38,9 @@ def _num(x: float) -> float:
 
 
 def clip_meta(clip: Clip, *, video_id: str, source: str, labels: list[str], audio_frames: int,
-              config_digest: str) -> dict:
-    """The sample's JSON metadata (exactly the schema's META_FIELDS)."""
+              config_digest: str, segment: Segment | None = None, dataset: dict | None = None) -> dict:
+    """The sample's JSON metadata (exactly the schema's META_FIELDS). `segment`: the input's listed segment of
+    its original video; `dataset`: what its dataset list says beyond labels (format, split, fold)."""
     return {
         "video_id": video_id,
         "source": source,
@@ -55,30 +56,40 @@ def clip_meta(clip: Clip, *, video_id: str, source: str, labels: list[str], audi
         "window": clip.window,
         "clip_start_s": _num(clip.clip_start_s),
         "audio_start_s": None if clip.audio_start_s is None else _num(clip.audio_start_s),
+        "segment": None if segment is None else {
+            "listed_s": [_num(segment.start_s), _num(segment.end_s)],
+            "in_file_s": [_num(t) for t in clip.segment_s],
+            "file_is_segment": bool(clip.file_is_segment)},
+        "dataset": dataset,
     }
 
 
 def iter_samples(path: str, video_id: str, source: str, labels: list[str],
-                 label_indices: list[int] | None, cfg: Config) -> Iterator[BuiltSample]:
-    """Decode `path` once, yielding its samples in window order as each window completes.
+                 label_indices: list[int] | None, cfg: Config, *, segment: Segment | None = None,
+                 dataset: dict | None = None) -> Iterator[BuiltSample]:
+    """Decode `path` once (within `segment` when given), yielding its samples in window order as each window
+    completes.
 
     Raises BadInput for a bad input (possibly after some windows were yielded: see `build_samples`)."""
     digest = cfg.digest("audio", "video", "clip")
     windows = cfg.clip.mode == "windows"
     quality = int(cfg.video.jpeg_quality)
-    for clip in iter_clips(path, cfg):
+    for clip in iter_clips(path, cfg, segment=segment):
         fb = fbank(clip.waveform, cfg.audio) if clip.has_audio else None
         flac = (encode_flac(clip.waveform, clip.sample_rate)
                 if clip.has_audio and cfg.audio.keep_waveform else None)
         jpegs = [encode_jpeg(frame, quality) for frame in clip.frames] if clip.has_video else []
         meta = clip_meta(clip, video_id=video_id, source=source, labels=labels,
-                         audio_frames=0 if fb is None else fb.shape[0], config_digest=digest)
+                         audio_frames=0 if fb is None else fb.shape[0], config_digest=digest, segment=segment,
+                         dataset=dataset)
         key = make_key(video_id, clip.window if windows else None)
         members = sample_members(key, meta, fb, jpegs, flac, label_indices)
         yield BuiltSample(key=key, meta=meta, members=members)
 
 
 def build_samples(path: str, video_id: str, source: str, labels: list[str],
-                  label_indices: list[int] | None, cfg: Config) -> list[BuiltSample]:
+                  label_indices: list[int] | None, cfg: Config, *, segment: Segment | None = None,
+                  dataset: dict | None = None) -> list[BuiltSample]:
     """All samples of `path` (an input is all or nothing: BadInput means none of its samples count)."""
-    return list(iter_samples(path, video_id, source, labels, label_indices, cfg))
+    return list(iter_samples(path, video_id, source, labels, label_indices, cfg, segment=segment,
+                             dataset=dataset))

@@ -54,7 +54,8 @@ def shard_sums(url: str, target_length: int, spec: SampleSpec) -> dict[str, Any]
     (each sample checked against `spec` first)."""
     out: dict[str, Any] = {"url": url, "samples": 0, "bins": None, "rows": 0, "sum": None, "sumsq": None,
                            "padded_sum": [], "padded_sumsq": [], "durations": [], "labels": Counter(),
-                           "rgb_sum": np.zeros(3), "pixels": 0, "frames": 0, "unreadable": []}
+                           "rgb_sum": np.zeros(3), "pixels": 0, "frames": 0, "unreadable": [], "no_audio": 0,
+                           "no_video": 0}
     try:
         for raw in raw_samples([url]):
             try:
@@ -71,8 +72,9 @@ def shard_sums(url: str, target_length: int, spec: SampleSpec) -> dict[str, Any]
 
 
 def _add_sample(out: dict[str, Any], sample: dict[str, Any], target_length: int) -> None:
-    fbank = sample["fbank"].astype(np.float64)
-    if out["bins"] is None:  # (every sample has the width of the settings: `check_sample`)
+    """A sample's share; a video-only one (no fbank) or audio-only one (no frames) is counted as such."""
+    fbank = None if sample["fbank"] is None else sample["fbank"].astype(np.float64)
+    if fbank is not None and out["bins"] is None:  # (every sample has the width of the settings: `check_sample`)
         out["bins"], out["sum"], out["sumsq"] = fbank.shape[1], np.zeros(fbank.shape[1]), np.zeros(fbank.shape[1])
     rgb, pixels = np.zeros(3), 0
     for jpeg in sample["frames"]:
@@ -82,12 +84,16 @@ def _add_sample(out: dict[str, Any], sample: dict[str, Any], target_length: int)
         pixels += pix.shape[0]
     # the sample counts only once everything of it decoded
     out["samples"] += 1
-    out["rows"] += fbank.shape[0]
-    out["sum"] += fbank.sum(0)
-    out["sumsq"] += np.square(fbank).sum(0)
-    cut = fbank[:target_length]  # padding adds zeros: nothing to the sums, only to the count
-    out["padded_sum"].append(float(cut.sum()))
-    out["padded_sumsq"].append(float(np.square(cut).sum()))
+    out["no_video"] += not sample["frames"]
+    if fbank is None:
+        out["no_audio"] += 1
+    else:
+        out["rows"] += fbank.shape[0]
+        out["sum"] += fbank.sum(0)
+        out["sumsq"] += np.square(fbank).sum(0)
+        cut = fbank[:target_length]  # padding adds zeros: nothing to the sums, only to the count
+        out["padded_sum"].append(float(cut.sum()))
+        out["padded_sumsq"].append(float(np.square(cut).sum()))
     out["durations"].append(float(sample["meta"].get("duration_s") or 0.0))
     out["labels"].update(sample["meta"].get("labels") or [])
     out["rgb_sum"] += rgb
@@ -108,12 +114,13 @@ def _stats_task(index: int, urls: list[str], out: str, cfg_data: dict[str, Any],
 def merge(parts: list[dict[str, Any]], *, target_length: int, batch_size: int) -> dict[str, Any]:
     """The dataset's figures from the shards' sums (in shard order)."""
     parts = sorted(parts, key=lambda p: p["url"])
-    ok = [p for p in parts if p["samples"]]
+    ok = [p for p in parts if p["rows"]]  # shards with some audio
     bins = {p["bins"] for p in ok}
     if len(bins) > 1:
         raise BadSample(f"the shards hold fbanks of different widths ({sorted(bins)} mel bins): one set at a time")
     samples = sum(p["samples"] for p in parts)
-    fbank: dict[str, Any] = {"samples": samples}
+    missing = {"audio": sum(p["no_audio"] for p in parts), "video": sum(p["no_video"] for p in parts)}
+    fbank: dict[str, Any] = {"samples": samples - missing["audio"]}
     if ok:
         (f,) = bins
         rows = sum(p["rows"] for p in ok)
@@ -135,6 +142,7 @@ def merge(parts: list[dict[str, Any]], *, target_length: int, batch_size: int) -
         "shards": len(parts),
         "samples": samples,
         "unreadable": sum(len(p["unreadable"]) for p in parts),
+        "missing": missing,  # samples without audio (video-only) / without frames (audio-only)
         "unreadable_reasons": dict(Counter(r for p in parts for r in p["unreadable"]).most_common()),
         "fbank": fbank,
         "duration_s": _durations(durations),

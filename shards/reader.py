@@ -23,7 +23,7 @@ import numpy as np
 from .schema import BadSample, check_key, decode_member, member_suffix
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "http://", "https://")
-REQUIRED = ("json", "fbank.npy")
+REQUIRED = ("json",)
 FBANK_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))  # native byte order
 
 
@@ -207,9 +207,10 @@ def raw_samples(urls: Iterable[str | dict]) -> Iterator[dict[str, Any]]:
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """Turn one raw sample into `{"key", "url", "meta", "fbank", "frames", "flac", "labels"}`.
 
-    `frames` are JPEG bytes in index order (decode the one you need, with `shards.media.open_jpeg`), `flac` is bytes
-    or None (`shards.media.open_flac`), `labels` the `.labels.txt` class indices (non-negative) or None. Raises
-    `BadSample` (naming the key and shard) for anything outside the schema: a key outside the key alphabet (a
+    `fbank` is None and `frames` empty for a sample whose json says `has_audio` / `has_video` false (a video-only
+    or audio-only clip); otherwise the fbank is required. `frames` are JPEG bytes in index order (decode the one you
+    need, with `shards.media.open_jpeg`), `flac` is bytes or None (`shards.media.open_flac`), `labels` the
+    `.labels.txt` class indices (non-negative) or None. Raises `BadSample` (naming the key and shard) for anything outside the schema: a key outside the key alphabet (a
     member name with a directory, `../` or an absolute path), a json that is not an object, an fbank that is not
     2-D float with rows and columns and finite values. What depends on the config (mel width, frame size, number
     of classes) every reader checks with `shards.validate.check_sample`.
@@ -227,15 +228,16 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
                 frames[int(suffix[5:-4])] = data
             else:
                 decoded[suffix] = decode_member(suffix, data)
-        missing = [m for m in REQUIRED if m not in decoded]
+        no_audio = "json" in decoded and decoded["json"].get("has_audio") is False
+        missing = [m for m in REQUIRED + (() if no_audio else ("fbank.npy",)) if m not in decoded]
         if missing:
             raise BadSample(f"missing member(s) {', '.join(missing)}")
         if sorted(frames) != list(range(len(frames))):
             raise BadSample(f"frame members are not numbered 0..{len(frames) - 1}")
-        fbank = decoded["fbank.npy"]
-        if fbank.ndim != 2 or fbank.dtype not in FBANK_DTYPES or 0 in fbank.shape:
+        fbank = decoded.get("fbank.npy")
+        if fbank is not None and (fbank.ndim != 2 or fbank.dtype not in FBANK_DTYPES or 0 in fbank.shape):
             raise BadSample(f"fbank has shape {fbank.shape} and dtype {fbank.dtype}, expected 2-D float with rows")
-        if not np.isfinite(fbank).all():
+        if fbank is not None and not np.isfinite(fbank).all():
             raise BadSample("fbank holds NaN or infinite values")
         return {"key": key, "url": url, "meta": decoded["json"], "fbank": fbank,
                 "frames": [frames[i] for i in range(len(frames))], "flac": decoded.get("flac"),

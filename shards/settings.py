@@ -147,6 +147,9 @@ class Data:
     manifest: str | None = setting(None, "manifest.parquet: sample offsets, labels, balance weights (null: beside "
                                    "the shards)")
     seed: int = setting(0, "with the epoch, fixes every epoch's order and every random draw (see README)")
+    missing_modality: str = setting("skip", "a sample without the audio or the frames a mode needs (pretraining, "
+                                    "multimodal): skip (counted) | fill (official: the loader's 0.01-filled fbank "
+                                    "or image in its place)", choices=("skip", "fill"))
 
 
 @dataclass
@@ -231,20 +234,86 @@ PRESETS: dict[str, dict[str, Any]] = {
     "scale+": {"pretrain.lr": 1.0e-4, "pretrain.batch_size": 120},
     "scale++": {"pretrain.lr": 2.0e-4, "pretrain.batch_size": 256},
     "vggsound-pt": {"pretrain.lr": 1.0e-4, "pretrain.batch_size": 120},
-    "as20k-audioonly": {"finetune.mode": "audioonly"},
-    "as20k-videoonly": {"finetune.mode": "videoonly"},
-    "as2m-ft": {"finetune.lr": 1.0e-5, "finetune.head_lr_scale": 50.0, "finetune.batch_size": 48,
-                "finetune.epochs": 10, "finetune.lr_start_epoch": 2, "finetune.wa_start": 1, "finetune.wa_end": 10,
-                "finetune.balanced": True},
-    "vggsound-ft": {"finetune.lr": 1.0e-4, "finetune.head_lr_scale": 10.0, "finetune.batch_size": 48,
-                    "finetune.epochs": 10, "finetune.lr_start_epoch": 2, "finetune.wa_start": 3,
-                    "finetune.wa_end": 10, "finetune.balanced": True, "finetune.loss": "ce", "finetune.metric": "acc"},
-    "linear-probe": {"finetune.freeze_base": True, "finetune.mixup": 0.0},
 }
+
+# The finetuning recipes, every value with where it comes from (written beside it in pipeline.yaml). The CAV-MAE
+# ones are the official scripts' values (reference 4.2; all three share the augmentation of every finetuning script).
+_CAVMAE_FT = "every official finetuning script"
+_AS20K, _AS2M, _VGG = "run_cavmae_ft_bal.sh", "run_cavmae_ft_full.sh", "vggsound/run_cavmae_ft.sh"
+_AST = "AST egs/esc50/run_esc.sh"
+
+
+def _official_ft(script: str, lr: float, head: float, batch: int, epochs: int, start: int, wa: tuple[int, int],
+                 balanced: bool, single_label: bool) -> dict[str, tuple[Any, str]]:
+    """One official CAV-MAE finetuning script's settings, each with its source."""
+    return {
+        "finetune.mode": ("multimodal", f"{script} --ftmode"),
+        "finetune.lr": (lr, f"{script} --lr"),
+        "finetune.head_lr_scale": (head, f"{script} --head_lr"),
+        "finetune.batch_size": (batch, f"{script} --batch-size"),
+        "finetune.epochs": (epochs, f"{script} --n-epochs"),
+        "finetune.lr_start_epoch": (start, f"{script} --lrscheduler_start"),
+        "finetune.lr_decay": (0.5, f"{script} --lrscheduler_decay"),
+        "finetune.lr_step": (1, f"{script} --lrscheduler_step"),
+        "finetune.wa": (True, f"{script} --wa"),
+        "finetune.wa_start": (wa[0], f"{script} --wa_start"),
+        "finetune.wa_end": (wa[1], f"{script} --wa_end"),
+        "finetune.balanced": (balanced, f"{script} --bal"),
+        "finetune.loss": ("ce" if single_label else "bce", f"{script} --loss"),
+        "finetune.metric": ("acc" if single_label else "mAP", f"{script} --metrics"),
+        "finetune.freqm": (48, _CAVMAE_FT), "finetune.timem": (192, _CAVMAE_FT),
+        "finetune.mixup": (0.5, _CAVMAE_FT), "finetune.label_smooth": (0.1, _CAVMAE_FT),
+        "finetune.noise": (True, _CAVMAE_FT), "model.target_length": (1024, _CAVMAE_FT),
+        "eval.frames": ("all", f"{script}: the 10-frame average (frame aggregation)"),
+    }
+
+
+FINETUNE_RECIPES: dict[str, dict[str, tuple[Any, str]]] = {
+    "as20k-ft": _official_ft(_AS20K, 5.0e-5, 100.0, 36, 15, 5, (3, 15), False, False),
+    "as20k-audioonly": {"finetune.mode": ("audioonly", "run_cavmae_ft_bal_audioonly.sh --ftmode"),
+                        "eval.frames": ("middle", "run_cavmae_ft_bal_audioonly.sh --skip_frame_agg True")},
+    "as20k-videoonly": {"finetune.mode": ("videoonly", "run_cavmae_ft_bal_videoonly.sh --ftmode (cav-mae #2: not "
+                                                       "missingvideoonly)"),
+                        "eval.frames": ("all", "run_cavmae_ft_bal_videoonly.sh: frame aggregation on (+3 mAP)")},
+    "as2m-ft": _official_ft(_AS2M, 1.0e-5, 50.0, 48, 10, 2, (1, 10), True, False),
+    "vggsound-ft": _official_ft(_VGG, 1.0e-4, 10.0, 48, 10, 2, (3, 10), True, True),
+    # ESC-50: no official CAV-MAE recipe; AST's (the same author's training code) on 5 s clips. The normalisation
+    # stays CAV-MAE's (data.mean/std: the pretrained model saw it; the author in cav-mae #24), not AST's ESC-50
+    # stats, which go with AST's (x - mean) / (2 std). 5-fold cross-validation: one fold's shards as --val-shards.
+    "esc50-audioonly": {
+        "finetune.mode": ("audioonly", "ESC-50 is audio only"),
+        "finetune.num_classes": (50, f"{_AST} --n_class (the samples' .labels.txt targets; no --labels needed)"),
+        "model.target_length": (512, f"{_AST} audio_length (5 s = 498 rows)"),
+        "finetune.lr": (1.0e-5, f"{_AST} lr (from an AudioSet-pretrained model)"),
+        "finetune.head_lr_scale": (1.0, f"{_AST}: one lr for every parameter"),
+        "finetune.batch_size": (48, f"{_AST} batch_size"),
+        "finetune.epochs": (25, f"{_AST} epoch"),
+        "finetune.lr_start_epoch": (5, f"{_AST} lrscheduler_start"),
+        "finetune.lr_decay": (0.85, f"{_AST} lrscheduler_decay"),
+        "finetune.lr_step": (1, f"{_AST} lrscheduler_step"),
+        "finetune.wa": (False, f"{_AST}: no weight averaging"),
+        "finetune.balanced": (False, f"{_AST} bal=none"),
+        "finetune.loss": ("ce", f"{_AST} loss (single label)"),
+        "finetune.metric": ("acc", f"{_AST} metrics"),
+        "finetune.freqm": (24, f"{_AST} freqm"),
+        "finetune.timem": (96, f"{_AST} timem"),
+        "finetune.mixup": (0.0, f"{_AST} mixup"),
+        "finetune.noise": (False, f"{_AST} noise"),
+        "finetune.label_smooth": (0.0, "AST: one-hot targets"),
+        "eval.frames": ("middle", "audio only: no frames to aggregate"),
+    },
+}
+PRESETS.update({name: {k: v for k, (v, _) in table.items()} for name, table in FINETUNE_RECIPES.items()})
+PRESETS["linear-probe"] = {"finetune.freeze_base": True, "finetune.mixup": 0.0}
+PRESET_SOURCES = {name: {k: src for k, (_, src) in table.items()} for name, table in FINETUNE_RECIPES.items()}
 PRESET_NOTES = {  # (comment line above the preset, comment after it) in pipeline.yaml
     "scale+": ("Pretraining (reference 4.1; the default pretrain section is the base recipe: lr 5e-5, batch 48)",
                "official script (the released model used 108)"),
-    "as20k-audioonly": ("Finetuning (reference 4.2; the default finetune section is AS-20K multimodal)", ""),
+    "as20k-ft": ("Finetuning (reference 4.2; the default finetune section is AS-20K multimodal, as-is in as20k-ft)",
+                 ""),
+    "esc50-audioonly": ("ESC-50 audio only, from AST's ESC-50 recipe (the same author's code); CAV-MAE's fbank "
+                        "normalisation kept (its author in issue #24). 5-fold CV: hold one fold out as --val-shards",
+                        ""),
 }
 
 # Keys that existed once: a file that has them (a shard folder's frozen pipeline.yaml, an old run's config.yaml)
@@ -307,16 +376,21 @@ def _comment(text: str, indent: int = 0) -> list[str]:
                                       subsequent_indent=" " * indent + "# ")]
 
 
-def _entry(head: str, doc: str) -> list[str]:
+def _entry(head: str, doc: str, column: int = COLUMN) -> list[str]:
     """`head` with `doc` as an aligned trailing comment, continued on aligned comment lines when long."""
     if not doc:
         return [head]
-    pad = max(COLUMN, len(head))
+    pad = max(column, len(head))
     lines = [line for part in doc.split("\n") for line in textwrap.wrap(part, WIDTH - pad - 3)]
     return [f"{head:<{pad}} # {lines[0]}"] + [f"{'':<{pad}} # {line}" for line in lines[1:]]
 
 
 def _preset(name: str, table: dict[str, Any], note: str) -> list[str]:
+    """One preset: one line per setting with its source as a comment when it has sources, else a flow mapping."""
+    sources = PRESET_SOURCES.get(name)
+    if sources is not None:
+        return _entry(f"  {name}:", note) + [line for key, value in table.items()
+                                             for line in _entry(f"    {key}: {as_yaml(value)}", sources[key], 36)]
     head = f"  {name}: {{"
     items = [f"{key}: {as_yaml(value)}" for key, value in table.items()]
     lines, line = [], head

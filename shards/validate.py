@@ -37,9 +37,9 @@ class SampleSpec:
 def check_sample(sample: dict[str, Any], spec: SampleSpec) -> None:
     """BadSample unless the decoded `sample` (`shards.reader.decode_sample`) fits `spec`: the fbank's mel width,
     the number of frames, each frame's JPEG header size, the label indices' range."""
-    width = sample["fbank"].shape[1]
-    if spec.num_mel_bins is not None and width != spec.num_mel_bins:
-        raise BadSample(f"fbank has {width} mel bins, the settings say {spec.num_mel_bins}")
+    fbank = sample["fbank"]  # None for a video-only sample (`decode_sample`)
+    if fbank is not None and spec.num_mel_bins is not None and fbank.shape[1] != spec.num_mel_bins:
+        raise BadSample(f"fbank has {fbank.shape[1]} mel bins, the settings say {spec.num_mel_bins}")
     frames = sample["frames"]
     if spec.num_frames is not None and len(frames) > spec.num_frames:
         raise BadSample(f"{len(frames)} frames, the settings say {spec.num_frames}")

@@ -105,8 +105,50 @@ def test_loading_rejects_anything_undocumented():
         load_pretrained_into(ft, partial_head)
     with pytest.raises(ValueError, match="mask_token"):  # a pretraining model must get every key
         load_pretrained_into(CAVMAE(**TINY), {k: v for k, v in sd.items() if k != "mask_token"})
-    with pytest.raises(CheckpointError, match=r"pos_embed_a \(1, 64, 64\) vs \(1, 128, 64\)"):  # another length
-        load_pretrained_into(CAVMAE(size="tiny", target_length=256, image_size=64), sd)
+    with pytest.raises(CheckpointError, match="patch_embed_a.proj.weight"):  # another patch embedding
+        load_pretrained_into(CAVMAE(size="tiny", target_length=128, image_size=64),
+                             {**sd, "patch_embed_a.proj.weight": torch.zeros(64, 1, 16, 8)})
+
+
+@pytest.mark.parametrize("new_length", [64, 512])
+def test_other_clip_length_rebuilds_the_fixed_position_tables(new_length, caplog):
+    """A pretrained checkpoint's tables are fixed sin-cos: at another target_length they are rebuilt exactly as the
+    model would build them, silently, and every other weight loads unchanged."""
+    torch.manual_seed(0)
+    sd = official_state_dict(CAVMAE(**TINY))
+    for model in (CAVMAE(**{**TINY, "target_length": new_length}), CAVMAEFT(5, **{**TINY, "target_length": new_length})):
+        fresh = {k: v.clone() for k, v in model.state_dict().items()}
+        with caplog.at_level("WARNING"):
+            load_pretrained_into(model, sd)
+        assert not caplog.records
+        for name in ("pos_embed_a", "decoder_pos_embed_a", "pos_embed_v"):
+            if name in fresh:
+                assert torch.equal(model.state_dict()[name], fresh[name]), name
+        assert model.pos_embed_a.shape == (1, 8 * new_length // 16, 64)
+        assert torch.equal(model.blocks_a[0].attn.qkv.weight, sd["module.blocks_a.0.attn.qkv.weight"])
+        model(torch.randn(2, new_length, 128), torch.randn(2, 3, 64, 64), *(() if isinstance(model, CAVMAE)
+                                                                             else ("multimodal",)))
+
+
+def test_trained_position_tables_are_cut_or_interpolated_as_ast(caplog):
+    """A finetuned (tr_pos) table is no longer sin-cos: shorter clips take the centre time columns, longer ones a
+    bilinear stretch, with one log line per table."""
+    torch.manual_seed(0)
+    ft = CAVMAEFT(5, **TINY)
+    trained = ft.pos_embed_a.detach() + 0.1 * torch.randn_like(ft.pos_embed_a)
+    sd = {**ft.state_dict(), "pos_embed_a": trained}
+    short = CAVMAEFT(5, **{**TINY, "target_length": 64})
+    with caplog.at_level("WARNING", logger="train.checkpoint"):
+        load_pretrained_into(short, sd)
+    assert [r.getMessage() for r in caplog.records] == [
+        "pos_embed_a: trained position table fitted from grid 8x8 to 8x4 (centre cut / bilinear, as AST)"]
+    grid = trained.reshape(8, 8, -1)  # rows are frequency, columns time
+    assert torch.equal(short.pos_embed_a.detach().reshape(8, 4, -1), grid[:, 2:6])
+    long = CAVMAEFT(5, **{**TINY, "target_length": 256})
+    load_pretrained_into(long, sd)
+    stretched = long.pos_embed_a.detach().reshape(8, 16, -1)
+    assert torch.allclose(stretched[:, 0], grid[:, 0]) and torch.allclose(stretched[:, -1], grid[:, -1])
+    assert torch.allclose(stretched[:, 1], 0.75 * grid[:, 0] + 0.25 * grid[:, 1], atol=1e-6)
 
 
 def test_audio_only_model_from_finetuned_and_pretrained():

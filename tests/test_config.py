@@ -220,3 +220,18 @@ def test_explicit_holds_the_keys_given_by_file_presets_and_sets(tmp_path):
     assert cfg.eval.frames == "3"  # an int accepted as text
     assert cfg.with_overrides(["data.seed=1"]).explicit == cfg.explicit | {"data.seed"}
     assert load_config().explicit == frozenset()
+
+
+def test_finetuning_recipes_are_the_official_values_with_their_sources():
+    """as20k-ft spells out the defaults (the official AS-20K script); every recipe value has its source written
+    beside it in pipeline.yaml; ESC-50 trains 5 s audio at 512 rows."""
+    default, as20k = load_config(), load_config(presets=["as20k-ft"])
+    for section in ("finetune", "model", "eval"):
+        assert as20k[section].to_dict() == default[section].to_dict()
+    text = PIPELINE_YAML.read_text()
+    assert "    finetune.head_lr_scale: 50.0     # run_cavmae_ft_full.sh --head_lr" in text
+    assert "    finetune.loss: ce                # vggsound/run_cavmae_ft.sh --loss" in text
+    esc = load_config(presets=["esc50-audioonly"])
+    assert (esc.model.target_length, esc.finetune.mode, esc.finetune.loss, esc.finetune.wa) == (
+        512, "audioonly", "ce", False)
+    assert (esc.data.mean, esc.data.std) == (default.data.mean, default.data.std)

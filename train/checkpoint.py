@@ -8,9 +8,14 @@ names without the prefix, so loading is a prefix strip plus a check that the onl
   CAVMAEFT      <- pretrained                      missing mlp_head.*; unexpected decoder*, mask_token
   CAVMAEFTAudio <- any of the above                additionally: every visual key is unexpected
 
+A checkpoint of another clip length (target_length) or image size loads too: its position tables are fitted to the
+model's grid first (`fit_position_tables`).
+
 Files are read with torch.load(weights_only=True) only: no arbitrary pickle is ever executed.
 """
 
+import logging
+import math
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -21,11 +26,15 @@ import torch.nn as nn
 
 from train import distributed as dist
 from train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
+from train.pos_embed import cut_or_interpolate_pos_embed, get_2d_sincos_pos_embed, is_sincos_pos_embed
 from shards.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MODULE_PREFIX = "module."
 _VISUAL_PREFIXES = ("modality_v", "pos_embed_v", "patch_embed_v.", "blocks_v.", "norm_v.")
 _DECODER_PREFIXES = ("decoder", "mask_token")
+_POSITION_TABLES = ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v")
 
 
 class LoadResult(NamedTuple):
@@ -94,11 +103,12 @@ def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]", source
     """Load an official or our own checkpoint (with or without `module.`) into CAVMAE / CAVMAEFT / CAVMAEFTAudio.
 
     Raises CheckpointError (one line, starting with `source`) naming the offending keys when anything beyond the
-    documented mismatches (module docstring) is missing or unexpected, or when a shape differs (e.g. another
-    target_length). Returns the tolerated missing/unexpected keys so the caller can log them.
+    documented mismatches (module docstring) is missing or unexpected, or when a shape differs (position tables of
+    another clip length or image size are fitted first). Returns the tolerated missing/unexpected keys so the
+    caller can log them.
     """
     model = dist.unwrap(model)
-    sd = strip_module_prefix(sd)
+    sd = fit_position_tables(model, strip_module_prefix(sd))
     allowed_missing: "tuple[str, ...]" = ()
     allowed_unexpected: "tuple[str, ...]" = ()
     if isinstance(model, (CAVMAEFT, CAVMAEFTAudio)):
@@ -120,6 +130,44 @@ def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]", source
         raise CheckpointError(f"{source}: does not fit {type(model).__name__}: missing "
                               f"[{_some(bad_missing)}], unexpected [{_some(bad_unexpected)}]")
     return LoadResult(sorted(missing), sorted(unexpected))
+
+
+def _checkpoint_grid(name: str, tokens: int, model_grid: "tuple[int, int]") -> "tuple[int, int] | None":
+    """The (rows, columns) grid of a checkpoint's position table of `tokens` rows: audio keeps the model's frequency
+    rows (the mel bins are a feature of the shards, the clip length is what varies), images are square. None when
+    no such grid fits."""
+    if name.endswith("_a"):
+        rows = model_grid[0]
+        return (rows, tokens // rows) if tokens % rows == 0 else None
+    side = math.isqrt(tokens)
+    return (side, side) if side * side == tokens else None
+
+
+def fit_position_tables(model: nn.Module, sd: "dict[str, torch.Tensor]") -> "dict[str, torch.Tensor]":
+    """`sd` with each position table of another grid than `model`'s (another target_length or image size) fitted to
+    the model's grid, so a checkpoint trained at one clip length finetunes or evaluates at another.
+
+    A fixed sin-cos table (every pretrained CAV-MAE's, tr_pos=False) is rebuilt for the new grid: it is then exactly
+    what the model would have been built with. A table trained away from sin-cos (a finetuned model's, tr_pos=True)
+    is cut or interpolated as AST does, with one log line. Tables whose grid cannot be inferred are left alone (the
+    load then fails on the shape)."""
+    out = dict(sd)
+    target = model.state_dict()
+    for name in _POSITION_TABLES:
+        if name not in sd or name not in target or sd[name].shape == target[name].shape:
+            continue
+        table, new = sd[name], target[name]
+        model_grid = model.audio_grid if name.endswith("_a") else model.image_grid
+        old_grid = _checkpoint_grid(name, table.shape[1], model_grid) if table.dim() == 3 else None
+        if old_grid is None or table.shape[0] != 1 or table.shape[-1] != new.shape[-1]:
+            continue
+        if is_sincos_pos_embed(table, *old_grid):
+            out[name] = get_2d_sincos_pos_embed(new.shape[-1], *model_grid).unsqueeze(0).to(table.dtype)
+        else:
+            out[name] = cut_or_interpolate_pos_embed(table, old_grid, model_grid)
+            log.warning("%s: trained position table fitted from grid %dx%d to %dx%d (centre cut / bilinear, as AST)",
+                        name, *old_grid, *model_grid)
+    return out
 
 
 def official_state_dict(model: nn.Module, module_prefix: bool = True) -> "OrderedDict[str, torch.Tensor]":

@@ -173,6 +173,7 @@ def _eval(args: argparse.Namespace, cfg) -> dict:
     from train import distributed as dist
     from train import stage as st
     from train.evaluate import predict, score
+    from train.model import FT_MODES
 
     device = dist.init()
     mode = args.mode or cfg.finetune.mode
@@ -182,7 +183,7 @@ def _eval(args: argparse.Namespace, cfg) -> dict:
     label_map, _ = st.labels(cfg, args.labels, cfg.finetune) if args.labels else (None, 0)
     num_classes = model.mlp_head[1].out_features
     tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, num_classes=num_classes, label_map=label_map,
-                      label_csv=args.labels)
+                      label_csv=args.labels, needs=FT_MODES.get(mode, ("av",))[0])
     pred = predict(model.to(device), urls, tf, mode=mode, metric=cfg.finetune.metric,
                    batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device,
                    precision=cfg.finetune.precision)
@@ -230,7 +231,7 @@ def _embed(args: argparse.Namespace, cfg) -> dict:
     cfg, urls, _ = st.shard_sets(cfg, args.shards)
     model = st.load_model(cfg, args.checkpoint)
     frames = _frames(args, cfg)
-    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
+    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, needs="")
     rows = embed(model.to(device), urls, tf, args.out, batch_size=cfg.eval.batch_size,
                  num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision,
                  total=len(manifest_rows(urls, cfg.data.manifest)) or None, progress=not args.no_progress)

@@ -37,6 +37,12 @@ read of its bytes (`shards.index`), its mixup partner drawn from the whole set a
 is bounded by the batches in flight: there is no shuffle buffer. Evaluation streams each shard once, split by node
 and by worker (`webdataset.DataPipeline`).
 
+A sample without a modality (a video-only or audio-only clip: json `has_audio` / `has_video` false) is used where
+the mode needs only what it has (`Transform.needs`: video-only samples in `videoonly`, audio-only ones in the audio
+modes) and is otherwise skipped and counted, or, with `data.missing_modality: fill`, given the official loader's
+stand-in (a raw fbank of 0.01, an image of 0.01 after normalisation). Examples say what was real (`has_audio`,
+`has_video`, for `embed`).
+
 A sample that fails to decode (bad JPEG, bad npy, a member outside the schema, a truncated shard) is skipped and
 counted; the count rides along in each batch (`batch["skipped"]`) so the trainer can report it. We never replace it
 with a constant tensor as the official loader does (that silently trains on garbage, issue #5).
@@ -75,6 +81,15 @@ LOG_SILENCE = math.log(torch.finfo(torch.float32).eps)
 # nor block the host (from pageable memory they stall the host until the stream reaches them).
 PIN = torch.cuda.is_available()
 REMOTE_READS = 16  # concurrent ranged reads per loader worker from object storage (each is one round trip)
+
+
+# The official loader's stand-in for audio or an image it cannot load (reference 2.1, 2.3; cav-mae #5): an fbank
+# of 0.01 before normalisation, an image of 0.01 after it.
+FILL = 0.01
+
+
+class MissingModality(BadSample):
+    """A sample without the audio or the frames its mode needs (skipped and counted, as a bad sample)."""
 
 
 class LabelError(UserError):
@@ -336,18 +351,24 @@ class Transform:
     `aug` holds the stage's augmentation (freqm, timem, mixup, noise, label_smooth); `frame` is "random" (train),
     "middle", "all" (every frame, stacked) or a frame index. `audio` is the `audio:` config section as a dict (the
     fbank parameters used to recompute the fbank of a waveform mix; they must be those the shards were made with).
+    `needs`: the modalities the model's mode reads, "a" and/or "v"; a sample without one of them is a
+    MissingModality unless `data["missing_modality"]` is "fill" (see the module docstring). A modality the mode
+    does not read is given the stand-in when absent.
     """
 
     def __init__(self, data: dict[str, Any], aug: dict[str, Any], *, frame: str | int, num_frames: int,
                  num_classes: int, label_map: dict[str, int] | None, label_file: str | None, seed: int,
-                 audio: dict[str, Any] | None = None):
+                 audio: dict[str, Any] | None = None, needs: str = "av"):
         self.data, self.aug, self.frame, self.num_frames = data, aug, frame, num_frames
         self.num_classes, self.label_map, self.label_file, self.seed = num_classes, label_map, label_file, seed
-        self.audio = audio
+        self.audio, self.needs, self.fill = audio, needs, data.get("missing_modality") == "fill"
         std = torch.tensor(data["image_std"], dtype=torch.float64)
         # (x / 255 - mean) / std as one multiply-subtract on the batch (`device_augment`)
         self.pixel_scale = (1 / (255 * std)).tolist()
         self.pixel_shift = (torch.tensor(data["image_mean"], dtype=torch.float64) / std).tolist()
+        # the uint8 pixel that normalises to FILL (within uint8 precision: |error| < 0.01)
+        mean = torch.tensor(data["image_mean"], dtype=torch.float64)
+        self.fill_pixel = torch.round(255 * (mean + FILL * std)).to(torch.uint8)
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Examples of a decoded stream (evaluation: no mixup), skipping the samples `try_example` rejects."""
@@ -399,22 +420,51 @@ class Transform:
                   for i in self.frame_indices(len(sample["frames"]), rng)]
         return stack_pixels(frames) if self.frame == "all" else frames[0]
 
+    @staticmethod
+    def has(sample: dict[str, Any], modality: str) -> bool:
+        """Whether a decoded sample holds the audio ("a") or the frames ("v")."""
+        return sample["fbank"] is not None if modality == "a" else bool(sample["frames"])
+
+    def stand_in(self, modality: str) -> torch.Tensor:
+        """The official loader's stand-in: a raw fbank [target_length, F] of FILL, or frame(s) that normalise to
+        FILL."""
+        if modality == "a":
+            return torch.full((self.data["target_length"], self.data.get("num_mel_bins", 128)), FILL)
+        size = self.data["image_size"]
+        image = self.fill_pixel.view(3, 1, 1).expand(3, size, size)
+        return image.expand(self.num_frames, 3, size, size).clone() if self.frame == "all" else image.clone()
+
     def example(self, sample: dict[str, Any], partner: dict[str, Any] | None,
                 rng: np.random.Generator) -> dict[str, Any]:
         """One sample's compact parts: the raw (mixed, unpadded) fbank, uint8 frame(s) (and the partner's with λ),
-        and its augmentation parameters. Padding happens in `collate`, the rest in `device_augment`."""
+        and its augmentation parameters. Padding happens in `collate`, the rest in `device_augment`.
+
+        A modality missing from the sample, or from its mixup partner, becomes the stand-in (as the official
+        loader, whose mixed load fails when either file is missing); when the mode needs it and
+        `missing_modality` is skip, the sample is a MissingModality and a partner without it cancels the mixup."""
         d, aug = self.data, self.aug
         self.check(sample)
-        fbank = torch.from_numpy(sample["fbank"])
-        image = self.pixels(sample, rng)
+        lacking = [m for m in self.needs if not self.has(sample, m)]
+        if lacking and not self.fill:
+            raise MissingModality(f"no {' and no '.join('audio' if m == 'a' else 'frames' for m in lacking)}, "
+                                  f"which this mode reads (data.missing_modality: fill uses the official stand-in)")
+        if partner is not None and not self.fill and not all(self.has(partner, m) for m in self.needs):
+            partner = None
+        real_a, real_v = self.has(sample, "a"), self.has(sample, "v")
+        both_a = real_a and (partner is None or self.has(partner, "a"))
+        both_v = real_v and (partner is None or self.has(partner, "v"))
+        fbank = torch.from_numpy(sample["fbank"]) if both_a else self.stand_in("a")
+        image = self.pixels(sample, rng) if both_v else self.stand_in("v")
         lam, mixup, image_mix = 1.0, None, None
         if partner is not None:
             self.check(partner)
             lam = float(rng.beta(10, 10))
-            fbank, mixup = self.mix_audio(sample, partner, fbank.float(), lam)
-            image_mix = self.pixels(partner, rng)
+            if both_a:
+                fbank, mixup = self.mix_audio(sample, partner, fbank.float(), lam)
+            if both_v:
+                image_mix = self.pixels(partner, rng)
         example = {"audio": fbank, "image": image, "image_mix": image_mix, "lam": lam, "key": sample["key"],
-                   "video_id": sample["meta"].get("video_id"),
+                   "video_id": sample["meta"].get("video_id"), "has_audio": real_a, "has_video": real_v,
                    "_mixup": mixup, "aug": draw_augmentation(aug, d["target_length"], fbank.shape[1], rng)}
         if self.num_classes:
             first = label_indices(sample, self.label_map, self.label_file)
@@ -461,6 +511,9 @@ class Transform:
                        shift=torch.tensor([p["shift"] for p in params]), seed=params[0]["seed"])
         batch = {"audio": audio, "image": stack_pixels([e["image"] for e in examples]), "aug": aug,
                  "key": [e["key"] for e in examples], "video_id": [e["video_id"] for e in examples],
+                 # what was real, not a stand-in (an example made elsewhere without the flags has both)
+                 "has_audio": [e.get("has_audio", True) for e in examples],
+                 "has_video": [e.get("has_video", True) for e in examples],
                  "skipped": sum(e["_skipped"] for e in examples),
                  "mixup": dict(Counter(e["_mixup"] for e in examples if e["_mixup"]))}
         if any(e["image_mix"] is not None for e in examples):

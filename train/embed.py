@@ -2,7 +2,8 @@
 (cav-mae issue #33, "video feature extraction").
 
 The features are retrieval's (`retrieve.pooled_features`: the unmasked streams after norm_a / norm_v, mean-pooled
-over tokens), not L2-normalised, as float32 lists. The samples stream through `eval_loader` (every sample once, no
+over tokens), not L2-normalised, as float32 lists; null for the side a sample does not have (a video-only or
+audio-only clip). The samples stream through `eval_loader` (every sample once, no
 augmentation) and each batch is written as it comes (`pyarrow.parquet.ParquetWriter`, one row group per batch), so
 memory does not grow with the set. The file appears under its name only when complete.
 """
@@ -42,7 +43,9 @@ def embed(model: torch.nn.Module, urls: list[str], transform: Transform, out: st
                 audio, visual = pooled_features(model, device_augment(batch, device), device, precision)
                 writer.write_table(pa.table({
                     "key": batch["key"], "video_id": batch["video_id"],
-                    "audio": list(audio.cpu().numpy()), "visual": list(visual.cpu().numpy())}, schema=SCHEMA))
+                    "audio": [v if has else None for v, has in zip(audio.cpu().numpy(), batch["has_audio"])],
+                    "visual": [v if has else None for v, has in zip(visual.cpu().numpy(), batch["has_video"])]},
+                    schema=SCHEMA))
                 rows += len(batch["key"])
                 bar.update(len(batch["key"]))
         os.replace(tmp, out)

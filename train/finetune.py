@@ -87,12 +87,12 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
 
     def loader(epoch: int, first: int, count: int):
         tf = st.transform(cfg, st.augmentation(f), frame="random", num_classes=num_classes, label_map=label_map,
-                          label_csv=labels_csv)
+                          label_csv=labels_csv, needs=FT_MODES[mode][0])
         return train_loader(index, tf, plan, epoch=epoch, first=first, count=count, num_workers=cfg.data.num_workers)
 
     def validate(net: torch.nn.Module) -> dict[str, Any]:
         tf = st.transform(cfg, st.NO_AUGMENTATION, frame="middle", num_classes=num_classes, label_map=label_map,
-                          label_csv=labels_csv)
+                          label_csv=labels_csv, needs=FT_MODES[mode][0])
         pred = predict(net, val_urls, tf, mode=mode, metric=metric, batch_size=cfg.eval.batch_size,
                        num_workers=cfg.data.num_workers, device=device, precision=f.precision)
         return {f"val_{metric}": score(pred, metric)[metric]}

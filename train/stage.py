@@ -117,11 +117,13 @@ def model_settings(cfg: Config) -> dict[str, Any]:
 
 
 def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes: int = 0,
-              label_map: dict[str, int] | None = None, label_csv: str | None = None) -> Transform:
+              label_map: dict[str, int] | None = None, label_csv: str | None = None, needs: str = "av") -> Transform:
+    """The data transform of a command; `needs`: the modalities its model reads ("av", "a", "v"; "" for none
+    required, as `embed`), see `train.data.Transform`."""
     data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.video.image_size,
             "num_mel_bins": cfg.audio.num_mel_bins}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
-                     label_map=label_map, label_file=label_csv, seed=0, audio=cfg.audio.to_dict())
+                     label_map=label_map, label_file=label_csv, seed=0, audio=cfg.audio.to_dict(), needs=needs)
 
 
 def checkpoint_arg(path: str) -> dict[str, Any]:

@@ -1,0 +1,158 @@
+"""The datasets' own lists as ingest inputs: generated rows in each published format + generated clips -> ingest on a
+real local Ray -> shards whose samples cover the listed segments (frame times, fbank rows), with the list's labels,
+splits and folds, and skipped rows for the files that are not there; reprocess from source keeps the segments."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from preprocess.datasets import ListOptions, dataset_items, sniff
+from preprocess.decode import Segment, decode_clips
+from preprocess.ingest import ingest
+from preprocess.inputs import InputError
+from preprocess.reprocess import reprocess, reprocess_config
+from shards.config import load_config
+from shards.reader import decode_sample, list_shards, raw_samples
+from tests.clips import make_clip
+
+SMALL = ["video.num_frames=4", "video.image_size=64", "shards.samples_per_shard=4"]
+# 10 s of a file at 10 fps, 4 official picks int(i * 100 / 4) - 1 (clamped): frames 0, 24, 49, 74 of the segment
+PICKS_S = (0.0, 2.4, 4.9, 7.4)
+
+
+def clip(folder: Path, name: str, seconds: float, **kw) -> Path:
+    return make_clip(folder, name, seconds=seconds, size=(80, 64), fps=10, channels=1, sample_rate=16000, **kw)
+
+
+def samples(out: Path) -> dict[str, dict]:
+    return {s["meta"]["video_id"]: s for s in map(decode_sample, raw_samples(list_shards(str(out))))}
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    return {r["video_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+
+
+def assert_segment(sample: dict, start_in_file: float, listed: list[float], cut: bool) -> None:
+    meta = sample["meta"]
+    assert meta["frame_times_s"] == pytest.approx([start_in_file + t for t in PICKS_S])
+    assert sample["fbank"].shape == (998, 128)  # 10 s of audio: the segment's, not the file's
+    assert meta["segment"] == {"listed_s": listed, "in_file_s": [start_in_file, start_in_file + 10.0],
+                               "file_is_segment": cut}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lists")
+    videos = root / "videos"
+    full = clip(videos, "AAAAAAAAAAA", 14.0)                   # a whole video: the segment is cut from it
+    clip(videos / "cut", "BBBBBBBBB_B_30.000", 10.0, tone_hz=880.0)  # already the 10 s cut, named by its start
+    return root, videos, full
+
+
+def test_audioset_segments_labels_and_missing_files(local_ray, media, tmp_path):
+    root, videos, _ = media
+    listing = root / "balanced_train_segments.csv"
+    listing.write_text(
+        "# Segments csv created Sun Mar  5 10:54:31 2017\n"
+        "# num_ytids=3, num_segs=3, num_unique_labels=3, num_positive_labels=4\n"
+        "# YTID, start_seconds, end_seconds, positive_labels\n"
+        'AAAAAAAAAAA, 3.000, 13.000, "/m/09x0r,/m/04rlf"\n'
+        'BBBBBBBBB_B, 30.000, 40.000, "/m/068hy"\n'
+        'CCCCCCCCCCC, 0.000, 10.000, "/m/09x0r"\n')
+    assert sniff(listing) == "audioset"
+    index = root / "labels.csv"
+    index.write_text('index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/04rlf,"Music"\n2,/m/068hy,"Domestic '
+                     'animals, pets"\n')
+    summary = ingest([str(listing)], tmp_path / "as", load_config(sets=SMALL), label_index_csv=str(index),
+                     lists=ListOptions(videos_dir=str(videos)))
+    assert (summary.ok, summary.skipped, summary.failed) == (2, 1, 0)
+    assert summary.problems == [f"{listing}:6: no file for YTID 'CCCCCCCCCCC' in {videos}"]
+    rows = manifest(tmp_path / "as")
+    assert rows["CCCCCCCCCCC"]["status"] == "skipped" and rows["CCCCCCCCCCC"]["labels"] == ["/m/09x0r"]
+    got = samples(tmp_path / "as")
+    assert_segment(got["AAAAAAAAAAA"], 3.0, [3.0, 13.0], cut=False)
+    assert_segment(got["BBBBBBBBB_B"], 0.0, [30.0, 40.0], cut=True)
+    assert got["AAAAAAAAAAA"]["labels"] == [0, 1] and got["BBBBBBBBB_B"]["labels"] == [2]
+    assert got["AAAAAAAAAAA"]["meta"]["dataset"] == {"format": "audioset", "ytid": "AAAAAAAAAAA"}
+
+    # reprocess from the sources (a video setting changed) takes the same segments again
+    cfg = reprocess_config(tmp_path / "as", sets=["video.num_frames=2"])
+    assert reprocess(tmp_path / "as", tmp_path / "as2", cfg).ok == 2
+    again = samples(tmp_path / "as2")["AAAAAAAAAAA"]["meta"]
+    assert again["frame_times_s"] == pytest.approx([3.0, 7.9]) and again["segment"]["in_file_s"] == [3.0, 13.0]
+
+
+def test_vggsound_and_kinetics_lists_with_split_filters(local_ray, media, tmp_path):
+    root, videos, _ = media
+    clip(videos, "DDDDDDDDDDD_000002", 10.0)  # VGGSound's own naming: {ytid}_{start:06d}
+    vgg = root / "vggsound.csv"
+    vgg.write_text('AAAAAAAAAAA,3,people marching,train\nDDDDDDDDDDD,2,"cattle, bovinae cowbell",train\n'
+                   "EEEEEEEEEEE,5,dog barking,test\n")
+    kin = root / "kinetics_train.csv"
+    kin.write_text("label,youtube_id,time_start,time_end,split\nabseiling,AAAAAAAAAAA,3,13,train\n"
+                   '"tying bow tie",BBBBBBBBB_B,30,40,val\n')
+    assert (sniff(vgg), sniff(kin)) == ("vggsound", "kinetics")
+    cfg = load_config(sets=SMALL)
+    summary = ingest([str(vgg)], tmp_path / "vgg", cfg, lists=ListOptions(videos_dir=str(videos), split=("train",)))
+    assert (summary.ok, summary.skipped) == (2, 0)  # the test row is not taken at all
+    got = samples(tmp_path / "vgg")
+    assert set(got) == {"AAAAAAAAAAA_000003", "DDDDDDDDDDD_000002"}
+    assert_segment(got["AAAAAAAAAAA_000003"], 3.0, [3.0, 13.0], cut=False)
+    assert_segment(got["DDDDDDDDDDD_000002"], 0.0, [2.0, 12.0], cut=True)
+    assert got["DDDDDDDDDDD_000002"]["meta"]["labels"] == ["cattle, bovinae cowbell"]
+    assert got["DDDDDDDDDDD_000002"]["meta"]["dataset"] == {"format": "vggsound", "ytid": "DDDDDDDDDDD",
+                                                            "split": "train"}
+
+    summary = ingest([str(kin)], tmp_path / "kin", cfg, lists=ListOptions(videos_dir=str(videos), split=("val",)))
+    got = samples(tmp_path / "kin")
+    assert summary.ok == 1 and got["BBBBBBBBB_B"]["meta"]["labels"] == ["tying bow tie"]
+    assert_segment(got["BBBBBBBBB_B"], 0.0, [30.0, 40.0], cut=True)
+    with pytest.raises(InputError, match="no split column"):
+        dataset_items(str(root / "balanced_train_segments.csv"), ListOptions(split=("train",)))
+
+
+def test_esc50_folds_audio_only(local_ray, tmp_path):
+    root = tmp_path / "ESC-50-master"
+    for name, hz in (("1-100032-A-0", 500.0), ("2-100038-A-14", 1500.0)):
+        make_clip(root / "audio", name, seconds=5.0, video=False, container="wav", acodec="pcm_s16le",
+                  channels=1, sample_rate=44100, tone_hz=hz)
+    (root / "meta").mkdir()
+    listing = root / "meta" / "esc50.csv"
+    listing.write_text("filename,fold,target,category,esc10,src_file,take\n1-100032-A-0.wav,1,0,dog,True,100032,A\n"
+                       "2-100038-A-14.wav,2,14,chirping_birds,False,100038,A\n3-1-A-1.wav,3,1,rooster,False,1,A\n")
+    cfg = load_config(sets=SMALL + ["video.allow_missing=true"])
+    summary = ingest([str(listing)], tmp_path / "esc", cfg, lists=ListOptions(split=("1", "2", "3")))
+    assert (summary.ok, summary.skipped) == (2, 1)
+    assert summary.problems == [f"{listing}:4: no file for '3-1-A-1' in {root / 'audio'}"]
+    got = samples(tmp_path / "esc")
+    dog = got["1-100032-A-0"]
+    assert dog["fbank"].shape == (498, 128) and dog["frames"] == [] and dog["meta"]["has_video"] is False
+    assert dog["labels"] == [0] and dog["meta"]["labels"] == ["dog"]
+    assert dog["meta"]["dataset"] == {"format": "esc50", "fold": 1, "target": 0} and dog["meta"]["segment"] is None
+    assert got["2-100038-A-14"]["labels"] == [14]
+    held_out = ingest([str(listing)], tmp_path / "esc_fold2", cfg, lists=ListOptions(split=("2",)))
+    assert held_out.ok == 1 and set(samples(tmp_path / "esc_fold2")) == {"2-100038-A-14"}
+
+
+def test_windows_within_a_segment(media):
+    """clip.mode windows covers the segment only: windows start at its start, the last one ends at its end."""
+    _, _, full = media
+    cfg = load_config(sets=SMALL + ["clip.mode=windows", "clip.length_s=4.0", "clip.hop_s=4.0"])
+    clips = decode_clips(full, cfg, segment=Segment(3.0, 13.0))
+    assert [c.clip_start_s for c in clips] == [3.0, 7.0, 11.0]
+    assert [len(c.waveform) for c in clips] == [64000, 64000, 32000]
+    assert all(3.0 <= t < 13.0 for c in clips for t in c.frame_times_s)
+    assert all(c.segment_s == (3.0, 13.0) and c.file_is_segment is False for c in clips)
+
+
+def test_list_format_errors(tmp_path):
+    bad = tmp_path / "vgg.csv"
+    bad.write_text("AAAAAAAAAAA,3,dog,train\nBBBBBBBBBBB,soon,dog,train\n")
+    with pytest.raises(InputError, match=r"vgg.csv:2: 'soon' is not a time in seconds"):
+        dataset_items(str(bad), ListOptions(format="vggsound"))
+    with pytest.raises(InputError, match="no such folder"):
+        dataset_items(str(bad), ListOptions(format="vggsound", videos_dir=str(tmp_path / "nope")))
+    paths = tmp_path / "list.csv"
+    paths.write_text("a.mp4\nb.mp4\n")
+    assert sniff(paths) is None and dataset_items(str(paths), None) is None  # a plain path list stays one
