@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 
 from shards.config import load_config  # noqa: E402
-from train.loop import autocast  # noqa: E402
+from train.precision import autocast  # noqa: E402
 from train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
 from train.schedule import make_optimizer  # noqa: E402
 from train.stage import model_settings  # noqa: E402

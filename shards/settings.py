@@ -171,8 +171,13 @@ class Stage:
     warmup_steps: int = setting(0, "cosine: linear warmup over this many optimizer steps", min=0,
                                 when=("schedule", "cosine"))
     min_lr_ratio: float = setting(0.0, "cosine: final lr / lr", min=0.0, when=("schedule", "cosine"))
-    precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp16 (official AMP + GradScaler) "
-                             "| fp32", choices=("auto", "fp16", "fp32"))
+    precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (bf16 working weights kept "
+                             "between steps, fp32 master weights in the optimizer, no autocast) | fp16 (official AMP + "
+                             "GradScaler) | fp32", choices=("auto", "bf16", "fp16", "fp32"))
+    compile: str = setting("eager", "eager (not compiled) | default | max-autotune (torch.compile modes; max-autotune: "
+                           "longer compile, faster kernels) | aot_eager (graphs captured, no code generated: debugging, "
+                           "CPU tests); the compile time is logged once and left out of samples/s",
+                           choices=("eager", "default", "max-autotune", "aot_eager"))
     freqm: int = setting(0, "SpecAugment: widest frequency mask (official pretraining: no SpecAugment, no mixup, "
                          "noise + roll on)", min=0)
     timem: int = setting(0, "SpecAugment: widest time mask", min=0)
