@@ -16,6 +16,10 @@ record is logged, and a non-finite loss is handled on the device too. Every opti
 gradients are not finite without asking the host (the fused CUDA optimizer takes the flag on the device). Such steps
 are counted (`nonfinite` in metrics.jsonl: optimizer steps with a non-finite loss) and the run stops with a one-line
 error once `NONFINITE_PATIENCE` of them came in a row; that is checked whenever a record is logged and at epoch ends.
+
+Precision (`train.precision`: bf16 autocast, or bf16 working weights with fp32 masters) and `compile` are applied
+here to the bare model (`training_model`). A compiled model compiles in the first forward + backward of each
+process: that time is printed, written once as a `compile` record (one device sync) and left out of samples/s.
 """
 
 from __future__ import annotations
@@ -114,11 +118,11 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
 
     `model` is the bare model on `device`, `optimizer` built over its parameters; here it gets bf16 working weights
     (precision 'bf16'), the DDP wrapper (several processes) and torch.compile (`compile`: eager | default |
-    max-autotune | aot_eager), in that order (`training_model`). step_fn(model, batch) -> (loss, metrics) runs the forward pass
-    of the wrapped model; loader(epoch, first_batch, num_batches) gives this rank's batches of `epoch` starting at
-    micro-batch `first_batch`; end_epoch(epoch) (1-based) may evaluate and save per-epoch weights (with the bare
-    model: its state dict holds the fp32 weights under any precision), and its result is logged. `order` is what
-    fixes the data order besides the epoch.
+    max-autotune | aot_eager), in that order (`training_model`). step_fn(model, batch) -> (loss, metrics) runs the
+    forward pass of the wrapped model; loader(epoch, first_batch, num_batches) gives this rank's batches of `epoch`
+    starting at micro-batch `first_batch`; end_epoch(epoch) (1-based) may evaluate and save per-epoch weights (with
+    the bare model: its state dict holds the fp32 weights under any precision), and its result is logged. `order` is
+    what fixes the data order besides the epoch.
     """
     model, working = training_model(model, precision, compile)
     dynamic = device.type == "cuda" and precision == "fp16"
