@@ -144,3 +144,24 @@ def test_decoder_input_built_by_one_gather_equals_the_per_modality_form():
     x = model.decoder_norm(x)
     pred_a, pred_v = model.forward_decoder(a, v, ids_a, ids_v)
     assert torch.equal(pred_a, model.decoder_pred_a(x[:, :64])) and torch.equal(pred_v, model.decoder_pred_v(x[:, 64:]))
+
+
+def test_finetune_with_bf16_weights_keeps_fp32_weights_exact(train_shards, tmp_path):
+    """lr 0: with bf16 working weights the saved weights (per-epoch file, weight average, model.pth) are the fp32
+    initial ones bit for bit, not their bf16 rounding; validation runs on the bf16 model."""
+    cfg = load_config(None, TINY)
+    torch.manual_seed(3)
+    official = {f"module.{k}": v for k, v in build_pretrain_model(model_settings(cfg)).state_dict().items()}
+    torch.save(official, tmp_path / "official.pth")
+    sets = TINY + ["finetune.batch_size=8", "finetune.epoch_samples=16", "finetune.epochs=1", "finetune.lr=0.0",
+                   "finetune.wa_start=1", "finetune.wa_end=1", "finetune.precision=bf16"]
+    rc = main(["finetune", "--shards", str(train_shards / "train"), "--val-shards", str(train_shards / "val"),
+               "--labels", str(train_shards / "labels.csv"), "--init", str(tmp_path / "official.pth"), "--out",
+               str(tmp_path / "ft"), *[a for s in sets for a in ("--set", s)]])
+    assert rc == 0
+    out = torch.load(tmp_path / "ft" / "model.pth", weights_only=True)
+    shared = [k for k in out if k in official]
+    assert len(shared) > 50 and all(torch.equal(out[k], official[k]) for k in shared)
+    assert any(not torch.equal(official[k], official[k].to(torch.bfloat16).float()) for k in shared)  # could fail
+    epoch = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert epoch["kind"] == "epoch" and 0.0 <= epoch["val_mAP"] <= 1.0
