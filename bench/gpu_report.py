@@ -64,10 +64,10 @@ def md_tables(records: list[dict]) -> str:
     for r in records:
         if r["section"] == "max_batch":
             rates = ", ".join(f"{b}: {v:.0f}" for b, v in sorted(r.get("rates", {}).items(), key=lambda kv: int(kv[0])))
-            out += ["", f"largest {PRECISION.get(r.get('precision', 'auto'))} {r.get('step', 'pretrain')} batch that fits "
-                        f"({r['device']}, eager): {r['max_batch']} (first out of memory: "
-                        f"{r['first_oom'] or 'none up to the search limit'}); fastest: {r.get('best_batch', '?')} "
-                        f"(samples/s by batch: {rates})"]
+            what = f"{PRECISION.get(r.get('precision', 'auto'))} {r.get('step', 'pretrain')}"
+            oom = r["first_oom"] or "none up to the search limit"
+            out += ["", f"largest {what} batch that fits ({r['device']}, eager): {r['max_batch']} (first out of "
+                        f"memory: {oom}); fastest: {r.get('best_batch', '?')} (samples/s by batch: {rates})"]
     loops = [r for r in records if r["section"] == "loop"]
     if loops:
         rate = {(r["step"], r["batch"], r["precision"], r.get("compile", "eager")): r["samples_s"] for r in model

@@ -118,8 +118,6 @@ def test_compiled_bf16_run_checkpoints_plain_fp32_resumes_and_matches_eager(trai
     torch.manual_seed(0)  # data.seed: the initial weights of both runs
     start = build_pretrain_model(model_settings(load_config(None, GEOMETRY, []))).state_dict()
     moved_a, moved_b = (torch.cat([(sd[k] - start[k[len("module."):]]).flatten() for k in sd]) for sd in (a, b))
-    print("update norms", float(moved_a.norm()), float(moved_b.norm()), "cosine",
-          float(torch.nn.functional.cosine_similarity(moved_a, moved_b, dim=0)))
     assert float(torch.nn.functional.cosine_similarity(moved_a, moved_b, dim=0)) > 0.99
 
 
