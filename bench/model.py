@@ -1,15 +1,17 @@
 """Throughput of one CAV-MAE training step (forward + backward + optimizer) and the FLOP rate it achieves.
 
-    python bench/model.py                                   # CPU: batch 8 fp32; CUDA: batches 48, 256 in bf16
-    python bench/model.py --batch 48 256 --precision fp32 bf16 --finetune 48 --json results.jsonl
-    python bench/model.py --batch 256 --precision bf16 --compile      # torch.compile'd model (compile time shown)
-    python bench/model.py --max-batch                       # largest bf16 pretraining batch that fits
-    python bench/model.py --batch 256 --precision bf16 --profile profile.txt   # top ops by device time
+    python bench/model.py                                   # CPU: batch 8 fp32; CUDA: batches 48, 256, bf16 autocast
+    python bench/model.py --batch 48 256 --precision fp32 auto bf16 --finetune 48 --json results.jsonl
+    python bench/model.py --batch 256 --precision bf16 --compile default   # torch.compile'd (compile time shown)
+    python bench/model.py --max-batch pretrain --precision bf16   # largest batch that fits, and the fastest
+    python bench/model.py --batch 256 --precision auto --profile profile.txt   # top ops by device time
 
 The step is the trainer's: the model from the default config (official geometry: 1024x128 fbank, 224² frames),
-the optimizer `train.schedule.make_optimizer` builds (Adam, fused on CUDA), bf16 autocast as `train.loop.autocast`
-applies it (the contrastive loss stays fp32 inside the model). `--finetune B` also times the finetuning step
-(`CAVMAEFT`, multimodal, 527 classes, BCE) at batch B.
+the optimizer `train.schedule.make_optimizer` builds (Adam, fused on CUDA), and the trainer's precision and compile
+(`train.loop.training_model`, `train.precision`): `--precision` takes the trainer's names, `auto` (bf16 autocast on
+CUDA; the contrastive loss stays fp32 inside the model; fp32 on a CPU), `bf16` (bf16 working weights, fp32 masters
+updated by the optimizer) and `fp32`; `--compile` the trainer's modes. `--finetune B` also times the finetuning
+step (`CAVMAEFT`, multimodal, 527 classes, BCE) at batch B.
 
 Model FLOPs are counted analytically (matmuls only: patch embeddings, attention projections, attention scores and
 weighted sums, MLPs, decoder embedding and prediction heads; a multiply-add is 2 FLOPs) and the backward pass is
@@ -29,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 
 from shards.config import load_config  # noqa: E402
-from train.loop import autocast  # noqa: E402
+from train.loop import training_model  # noqa: E402
+from train.precision import step_autocast  # noqa: E402
 from train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
 from train.schedule import make_optimizer  # noqa: E402
 from train.stage import model_settings  # noqa: E402
@@ -100,10 +103,11 @@ def peak_tflops(device: torch.device, override: "float | None") -> "tuple[float 
 
 
 class Bench:
-    """One model + optimizer on one device; `run` times a step function at a batch size and precision."""
+    """One model + optimizer on one device, in one precision and compile mode, as the trainer sets them up; `run`
+    times its step at a batch size."""
 
-    def __init__(self, device: torch.device, cfg, kind: str, compile_model: bool):
-        self.device, self.kind = device, kind
+    def __init__(self, device: torch.device, cfg, kind: str, precision: str, compile_mode: str):
+        self.device, self.kind, self.precision, self.compile = device, kind, precision, compile_mode
         torch.manual_seed(0)
         model_cfg = model_settings(cfg)
         if kind == "pretrain":
@@ -118,9 +122,9 @@ class Bench:
             if name in core.unused_parameter_names():
                 p.requires_grad_(False)
         self.core = core.to(device).train()
-        self.model = torch.compile(self.core) if compile_model else self.core
         self.opt = make_optimizer([{"params": [p for p in self.core.parameters() if p.requires_grad]}], stage)
         self.fused = bool(self.opt.defaults.get("fused"))
+        self.model, self.working = training_model(self.core, precision, compile_mode)
 
     def inputs(self, batch: int) -> "tuple[torch.Tensor, ...]":
         g = torch.Generator(device=self.device).manual_seed(0)
@@ -131,29 +135,33 @@ class Bench:
         target = (torch.rand(batch, FT_CLASSES, device=self.device, generator=g) < 0.01).float()
         return audio, image, target
 
-    def step_fn(self, batch: int, precision: str):
+    def step_fn(self, batch: int):
         audio, image, target = self.inputs(batch)
 
         def step() -> None:
-            with autocast(self.device, precision):
+            with step_autocast(self.device, self.precision):
                 if self.kind == "pretrain":
                     loss = self.model(audio, image)["loss"]
                 else:
                     logits = self.model(audio, image)
                     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
             loss.backward()
+            if self.working is not None:
+                self.working.grads_to_masters()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            if self.working is not None:
+                self.working.refresh()
         return step
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def run(self, batch: int, precision: str, steps: int, warmup: int) -> dict:
+    def run(self, batch: int, steps: int, warmup: int) -> dict:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        step = self.step_fn(batch, precision)
+        step = self.step_fn(batch)
         start = time.perf_counter()
         for _ in range(warmup):
             step()
@@ -179,23 +187,25 @@ def emit(row: dict, path: "str | None") -> None:
     mfu = f"{row['mfu'] * 100:.1f}" if row.get("mfu") is not None else "-"
     mem = f"{row['peak_mem_gib']:.1f}" if row.get("peak_mem_gib") is not None else "-"
     if row.get("status", "ok") == "ok":
-        print(f"| {row['step']:<8} | {row['batch']:>5} | {row['precision']:<4} | {row['compile']:<7} | "
+        print(f"| {row['step']:<8} | {row['batch']:>5} | {row['precision']:<9} | {row['compile']:<9} | "
               f"{row['samples_s']:>9.1f} | {row['tflops']:>7.1f} | {mfu:>5} | {mem:>8} | {row['step_s']:>7.4f} |",
               flush=True)
     else:
-        print(f"| {row['step']:<8} | {row['batch']:>5} | {row['precision']:<4} | {row['compile']:<7} | "
+        print(f"| {row['step']:<8} | {row['batch']:>5} | {row['precision']:<9} | {row['compile']:<9} | "
               f"{row['status']} |", flush=True)
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"section": "model", **row}) + "\n")
 
 
-def max_batch(bench: Bench, start: int, limit: int, json_path: "str | None", base: dict) -> int:
-    """Largest bf16 pretraining batch (multiple of 32) whose step runs: doubling from `start`, then bisection."""
+def max_batch(bench: Bench, start: int, limit: int, json_path: "str | None", base: dict) -> "tuple[int, int]":
+    """Largest batch (multiple of 32) whose step runs, doubling from `start` then bisecting, and the best batch: the
+    fastest (samples/s over 2 steps after 1 warm-up) of the batches that fit."""
+    rates: dict[int, float] = {}
     fits, fails = 0, None
     b = start
     while b <= limit and fails is None:
-        if try_batch(bench, b):
+        if try_batch(bench, b, rates):
             fits, b = b, b * 2
         else:
             fails = b
@@ -203,21 +213,26 @@ def max_batch(bench: Bench, start: int, limit: int, json_path: "str | None", bas
         mid = (fits + fails) // 64 * 32
         if mid <= fits:
             break
-        if try_batch(bench, mid):
+        if try_batch(bench, mid, rates):
             fits = mid
         else:
             fails = mid
-    print(f"largest bf16 pretraining batch that fits: {fits} "
-          f"({f'first out of memory: {fails}' if fails else f'the search stops at {limit}'})", flush=True)
+    best = max(rates, key=rates.get) if rates else 0
+    print(f"largest {bench.precision} {bench.kind} batch that fits: {fits} "
+          f"({f'first out of memory: {fails}' if fails else f'the search stops at {limit}'}); fastest: {best}",
+          flush=True)
     if json_path:
         with open(json_path, "a") as f:
-            f.write(json.dumps({"section": "max_batch", **base, "max_batch": fits, "first_oom": fails}) + "\n")
-    return fits
+            f.write(json.dumps({"section": "max_batch", **base, "step": bench.kind, "precision": bench.precision,
+                                "max_batch": fits,
+                                "first_oom": fails, "best_batch": best, "rates": rates}) + "\n")
+    return fits, best
 
 
-def try_batch(bench: Bench, batch: int) -> bool:
+def try_batch(bench: Bench, batch: int, rates: "dict[int, float]") -> bool:
     try:
-        r = bench.run(batch, "bf16", steps=1, warmup=1)
+        r = bench.run(batch, steps=2, warmup=1)
+        rates[batch] = r["samples_s"]
         mem = f", peak {r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else ""
         print(f"  batch {batch}: fits, {r['samples_s']:.1f} samples/s{mem}", flush=True)
         return True
@@ -228,13 +243,13 @@ def try_batch(bench: Bench, batch: int) -> bool:
         bench.release()
 
 
-def profile(bench: Bench, batch: int, precision: str, path: str) -> None:
+def profile(bench: Bench, batch: int, path: str) -> None:
     """torch.profiler over 3 steps (after 2 warm-up ones): the top ops by self device time, and the device time
     grouped into matmul / attention / normalisation / gather-scatter / optimizer / elementwise, against the wall
     time (a device busy for much less than the wall time is held up by the host)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    step = bench.step_fn(batch, precision)
+    step = bench.step_fn(batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
     active = 3
     for _ in range(2):
@@ -268,7 +283,7 @@ def profile(bench: Bench, batch: int, precision: str, path: str) -> None:
         group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "other (elementwise, copies)")
         totals[group] = totals.get(group, 0.0) + t
     busy = sum(totals.values()) / 1e6 / active
-    lines = [f"profile: {bench.kind} step, batch {batch}, {precision}, "
+    lines = [f"profile: {bench.kind} step, batch {batch}, precision {bench.precision}, compile {bench.compile}, "
              f"{torch.cuda.get_device_name(bench.device) if dev == 'device' else 'cpu'}, torch {torch.__version__}",
              f"wall per step {wall * 1000:.1f} ms; self {dev} time per step {busy * 1000:.1f} ms "
              f"({100 * busy / wall:.0f}% of the wall time; grouped by kernel name on CUDA, by aten op on a CPU)",
@@ -283,13 +298,17 @@ def profile(bench: Bench, batch: int, precision: str, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 8 on CPU, 48 and 256 on CUDA)")
-    ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), help="default: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (the optimizer stays fused)")
+    ap.add_argument("--precision", nargs="+", choices=("fp32", "auto", "bf16"),
+                    help="the trainer's precisions (default: auto, which is fp32 on a CPU)")
+    ap.add_argument("--compile", default="eager", choices=("eager", "default", "max-autotune", "aot_eager"),
+                    help="the trainer's compile setting (the optimizer stays fused)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (with --compile: the compilation)")
     ap.add_argument("--finetune", type=int, nargs="*", default=[], metavar="B",
                     help="also time the finetuning step (multimodal, 527 classes) at these batch sizes")
-    ap.add_argument("--max-batch", action="store_true", help="search the largest bf16 pretraining batch instead")
+    ap.add_argument("--no-pretrain", action="store_true", help="time the finetuning step only")
+    ap.add_argument("--max-batch", choices=("pretrain", "finetune"),
+                    help="search the largest batch of this step in the first --precision instead, and the fastest")
     ap.add_argument("--profile", metavar="FILE", help="profile the first --batch/--precision pretraining step")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set model.size=tiny (default: the official base geometry)")
@@ -300,10 +319,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     batches = args.batch or ([48, 256] if cuda else [8])
-    precisions = args.precision or ["bf16"]
-    if not cuda and "bf16" in precisions:  # train.loop.autocast applies bf16 on CUDA only: a CPU step is fp32
-        print("bf16 autocast applies on CUDA only: timing fp32 instead")
-        precisions = ["fp32"]
+    precisions = args.precision or ["auto"]
+    if not cuda and "auto" in precisions:  # autocast applies on CUDA only: on a CPU `auto` is fp32
+        print("auto is fp32 on a CPU: timing fp32 for it")
+        precisions = list(dict.fromkeys("fp32" if p == "auto" else p for p in precisions))
     cfg = load_config(None, args.sets, [])
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     peak, peak_text = peak_tflops(device, args.peak)
@@ -313,32 +332,33 @@ def main() -> None:
     print(f"MFU peak: {peak_text}", flush=True)
 
     if args.max_batch:
-        max_batch(Bench(device, cfg, "pretrain", False), 256 if cuda else 8, 4096 if cuda else 32, args.json, base)
+        start = (256 if args.max_batch == "pretrain" else 64) if cuda else 8
+        max_batch(Bench(device, cfg, args.max_batch, precisions[0], "eager"), start, 4096 if cuda else 32, args.json,
+                  base)
         return
-    bench = Bench(device, cfg, "pretrain", args.compile)
-    print(f"optimizer: {type(bench.opt).__name__} fused={bench.fused}; model forward "
-          f"{bench.flops / 1e9:.1f} GFLOP/sample (matmuls), step = 3x forward", flush=True)
     if args.profile:
-        profile(bench, batches[0], precisions[0], args.profile)
+        profile(Bench(device, cfg, "pretrain", precisions[0], args.compile), batches[0], args.profile)
         return
-    print(f"| {'step':<8} | {'batch':>5} | prec | compile | {'samples/s':>9} | TFLOP/s | {'MFU %':>5} | "
-          f"{'peak GiB':>8} | {'step s':>7} |")
-    print("|----------|-------|------|---------|-----------|---------|-------|----------|---------|", flush=True)
-    jobs = [("pretrain", b, p) for p in precisions for b in batches] + [("finetune", b, p) for b in args.finetune
-                                                                         for p in precisions]
-    for kind, b, p in jobs:
-        if kind == "finetune" and bench.kind != "finetune":
-            del bench
-            bench = Bench(device, cfg, "finetune", args.compile)
-        row = {**base, "step": kind, "batch": b, "precision": p, "compile": "compile" if args.compile else "eager",
-               "peak_tflops": peak, "fused_optimizer": bench.fused}
-        try:
-            r = bench.run(b, p, args.steps, args.warmup)
-            row.update(r, mfu=r["tflops"] / peak if peak else None)
-        except torch.cuda.OutOfMemoryError:
-            row["status"] = "OOM"
-        bench.release()
-        emit(row, args.json)
+    print(f"| {'step':<8} | {'batch':>5} | {'precision':<9} | {'compile':<9} | {'samples/s':>9} | TFLOP/s | "
+          f"{'MFU %':>5} | {'peak GiB':>8} | {'step s':>7} |")
+    print("|----------|-------|-----------|-----------|-----------|---------|-------|----------|---------|", flush=True)
+    jobs = [("pretrain", p, batches) for p in precisions if not args.no_pretrain]
+    jobs += [("finetune", p, args.finetune) for p in precisions if args.finetune]
+    for kind, precision, sizes in jobs:  # one model per (step, precision): bf16 working weights change the model
+        bench = Bench(device, cfg, kind, precision, args.compile)
+        print(f"{kind}: optimizer {type(bench.opt).__name__} fused={bench.fused}; model forward "
+              f"{bench.flops / 1e9:.1f} GFLOP/sample (matmuls), step = 3x forward", flush=True)
+        for b in sizes:
+            row = {**base, "step": kind, "batch": b, "precision": precision, "compile": args.compile,
+                   "peak_tflops": peak, "fused_optimizer": bench.fused}
+            try:
+                r = bench.run(b, args.steps, args.warmup)
+                row.update(r, mfu=r["tflops"] / peak if peak else None)
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "OOM"
+            bench.release()
+            emit(row, args.json)
+        del bench
 
 
 if __name__ == "__main__":

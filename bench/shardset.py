@@ -5,7 +5,8 @@
 
 Each sample is what ingest stores for a 10-second clip: a float16 log-mel fbank (random values around the AudioSet
 mean and spread, `fbank_rows` for 10 s), `video.num_frames` real JPEG frames at `video.image_size`² (smooth random
-images with grain, encoded by PIL at quality 90, ~the size of real frames), and the json member. The folder gets
+images with grain, encoded by PIL at quality 90, ~the size of real frames), the json member and 1-3 random label
+indices of 527 (`.labels.txt`: `cavmae-train finetune --set finetune.num_classes=527` takes it). The folder gets
 manifest.parquet and the frozen pipeline.yaml as ingest writes them, so `cavmae-train pretrain --shards` takes it.
 Shards are made in parallel processes (one per shard); no PyAV, Ray or ffmpeg needed.
 """
@@ -27,6 +28,7 @@ from shards.schema import make_key, sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
 
 SECONDS = 10.0
+CLASSES = 527  # label indices in the .labels.txt members (finetune with finetune.num_classes=527)
 FROZEN_CONFIG = "pipeline.yaml"  # the name preprocess.ingest gives the frozen config
 
 
@@ -51,7 +53,9 @@ def write_one(job: "tuple[str, int, int, int, int, int, int, int]") -> list[dict
         meta = {"video_id": video_id, "source": f"{video_id}.mp4", "labels": [], "duration_s": SECONDS,
                 "has_audio": True, "has_video": True}
         fbank = (rng.standard_normal((rows_, bins), dtype=np.float32) * 4.5 - 5.0).astype(np.float16)
-        members += sample_members(key, meta, fbank, [frame_jpeg(rng, size) for _ in range(frames)])
+        labels = sorted(set(rng.integers(0, CLASSES, size=int(rng.integers(1, 4))).tolist()))  # as AudioSet: 1-3
+        members += sample_members(key, meta, fbank, [frame_jpeg(rng, size) for _ in range(frames)],
+                                  label_indices=labels)
         rows.append({"video_id": video_id, "key": key, "source": meta["source"], "status": "ok", "shard": shard,
                      "labels": [], "duration_s": SECONDS})
     write_shard(Path(folder) / shard, members)

@@ -174,8 +174,13 @@ class Stage:
     warmup_steps: int = setting(0, "cosine: linear warmup over this many optimizer steps", min=0,
                                 when=("schedule", "cosine"))
     min_lr_ratio: float = setting(0.0, "cosine: final lr / lr", min=0.0, when=("schedule", "cosine"))
-    precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp16 (official AMP + GradScaler) "
-                             "| fp32", choices=("auto", "fp16", "fp32"))
+    precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (bf16 working weights kept "
+                             "between steps, fp32 master weights in the optimizer, no autocast) | fp16 (official AMP + "
+                             "GradScaler) | fp32", choices=("auto", "bf16", "fp16", "fp32"))
+    compile: str = setting("eager", "eager (not compiled) | default | max-autotune (torch.compile modes; max-autotune: "
+                           "longer compile, faster kernels) | aot_eager (graphs captured, no code generated: debugging, "
+                           "CPU tests); the compile time is logged once and left out of samples/s",
+                           choices=("eager", "default", "max-autotune", "aot_eager"))
     freqm: int = setting(0, "SpecAugment: widest frequency mask (official pretraining: no SpecAugment, no mixup, "
                          "noise + roll on)", min=0)
     timem: int = setting(0, "SpecAugment: widest time mask", min=0)
@@ -234,6 +239,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "scale+": {"pretrain.lr": 1.0e-4, "pretrain.batch_size": 120},
     "scale++": {"pretrain.lr": 2.0e-4, "pretrain.batch_size": 256},
     "vggsound-pt": {"pretrain.lr": 1.0e-4, "pretrain.batch_size": 120},
+    "fast": {"pretrain.batch_size": 256, "pretrain.lr": 2.0e-4, "pretrain.precision": "bf16",
+             "pretrain.compile": "default"},
 }
 
 # The finetuning recipes, every value with where it comes from (written beside it in pipeline.yaml). The CAV-MAE
@@ -314,6 +321,11 @@ PRESET_NOTES = {  # (comment line above the preset, comment after it) in pipelin
     "esc50-audioonly": ("ESC-50 audio only, from AST's ESC-50 recipe (the same author's code); CAV-MAE's fbank "
                         "normalisation kept (its author in issue #24). 5-fold CV: hold one fold out as --val-shards",
                         ""),
+    "fast": ("One GPU at a fast batch (BENCHMARKS.md: 256-384 run fastest on an H100; the default stays the paper's "
+             "48), compiled, bf16 working weights. Its batch and lr are scale++'s: the official batch/lr pairs (48: "
+             "5e-5, 120: 1e-4, 256: 2e-4) follow lr = 5e-5 x (batch / 48)^0.8, not linear scaling; set another "
+             "batch's lr by that rule. Contrastive negatives: the rank's batch (model.contrast_chunks=4 gives "
+             "scale++'s 4 x 64 on one GPU)", ""),
 }
 
 # Keys that existed once: a file that has them (a shard folder's frozen pipeline.yaml, an old run's config.yaml)

@@ -59,3 +59,19 @@ def test_two_process_ddp_over_uneven_shards_and_exact_resume(train_shards, tmp_p
     assert (state["step"], state["epoch"]) == (2 * steps_per_epoch, 2) and (elastic / "model.pth").exists()
     rows = [json.loads(line) for line in (elastic / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"][-3:] == [8, 9, 10]
+
+
+def test_two_process_ddp_compiled_with_bf16_working_weights(train_shards, tmp_path):
+    """torch.compile around DDP (its DDPOptimizer splits the graph at the gradient buckets) with bf16 working weights:
+    both ranks compile, train in step and save the bare model's fp32 weights (`compile: aot_eager`: inductor builds
+    here but takes minutes on a CPU)."""
+    out = tmp_path / "run"
+    sets = TINY + ["pretrain.batch_size=8", "pretrain.epochs=1", "pretrain.lr=1.0e-3", "pretrain.precision=bf16",
+                   "pretrain.compile=aot_eager"]
+    torchrun(train_shards, out, sets)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "compile"] == [0]  # rank 0 writes the log
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 45 // 8 + 1))
+    sd = torch.load(out / "model.pth", weights_only=True)
+    assert sd and all(k.startswith("module.") and "_orig_mod" not in k for k in sd)
+    assert {v.dtype for v in sd.values()} == {torch.float32}

@@ -15,7 +15,7 @@ import torch
 
 from train import distributed as dist
 from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
-from train.loop import autocast
+from train.precision import autocast
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:

@@ -81,8 +81,6 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
               {"params": [p for n, p in trainable if n.startswith(HEAD)], "lr": f.lr * f.head_lr_scale}]
     optimizer = make_optimizer([g for g in groups if g["params"]], f)
     scheduler = make_scheduler(optimizer, f, steps)
-    if dist.world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
     step_loss = loss_fn(f.loss)
 
     def loader(epoch: int, first: int, count: int):
@@ -113,7 +111,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
                    scheduler=scheduler, loader=loader, epochs=f.epochs, steps_per_epoch=steps,
                    accum_steps=f.accum_steps, device=device, precision=f.precision, out=run_dir, resume=resume,
                    log_every=f.log_every, save_every=f.save_every, seed=cfg.data.seed, order=st.order_key(plan),
-                   stop_after=stop_after, end_epoch=end_epoch)
+                   stop_after=stop_after, compile=f.compile, end_epoch=end_epoch)
     if result["stopped"]:
         return result
     final = official_state_dict(model)

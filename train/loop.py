@@ -16,6 +16,10 @@ record is logged, and a non-finite loss is handled on the device too. Every opti
 gradients are not finite without asking the host (the fused CUDA optimizer takes the flag on the device). Such steps
 are counted (`nonfinite` in metrics.jsonl: optimizer steps with a non-finite loss) and the run stops with a one-line
 error once `NONFINITE_PATIENCE` of them came in a row; that is checked whenever a record is logged and at epoch ends.
+
+Precision (`train.precision`: bf16 autocast, or bf16 working weights with fp32 masters) and `compile` are applied
+here to the bare model (`training_model`). A compiled model compiles in the first forward + backward of each
+process: that time is printed, written once as a `compile` record (one device sync) and left out of samples/s.
 """
 
 from __future__ import annotations
@@ -34,17 +38,11 @@ from train import distributed as dist
 from train.checkpoint import CheckpointError, check_shapes, read_checkpoint
 from train.data import device_augment
 from train.epochs import step_seed
+from train.precision import WorkingWeights, step_autocast
 from train.stage import UsageError
 
 LAST = "last.pt"
 NONFINITE_PATIENCE = 10  # consecutive optimizer steps with a non-finite loss before the run stops
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA ('auto'), fp16 autocast ('fp16', the official AMP), or nothing (fp32, and on CPU)."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 class MetricsLog:
@@ -85,19 +83,48 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def training_model(model: torch.nn.Module, precision: str, compile: str
+                   ) -> tuple[torch.nn.Module, WorkingWeights | None]:
+    """The model a training step calls, and its working weights (precision 'bf16', else None).
+
+    bf16 working weights replace the parameters before DDP sees them (DDP then reduces bf16 gradients); torch.compile
+    wraps DDP last, as torch recommends (its DDPOptimizer splits the graph at the gradient buckets). The wrappers
+    leave the state dict's keys alone: `dist.unwrap` reaches the bare model through them."""
+    working = WorkingWeights(model) if precision == "bf16" else None
+    if dist.world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    if compile == "aot_eager":
+        model = torch.compile(model, backend="aot_eager")
+    elif compile != "eager":
+        model = torch.compile(model, mode=None if compile == "default" else compile)
+    return model, working
+
+
+def synchronized(device: torch.device) -> float:
+    """time.time() once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
           loader: Callable[[int, int, int], Iterable[dict]], epochs: int, steps_per_epoch: int, accum_steps: int,
           device: torch.device, precision: str, out: Path, resume: bool, log_every: int, save_every: int,
-          seed: int, order: dict[str, int], stop_after: int | None = None,
+          seed: int, order: dict[str, int], stop_after: int | None = None, compile: str = "eager",
           end_epoch: Callable[[int], dict[str, Any]] | None = None, extra_state: dict[str, Any] | None = None) -> dict:
     """Run (or resume) training to `epochs`, or for `stop_after` optimizer steps, and return the final counters
     (`stopped` says whether it stopped early).
 
-    step_fn(model, batch) -> (loss, metrics) runs the forward pass; loader(epoch, first_batch, num_batches) gives
-    this rank's batches of `epoch` starting at micro-batch `first_batch`; end_epoch(epoch) (1-based) may evaluate
-    and save per-epoch weights, and its result is logged. `order` is what fixes the data order besides the epoch.
+    `model` is the bare model on `device`, `optimizer` built over its parameters; here it gets bf16 working weights
+    (precision 'bf16'), the DDP wrapper (several processes) and torch.compile (`compile`: eager | default |
+    max-autotune | aot_eager), in that order (`training_model`). step_fn(model, batch) -> (loss, metrics) runs the
+    forward pass of the wrapped model; loader(epoch, first_batch, num_batches) gives this rank's batches of `epoch`
+    starting at micro-batch `first_batch`; end_epoch(epoch) (1-based) may evaluate and save per-epoch weights (with
+    the bare model: its state dict holds the fp32 weights under any precision), and its result is logged. `order` is
+    what fixes the data order besides the epoch.
     """
+    model, working = training_model(model, precision, compile)
     dynamic = device.type == "cuda" and precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dynamic else 1.0)
     log = MetricsLog(out)
@@ -140,6 +167,7 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             raise FloatingPointError(f"the loss was not finite for {worst} optimizer steps in a row "
                                      f"(by step {step}, epoch {epoch + 1}); {int(nonfinite)} steps skipped in all")
     start, stop = step, False
+    compiling = compile != "eager"  # the first forward + backward of this process compiles: timed on its own
     while epoch < epochs and not stop:
         model.train()
         batches = loader(epoch, done, per_epoch - done)
@@ -152,7 +180,8 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             inputs = device_augment(batch, device)  # SpecAugment, normalisation, noise, roll: batched, on device
             torch.manual_seed(step_seed(seed, step, dist.rank(), micro))  # masking / dropout: a function of the step
-            with ctx, autocast(device, precision):
+            tc = time.time()
+            with ctx, step_autocast(device, precision):
                 loss, metrics = step_fn(model, inputs)
             bad |= ~torch.isfinite(loss.detach())
             with ctx:
@@ -164,11 +193,22 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             mixups.update(batch.get("mixup", {}))
             for name, value in metrics.items():  # device tensors: read only when a record is logged
                 sums[name] = sums.get(name, 0.0) + (value.detach() if torch.is_tensor(value) else value)
+            if compiling:  # the compilation is reported once and left out of the rate
+                compiling = False
+                compile_s = synchronized(device) - tc
+                if dist.is_main():
+                    print(f"torch.compile ({compile}): the first forward + backward took {compile_s:.1f} s")
+                log.write("compile", step, {"mode": compile, "seconds": compile_s})
+                t0 += compile_s
             if not sync:
                 continue
+            if working is not None:
+                working.grads_to_masters()
             scaler.step(optimizer)  # skipped, on the device, when a gradient is not finite
             scaler.update(None if dynamic else 1.0)
             optimizer.zero_grad(set_to_none=True)
+            if working is not None:
+                working.refresh()
             scheduler.step()
             nonfinite += bad
             streak.copy_((streak + 1) * bad)

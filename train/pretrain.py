@@ -61,8 +61,6 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     model.to(device)
     optimizer = make_optimizer([{"params": [q for q in model.parameters() if q.requires_grad]}], p)
     scheduler = make_scheduler(optimizer, p, steps)
-    if dist.world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
 
     def loader(epoch: int, first: int, count: int):
         tf = st.transform(cfg, st.augmentation(p), frame="random")
@@ -80,7 +78,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
                    epochs=p.epochs, steps_per_epoch=steps, accum_steps=p.accum_steps, device=device,
                    precision=p.precision, out=run_dir, resume=resume, log_every=p.log_every,
                    save_every=p.save_every, seed=cfg.data.seed, order=st.order_key(plan), stop_after=stop_after,
-                   end_epoch=end_epoch)
+                   compile=p.compile, end_epoch=end_epoch)
     if not result["stopped"]:
         save_state(run_dir / "model.pth", official_state_dict(model))
     return result

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from train import distributed as dist
 from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
-from train.loop import autocast
+from train.precision import autocast
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ Its parameter names are those of the official checkpoints, so official weights l
 DataParallel `module.` prefix) and our checkpoints load into the official code.
 
 Input conventions: `audio` is the normalised log-mel fbank [B, T, F] (T = target_length frames, F = mel bins);
-`image` is an ImageNet-normalised [B, 3, H, W] frame. The audio is viewed as a one-channel image [B, 1, F, T]:
+`image` is an ImageNet-normalised [B, 3, H, W] frame; both are cast to the dtype of the weights (bf16 working
+weights take fp32 inputs). The audio is viewed as a one-channel image [B, 1, F, T]:
 frequency is the conv "height", time the "width", so audio token k = f * (T/16) + t.
 """
 
@@ -88,6 +89,7 @@ class Encoder(nn.Module):
         if tuple(audio.shape[1:]) != expected:
             raise ValueError(f"audio must be [B, target_length, num_mel_bins] = [B, {expected[0]}, {expected[1]}], "
                              f"got {list(audio.shape)}")
+        audio = audio.to(self.patch_embed_a.proj.weight.dtype)  # a no-op, but for bf16 weights (train/precision.py)
         return self.patch_embed_a(audio_as_image(audio)) + self.pos_embed_a + self.modality_a
 
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -95,6 +97,7 @@ class Encoder(nn.Module):
         side = self.image_grid[0] * PATCH_SIZE
         if tuple(image.shape[1:]) != (3, side, side):
             raise ValueError(f"image must be [B, 3, {side}, {side}], got {list(image.shape)}")
+        image = image.to(self.patch_embed_v.proj.weight.dtype)
         return self.patch_embed_v(image) + self.pos_embed_v + self.modality_v
 
     @staticmethod

@@ -110,25 +110,31 @@ class CAVMAE(Encoder):
 
     # ---- decoder ----
 
-    def _unshuffle(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Append mask tokens after the visible tokens and move every token back to its original position."""
-        B, L = ids_restore.shape
-        x = torch.cat([x, self.mask_token.expand(B, L - x.shape[1], -1)], dim=1)
-        return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-
     def forward_decoder(
         self, x_a: torch.Tensor, x_v: torch.Tensor, ids_restore_a: torch.Tensor, ids_restore_v: torch.Tensor
     ) -> "tuple[torch.Tensor, torch.Tensor]":
-        """Visible joint-stream tokens of each modality -> pixel predictions for every audio and visual patch."""
-        a = self._unshuffle(self.decoder_embed(x_a), ids_restore_a)
-        v = self._unshuffle(self.decoder_embed(x_v), ids_restore_v)
-        a = a + self.decoder_pos_embed_a + self.decoder_modality_a
-        v = v + self.decoder_pos_embed_v + self.decoder_modality_v
-        x = torch.cat([a, v], dim=1)  # audio and visual tokens attend to each other
+        """Visible joint-stream tokens of each modality -> pixel predictions for every audio and visual patch.
+
+        One mask token stands for every removed patch. A single gather puts [audio visible, audio masks, visual
+        visible, visual masks] into the original order of each modality, audio then visual (the sequence in which
+        they attend to each other), where a cat and a gather per modality and a cat of the two made three copies;
+        position and modality embeddings are added in one pass each. In fp32 the outputs are those of the
+        per-modality form (the official code's) bit for bit, and so are the gradients, but those of the two decoder
+        modality tokens, which are summed over the batch and the tokens in another order (a difference of ~1e-7)."""
+        B, n_a = ids_restore_a.shape
+        n_v = ids_restore_v.shape[1]
+        a, v = self.decoder_embed(x_a), self.decoder_embed(x_v)
+        x = torch.cat([a, self.mask_token.expand(B, n_a - a.shape[1], -1),
+                       v, self.mask_token.expand(B, n_v - v.shape[1], -1)], dim=1)
+        index = torch.cat([ids_restore_a, ids_restore_v + n_a], dim=1)
+        x = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        pos = torch.cat([self.decoder_pos_embed_a, self.decoder_pos_embed_v], dim=1)  # [1, n_a + n_v, Dd]: small
+        modality = torch.cat([self.decoder_modality_a.expand(-1, n_a, -1),
+                              self.decoder_modality_v.expand(-1, n_v, -1)], dim=1)
+        x = x + pos + modality
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
-        n_a = ids_restore_a.shape[1]
         return self.decoder_pred_a(x[:, :n_a]), self.decoder_pred_v(x[:, n_a:])
 
     # ---- losses ----
