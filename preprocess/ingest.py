@@ -368,10 +368,10 @@ def run_groups(groups: list[tuple[int, list[Any]]], store: Store, cfg: Config, f
 
     Tasks ask for `ray.num_cpus_per_task` CPUs and are retried `ray.max_retries` times when their worker or
     node dies (a retry rewrites the same shard). Only rows come back to the driver."""
+    started = connect(cfg, workers, address)  # first: it sets the auth token up before Ray is imported
     import ray
     from tqdm import tqdm
 
-    started = connect(cfg, workers, address)
     try:
         options: dict[str, Any] = {"num_cpus": cfg.ray.num_cpus_per_task, "max_retries": cfg.ray.max_retries}
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
