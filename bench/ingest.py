@@ -10,7 +10,7 @@ rounds after one warm-up round; the routes take turns within a round):
      -ar 16000 x.wav`, `sox x.wav y.wav remix 1`; then, as the loader does, load y.wav + kaldi fbank.
   b  decode floor: one PyAV pass decoding every video frame and the audio of the first 10 s (no
      resampling), converting only the 10 kept frames (swscale to 224 short side, as ours).
-  c  ours: the ingest task bodies for one input (preprocess.ingest.decode_unit, assemble_shard): decode,
+  c  ours: the ingest task bodies for one input (preprocess.units.work_unit with preprocess.ingest.INGEST, assemble_shard): decode,
      features, the input's spool, the unit's part, the shard tar and its manifest fragment, in a temp folder.
 
 The process is pinned to one CPU (sched_setaffinity, inherited by ffmpeg and sox), torch and OpenCV use one
@@ -42,8 +42,9 @@ import torchaudio  # noqa: E402
 
 from tests import clips  # noqa: E402
 from preprocess.decode import official_picks  # noqa: E402
-from preprocess.ingest import assemble_shard, decode_unit  # noqa: E402
+from preprocess.ingest import INGEST  # noqa: E402
 from preprocess.inputs import InputItem  # noqa: E402
+from preprocess.units import assemble_shard, work_unit  # noqa: E402
 from shards.config import load_config  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench"
@@ -136,7 +137,7 @@ def decode_floor(path: Path, work: Path) -> None:
 
 # ---- route c: ours ----------------------------------------------------------------------------------------
 def ours(path: Path, work: Path, cfg) -> None:
-    part, rows = decode_unit(0, 0, [InputItem(path.stem, str(path))], str(work), cfg.to_dict())
+    part, rows = work_unit(INGEST, 0, 0, [InputItem(path.stem, str(path))], str(work), cfg.to_dict())
     assert rows[0]["status"] == "ok", rows[0]["error"]
     assemble_shard(0, [part], rows, str(work), cfg.to_dict())
 

@@ -1,5 +1,3 @@
-import sys
+from cavmae.cli import run
 
-from cavmae.cli import main
-
-sys.exit(main())
+run()

@@ -10,9 +10,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from shards.config import Config, ConfigError, load_config
 from shards.frozen import SAMPLE_SECTIONS
+from shards.process import finish
 from shards.store import check_out_file
 
 EXAMPLES = """examples:
@@ -99,5 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def run() -> NoReturn:
+    """The process entry (console script, `python -m`): `main`, then `shards.process.finish`, which exits without
+    the interpreter's teardown of native thread pools (it could abort a run whose work is done)."""
+    finish(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

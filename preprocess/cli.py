@@ -12,9 +12,11 @@ import os
 import sys
 import tarfile
 from collections import Counter
+from typing import NoReturn
 
 from shards.config import ConfigError, load_config
 from shards.schema import BadSample
+from shards.process import finish
 from shards.store import check_out_file
 
 from .datasets import FORMATS
@@ -257,5 +259,11 @@ def _report_ignored(ignored: list[tuple[str, str]]) -> None:
         print(f"cavmae-prep: ... and {len(ignored) - MAX_IGNORED_NAMED} more", file=sys.stderr)
 
 
+def run() -> NoReturn:
+    """The process entry (console script, `python -m`): `main`, then `shards.process.finish`, which exits without
+    the interpreter's teardown of native thread pools (it could abort a run whose work is done)."""
+    finish(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

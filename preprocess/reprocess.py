@@ -6,6 +6,7 @@ how the job runs included (`ray.*`, the rest of `shards.*`), is the user's: a do
 cluster to join. What changed in the sample-defining sections (audio, video, clip) decides how each sample is
 remade, for the whole set:
 
+
 - nothing (only shards.*, ray.*, ... changed): **repack**. Every member is copied unchanged (the samples'
   config digest is the same); only the grouping into shards follows the new `shards.*`.
 - only fbank settings (`audio.num_mel_bins`, `frame_shift_ms`, `frame_length_ms`, `window_type`, or
@@ -21,9 +22,10 @@ remade, for the whole set:
   opened or even looked up. Sources that are gone become failed rows naming the file; when no source is left
   to read, the job is refused before any work.
 
-Work is planned and run exactly like ingest (plan file; work units of `ray.videos_per_task` videos of one
-output shard, `preprocess.schedule`, each writing a part file, then one assembly task per shard writing the
-shard and its fragment; manifest last; `ray.video_timeout_s` per video), so an interrupted reprocess is
+
+Work is planned and run exactly like ingest (`preprocess.jobs`: plan file; work units of `ray.videos_per_task`
+videos of one output shard, each writing a part file, then one assembly task per shard writing the shard and
+its fragment; manifest last; `ray.video_timeout_s` per video), so an interrupted reprocess is
 resumed by running the same command again, DST's bytes do not depend on the task size or the worker count,
 and DST is an ordinary shard folder that `ingest` can extend. Videos keep SRC's order (its shards in order), so
 reprocessing a set made by one ingest run gives the same shards as ingesting anew with the new settings.
@@ -43,27 +45,25 @@ import os
 import tarfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterable, Iterator
 
 import yaml
 
 from shards.config import Config, ConfigError
-from shards.manifest import merge_rows, read_manifest
+from shards.manifest import read_manifest
 from shards.media import decode_flac, open_flac, open_jpeg
-from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_config
-from shards.names import shard_index, shard_name
+from shards.frozen import FROZEN_CONFIG, SAMPLE_SECTIONS, frozen_config
+from shards.names import shard_index
 from shards.reader import split_name, tar_members
 from shards.schema import (BadSample, check_key, decode_labels, decode_member, decode_meta, member_suffix,
                            one_line, sample_members)
 from shards.store import Store, is_uri
-from shards.writer import ShardWriter
 
-from .cluster import check_address
+from .ingest import Summary
 from .inputs import InputError
-from .ingest import (Summary, Watchdog, _check_frozen_config, _cut, _next_index, _pending_plan, _remove_temporaries,
-                     _save_plan, assemble_shard, finish_run, local_copy, report)
-from .outlock import output_lock
-from .schedule import part_name, run_units, timed_out, timeout_name
+from .jobs import ShardJob, run_shard_job
+from .units import RestFails, local_copy, manifest_row
 
 FBANK_KEYS = ("audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_ms", "audio.window_type")
 MODES = {"repack": "repack only (members copied unchanged)",
@@ -172,46 +172,49 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, so
         if videos and len(gone) + len(refused) == len(videos):
             raise SourcesGone(f"{need} but all {len(gone)} inside --sources are gone: {_some(gone)}")
 
-    check_address(cfg, address)
-    store.makedirs()
-    with output_lock(store):
-        _check_frozen_config(store, cfg)
-        _remove_temporaries(store)
-        # the plan before the rows: a fragment that a task of a killed run still writes in between then leaves
-        # its group pending (rebuilt identically), where the other order would plan its inputs a second time
-        groups = _pending_plan(store, job="reprocess")
-        rows = read_manifest(store)
+    unread = {**{s: f"source video is gone: {s}" for s in gone},
+              **{s: f"source is outside --sources: {s}" for s in refused}}
+    summary = ReprocessSummary(mode=mode, changed=tuple(changed))
+
+    def pick(rows: list[dict[str, Any]], planned: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         holds = {r["video_id"] for r in rows}
-        planned = {it["video_id"] for _, g in groups for it in g}
-        unread = {**{s: f"source video is gone: {s}" for s in gone},
-                  **{s: f"source is outside --sources: {s}" for s in refused}}
         todo = [v for v in videos if v["video_id"] not in holds and v["video_id"] not in planned
                 and v["source"] not in unread]
-        groups += _cut(todo, cfg.shards.samples_per_shard, first_index=_next_index(rows, groups, cfg.shards.pattern))
-
         carried = [{**r, "config_digest": digest} for r in src_rows
                    if r["status"] != "ok" and r["video_id"] not in holds]
-        gone_rows = [_row(v, "failed", unread[v["source"]], digest) for v in videos
-                     if v["source"] in unread and v["video_id"] not in holds]
-        summary = ReprocessSummary(mode=mode, changed=tuple(changed),
-                                   already=len(holds & {v["video_id"] for v in videos}),
-                                   carried=len(carried), failed=len(gone_rows))
+        gone_rows = [manifest_row(*_who(v), "failed", unread[v["source"]], digest)
+                     for v in videos if v["source"] in unread and v["video_id"] not in holds]
+        summary.already = len(holds & {v["video_id"] for v in videos})
+        summary.carried, summary.failed = len(carried), len(gone_rows)
         summary.problems += [f"{r['source']}: {r['error']}" for r in gone_rows]
-        store.write_text(FROZEN_CONFIG, cfg.to_yaml(*PREP_SECTIONS))
-        if groups:
-            _save_plan(store, groups, cfg, job="reprocess")
-            new_rows = run_units(groups, store, cfg, reprocess_unit, assemble_shard, workers=workers,
-                                 address=address, progress=progress, desc=f"reprocess ({mode})",
-                                 extra=(src_store.uri(), mode, roots))
-            summary.videos = sum(len(g) for _, g in groups)
-            summary.ok = sum(r["status"] == "ok" for r in new_rows)
-            summary.failed += sum(r["status"] == "failed" for r in new_rows)
-            summary.problems += [f"{r['source']}: {r['error']}" for r in new_rows if r["status"] == "failed"]
-            rows = merge_rows(rows, new_rows)
-        rows = merge_rows(rows, carried + gone_rows)
-        finish_run(store, rows)
+        return todo, carried + gone_rows
+
+    run = run_shard_job(reprocess_job(src_store.uri(), mode, roots), store, cfg, pick, workers=workers, address=address,
+                        progress=progress, desc=f"reprocess ({mode})")
+    summary.videos = run.items
+    summary.ok = sum(r["status"] == "ok" for r in run.new)
+    summary.failed += sum(r["status"] == "failed" for r in run.new)
+    summary.problems += [f"{r['source']}: {r['error']}" for r in run.new if r["status"] == "failed"]
     summary.seconds = time.time() - start
     return summary
+
+
+def reprocess_job(src: str, mode: str, roots: tuple[str, ...] = ()) -> ShardJob:
+    """The job that remakes SRC's videos in `mode`, reading sources only inside `roots` (one per run: SRC, the
+    mode and the roots travel with it to the tasks)."""
+    return ShardJob("reprocess", samples=partial(_remake_item, mode=mode, roots=roots), who=_who,
+                    ahead=partial(_read_ahead, src=src, mode=mode), cost=partial(_expected_cost, mode=mode))
+
+
+def _expected_cost(item: dict[str, Any], *, mode: str) -> float:
+    """What a video is expected to cost: the size of its source (source mode, local sources), else the bytes of
+    its samples in SRC (as many windows, as much to re-read); 0 when unknown."""
+    if mode == "source":
+        try:
+            return 0.0 if is_uri(item["source"]) else float(os.path.getsize(item["source"]))
+        except OSError:
+            return 0.0
+    return float(sum(n for _, _, n in item["spans"])) if item.get("spans") else float(len(item["keys"]))
 
 
 def _videos_in_source_order(rows: list[dict[str, Any]], pattern: str, src: str) -> list[dict[str, Any]]:
@@ -293,62 +296,27 @@ def _source_exists(source: str) -> bool:
         return False
 
 
-def _row(item: dict[str, Any], status: str, error: str | None, digest: str, **extra: Any) -> dict[str, Any]:
-    return {"video_id": item["video_id"], "key": None, "window": None, "source": item["source"],
-            "status": status, "error": error, "shard": None, "labels": list(item["labels"]),
-            "duration_s": None, "bytes": None, "config_digest": digest, **extra}
+def _who(item: dict[str, Any]) -> tuple[str, str, list[str]]:
+    return item["video_id"], item["source"], list(item["labels"])
 
 
 # ---- the tasks ---------------------------------------------------------------------------------------------
-def reprocess_unit(index: int, start: int, items: list[dict[str, Any]], out: str, cfg_data: dict[str, Any],
-                   src: str, mode: str, roots: tuple[str, ...] = (), *,
-                   progress: Any = None) -> tuple[str | None, list[dict[str, Any]]]:
-    """One work unit (`preprocess.schedule`): remake the samples of inputs `start, start+1, ...` of shard `index`
-    from SRC's samples or from their sources (inside `roots` only) into a part file (published only if some input
-    gave samples); return its name and the inputs' rows. `ingest.assemble_shard` makes the shard of the parts."""
-    from preprocess.decode import BadInput
+def _read_ahead(items: list[dict[str, Any]], cfg: Config, *, src: str, mode: str) -> Iterator[tuple[str, Any]]:
+    """(video_id, SRC's samples of it, or None when not needed) per item of a unit, read in order. SRC's shard
+    unreadable from here on (a malformed header, a missing sample): the rest of the unit fails with the reason;
+    what is already in the part stays."""
+    olds = _old_samples(Store.of(src), items)  # (source mode too: labels and a listed segment come from them)
+    try:
+        yield from olds
+    except (tarfile.TarError, BadSample, OSError, ValueError) as exc:
+        raise RestFails(one_line(f"source shard: {exc}")) from None
 
-    cfg = Config(cfg_data)
-    store, src_store = Store.of(out), Store.of(src)
-    digest = cfg.digest(*SAMPLE_SECTIONS)
-    name = shard_name(cfg.shards.pattern, index)
-    marked = timed_out(store, name)
-    rows: list[dict[str, Any]] = []
-    need_old = mode != "source" or any(it["labels"] for it in items)
-    olds = _old_samples(src_store, items) if need_old else ((it["video_id"], None) for it in items)
-    with ShardWriter(store, part_name(name, start)) as part, Watchdog(cfg.ray.video_timeout_s) as dog:
-        for position, item in enumerate(items, start):
-            try:
-                vid, old = next(olds)
-            except (tarfile.TarError, BadSample, OSError, ValueError) as exc:
-                # SRC's shard is unreadable from here on (a malformed header, a missing sample): the rest of the
-                # unit fails with the reason; what is already in the part stays
-                why = one_line(f"source shard: {exc}")
-                for rest, it in enumerate(items[position - start:], position):
-                    rows.append(_row(it, "failed", why, digest))
-                    report(progress, index, rest, rows[-1:])
-                break
-            assert vid == item["video_id"]
-            item_rows = []
-            try:
-                if position in marked:
-                    raise BadInput(f"timed out after {marked[position]} s")
-                dog.watch(store, timeout_name(name, position))
-                made = _remake(item, old, cfg, mode, digest, roots)
-            except BadInput as exc:
-                item_rows.append(_row(item, "failed", one_line(exc), digest))
-            except Exception as exc:  # one bad video must not take the unit down
-                item_rows.append(_row(item, "failed", one_line(f"{type(exc).__name__}: {exc}"), digest))
-            else:
-                for key, meta, members in made:
-                    part.add(members)
-                    item_rows.append(_row(item, "ok", None, digest, key=key, window=meta.get("window"), shard=name,
-                                          duration_s=meta.get("duration_s"), bytes=sum(len(d) for _, d in members)))
-            finally:
-                dog.watch(None, None)
-            rows += item_rows
-            report(progress, index, position, item_rows)
-    return (part.name if part.members else None), rows
+
+def _remake_item(item: dict[str, Any], ahead: tuple[str, Any], cfg: Config, *,
+                 mode: str, roots: tuple[str, ...]) -> list[tuple[str, dict, list[tuple[str, bytes]]]]:
+    vid, old = ahead
+    assert vid == item["video_id"]
+    return _remake(item, old, cfg, mode, cfg.digest(*SAMPLE_SECTIONS), roots)
 
 
 def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]] | None, cfg: Config, mode: str,

@@ -1,8 +1,9 @@
 """`cavmae-prep stats`: what a shard set holds, and the fbank normalisation statistics of a new dataset.
 
 The official code normalises with AudioSet's mean -5.081 / std 4.4849 and tells users of other data to compute their
-own (cav-mae issue #24, AST's `get_norm_stats.py`). This reads every sample once, one Ray task per shard: a task
-returns its shard's sums (float64) and a few numbers per sample, never sample data, and the driver adds them up.
+own (cav-mae issue #24, AST's `get_norm_stats.py`). This reads every sample once, one Ray task per shard (a row
+job of `preprocess.jobs`): a task returns its shard's sums (float64) and a few numbers per sample, never sample
+data, and the driver adds them up.
 So the figures are exact (a direct numpy pass over the same values agrees to rounding) and the driver's memory
 holds only per-sample scalars.
 
@@ -40,8 +41,8 @@ from shards.schema import BadSample, one_line
 from shards.store import Store, regular_files
 from shards.validate import SampleSpec, check_sample
 
-from .ingest import report, run_groups
 from .inputs import LabelIndex
+from .jobs import RowJob, run_row_job
 
 AST_BATCH = 1000  # AST's get_norm_stats.py batch size
 HIST_BINS = 20
@@ -101,14 +102,14 @@ def _add_sample(out: dict[str, Any], sample: dict[str, Any], target_length: int)
     out["frames"] += len(sample["frames"])
 
 
-def _stats_task(index: int, urls: list[str], out: str, cfg_data: dict[str, Any], *,
-                progress: Any = None) -> list[dict[str, Any]]:
-    """`run_groups` task body: one shard's sums (with a status, so the progress bar counts the shard)."""
-    cfg = Config(cfg_data)
-    sums = shard_sums(urls[0], int(cfg.model.target_length), SampleSpec.of(cfg))
+def _shard_rows(url: str, cfg: Config) -> list[dict[str, Any]]:
+    """One shard's sums, with a status (so the progress bar counts the shard as failed when a sample is not read)."""
+    sums = shard_sums(url, int(cfg.model.target_length), SampleSpec.of(cfg))
     sums["status"] = "failed" if sums["unreadable"] else "ok"
-    report(progress, index, 0, [sums])
     return [sums]
+
+
+STATS = RowJob("stats", rows=_shard_rows, unit="shard")
 
 
 def merge(parts: list[dict[str, Any]], *, target_length: int, batch_size: int) -> dict[str, Any]:
@@ -211,8 +212,7 @@ def compute_stats(spec: str, cfg: Config, *, label_index_csv: str | None = None,
     urls = regular_files(list_shards(spec))
     folder = shard_folder(spec, urls)
     cfg = adopt_shard_settings(cfg, urls, flag="stats")  # samples are checked against the shards' own settings
-    parts = run_groups([(i, [u]) for i, u in enumerate(urls)], folder, cfg, _stats_task, workers=workers,
-                       address=address, progress=progress, desc="stats", unit="shard")
+    parts = run_row_job(STATS, urls, folder, cfg, workers=workers, address=address, progress=progress, desc="stats")
     stats = {"folder": folder.uri(), **merge(parts, target_length=int(cfg.model.target_length), batch_size=batch_size)}
     stats["label_counts"] = named_labels(stats["label_counts"], label_index)
     stats["manifest"] = manifest_summary(folder)

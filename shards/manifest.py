@@ -56,8 +56,9 @@ def read_rows(path: str | Path, store: Store | None = None) -> list[dict[str, An
         return []
     # use_threads=False: a threaded read from memory leaves pyarrow's CPU pool in a state that aborts the process
     # at exit ("terminate called without an active exception") in about half of the runs (pyarrow 25); a
-    # manifest is small enough to decode on one thread
-    return pq.read_table(io.BytesIO(store.read_bytes(name)), use_threads=False).to_pylist()
+    # manifest is small enough to decode on one thread. pre_buffer=False: the bytes are in memory already, and
+    # pre-buffering would start two threads of pyarrow's I/O pool for them (see also shards.process)
+    return pq.read_table(io.BytesIO(store.read_bytes(name)), use_threads=False, pre_buffer=False).to_pylist()
 
 
 def read_manifest(out: "str | Path | Store") -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ the job still finishes with exactly a clean run's output; a Ctrl-C'd driver is r
 the way users start one (`ray start --head`, token authentication on) joined with --address, RAY_ADDRESS and
 ray://."""
 
+import json
 import os
 import re
 import shutil
@@ -220,7 +221,8 @@ def _pids_of(temp_dir: str) -> list[int]:
 def test_join_a_ray_start_head_with_token_auth(many, tmp_path):
     """A head started with `RAY_AUTH_MODE=token ray start --head`: without a token the join is one line that says
     what to set; with the token where Ray keeps it (~/.ray/auth_token) via --address, with RAY_AUTH_TOKEN via
-    RAY_ADDRESS, and through the Ray client (ray://) the ingest runs, and all give the same bytes."""
+    RAY_ADDRESS, and through the Ray client (ray://) the ingest runs, and all give the same bytes; stats over those
+    shards joins the same head the same way."""
     token = "0123456789abcdef0123456789abcdef"
     (tmp_path / "token").write_text(token)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
@@ -252,6 +254,12 @@ def test_join_a_ray_start_head_with_token_auth(many, tmp_path):
                 res = _cli(args, env=env)
             assert res.returncode == 0, (name, res.stderr[-3000:])
             assert "ok 4 samples, failed 0" in res.stdout, name
+        # every job joins the same way: stats over the shards just written, on the same head
+        res = _cli(["stats", str(tmp_path / "address"), "--out", str(tmp_path / "stats"), "--no-progress",
+                    "--address", address], env={**client, "HOME": str(home_with_token)})
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "4 samples in 4 shard(s), 0 unreadable" in res.stdout
+        assert json.loads((tmp_path / "stats" / "stats.json").read_text())["samples"] == 4
     ref = {p.name: p.read_bytes() for p in (tmp_path / "address").glob("shard-*.tar")}
     assert len(ref) == 4
     for name in ("env", "client"):

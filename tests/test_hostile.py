@@ -18,7 +18,7 @@ from PIL import Image
 
 from preprocess import cli as prep_cli
 from preprocess.features import encode_flac
-from preprocess.ingest import _next_index
+from preprocess.jobs import next_index
 from preprocess.inputs import LabelIndex, collect_inputs
 from preprocess.reprocess import _videos_in_source_order
 from shards.config import ConfigError, load_config
@@ -252,7 +252,7 @@ def test_unsafe_patterns_are_refused(pattern):
 
 def test_next_index_reads_odd_patterns_back():
     rows = [{"shard": "as2m-v2-000003.tar"}, {"shard": None}, {"shard": "old-name-000099.tar"}]
-    assert _next_index(rows, [], "as2m-v2-%06d.tar") == 4  # a name by another pattern cannot collide
+    assert next_index(rows, [], "as2m-v2-%06d.tar") == 4  # a name by another pattern cannot collide
 
 
 @pytest.mark.parametrize("sets, needle", [
@@ -367,8 +367,8 @@ def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
     """A downloaded shard set: each source sample is checked before it is copied (repack), a malformed source shard
     fails the rest of its work unit with the reason, and nothing is written outside the output folder; the same
     when the samples are read at the spans SRC's manifest records."""
-    from preprocess.ingest import assemble_shard
-    from preprocess.reprocess import reprocess_unit
+    from preprocess.reprocess import reprocess_job
+    from preprocess.units import assemble_shard, work_unit
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -379,7 +379,7 @@ def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
     items = _videos_in_source_order(rows_in, "shard-%06d.tar", str(src))
     before = set(tmp_path.rglob("*"))
     cfg = load_config().to_dict()
-    part, rows = reprocess_unit(0, 0, items, str(dst), cfg, str(src), "repack")
+    part, rows = work_unit(reprocess_job(str(src), "repack"), 0, 0, items, str(dst), cfg)
     out = {r["video_id"]: r for r in assemble_shard(0, [part], rows, str(dst), cfg)}
     def checked(out):
         assert out["g0"]["status"] == "ok"
@@ -396,7 +396,7 @@ def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
     with_spans = [dict(r, offset=o, length=n) for r, (_, o, n) in zip(rows_in, spans)]
     items = _videos_in_source_order(with_spans, "shard-%06d.tar", str(src))
     assert all(it["spans"] for it in items)
-    part, rows = reprocess_unit(1, 0, items, str(dst), cfg, str(src), "repack")
+    part, rows = work_unit(reprocess_job(str(src), "repack"), 1, 0, items, str(dst), cfg)
     ranged = {r["video_id"]: r for r in assemble_shard(1, [part], rows, str(dst), cfg)}
     checked(ranged)
     assert [s["__key__"] for s in raw_samples([str(dst / "shard-000001.tar")])] == ["g0"]

@@ -7,21 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from preprocess.ingest import SPOOL_BYTES
+from preprocess.units import SPOOL_BYTES
 from tests.clips import make_clip
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import json, resource, sys, tempfile
 sys.path.insert(0, sys.argv[1])
-from preprocess.ingest import assemble_shard, decode_unit
+from preprocess.ingest import INGEST
+from preprocess.units import assemble_shard, work_unit
 from preprocess.inputs import InputItem
 from shards.config import load_config
 cfg = load_config(sets=["clip.mode=windows", "video.image_size=32", "audio.keep_waveform=true",
                         "ray.video_timeout_s=600"]).to_dict()
 
 def task(index, item):  # the real task path: decode, spool, the unit's part, the shard assembled from it
-    part, rows = decode_unit(index, 0, [item], out, cfg)
+    part, rows = work_unit(INGEST, index, 0, [item], out, cfg)
     assemble_shard(index, [part], rows, out, cfg)
     return rows
 

@@ -261,8 +261,9 @@ def test_a_stalled_source_times_out(corpus, tmp_path):
 def test_resumes_an_interrupted_run(corpus, tmp_path):
     """A run killed after its first shard, whose plan was saved before work units (items without spans), is
     finished by running again: the same folder as an uninterrupted run."""
-    from preprocess.ingest import _cut, _save_plan, assemble_shard
-    from preprocess.reprocess import _videos_in_source_order, reprocess_unit
+    from preprocess.jobs import cut, save_plan
+    from preprocess.reprocess import _videos_in_source_order, reprocess_job
+    from preprocess.units import assemble_shard, work_unit
     from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS
     from shards.store import Store
 
@@ -272,10 +273,10 @@ def test_resumes_an_interrupted_run(corpus, tmp_path):
     store = Store.of(out)
     store.makedirs()
     items = _videos_in_source_order(read_manifest(corpus["src"]), "shard-%06d.tar", str(corpus["src"]))
-    groups = _cut([{k: v for k, v in it.items() if k != "spans"} for it in items], 2, first_index=0)
+    groups = cut([{k: v for k, v in it.items() if k != "spans"} for it in items], 2, first_index=0)
     store.write_text(FROZEN_CONFIG, cfg.to_yaml(*PREP_SECTIONS))
-    _save_plan(store, groups, cfg, job="reprocess")
-    part, rows = reprocess_unit(0, 0, groups[0][1], str(out), cfg.to_dict(), str(corpus["src"]), "waveform")
+    save_plan(store, reprocess_job(str(corpus["src"]), "waveform"), groups, cfg)
+    part, rows = work_unit(reprocess_job(str(corpus["src"]), "waveform"), 0, 0, groups[0][1], str(out), cfg.to_dict())
     assemble_shard(0, [part], rows, str(out), cfg.to_dict())
 
     summary = reprocess(corpus["src"], out, cfg)

@@ -171,3 +171,23 @@ def test_a_process_that_read_a_manifest_exits_cleanly(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     codes = [subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True).returncode for _ in range(5)]
     assert codes == [0] * 5
+
+
+def test_finish_flushes_and_exits_with_the_status_without_teardown(tmp_path):
+    """`shards.process.finish` ends a CLI with `os._exit` (no interpreter teardown of native thread pools): what was
+    printed and logged before it still arrives in full, through a pipe, and the status is the one given, even with
+    pyarrow's pools and torch's running."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_rows(tmp_path / "manifest.parquet", [{"video_id": "v", "key": "v", "status": "ok"}])
+    code = (f"import logging, torch; from shards.manifest import read_manifest; from shards.process import finish\n"
+            f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r}, level=logging.INFO)\n"
+            f"read_manifest({str(tmp_path)!r}); torch.ones(256, 256) @ torch.ones(256, 256)\n"
+            f"logging.info('done'); print('x' * 200000, end=''); finish(3)")
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert res.stdout == "x" * 200000 and "terminate called" not in res.stderr
+    assert "done" in (tmp_path / "log.txt").read_text()

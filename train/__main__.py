@@ -1,7 +1,5 @@
 """`python -m train ...` / `torchrun --nproc-per-node N -m train ...`: the `cavmae-train` CLI."""
 
-import sys
+from train.cli import run
 
-from train.cli import main
-
-sys.exit(main())
+run()

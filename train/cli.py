@@ -11,8 +11,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from shards.config import ConfigError, load_config
+from shards.process import finish
 from shards.store import check_out_file
 
 EXAMPLES = """examples:
@@ -246,5 +248,11 @@ def _frames(args: argparse.Namespace, cfg) -> str | int:
 COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "eval": _eval, "order": _order, "retrieve": _retrieve,
             "embed": _embed}
 
+def run() -> NoReturn:
+    """The process entry (console script, `python -m`): `main`, then `shards.process.finish`, which exits without
+    the interpreter's teardown of native thread pools (it could abort a run whose work is done)."""
+    finish(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
