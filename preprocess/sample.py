@@ -39,9 +39,10 @@ def _num(x: float) -> float:
 
 def clip_meta(clip: Clip, *, video_id: str, source: str, labels: list[str], audio_frames: int,
               config_digest: str, segment: Segment | None = None, dataset: dict | None = None) -> dict:
-    """The sample's JSON metadata (exactly the schema's META_FIELDS). `segment`: the input's listed segment of
-    its original video; `dataset`: what its dataset list says beyond labels (format, split, fold)."""
-    return {
+    """The sample's JSON metadata: the schema's META_FIELDS, and its LIST_FIELDS for an input of a dataset list:
+    `segment`, the input's listed segment of its original video; `dataset`, what its list says beyond labels
+    (format, split, fold)."""
+    meta = {
         "video_id": video_id,
         "source": source,
         "labels": list(labels),
@@ -56,12 +57,14 @@ def clip_meta(clip: Clip, *, video_id: str, source: str, labels: list[str], audi
         "window": clip.window,
         "clip_start_s": _num(clip.clip_start_s),
         "audio_start_s": None if clip.audio_start_s is None else _num(clip.audio_start_s),
-        "segment": None if segment is None else {
-            "listed_s": [_num(segment.start_s), _num(segment.end_s)],
-            "in_file_s": [_num(t) for t in clip.segment_s],
-            "file_is_segment": bool(clip.file_is_segment)},
-        "dataset": dataset,
     }
+    if segment is not None:
+        meta["segment"] = {"listed_s": [_num(segment.start_s), _num(segment.end_s)],
+                           "in_file_s": [_num(t) for t in clip.segment_s],
+                           "file_is_segment": bool(clip.file_is_segment)}
+    if dataset is not None:
+        meta["dataset"] = dataset
+    return meta
 
 
 def iter_samples(path: str, video_id: str, source: str, labels: list[str],

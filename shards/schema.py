@@ -25,8 +25,9 @@ import numpy as np
 
 META_FIELDS = (
     "video_id", "source", "labels", "duration_s", "fps", "frame_times_s", "audio_frames", "sample_rate",
-    "has_audio", "has_video", "config_digest", "window", "clip_start_s", "audio_start_s", "segment", "dataset",
+    "has_audio", "has_video", "config_digest", "window", "clip_start_s", "audio_start_s",
 )
+LIST_FIELDS = ("segment", "dataset")  # only in samples of a dataset list's rows (plain files' bytes stay as they were)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")  # make_key's alphabet: no '/', '.', '..' or absolute path can pass
 _MEMBER = re.compile(r"^(json|fbank\.npy|frame(\d{1,3})\.jpg|flac|labels\.txt)$")

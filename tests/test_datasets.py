@@ -78,7 +78,7 @@ def test_audioset_segments_labels_and_missing_files(local_ray, media, tmp_path):
 
     # reprocess from the sources (a video setting changed) takes the same segments again
     cfg = reprocess_config(tmp_path / "as", sets=["video.num_frames=2"])
-    assert reprocess(tmp_path / "as", tmp_path / "as2", cfg).ok == 2
+    assert reprocess(tmp_path / "as", tmp_path / "as2", cfg, sources=[str(videos)]).ok == 2
     again = samples(tmp_path / "as2")["AAAAAAAAAAA"]["meta"]
     assert again["frame_times_s"] == pytest.approx([3.0, 7.9]) and again["segment"]["in_file_s"] == [3.0, 13.0]
 
@@ -129,7 +129,7 @@ def test_esc50_folds_audio_only(local_ray, tmp_path):
     dog = got["1-100032-A-0"]
     assert dog["fbank"].shape == (498, 128) and dog["frames"] == [] and dog["meta"]["has_video"] is False
     assert dog["labels"] == [0] and dog["meta"]["labels"] == ["dog"]
-    assert dog["meta"]["dataset"] == {"format": "esc50", "fold": 1, "target": 0} and dog["meta"]["segment"] is None
+    assert dog["meta"]["dataset"] == {"format": "esc50", "fold": 1, "target": 0} and "segment" not in dog["meta"]
     assert got["2-100038-A-14"]["labels"] == [14]
     held_out = ingest([str(listing)], tmp_path / "esc_fold2", cfg, lists=ListOptions(split=("2",)))
     assert held_out.ok == 1 and set(samples(tmp_path / "esc_fold2")) == {"2-100038-A-14"}

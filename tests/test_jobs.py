@@ -38,7 +38,7 @@ PINNED = {
     "reprocess_waveform": "e3e9ade5bbf2ed0c956b1ba9cfbdf6ccac9b7bff4a62ee0ba5587e4feafb9259",
     "reprocess_source": "91a72af372f5c984921305e4b058b646a5b468a5d5246d63bd029a1a521e656d",
     "reprocess_repack": "cd008133cb6abf503c1053de16d0a9d09abc38fb19e7f5ead398b186369b567f",
-    "stats": "c5cf2623f17d2edc657d6e5fdb09fd3fbdcbd57c43cb750e617abe331df85f06",
+    "stats": "95701c8717c7abbda4fd0e8677401870e82d0796d394387eab2c7bd6ad8eb723",  # + `missing` counts (issue 21)
 }
 
 
@@ -74,9 +74,11 @@ def test_outputs_are_unchanged(local_ray, fixed_dir):
     src = root / "src"
     assert ingest([str(videos)], src, load_config(sets=SETS)).ok == 5  # silent and broken fail
     wave, source, repack = root / "wave", root / "source", root / "repack"
-    assert reprocess(src, wave, reprocess_config(src, sets=["audio.num_mel_bins=64"])).mode == "waveform"
-    assert reprocess(src, repack, reprocess_config(src, sets=["shards.samples_per_shard=3"])).mode == "repack"
-    assert reprocess(src, source, reprocess_config(src, sets=["video.num_frames=3"])).mode == "source"
+    run = ["shards.samples_per_shard=2", "ray.videos_per_task=1"]  # a run's own, never taken from SRC
+    assert reprocess(src, wave, reprocess_config(src, sets=run + ["audio.num_mel_bins=64"])).mode == "waveform"
+    assert reprocess(src, repack, reprocess_config(src, sets=run + ["shards.samples_per_shard=3"])).mode == "repack"
+    assert reprocess(src, source, reprocess_config(src, sets=run + ["video.num_frames=3"]),
+                     sources=[str(videos)]).mode == "source"
     stats = compute_stats(str(src), load_config(sets=SETS + ["model.target_length=128"]), batch_size=2)
     stats.pop("folder")
     stats_text = json.dumps(stats, sort_keys=True).replace(str(root), "<tmp>")
