@@ -31,10 +31,8 @@ decoder holds only the open windows' frames and audio, never the whole video: th
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 import tempfile
 import threading
 import time
@@ -46,7 +44,7 @@ from shards.config import Config, ConfigError
 from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_config
 from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, read_rows, write_rows
 from shards.names import shard_index, shard_name
-from shards.reader import tar_members
+from shards.tar import TarWriter, read_members
 from shards.schema import one_line
 from shards.store import Store, is_temp_name, is_uri
 from shards.writer import ShardWriter
@@ -254,7 +252,7 @@ def assemble_shard(index: int, parts: list[str], rows: list[dict[str, Any]], out
         with ShardWriter(store, name) as shard:
             for part in parts:
                 with store.open_input(part) as f:
-                    shard.add(tar_members(f))
+                    shard.add((name, data) for name, data, _, _ in read_members(f, store.uri(part)))
         rows = shard.locate(rows)  # each sample's byte span in the shard (manifest offset/length)
         write_rows(fragment_name(name), rows, store=store)
     for part in parts:
@@ -308,21 +306,18 @@ class SampleSpool:
 
     def __init__(self) -> None:
         self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="cavmae-spool-")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.tar = TarWriter(self.file)
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            self.tar.addfile(info, io.BytesIO(data))
+            self.tar.add(name, data)
 
     def members(self) -> Iterator[tuple[str, bytes]]:
         """The spooled members in order (read back one at a time)."""
         self.tar.close()
         self.file.seek(0)
-        with tarfile.open(fileobj=self.file, mode="r") as tar:
-            for info in tar:
-                yield info.name, tar.extractfile(info).read()
+        for name, data, _, _ in read_members(self.file, "the input's spool"):
+            yield name, data
 
     def __enter__(self) -> "SampleSpool":
         return self

@@ -4,10 +4,10 @@ A `SampleIndex` lists every sample of a shard set as (shard, key, byte offset of
 through its last member's padding), in a canonical order: shards in `list_shards` order, samples by offset. Ingest
 records offset and length per sample in the manifest (`ShardWriter.spans`), so building the index of AS-2M costs
 one parquet read; shards the manifest does not cover (older sets, a remote set without its manifest) are scanned
-once, sequentially, with the same tar parser the reader uses.
+once, sequentially, with the same tar layer and grouping the reader uses.
 
 `read_raw_sample` then fetches exactly one sample's bytes with a ranged read (local: `os.pread`; `s3://`, `gs://`,
-`hdfs://`: pyarrow's `read_at`; `http(s)://`: a `Range` request) and parses them with `tar_members`, giving the
+`hdfs://`: pyarrow's `read_at`; `http(s)://`: a `Range` request) and parses them with the same tar layer and grouping, giving the
 raw sample `raw_samples` would (member bytes by lower-case suffix, `__key__`, `__url__`) for `decode_sample`.
 That is what lets a trainer visit the samples of an epoch in any order, start mid-epoch without reading what came
 before, and hold no more than the samples it is decoding.
@@ -28,7 +28,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .reader import is_remote, open_stream, tar_members
+from .reader import is_remote, open_stream
+from .samples import read_groups
 from .schema import BadSample
 
 log = logging.getLogger(__name__)
@@ -73,43 +74,20 @@ def sample_index(urls: list[str], rows: Iterable[dict[str, Any]] = ()) -> Sample
                        np.asarray(offset, dtype=np.int64), np.asarray(length, dtype=np.int64))
 
 
-class _Counting:
-    """A stream that counts the bytes read from it (to locate members while `tar_members` parses)."""
-
-    def __init__(self, stream: Any):
-        self.stream, self.pos = stream, 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.pos += len(data)
-        return data
-
-
 def scan_spans(url: str) -> list[tuple[str, int, int]]:
-    """(key, offset, length) of every sample of one shard, from one sequential read of it.
-
-    `tar_members` reads each member's data, its padding and the next header before it yields, so a member ends
-    512 bytes before the position reached then; a sample starts where the previous one ended (which includes
-    any long-name or pax header in front of its first member). A truncated or corrupt shard keeps the samples
-    before the damage (logged), as the streaming reader does."""
+    """(key, offset, length) of every sample of one shard, from one sequential read of it (`shards.samples`: the
+    grouping every reader uses). A sample the readers would not take is left out with a warning naming it; a
+    truncated or corrupt shard keeps the samples before the damage (logged), as the streaming reader does."""
     spans: list[tuple[str, int, int]] = []
-    with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as raw:
-        stream = _Counting(raw)
-        start = end = 0
-        current = None
+    with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as stream:
         try:
-            for name, _ in tar_members(stream):
-                key = name.rsplit("/", 1)[-1].split(".", 1)[0]
-                if key != current:
-                    if current is not None:
-                        spans.append((current, start, end - start))
-                    current, start = key, end
-                end = stream.pos - 512
+            for group in read_groups(stream, url):
+                if group.problem is None:
+                    spans.append((group.key, group.start, group.end - group.start))
+                else:
+                    log.warning("%s: sample %r left out of the index: %s", url, group.key, group.problem)
         except tarfile.TarError as exc:
             log.warning("indexing %s: kept the %d samples before the damage (%s)", url, len(spans), exc)
-            return spans
-        if current is not None:
-            spans.append((current, start, end - start))
     return spans
 
 
@@ -167,17 +145,13 @@ class SpanReader:
 
 def read_raw_sample(reader: SpanReader, index: SampleIndex, i: int) -> dict[str, Any]:
     """Sample `i` of the index as a raw sample (member bytes by lower-case suffix, `__key__`, `__url__`), read with
-    one ranged read. Raises `BadSample` when the bytes there are not that sample (the shard changed since it was
-    indexed), `OSError` / `tarfile.TarError` when they cannot be read."""
+    one ranged read and grouped as every reader groups. Raises `BadSample` when the bytes there are not exactly
+    that one sample (the shard changed since it was indexed), `OSError` / `tarfile.TarError` when they cannot be
+    read."""
     url, key = index.url_of(i), index.key_of(i)
-    raw: dict[str, Any] = {"__key__": key, "__url__": url}
-    for name, data in tar_members(io.BytesIO(reader.read(url, int(index.offset[i]), int(index.length[i])))):
-        base = name.rsplit("/", 1)[-1]
-        if not base.startswith(key + "."):
-            raise BadSample(f"{url}: member {name!r} found where sample {key!r} was indexed (shard changed?)")
-        suffix = base[len(key) + 1:].lower()
-        if suffix in raw:
-            raise BadSample(f"{url}: sample {key!r}: duplicate member {name!r}")
-        raw[suffix] = data
-    return raw
-
+    data = reader.read(url, int(index.offset[i]), int(index.length[i]))
+    groups = list(read_groups(io.BytesIO(data), url, fragment=True))
+    if len(groups) != 1 or groups[0].key != key:
+        found = ", ".join(repr(g.key) for g in groups) or "no member"
+        raise BadSample(f"{url}: {found} found where sample {key!r} was indexed (shard changed?)")
+    return groups[0].raw()
