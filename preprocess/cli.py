@@ -14,9 +14,9 @@ import tarfile
 from collections import Counter
 
 from shards.config import ConfigError, load_config
+from shards.errors import UserError
 from shards.schema import BadSample
 
-from .inputs import InputError
 
 MAX_PROBLEMS = 50
 MAX_IGNORED_NAMED = 5
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(args, cfg)
         if args.command == "inspect":
             return _inspect(args, cfg)
-    except (ConfigError, InputError, FileNotFoundError, BadSample, tarfile.TarError) as exc:
+    except (UserError, FileNotFoundError, BadSample, tarfile.TarError) as exc:
         print(f"cavmae-prep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ import os
 import tarfile
 import threading
 import urllib.request
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Iterable
@@ -30,7 +30,8 @@ import numpy as np
 
 from .reader import is_remote, open_stream
 from .samples import read_groups
-from .schema import BadSample
+from .schema import BadSample, check_key
+from .tar import BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,85 @@ class SampleIndex:
 
 
 def sample_index(urls: list[str], rows: Iterable[dict[str, Any]] = ()) -> SampleIndex:
-    """The index of `urls`, from manifest `rows` (ok rows naming each shard by file name, with offset and length)
-    where they cover a shard, else by scanning that shard's tar headers."""
-    by_shard: dict[str, list[tuple[str, int, int]]] = {}
+    """The index of `urls`, from manifest `rows` where they describe a shard faithfully, else by scanning it.
+
+    A row names its shard by `url` (its full URI: `manifest_rows` reads the manifest beside each shard's folder, so
+    two folders' `shard-000000.tar` never share rows) or else by file name `shard` (matched only to a file name
+    that is one shard of `urls`). The manifest is untrusted and checked per shard: every key in the key
+    alphabet, integer offsets and lengths, spans that tile the shard (contiguous from byte 0, ending where its
+    end-of-archive marker begins; the end is checked for local shards) and keys unique across the whole set. A
+    shard whose rows disagree is re-indexed by a scan, with one warning; a key still found in two shards after
+    that is kept in the first only, with one warning naming both."""
+    names = Counter(_file_name(u) for u in urls)
+    by_url: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("status", "ok") == "ok" and r.get("offset") is not None and r.get("length") is not None:
-            by_shard.setdefault(r["shard"], []).append((r["key"], int(r["offset"]), int(r["length"])))
-    shard, key, offset, length = [], [], [], []
-    for i, url in enumerate(urls):
-        spans = by_shard.get(PurePosixPath(url.split("?", 1)[0]).name) or scan_spans(url)
-        spans.sort(key=lambda s: s[1])
-        shard += [i] * len(spans)
-        key += [k for k, _, _ in spans]
-        offset += [o for _, o, _ in spans]
-        length += [n for _, _, n in spans]
-    return SampleIndex(list(urls), np.asarray(shard, dtype=np.int32), np.asarray(key, dtype=np.bytes_),
-                       np.asarray(offset, dtype=np.int64), np.asarray(length, dtype=np.int64))
+        if r.get("status", "ok") != "ok":
+            continue
+        url = r.get("url")
+        if url is None and names[r.get("shard")] == 1:
+            url = next(u for u in urls if _file_name(u) == r["shard"])
+        by_url.setdefault(url, []).append(r)
+    per_shard: list[list[tuple[str, int, int]]] = []
+    owner: dict[str, str] = {}
+    for url in urls:
+        spans, problem = _manifest_spans(url, by_url.get(url))
+        if spans is not None and problem is None:
+            problem = next((f"key {k!r} is also in {owner[k]}" for k, _, _ in spans if k in owner), None)
+        if problem is not None:
+            log.warning("%s: manifest.parquet %s; re-indexed by a scan", url, problem)
+        if spans is None or problem is not None:
+            spans = scan_spans(url)
+        kept = []
+        for span in spans:
+            if span[0] in owner:
+                log.warning("%s: sample %r left out of the index: the same key is in %s", url, span[0], owner[span[0]])
+            else:
+                owner[span[0]] = url
+                kept.append(span)
+        per_shard.append(kept)
+    shard = np.concatenate([np.full(len(s), i, dtype=np.int32) for i, s in enumerate(per_shard)] or [[]])
+    flat = [span for spans in per_shard for span in spans]
+    return SampleIndex(list(urls), shard.astype(np.int32), np.asarray([k for k, _, _ in flat], dtype=np.bytes_),
+                       np.asarray([o for _, o, _ in flat], dtype=np.int64),
+                       np.asarray([n for _, _, n in flat], dtype=np.int64))
+
+
+def _file_name(url: str) -> str:
+    return PurePosixPath(url.split("?", 1)[0]).name
+
+
+RECORD = 20 * BLOCK  # tar's record: writers pad the archive to a multiple of it after the end-of-archive marker
+
+
+def _manifest_spans(url: str, rows: list[dict[str, Any]] | None) -> tuple[list | None, str | None]:
+    """(spans by offset, None) from a shard's manifest rows, (None, None) when it has none with spans (an older
+    set), or (None, what is wrong) when they disagree with the shard's shape."""
+    if not rows or all(r.get("offset") is None and r.get("length") is None for r in rows):
+        return None, None
+    spans = []
+    for r in rows:
+        key, offset, length = r.get("key"), r.get("offset"), r.get("length")
+        if not (isinstance(offset, int) and isinstance(length, int)) or isinstance(offset, bool) \
+                or isinstance(length, bool):
+            return None, f"gives sample {key!r} no integer offset and length"
+        try:
+            check_key(key)
+        except BadSample as exc:
+            return None, f"lists a bad key ({exc})"
+        spans.append((key, offset, length))
+    spans.sort(key=lambda s: s[1])
+    end = 0
+    for key, offset, length in spans:
+        if offset != end or length < BLOCK:
+            return None, f"puts sample {key!r} at bytes {offset}..{offset + length}, not right after byte {end}"
+        end = offset + length
+    if len({k for k, _, _ in spans}) != len(spans):
+        return None, "lists a key twice"
+    if not is_remote(url):
+        tail = os.path.getsize(url) - end
+        if not 2 * BLOCK <= tail < 2 * BLOCK + RECORD:
+            return None, f"accounts for {end} bytes of the {end + tail} the shard holds"
+    return spans, None
 
 
 def scan_spans(url: str) -> list[tuple[str, int, int]]:

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import UserError
 from .store import Store, is_temp_name
 
 SCHEMA = pa.schema([
@@ -35,6 +36,7 @@ SCHEMA = pa.schema([
     ("config_digest", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)
+REQUIRED_COLUMNS = ("video_id", "key", "status", "shard")  # older manifests lack offset/length, window
 MANIFEST = "manifest.parquet"
 PARTS = "_parts"
 
@@ -50,14 +52,49 @@ def write_rows(path: str | Path, rows: Iterable[dict[str, Any]], store: Store | 
     store.write_bytes(name, buf.getvalue())
 
 
+class ManifestError(UserError):
+    """A manifest.parquet that is not one: not parquet, a required column missing, a column of the wrong type."""
+
+
 def read_rows(path: str | Path, store: Store | None = None) -> list[dict[str, Any]]:
+    """The rows of a manifest (or fragment) file; [] when there is none. A manifest is untrusted (it comes with a
+    downloaded shard folder): ManifestError, one line, for a file that is not parquet, lacks a required column or
+    holds a column of another type than `SCHEMA`'s (string offsets, say). Its values are checked by its users
+    (`shards.index.sample_index`)."""
     store, name = (store, str(path)) if store is not None else Store.split(path)
     if not store.is_file(name):
         return []
     # use_threads=False: a threaded read from memory leaves pyarrow's CPU pool in a state that aborts the process
     # at exit ("terminate called without an active exception") in about half of the runs (pyarrow 25); a
     # manifest is small enough to decode on one thread
-    return pq.read_table(io.BytesIO(store.read_bytes(name)), use_threads=False).to_pylist()
+    try:
+        table = pq.read_table(io.BytesIO(store.read_bytes(name)), use_threads=False)
+    except (pa.ArrowException, OSError) as exc:
+        raise ManifestError(f"{store.uri(name)}: not a readable parquet file ({' '.join(str(exc).split())})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"{store.uri(name)}: not a cavmae manifest (no column {', '.join(missing)})")
+    for column in SCHEMA:
+        if column.name in table.column_names and not _same_kind(table.schema.field(column.name).type, column.type):
+            raise ManifestError(f"{store.uri(name)}: column {column.name!r} is {table.schema.field(column.name).type}, "
+                                f"not {column.type}")
+    return table.to_pylist()
+
+
+def _same_kind(have: pa.DataType, want: pa.DataType) -> bool:
+    """Whether values of type `have` read as `want`'s kind (any width of int for int64; all-null columns pass)."""
+    if pa.types.is_null(have):
+        return True
+    if pa.types.is_integer(want):
+        return pa.types.is_integer(have)
+    if pa.types.is_floating(want):
+        return pa.types.is_floating(have) or pa.types.is_integer(have)
+    if pa.types.is_string(want):
+        return pa.types.is_string(have) or pa.types.is_large_string(have)
+    if pa.types.is_list(want):
+        return (pa.types.is_list(have) or pa.types.is_large_list(have)) and _same_kind(have.value_type,
+                                                                                      want.value_type)
+    return have == want
 
 
 def read_manifest(out: "str | Path | Store") -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from shards.config import ConfigError, load_config
+from shards.errors import UserError
 
 EXAMPLES = """examples:
   cavmae-train pretrain --shards shards/ --out runs/pt --preset scale+
@@ -112,14 +113,10 @@ def frame_choice(value: str, source: str) -> str | int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from train.checkpoint import CheckpointError
-    from train.data import LabelError, NoSamples
-    from train.stage import UsageError
-
     try:
         cfg = load_config(args.config, args.sets, args.presets)
         result = COMMANDS[args.command](args, cfg)
-    except (ConfigError, UsageError, LabelError, CheckpointError, NoSamples) as exc:
+    except UserError as exc:  # ConfigError, UsageError, LabelError, CheckpointError, NoSamples, ManifestError, ...
         print(f"cavmae-train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # the loss stayed non-finite (train/loop.py NONFINITE_PATIENCE)

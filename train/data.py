@@ -287,14 +287,25 @@ def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- manifest
 
 def manifest_rows(urls: list[str], path: str | None = None) -> list[dict[str, Any]]:
-    """The `ok` manifest rows of the samples in `urls` (the manifest beside the first shard, local or in object
-    storage, unless `path` is given; empty when there is none). Used for the sample index (offsets), the label
-    check and class-balance weights without opening tars."""
-    path = path or f"{urls[0].rsplit('/', 1)[0] if '/' in urls[0] else '.'}/{MANIFEST}"
-    if path.startswith(("http://", "https://")):
-        return []
-    names = {Path(u.split("?", 1)[0]).name for u in urls}
-    return [r for r in read_rows(path) if r["status"] == "ok" and r["shard"] in names]
+    """The `ok` manifest rows of the samples in `urls`, each with `url`, the full URI of its shard: every shard
+    folder's own manifest (local or in object storage; none for http(s) folders), or the manifest at `path` for
+    the shards of every folder. Used for the sample index (offsets; `shards.index.sample_index` checks them), the
+    label check and class-balance weights without opening tars."""
+    folders: dict[str, dict[str, str]] = {}
+    for url in urls:
+        folder, _, name = url.split("?", 1)[0].rpartition("/")
+        folders.setdefault(folder or ".", {})[name] = url
+    out: list[dict[str, Any]] = []
+    read: dict[str, list[dict[str, Any]]] = {}
+    for folder, by_name in folders.items():
+        where = path or f"{folder}/{MANIFEST}"
+        if where.startswith(("http://", "https://")):
+            continue
+        if where not in read:
+            read[where] = read_rows(where)
+        out += [dict(r, url=by_name[r["shard"]]) for r in read[where]
+                if r["status"] == "ok" and isinstance(r["shard"], str) and r["shard"] in by_name]
+    return out
 
 
 def balance_weights(rows: list[dict[str, Any]], index: SampleIndex) -> np.ndarray:
