@@ -15,7 +15,7 @@ from collections import Counter
 
 from shards.config import ConfigError, load_config
 from shards.errors import UserError
-from shards.schema import BadSample
+from shards.schema import BadSample, one_line
 
 
 MAX_PROBLEMS = 50
@@ -33,6 +33,8 @@ EXAMPLES = """examples:
   cavmae-prep stats shards/ --label-index class_labels_indices.csv        # stats.json + stats.png beside the shards
   cavmae-prep inspect shards/ --random 4 --out look.png                    # frames over log-mel, 4 samples
   cavmae-prep inspect shards/ --key VIDEO_ID --out one.png
+  cavmae-prep verify downloaded/shards/                                    # one line per problem, exit 1 if any
+  cavmae-prep verify downloaded/shards/ --list > members.jsonl             # name, size, sha256 of every member
 """
 
 
@@ -122,13 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
     p.add_argument("--label-index", metavar="CSV", help="label index CSV: show display names")
     add_config_args(p)
+    p = sub.add_parser("verify", help="read a shard set through and check every sample before training on it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Read every shard through (tar headers, truncation, sparse or compressed "
+                                   "files), decode every sample as the trainer does and check it against the "
+                                   "settings the shards were made with (their pipeline.yaml, else --config/--set), "
+                                   "and check the spans manifest.parquet records. One line per problem, then a "
+                                   "summary; exit 0 when clean, 1 with problems, 2 for bad arguments or a set "
+                                   "where no sample decodes.")
+    p.add_argument("shards", nargs="+", help="shard folders, tars, brace patterns, globs or URLs")
+    p.add_argument("--list", action="store_true", help="only list every regular member as one JSON object per line: "
+                                                       '{"shard", "name", "size", "sha256"} (as tarfile reads it)')
+    add_config_args(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command != "inspect" and args.out is not None:  # inspect's --out is a picture, not a folder
+        if args.command not in ("inspect", "verify") and args.out is not None:  # inspect's --out is a picture, not a folder
             check_out(args.out)
         if args.command == "reprocess":
             return _reprocess(args)
@@ -139,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(args, cfg)
         if args.command == "inspect":
             return _inspect(args, cfg)
+        if args.command == "verify":
+            return _verify(args, cfg)
     except (UserError, FileNotFoundError, BadSample, tarfile.TarError) as exc:
         print(f"cavmae-prep: error: {exc}", file=sys.stderr)
         return 2
@@ -186,6 +202,28 @@ def _inspect(args: argparse.Namespace, cfg) -> int:
                 label_index_csv=args.label_index, default_shift_ms=cfg.audio.frame_shift_ms)
     print(f"cavmae-prep: drew {n} sample(s) into {args.out}")
     return 0
+
+
+def _verify(args: argparse.Namespace, cfg) -> int:
+    import json
+
+    from .verify import list_members, verify
+
+    if args.list:
+        try:
+            for record in list_members(args.shards):
+                print(json.dumps(record))
+        except tarfile.TarError as exc:
+            print(f"cavmae-prep: problem: {one_line(exc)}", file=sys.stderr)
+            return 1
+        return 0
+    for found in verify(args.shards, cfg):
+        if isinstance(found, str):
+            print(f"cavmae-prep: problem: {found}", flush=True)
+        else:
+            print(f"cavmae-prep: verified {found.line()}")
+            return 1 if found.problems else 0
+    return 1
 
 
 def _reprocess(args: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ class SampleIndex:
 def sample_index(urls: list[str], rows: Iterable[dict[str, Any]] = ()) -> SampleIndex:
     """The index of `urls`, from manifest `rows` where they describe a shard faithfully, else by scanning it.
 
-    A row names its shard by `url` (its full URI: `manifest_rows` reads the manifest beside each shard's folder, so
+    A row names its shard by `url` (its full URI: `shards.manifest.manifest_rows` reads the manifest beside each shard's folder, so
     two folders' `shard-000000.tar` never share rows) or else by file name `shard` (matched only to a file name
     that is one shard of `urls`). The manifest is untrusted and checked per shard: every key in the key
     alphabet, integer offsets and lengths, spans that tile the shard (contiguous from byte 0, ending where its

@@ -97,6 +97,37 @@ def _same_kind(have: pa.DataType, want: pa.DataType) -> bool:
     return have == want
 
 
+def shard_manifests(urls: list[str], path: str | None = None) -> dict[str, list[dict[str, Any]] | None]:
+    """{shard URL: its `ok` manifest rows, each with `url`} from the manifest beside each shard's folder (local or
+    in object storage; none for http(s) folders), or from the one at `path` for the shards of every folder; None
+    for a shard whose folder has no manifest. Rows name their shard by file name, so a shard is matched to the
+    manifest of its own folder: two folders' `shard-000000.tar` never share rows."""
+    folders: dict[str, dict[str, str]] = {}
+    for url in urls:
+        folder, _, name = url.split("?", 1)[0].rpartition("/")
+        folders.setdefault(folder or ".", {})[name] = url
+    out: dict[str, list[dict[str, Any]] | None] = {}
+    read: dict[str, list[dict[str, Any]] | None] = {}
+    for folder, by_name in folders.items():
+        where = path or f"{folder}/{MANIFEST}"
+        if where not in read:
+            store, name = Store.split(where)
+            read[where] = None if where.startswith(("http://", "https://")) or not store.is_file(name) \
+                else read_rows(name, store)
+        for shard, url in by_name.items():
+            rows = read[where]
+            out[url] = None if rows is None else [dict(r, url=url) for r in rows
+                                                  if r["status"] == "ok" and r["shard"] == shard]
+    return out
+
+
+def manifest_rows(urls: list[str], path: str | None = None) -> list[dict[str, Any]]:
+    """The `ok` manifest rows of the shards `urls`, each with `url` (`shard_manifests`). Used for the sample index
+    (offsets; `shards.index.sample_index` checks them), the label check and class-balance weights without
+    opening tars."""
+    return [r for rows in shard_manifests(urls, path).values() for r in rows or ()]
+
+
 def read_manifest(out: "str | Path | Store") -> list[dict[str, Any]]:
     """The manifest rows of an output folder, with any leftover fragments of an interrupted run folded in."""
     store = Store.of(out)

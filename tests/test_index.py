@@ -9,10 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from shards.index import sample_index
-from shards.manifest import ManifestError, read_rows, write_rows
+from shards.manifest import ManifestError, manifest_rows, read_rows, write_rows
 from shards.schema import sample_members
 from shards.writer import ShardWriter
-from train.data import manifest_rows
 
 
 def ingest_like(folder, keys, name="shard-000000.tar"):

@@ -214,7 +214,7 @@ def _retrieve(args: argparse.Namespace, cfg) -> dict:
 def _embed(args: argparse.Namespace, cfg) -> dict:
     from train import distributed as dist
     from train import stage as st
-    from train.data import manifest_rows
+    from shards.manifest import manifest_rows
     from train.embed import embed
 
     device = dist.init()

@@ -59,12 +59,11 @@ from torchvision import transforms
 
 from shards.config import Config
 from shards.index import SampleIndex, SpanReader, read_raw_sample
-from shards.manifest import MANIFEST, read_rows
 from shards.media import decode_flac, open_jpeg
 from shards.reader import decode_sample, is_remote, raw_samples
 from shards.schema import BadSample, one_line
 from train.epochs import EpochPlan, SampleRngs
-from shards.errors import UserError
+from shards.errors import NoSamples, UserError  # noqa: F401 (train.data.NoSamples)
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +77,6 @@ REMOTE_READS = 16  # concurrent ranged reads per loader worker from object stora
 
 class LabelError(UserError):
     """A label id that the label index does not know (one line, naming the label and the file)."""
-
-
-class NoSamples(UserError):
-    """Shards from which no sample decodes (one line, naming the shards): no progress is possible."""
 
 
 def shard_list(urls: Iterable[str], shown: int = 3) -> str:
@@ -285,28 +280,6 @@ def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- manifest
-
-def manifest_rows(urls: list[str], path: str | None = None) -> list[dict[str, Any]]:
-    """The `ok` manifest rows of the samples in `urls`, each with `url`, the full URI of its shard: every shard
-    folder's own manifest (local or in object storage; none for http(s) folders), or the manifest at `path` for
-    the shards of every folder. Used for the sample index (offsets; `shards.index.sample_index` checks them), the
-    label check and class-balance weights without opening tars."""
-    folders: dict[str, dict[str, str]] = {}
-    for url in urls:
-        folder, _, name = url.split("?", 1)[0].rpartition("/")
-        folders.setdefault(folder or ".", {})[name] = url
-    out: list[dict[str, Any]] = []
-    read: dict[str, list[dict[str, Any]]] = {}
-    for folder, by_name in folders.items():
-        where = path or f"{folder}/{MANIFEST}"
-        if where.startswith(("http://", "https://")):
-            continue
-        if where not in read:
-            read[where] = read_rows(where)
-        out += [dict(r, url=by_name[r["shard"]]) for r in read[where]
-                if r["status"] == "ok" and isinstance(r["shard"], str) and r["shard"] in by_name]
-    return out
-
 
 def balance_weights(rows: list[dict[str, Any]], index: SampleIndex) -> np.ndarray:
     """Official class-balance weights (`gen_weight_file.py`): label weight 1000/(count+0.01), summed over a

@@ -14,9 +14,10 @@ from typing import Any
 from shards.config import Config
 from shards.frozen import adopt_shard_settings
 from shards.index import SampleIndex, sample_index
+from shards.manifest import manifest_rows
 from shards.reader import list_shards
 from train import distributed as dist
-from train.data import LabelError, Transform, balance_weights, manifest_rows, read_label_index
+from train.data import LabelError, Transform, balance_weights, read_label_index
 from train.epochs import EpochPlan
 from shards.errors import UserError
 
