@@ -14,7 +14,7 @@ import tarfile
 from collections import Counter
 
 from shards.config import ConfigError, load_config
-from shards.errors import UserError
+from shards.errors import NoSamples, UserError
 from shards.schema import BadSample, one_line
 
 
@@ -237,10 +237,12 @@ def _reprocess(args: argparse.Namespace) -> int:
     print(f"cavmae-prep: {ReprocessSummary(mode=mode, changed=tuple(changed)).how()}", flush=True)
     summary = reprocess(args.src, args.out, cfg, workers=args.workers, address=args.address,
                         progress=not args.no_progress)
-    return _report(summary, args.out)
+    return _report(summary, args.out, reading=True)
 
 
-def _report(summary, out: str) -> int:
+def _report(summary, out: str, reading: bool = False) -> int:
+    """Print a job's summary; 1 when no input could be processed (ingest), NoSamples for a `reading` job (reprocess,
+    like every command that reads shards: nothing of its source could be read or remade, exit 2)."""
     _report_ignored(getattr(summary, "ignored", []))
     for line in summary.problems[:MAX_PROBLEMS]:
         print(f"cavmae-prep: failed: {line}", file=sys.stderr)
@@ -250,6 +252,8 @@ def _report(summary, out: str) -> int:
     print(f"cavmae-prep: {summary.line()}")
     print(f"cavmae-prep: shards and manifest in {out}")
     if summary.videos and not summary.ok:
+        if reading:
+            raise NoSamples(f"no sample could be remade (the error column of {out}/manifest.parquet says why)")
         print("cavmae-prep: error: no input could be processed (see the error column of manifest.parquet)",
               file=sys.stderr)
         return 1

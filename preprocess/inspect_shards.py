@@ -7,21 +7,30 @@ a seeded reservoir of N samples, so memory never grows with the set.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Iterator
 
 from shards.config import ConfigError
+from shards.errors import NoSamples
 from shards.frozen import FROZEN_CONFIG, frozen_config
 from shards.reader import decode_sample, list_shards, raw_samples
+from shards.schema import BadSample, one_line
 from shards.store import Store
 
 from .inputs import LabelIndex
 from .stats import shard_folder
 
+log = logging.getLogger(__name__)
+
 
 def _samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """Every sample that decodes; one that does not is skipped with a warning naming it (key, shard, reason)."""
     for raw in raw_samples(urls):
-        yield decode_sample(raw)
+        try:
+            yield decode_sample(raw)
+        except BadSample as exc:
+            log.warning("skipping %s", one_line(exc))
 
 
 def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int = 0) -> list[dict[str, Any]]:
@@ -40,7 +49,7 @@ def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int =
         elif (j := rng.randrange(seen + 1)) < count:
             chosen[j] = (seen, sample)
     if not chosen:
-        raise ConfigError("the shards hold no sample")
+        raise NoSamples(f"no decodable sample in {len(urls)} shard(s)")
     return [s for _, s in sorted(chosen, key=lambda x: x[0])]
 
 

@@ -507,7 +507,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
             example["_skipped"] = 0
             examples.append(example)
         if not examples:
-            raise RuntimeError(f"epoch {self.epoch + 1}: no sample of a batch could be read (first: "
+            raise NoSamples(f"no decodable sample in a batch of epoch {self.epoch + 1} (first: "
                                f"{self.index.url_of(wanted[0][0])} {self.index.key_of(wanted[0][0])!r}); see the log")
         examples[0]["_skipped"] = skipped
         return self.transform.collate(examples)
