@@ -63,7 +63,8 @@ def sample_index(urls: list[str], rows: Iterable[dict[str, Any]] = ()) -> Sample
     two folders' `shard-000000.tar` never share rows) or else by file name `shard` (matched only to a file name
     that is one shard of `urls`). The manifest is untrusted and checked per shard: every key in the key
     alphabet, integer offsets and lengths, spans that tile the shard (contiguous from byte 0, ending where its
-    end-of-archive marker begins; the end is checked for local shards) and keys unique across the whole set. A
+    end-of-archive marker begins; the end is checked for local shards: a shard shorter than that keeps its spans,
+    with a warning, and its cut samples fail one by one when read) and keys unique across the whole set. A
     shard whose rows disagree is re-indexed by a scan, with one warning; a key still found in two shards after
     that is kept in the first only, with one warning naming both."""
     names = Counter(_file_name(u) for u in urls)
@@ -133,8 +134,13 @@ def _manifest_spans(url: str, rows: list[dict[str, Any]] | None) -> tuple[list |
         return None, "lists a key twice"
     if not is_remote(url):
         tail = os.path.getsize(url) - end
-        if not 2 * BLOCK <= tail < 2 * BLOCK + RECORD:
+        if tail >= 2 * BLOCK + RECORD:  # samples the manifest does not list
             return None, f"accounts for {end} bytes of the {end + tail} the shard holds"
+        if tail < 2 * BLOCK and _ends_in_marker(url, end + tail):  # a whole shard: the manifest is wrong
+            return None, f"accounts for {end} bytes of the {end + tail} the shard holds"
+        if tail < 2 * BLOCK:  # the shard is cut short, not the manifest wrong: its cut samples fail one by one
+            log.warning("%s: %d bytes, shorter than the %d its manifest.parquet accounts for (truncated?)", url,
+                        end + tail, end + 2 * BLOCK)
     return spans, None
 
 
@@ -153,6 +159,15 @@ def scan_spans(url: str) -> list[tuple[str, int, int]]:
         except tarfile.TarError as exc:
             log.warning("indexing %s: kept the %d samples before the damage (%s)", url, len(spans), exc)
     return spans
+
+
+def _ends_in_marker(url: str, size: int) -> bool:
+    """Whether a local shard ends in tar's end-of-archive marker (two zero blocks), as a whole one does."""
+    if size < 2 * BLOCK or size % BLOCK:
+        return False
+    with open(url, "rb") as f:
+        f.seek(size - 2 * BLOCK)
+        return f.read(2 * BLOCK) == bytes(2 * BLOCK)
 
 
 class SpanReader:

@@ -66,12 +66,16 @@ def group_members(members: Iterable[tuple[str, bytes, int, int]], url: str,
     sample members are appended to `skipped`."""
     seen: set[str] = set()
     current: Group | None = None
+    prefix = None  # "key." of the current sample while its key is good: the common case, without the regexes
     for name, data, start, end in members:
-        split = split_name(name)
-        if split is None:
-            skipped.append((name, "not a sample member"))
-            continue
-        key, suffix = split
+        if prefix is not None and name.startswith(prefix) and "/" not in name and not name.endswith("__"):
+            key, suffix = current.key, name[len(prefix):].lower()
+        else:
+            split = split_name(name)
+            if split is None:
+                skipped.append((name, "not a sample member"))
+                continue
+            key, suffix = split
         if current is None or key != current.key:
             if current is not None:
                 yield current
@@ -83,6 +87,7 @@ def group_members(members: Iterable[tuple[str, bytes, int, int]], url: str,
             if key in seen and current.problem is None:
                 current.problem = f"key {key!r} comes back later in the shard (a split or duplicated sample)"
             seen.add(key)
+            prefix = f"{key}." if current.problem is None else None
         if current.problem is None:
             if member_kind(suffix) is None:
                 current.problem = f"member {name!r} is not part of the cavmae sample schema"
