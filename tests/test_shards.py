@@ -126,7 +126,7 @@ def test_manifest_round_trip_and_merge(tmp_path):
 
 
 def test_our_tar_parser_yields_what_webdataset_does(tmp_path):
-    """raw_samples (our fast header parser) against webdataset's own tar iteration, on real shards."""
+    """raw_samples (the tar layer and grouping) against webdataset's own tar iteration, on real shards."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     for i in range(2):

@@ -20,9 +20,9 @@ epoch and the sample's position in it, `train.epochs.SampleRngs`); the noise ten
 generator seeded with a number the batch's first sample drew, so a run stays reproducible from its seed (on one kind
 of device) and resumes anywhere without replaying anything.
 
-Speed (bench/loader.py): the CPU does per sample only what cannot be batched: reading the tar (our own minimal
-tar-header parser in `shards.reader.raw_samples`, ~4x faster than `tarfile`'s streaming mode: it matters at ~12
-members per sample), decoding npy/json, decoding one JPEG (PIL, as the official loader; a frame already stored at
+Speed (bench/loader.py): the CPU does per sample only what cannot be batched: reading the tar (the one tar layer,
+`shards.tar`, our own header parser, ~4x faster than `tarfile`'s streaming mode: it matters at ~12 members per
+sample), decoding npy/json, decoding one JPEG (PIL, as the official loader; a frame already stored at
 the target size, what ingest writes, is only decoded) and mixup. Mixup mixes 0-255 pixels on the device, which
 equals mixing normalised ones: normalisation is affine and λ + (1-λ) = 1.
 
