@@ -155,6 +155,9 @@ def test_long_keys_are_written_and_read_on_every_path(tmp_path):
     assert keys[0] == "v" * 100 and len(keys[1]) == 121 and len(keys[2]) <= 128
     shard = tmp_path / "long.tar"
     spans = _project_shard(shard, keys)
+    again = tmp_path / "again.tar"
+    _project_shard(again, keys)
+    assert again.read_bytes() == shard.read_bytes()  # pax headers are as deterministic as the rest
     with tarfile.open(shard) as tar:
         assert [m.name for m in tar.getmembers()][0] == f"{keys[0]}.json"
     assert [decode_sample(r)["key"] for r in raw_samples([str(shard)])] == keys
@@ -205,3 +208,25 @@ def test_dot_slash_names_directories_and_foreign_members_are_the_same_on_every_p
     assert "'../../x' left out of the index" in caplog.text and "'clip_b' left out" in caplog.text
     index = sample_index([str(dotted)])
     assert isinstance(index, SampleIndex) and decode_sample(read_raw_sample(SpanReader(), index, 0))["key"] == "clip_a"
+
+
+def test_git_archive_and_webdataset_tarwriter_read_as_tarfile_reads_them(tmp_path):
+    """`git archive` (a pax global header with the commit id, long paths) and webdataset's own TarWriter."""
+    import webdataset as wds
+
+    repo = tmp_path / "repo"
+    (repo / "deep" / ("d" * 90)).mkdir(parents=True)
+    (repo / "deep" / ("d" * 90) / ("f" * 120 + ".txt")).write_bytes(b"long path\n" * 80)
+    (repo / "short.txt").write_bytes(b"")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    archive = subprocess.run(git + ["archive", "--format=tar", "HEAD"], check=True, capture_output=True).stdout
+    assert len(ours(archive)) == 2 and ours(archive) == theirs(archive)
+
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"s{i}" + "k" * 100, "json": b"{}", "txt": "x" * (i * 300)})
+    assert len(ours(buf.getvalue())) == 6 and ours(buf.getvalue()) == theirs(buf.getvalue())
