@@ -87,3 +87,14 @@ def test_a_manifest_that_is_not_one_is_a_one_line_error(tmp_path):
         with pytest.raises(ManifestError) as err:
             read_rows(path)
         assert needle in str(err.value) and "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_training_on_a_folder_whose_manifest_is_not_one_stops_with_one_line(tmp_path, capsys):
+    from train import cli as train_cli
+
+    ingest_like(tmp_path / "A", ["a0", "a1"])
+    (tmp_path / "A" / "manifest.parquet").write_bytes(b"not parquet at all")
+    code = train_cli.main(["pretrain", "--shards", str(tmp_path / "A"), "--out", str(tmp_path / "run"),
+                           "--set", "model.size=tiny", "--set", "data.num_workers=0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "manifest.parquet: not a readable parquet file" in err
