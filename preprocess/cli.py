@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command not in ("inspect", "verify") and args.out is not None:  # inspect's --out is a picture, not a folder
+        if getattr(args, "out", None) is not None and args.command != "inspect":  # inspect's --out is a picture
             check_out(args.out)
         if args.command == "reprocess":
             return _reprocess(args)

@@ -7,10 +7,10 @@ one parquet read; shards the manifest does not cover (older sets, a remote set w
 once, sequentially, with the same tar layer and grouping the reader uses.
 
 `read_raw_sample` then fetches exactly one sample's bytes with a ranged read (local: `os.pread`; `s3://`, `gs://`,
-`hdfs://`: pyarrow's `read_at`; `http(s)://`: a `Range` request) and parses them with the same tar layer and grouping, giving the
-raw sample `raw_samples` would (member bytes by lower-case suffix, `__key__`, `__url__`) for `decode_sample`.
-That is what lets a trainer visit the samples of an epoch in any order, start mid-epoch without reading what came
-before, and hold no more than the samples it is decoding.
+`hdfs://`: pyarrow's `read_at`; `http(s)://`: a `Range` request) and parses them with the same tar layer and
+grouping, giving the raw sample `raw_samples` would (member bytes by lower-case suffix, `__key__`, `__url__`) for
+`decode_sample`. That is what lets a trainer visit the samples of an epoch in any order, start mid-epoch without
+reading what came before, and hold no more than the samples it is decoding.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ class SampleIndex:
 def sample_index(urls: list[str], rows: Iterable[dict[str, Any]] = ()) -> SampleIndex:
     """The index of `urls`, from manifest `rows` where they describe a shard faithfully, else by scanning it.
 
-    A row names its shard by `url` (its full URI: `shards.manifest.manifest_rows` reads the manifest beside each shard's folder, so
-    two folders' `shard-000000.tar` never share rows) or else by file name `shard` (matched only to a file name
-    that is one shard of `urls`). The manifest is untrusted and checked per shard: every key in the key
+    A row names its shard by `url` (its full URI: `shards.manifest.manifest_rows` reads the manifest beside each
+    shard's folder, so two folders' `shard-000000.tar` never share rows) or else by file name `shard` (matched only
+    to a file name that is one shard of `urls`). The manifest is untrusted and checked per shard: every key in the key
     alphabet, integer offsets and lengths, spans that tile the shard (contiguous from byte 0, ending where its
     end-of-archive marker begins; the end is checked for local shards: a shard shorter than that keeps its spans,
     with a warning, and its cut samples fail one by one when read) and keys unique across the whole set. A

@@ -157,7 +157,8 @@ def read_members(stream: IO[bytes], url: str, skipped: list[tuple[str, str]] | N
         if len(after) < pad + BLOCK:
             after += _read(read, pad + BLOCK - len(after))
             if len(after) < pad:
-                raise ShardError(f"{url}: truncated inside a member's padding at byte {pos + BLOCK + size + len(after)}")
+                at = pos + BLOCK + size + len(after)
+                raise ShardError(f"{url}: truncated inside a member's padding at byte {at}")
         end = pos + BLOCK + size + pad
         if extended:
             try:
