@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from shards.config import Config
 from shards.errors import NoSamples
-from shards.frozen import shard_set_configs
+from shards.frozen import FROZEN_CONFIG, shard_set_configs
 from shards.index import SpanReader
 from shards.manifest import shard_manifests
 from shards.media import open_flac, open_jpeg
@@ -87,8 +88,10 @@ def verify_shard(url: str, rows: list[dict[str, Any]] | None, settings: dict[str
                      if k not in listed]
         problems += [f"{url}: sample {k!r} is in manifest.parquet but not in the shard" for k in listed
                      if k not in spans]
+        problems += [f"{url}: sample {k!r} is listed {n} times in manifest.parquet"
+                     for k, n in Counter(r["key"] for r in rows).items() if n > 1]
         for key, (offset, length) in listed.items():
-            if key in spans and offset is not None and (offset, length) != spans[key]:
+            if key in spans and None not in (offset, length) and (offset, length) != spans[key]:
                 at = spans[key]
                 problems.append(f"{url}: sample {key!r}: manifest.parquet puts it at bytes {offset}..{offset + length}"
                                 f", the shard holds it at {at[0]}..{at[0] + at[1]}")
@@ -131,7 +134,7 @@ def verify(spec: list[str], cfg: Config) -> Iterator[str | Verified]:
     done = Verified()
     for url in urls:
         store, _ = Store.split(url)
-        settings = frozen.get(store.uri("pipeline.yaml"), cfg).to_dict()
+        settings = frozen.get(store.uri(FROZEN_CONFIG), cfg).to_dict()
         good, problems = verify_shard(url, manifests[url], settings)
         done.shards += 1
         done.samples += good

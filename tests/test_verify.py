@@ -97,3 +97,5 @@ def test_verify_shard_is_a_pure_function_of_plain_data(tmp_path):
     assert verify_shard(url, rows, settings) == (2, [])
     good, problems = verify_shard(url, rows[:1], settings)
     assert good == 2 and problems == [f"{url}: sample 'a1' is in the shard but not in manifest.parquet"]
+    assert verify_shard(url, rows + rows[1:], settings)[1] == [f"{url}: sample 'a1' is listed 2 times in "
+                                                               "manifest.parquet"]
