@@ -15,6 +15,7 @@ ingest stores them (and as the official extractor saves them). Both run in one p
 torch thread, so samples/s is per core. `--stages` also times each per-sample step of both routes.
 
     .venv/bin/python -m bench.loader [--clips 48] [--batches 12] [--batch-size 8] [--stages] [--cpu-time]
+    .venv/bin/python -m bench.loader --reads 30     # only the tar reading, CPU µs per sample
 """
 
 from __future__ import annotations
@@ -197,6 +198,28 @@ def stage_table(root: Path, urls: list[Path], items: list[str], cfg, batch_size:
 CLOCK = time.perf_counter
 
 
+def read_cpu_us(urls: list[Path], passes: int) -> tuple[float, float]:
+    """µs of this process's CPU time per sample to read every sample's raw members, streaming the shard
+    (`raw_samples`) and by one ranged read each (`read_raw_sample`, what the training loader does): the fastest of
+    `passes` passes, so a busy machine's interference mostly drops out."""
+    from shards.index import SpanReader, read_raw_sample
+    from shards.reader import raw_samples
+
+    shards = [str(u) for u in urls]
+    index, reader = sample_index(shards), SpanReader()
+    streamed, ranged = [], []
+    for _ in range(passes):
+        start = time.process_time()
+        n = sum(1 for _ in raw_samples(shards))
+        streamed.append((time.process_time() - start) / n)
+        start = time.process_time()
+        for i in range(len(index)):
+            read_raw_sample(reader, index, i)
+        ranged.append((time.process_time() - start) / len(index))
+    reader.close()
+    return min(streamed) * 1e6, min(ranged) * 1e6
+
+
 def timed(fn) -> tuple[int, float]:
     start = CLOCK()
     n = fn()
@@ -209,6 +232,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--stages", action="store_true", help="also print ms per sample of each step of both routes")
+    parser.add_argument("--reads", type=int, metavar="PASSES", help="only time reading the samples' tar members "
+                        "(CPU µs per sample, streaming and ranged, the fastest of PASSES passes)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with this process's CPU time (a machine shared with other work), not wall time")
     args = parser.parse_args()
@@ -219,6 +244,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         urls, items = make_data(root, args.clips)
+        if args.reads:
+            stream_us, ranged_us = read_cpu_us(urls, args.reads)
+            print(f"read tar members, CPU per sample: streaming {stream_us:.1f} µs, ranged {ranged_us:.1f} µs "
+                  f"({args.clips} samples of {FRAMES + 2} members, fastest of {args.reads} passes)")
+            return
         our_batches(urls, args.batch_size, 1, cfg)  # warm caches and imports for both routes
         official_batches(root, items, args.batch_size, 1, cfg)
         if args.stages:

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from shards.config import Config, ConfigError, load_config
+from shards.config import Config, load_config
+from shards.errors import UserError
 from shards.frozen import SAMPLE_SECTIONS
 from shards.process import finish
 from shards.store import check_out_file
@@ -65,7 +66,7 @@ def predict_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from preprocess.inputs import InputError, LabelIndex
+    from preprocess.inputs import LabelIndex
     from train.cli import frame_choice
     from train.stage import UsageError
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             window = f" [window {got.window}]" if got.window is not None else ""
             print(f"{got.source}{window}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in top))
             results.append({"source": got.source, "video_id": got.video_id, "window": got.window, "top": top})
-    except (ConfigError, UsageError, InputError) as exc:
+    except UserError as exc:  # ConfigError, UsageError, InputError, ...
         print(f"cavmae: error: {exc}", file=sys.stderr)
         return 2
     if args.out:

@@ -16,7 +16,8 @@ from preprocess.inputs import video_id_of
 from preprocess.sample import iter_samples
 from shards.config import Config
 from shards.reader import decode_sample
-from shards.schema import member_suffix, one_line, safe_text
+from shards.samples import group_members
+from shards.schema import one_line, safe_text
 from train import distributed as dist
 from train import stage as st
 from train.data import device_augment
@@ -39,9 +40,8 @@ def video_samples(paths: list[str], cfg: Config) -> Iterator[tuple[str, dict[str
         try:
             samples = []
             for built in iter_samples(path, video_id_of(path), safe_text(path), [], None, cfg):
-                raw = {"__key__": built.key, "__url__": path}
-                raw.update((member_suffix(name), data) for name, data in built.members)
-                samples.append(decode_sample(raw))
+                members = ((name, data, 0, 0) for name, data in built.members)
+                samples += [decode_sample(g.raw()) for g in group_members(members, path, [])]
         except BadInput as exc:
             yield path, None, one_line(exc)
             continue

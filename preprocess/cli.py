@@ -15,12 +15,12 @@ from collections import Counter
 from typing import NoReturn
 
 from shards.config import ConfigError, load_config
-from shards.schema import BadSample
+from shards.errors import NoSamples, UserError
 from shards.process import finish
+from shards.schema import BadSample, one_line
 from shards.store import check_out_file
 
 from .datasets import FORMATS
-from .inputs import InputError
 
 MAX_PROBLEMS = 50
 MAX_IGNORED_NAMED = 5
@@ -40,6 +40,8 @@ EXAMPLES = """examples:
   cavmae-prep stats shards/ --label-index class_labels_indices.csv        # stats.json + stats.png beside the shards
   cavmae-prep inspect shards/ --random 4 --out look.png                    # frames over log-mel, 4 samples
   cavmae-prep inspect shards/ --key VIDEO_ID --out one.png
+  cavmae-prep verify downloaded/shards/                                    # one line per problem, exit 1 if any
+  cavmae-prep verify downloaded/shards/ --list > members.jsonl             # name, size, sha256 of every member
 """
 
 
@@ -143,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
     p.add_argument("--label-index", metavar="CSV", help="label index CSV: show display names")
     add_config_args(p)
+    p = sub.add_parser("verify", help="read a shard set through and check every sample before training on it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Read every shard through (tar headers, truncation, sparse or compressed "
+                                   "files), decode every sample as the trainer does and check it against the "
+                                   "settings the shards were made with (their pipeline.yaml, else --config/--set), "
+                                   "and check the spans manifest.parquet records. One line per problem, then a "
+                                   "summary; exit 0 when clean, 1 with problems, 2 for bad arguments or a set "
+                                   "where no sample decodes.")
+    p.add_argument("shards", nargs="+", help="shard folders, tars, brace patterns, globs or URLs")
+    p.add_argument("--list", action="store_true", help="only list every regular member as one JSON object per line: "
+                                                       '{"shard", "name", "size", "sha256"} (as tarfile reads it)')
+    add_config_args(p)
     return parser
 
 
@@ -151,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":  # inspect's --out is a picture, not a folder
             check_out_file(args.out)
-        elif args.out is not None:
+        elif getattr(args, "out", None) is not None:
             check_out(args.out)
         if args.command == "reprocess":
             return _reprocess(args)
@@ -162,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(args, cfg)
         if args.command == "inspect":
             return _inspect(args, cfg)
-    except (ConfigError, InputError, FileNotFoundError, BadSample, tarfile.TarError) as exc:
+        if args.command == "verify":
+            return _verify(args, cfg)
+    except (UserError, FileNotFoundError, BadSample, tarfile.TarError) as exc:
         print(f"cavmae-prep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -216,6 +232,28 @@ def _inspect(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace, cfg) -> int:
+    import json
+
+    from .verify import list_members, verify
+
+    if args.list:
+        try:
+            for record in list_members(args.shards):
+                print(json.dumps(record))
+        except tarfile.TarError as exc:
+            print(f"cavmae-prep: problem: {one_line(exc)}", file=sys.stderr)
+            return 1
+        return 0
+    for found in verify(args.shards, cfg):
+        if isinstance(found, str):
+            print(f"cavmae-prep: problem: {found}", flush=True)
+        else:
+            print(f"cavmae-prep: verified {found.line()}")
+            return 1 if found.problems else 0
+    return 1
+
+
 def _reprocess(args: argparse.Namespace) -> int:
     from shards.frozen import frozen_config
     from shards.store import Store
@@ -227,10 +265,12 @@ def _reprocess(args: argparse.Namespace) -> int:
     print(f"cavmae-prep: {ReprocessSummary(mode=mode, changed=tuple(changed)).how()}", flush=True)
     summary = reprocess(args.src, args.out, cfg, sources=args.sources, workers=args.workers, address=args.address,
                         progress=not args.no_progress)
-    return _report(summary, args.out)
+    return _report(summary, args.out, reading=True)
 
 
-def _report(summary, out: str) -> int:
+def _report(summary, out: str, reading: bool = False) -> int:
+    """Print a job's summary; 1 when no input could be processed (ingest), NoSamples for a `reading` job (reprocess,
+    like every command that reads shards: nothing of its source could be read or remade, exit 2)."""
     _report_ignored(getattr(summary, "ignored", []))
     for line in summary.problems[:MAX_PROBLEMS]:
         print(f"cavmae-prep: failed: {line}", file=sys.stderr)
@@ -240,6 +280,8 @@ def _report(summary, out: str) -> int:
     print(f"cavmae-prep: {summary.line()}")
     print(f"cavmae-prep: shards and manifest in {out}")
     if summary.videos and not summary.ok:
+        if reading:
+            raise NoSamples(f"no sample could be remade (the error column of {out}/manifest.parquet says why)")
         print("cavmae-prep: error: no input could be processed (see the error column of manifest.parquet)",
               file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import random
 from typing import Any, Iterator
 
 from shards.config import Config, ConfigError
+from shards.errors import NoSamples
 from shards.frozen import adopt_shard_settings
 from shards.reader import decode_sample, list_shards, raw_samples
 from shards.schema import BadSample, one_line
@@ -24,9 +25,12 @@ from .inputs import LabelIndex
 
 log = logging.getLogger(__name__)
 
+log = logging.getLogger(__name__)
+
 
 def _samples(urls: list[str], spec: SampleSpec) -> Iterator[dict[str, Any]]:
-    """The samples that decode and fit `spec`; the others are skipped with a warning."""
+    """The samples that decode and fit `spec`; one that does not is skipped with a warning naming it (key, shard,
+    reason)."""
     for raw in raw_samples(urls):
         try:
             sample = decode_sample(raw)
@@ -54,7 +58,7 @@ def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int =
         elif (j := rng.randrange(seen + 1)) < count:
             chosen[j] = (seen, sample)
     if not chosen:
-        raise ConfigError("the shards hold no sample")
+        raise NoSamples(f"no decodable sample in {len(urls)} shard(s)")
     return [s for _, s in sorted(chosen, key=lambda x: x[0])]
 
 

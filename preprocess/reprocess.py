@@ -55,7 +55,7 @@ from shards.manifest import read_manifest
 from shards.media import decode_flac, open_flac, open_jpeg
 from shards.frozen import FROZEN_CONFIG, SAMPLE_SECTIONS, frozen_config
 from shards.names import shard_index
-from shards.reader import split_name, tar_members
+from shards.samples import Group, read_groups
 from shards.schema import (BadSample, check_key, decode_labels, decode_member, decode_meta, member_suffix,
                            one_line, sample_members)
 from shards.store import Store, is_uri
@@ -322,6 +322,9 @@ def _remake_item(item: dict[str, Any], ahead: tuple[str, Any], cfg: Config, *,
 def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]] | None, cfg: Config, mode: str,
             digest: str, roots: tuple[str, ...]) -> list[tuple[str, dict, list[tuple[str, bytes]]]]:
     """[(key, meta, members)] of one video."""
+    for _, members in old or ():
+        if isinstance(members, BadSample):  # a sample the readers would not take (`_named`)
+            raise members
     if mode != "source":  # (the source mode reads only the labels of SRC's sample, and decodes them checked)
         for key, members in old:
             check_old_sample(key, members, cfg)
@@ -456,21 +459,24 @@ def _read_span(src: Store, files: dict[str, tuple[Any, int]], shard: str, offset
 
 
 def _sample_members(url: str, key: str, data: bytes) -> list[tuple[str, bytes]]:
-    """The members of sample `key` from the bytes of its span (schema-checked names, no extraction)."""
-    members = []
+    """The members of sample `key` from the bytes of its span, grouped as every reader groups them
+    (`shards.samples`), no extraction."""
     try:
-        for name, member in tar_members(io.BytesIO(data)):
-            split = split_name(name)
-            if split is None:
-                continue
-            if split[0] != key:
-                raise BadSample(f"{url}: member {name!r} found where manifest.parquet puts sample {key!r}")
-            members.append((name, member))
+        groups = list(read_groups(io.BytesIO(data), url, fragment=True))
     except tarfile.TarError as exc:
-        raise tarfile.ReadError(f"{url}: sample {key!r}: {exc}") from None
-    if not members:
-        raise BadSample(f"{url}: no member of sample {key!r} where manifest.parquet puts it")
-    return members
+        raise tarfile.ReadError(f"{url}: sample {key!r}: {str(exc).removeprefix(f'{url}: ')}") from None
+    if len(groups) != 1 or groups[0].key != key:
+        found = ", ".join(repr(g.key) for g in groups) or "no member"
+        raise BadSample(f"{url}: {found} found where manifest.parquet puts sample {key!r}")
+    return _named(groups[0])
+
+
+def _named(group: Group) -> list[tuple[str, bytes]] | BadSample:
+    """A group's members as (member name, bytes), or, for a sample the readers would not take, the BadSample that
+    `_remake` raises (that video fails; the rest of the unit goes on)."""
+    if group.problem is not None:
+        return BadSample(f"{group.url}: sample {group.key!r}: {group.problem}")
+    return [(f"{group.key}.{suffix}", data) for suffix, data in group.members.items()]
 
 
 def _streamed_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[str, list]]:
@@ -498,22 +504,9 @@ def _streamed_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple
                                 f"the shard(s) the manifest names")
 
 
-def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """(key, [(member name, bytes)]) in tar order, streaming one shard (schema-checked, no extraction)."""
+def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, list[tuple[str, bytes]] | BadSample]]:
+    """(key, [(member name, bytes)]) in tar order, streaming one shard, grouped as every reader groups them
+    (`shards.samples`), no extraction (see `_named`)."""
     with src.open_input(shard) as f:
-        cur, members = None, []
-        try:
-            for name, data in tar_members(f):
-                split = split_name(name)
-                if split is None:
-                    continue
-                key = split[0]
-                if key != cur and members:
-                    yield cur, members
-                    members = []
-                cur = key
-                members.append((name, data))
-        except tarfile.TarError as exc:
-            raise tarfile.ReadError(f"{src.uri(shard)}: {exc}") from None
-        if members:
-            yield cur, members
+        for group in read_groups(f, src.uri(shard)):
+            yield group.key, _named(group)

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from shards.config import Config
+from shards.errors import NoSamples
 from shards.frozen import adopt_shard_settings
 from shards.manifest import read_manifest
 from shards.reader import decode_sample, list_shards, raw_samples
@@ -214,6 +215,9 @@ def compute_stats(spec: str, cfg: Config, *, label_index_csv: str | None = None,
     cfg = adopt_shard_settings(cfg, urls, flag="stats")  # samples are checked against the shards' own settings
     parts = run_row_job(STATS, urls, folder, cfg, workers=workers, address=address, progress=progress, desc="stats")
     stats = {"folder": folder.uri(), **merge(parts, target_length=int(cfg.model.target_length), batch_size=batch_size)}
+    if not stats["samples"]:  # as every reading command: no stats.json of nothing
+        first = next(iter(stats["unreadable_reasons"]), "the shards hold no sample")
+        raise NoSamples(f"no decodable sample in {len(urls)} shard(s) ({stats['unreadable']} unreadable; {first})")
     stats["label_counts"] = named_labels(stats["label_counts"], label_index)
     stats["manifest"] = manifest_summary(folder)
     fb = stats["fbank"]

@@ -14,9 +14,7 @@ Names of a run's files: `_parts/<shard>.<first position>.part.tar` (a unit's sam
 from __future__ import annotations
 
 import importlib
-import io
 import os
-import tarfile
 import tempfile
 import threading
 import time
@@ -27,7 +25,7 @@ from shards.config import Config
 from shards.frozen import SAMPLE_SECTIONS
 from shards.manifest import PARTS, fragment_name, read_rows, write_rows
 from shards.names import shard_name
-from shards.reader import tar_members
+from shards.tar import TarWriter, read_members
 from shards.schema import one_line
 from shards.store import Store, is_uri
 from shards.writer import ShardWriter
@@ -123,7 +121,7 @@ def assemble_shard(index: int, parts: list[str], rows: list[dict[str, Any]], out
         with ShardWriter(store, name) as shard:
             for part in parts:
                 with store.open_input(part) as f:
-                    shard.add(tar_members(f))
+                    shard.add((name, data) for name, data, _, _ in read_members(f, store.uri(part)))
         rows = shard.locate(rows)  # each sample's byte span in the shard (manifest offset/length)
         write_rows(fragment_name(name), rows, store=store)
     for part in parts:
@@ -189,21 +187,18 @@ class SampleSpool:
 
     def __init__(self) -> None:
         self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="cavmae-spool-")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.tar = TarWriter(self.file)
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            self.tar.addfile(info, io.BytesIO(data))
+            self.tar.add(name, data)
 
     def members(self) -> Iterator[tuple[str, bytes]]:
         """The spooled members in order (read back one at a time)."""
         self.tar.close()
         self.file.seek(0)
-        with tarfile.open(fileobj=self.file, mode="r") as tar:
-            for info in tar:
-                yield info.name, tar.extractfile(info).read()
+        for name, data, _, _ in read_members(self.file, "the input's spool"):
+            yield name, data
 
     def __enter__(self) -> "SampleSpool":
         return self

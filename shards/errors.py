@@ -9,3 +9,8 @@ that escapes is a bug in cavmae and keeps its traceback. A per-sample defect (`s
 
 class UserError(ValueError):
     """A bad input the user can fix; the message is one line and names the file, key or argument."""
+
+
+class NoSamples(UserError):
+    """Shards from which no sample decodes (one line, naming the shards): every reading command stops with it
+    (exit 2) rather than train, evaluate or write nothing."""

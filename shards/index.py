@@ -4,13 +4,13 @@ A `SampleIndex` lists every sample of a shard set as (shard, key, byte offset of
 through its last member's padding), in a canonical order: shards in `list_shards` order, samples by offset. Ingest
 records offset and length per sample in the manifest (`ShardWriter.spans`), so building the index of AS-2M costs
 one parquet read; shards the manifest does not cover (older sets, a remote set without its manifest) are scanned
-once, sequentially, with the same tar parser the reader uses.
+once, sequentially, with the same tar layer and grouping the reader uses.
 
 `read_raw_sample` then fetches exactly one sample's bytes with a ranged read (local: `os.pread`; `s3://`, `gs://`,
-`hdfs://`: pyarrow's `read_at`; `http(s)://`: a `Range` request) and parses them with `tar_members`, giving the
-raw sample `raw_samples` would (member bytes by lower-case suffix, `__key__`, `__url__`) for `decode_sample`.
-That is what lets a trainer visit the samples of an epoch in any order, start mid-epoch without reading what came
-before, and hold no more than the samples it is decoding.
+`hdfs://`: pyarrow's `read_at`; `http(s)://`: a `Range` request) and parses them with the same tar layer and
+grouping, giving the raw sample `raw_samples` would (member bytes by lower-case suffix, `__key__`, `__url__`) for
+`decode_sample`. That is what lets a trainer visit the samples of an epoch in any order, start mid-epoch without
+reading what came before, and hold no more than the samples it is decoding.
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ import os
 import tarfile
 import threading
 import urllib.request
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Iterable
 
 import numpy as np
 
-from .reader import is_remote, open_stream, tar_members
-from .schema import BadSample
+from .reader import is_remote, open_stream
+from .samples import read_groups
+from .schema import BadSample, check_key
+from .tar import BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -55,62 +57,117 @@ class SampleIndex:
 
 
 def sample_index(urls: list[str], rows: Iterable[dict[str, Any]] = ()) -> SampleIndex:
-    """The index of `urls`, from manifest `rows` (ok rows naming each shard by file name, with offset and length)
-    where they cover a shard, else by scanning that shard's tar headers."""
-    by_shard: dict[str, list[tuple[str, int, int]]] = {}
+    """The index of `urls`, from manifest `rows` where they describe a shard faithfully, else by scanning it.
+
+    A row names its shard by `url` (its full URI: `shards.manifest.manifest_rows` reads the manifest beside each
+    shard's folder, so two folders' `shard-000000.tar` never share rows) or else by file name `shard` (matched only
+    to a file name that is one shard of `urls`). The manifest is untrusted and checked per shard: every key in the key
+    alphabet, integer offsets and lengths, spans that tile the shard (contiguous from byte 0, ending where its
+    end-of-archive marker begins; the end is checked for local shards: a shard shorter than that keeps its spans,
+    with a warning, and its cut samples fail one by one when read) and keys unique across the whole set. A
+    shard whose rows disagree is re-indexed by a scan, with one warning; a key still found in two shards after
+    that is kept in the first only, with one warning naming both."""
+    names = Counter(_file_name(u) for u in urls)
+    by_url: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("status", "ok") == "ok" and r.get("offset") is not None and r.get("length") is not None:
-            by_shard.setdefault(r["shard"], []).append((r["key"], int(r["offset"]), int(r["length"])))
-    shard, key, offset, length = [], [], [], []
-    for i, url in enumerate(urls):
-        spans = by_shard.get(PurePosixPath(url.split("?", 1)[0]).name) or scan_spans(url)
-        spans.sort(key=lambda s: s[1])
-        shard += [i] * len(spans)
-        key += [k for k, _, _ in spans]
-        offset += [o for _, o, _ in spans]
-        length += [n for _, _, n in spans]
-    return SampleIndex(list(urls), np.asarray(shard, dtype=np.int32), np.asarray(key, dtype=np.bytes_),
-                       np.asarray(offset, dtype=np.int64), np.asarray(length, dtype=np.int64))
+        if r.get("status", "ok") != "ok":
+            continue
+        url = r.get("url")
+        if url is None and names[r.get("shard")] == 1:
+            url = next(u for u in urls if _file_name(u) == r["shard"])
+        by_url.setdefault(url, []).append(r)
+    per_shard: list[list[tuple[str, int, int]]] = []
+    owner: dict[str, str] = {}
+    for url in urls:
+        spans, problem = _manifest_spans(url, by_url.get(url))
+        if spans is not None and problem is None:
+            problem = next((f"key {k!r} is also in {owner[k]}" for k, _, _ in spans if k in owner), None)
+        if problem is not None:
+            log.warning("%s: manifest.parquet %s; re-indexed by a scan", url, problem)
+        if spans is None or problem is not None:
+            spans = scan_spans(url)
+        kept = []
+        for span in spans:
+            if span[0] in owner:
+                log.warning("%s: sample %r left out of the index: the same key is in %s", url, span[0], owner[span[0]])
+            else:
+                owner[span[0]] = url
+                kept.append(span)
+        per_shard.append(kept)
+    shard = np.concatenate([np.full(len(s), i, dtype=np.int32) for i, s in enumerate(per_shard)] or [[]])
+    flat = [span for spans in per_shard for span in spans]
+    return SampleIndex(list(urls), shard.astype(np.int32), np.asarray([k for k, _, _ in flat], dtype=np.bytes_),
+                       np.asarray([o for _, o, _ in flat], dtype=np.int64),
+                       np.asarray([n for _, _, n in flat], dtype=np.int64))
 
 
-class _Counting:
-    """A stream that counts the bytes read from it (to locate members while `tar_members` parses)."""
+def _file_name(url: str) -> str:
+    return PurePosixPath(url.split("?", 1)[0]).name
 
-    def __init__(self, stream: Any):
-        self.stream, self.pos = stream, 0
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.pos += len(data)
-        return data
+RECORD = 20 * BLOCK  # tar's record: writers pad the archive to a multiple of it after the end-of-archive marker
+
+
+def _manifest_spans(url: str, rows: list[dict[str, Any]] | None) -> tuple[list | None, str | None]:
+    """(spans by offset, None) from a shard's manifest rows, (None, None) when it has none with spans (an older
+    set), or (None, what is wrong) when they disagree with the shard's shape."""
+    if not rows or all(r.get("offset") is None and r.get("length") is None for r in rows):
+        return None, None
+    spans = []
+    for r in rows:
+        key, offset, length = r.get("key"), r.get("offset"), r.get("length")
+        if not (isinstance(offset, int) and isinstance(length, int)) or isinstance(offset, bool) \
+                or isinstance(length, bool):
+            return None, f"gives sample {key!r} no integer offset and length"
+        try:
+            check_key(key)
+        except BadSample as exc:
+            return None, f"lists a bad key ({exc})"
+        spans.append((key, offset, length))
+    spans.sort(key=lambda s: s[1])
+    end = 0
+    for key, offset, length in spans:
+        if offset != end or length < BLOCK:
+            return None, f"puts sample {key!r} at bytes {offset}..{offset + length}, not right after byte {end}"
+        end = offset + length
+    if len({k for k, _, _ in spans}) != len(spans):
+        return None, "lists a key twice"
+    if not is_remote(url):
+        tail = os.path.getsize(url) - end
+        if tail >= 2 * BLOCK + RECORD:  # samples the manifest does not list
+            return None, f"accounts for {end} bytes of the {end + tail} the shard holds"
+        if tail < 2 * BLOCK and _ends_in_marker(url, end + tail):  # a whole shard: the manifest is wrong
+            return None, f"accounts for {end} bytes of the {end + tail} the shard holds"
+        if tail < 2 * BLOCK:  # the shard is cut short, not the manifest wrong: its cut samples fail one by one
+            log.warning("%s: %d bytes, shorter than the %d its manifest.parquet accounts for (truncated?)", url,
+                        end + tail, end + 2 * BLOCK)
+    return spans, None
 
 
 def scan_spans(url: str) -> list[tuple[str, int, int]]:
-    """(key, offset, length) of every sample of one shard, from one sequential read of it.
-
-    `tar_members` reads each member's data, its padding and the next header before it yields, so a member ends
-    512 bytes before the position reached then; a sample starts where the previous one ended (which includes
-    any long-name or pax header in front of its first member). A truncated or corrupt shard keeps the samples
-    before the damage (logged), as the streaming reader does."""
+    """(key, offset, length) of every sample of one shard, from one sequential read of it (`shards.samples`: the
+    grouping every reader uses). A sample the readers would not take is left out with a warning naming it; a
+    truncated or corrupt shard keeps the samples before the damage (logged), as the streaming reader does."""
     spans: list[tuple[str, int, int]] = []
-    with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as raw:
-        stream = _Counting(raw)
-        start = end = 0
-        current = None
+    with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as stream:
         try:
-            for name, _ in tar_members(stream):
-                key = name.rsplit("/", 1)[-1].split(".", 1)[0]
-                if key != current:
-                    if current is not None:
-                        spans.append((current, start, end - start))
-                    current, start = key, end
-                end = stream.pos - 512
+            for group in read_groups(stream, url):
+                if group.problem is None:
+                    spans.append((group.key, group.start, group.end - group.start))
+                else:
+                    log.warning("%s: sample %r left out of the index: %s", url, group.key, group.problem)
         except tarfile.TarError as exc:
             log.warning("indexing %s: kept the %d samples before the damage (%s)", url, len(spans), exc)
-            return spans
-        if current is not None:
-            spans.append((current, start, end - start))
     return spans
+
+
+def _ends_in_marker(url: str, size: int) -> bool:
+    """Whether a local shard ends in tar's end-of-archive marker (two zero blocks), as a whole one does."""
+    if size < 2 * BLOCK or size % BLOCK:
+        return False
+    with open(url, "rb") as f:
+        f.seek(size - 2 * BLOCK)
+        return f.read(2 * BLOCK) == bytes(2 * BLOCK)
 
 
 class SpanReader:
@@ -167,17 +224,13 @@ class SpanReader:
 
 def read_raw_sample(reader: SpanReader, index: SampleIndex, i: int) -> dict[str, Any]:
     """Sample `i` of the index as a raw sample (member bytes by lower-case suffix, `__key__`, `__url__`), read with
-    one ranged read. Raises `BadSample` when the bytes there are not that sample (the shard changed since it was
-    indexed), `OSError` / `tarfile.TarError` when they cannot be read."""
+    one ranged read and grouped as every reader groups. Raises `BadSample` when the bytes there are not exactly
+    that one sample (the shard changed since it was indexed), `OSError` / `tarfile.TarError` when they cannot be
+    read."""
     url, key = index.url_of(i), index.key_of(i)
-    raw: dict[str, Any] = {"__key__": key, "__url__": url}
-    for name, data in tar_members(io.BytesIO(reader.read(url, int(index.offset[i]), int(index.length[i])))):
-        base = name.rsplit("/", 1)[-1]
-        if not base.startswith(key + "."):
-            raise BadSample(f"{url}: member {name!r} found where sample {key!r} was indexed (shard changed?)")
-        suffix = base[len(key) + 1:].lower()
-        if suffix in raw:
-            raise BadSample(f"{url}: sample {key!r}: duplicate member {name!r}")
-        raw[suffix] = data
-    return raw
-
+    data = reader.read(url, int(index.offset[i]), int(index.length[i]))
+    groups = list(read_groups(io.BytesIO(data), url, fragment=True))
+    if len(groups) != 1 or groups[0].key != key:
+        found = ", ".join(repr(g.key) for g in groups) or "no member"
+        raise BadSample(f"{url}: {found} found where sample {key!r} was indexed (shard changed?)")
+    return groups[0].raw()

@@ -15,11 +15,13 @@ Shards are untrusted input: decoding accepts only the member names above and nev
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,8 +32,9 @@ META_FIELDS = (
 LIST_FIELDS = ("segment", "dataset")  # only in samples of a dataset list's rows (plain files' bytes stay as they were)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")  # make_key's alphabet: no '/', '.', '..' or absolute path can pass
-_MEMBER = re.compile(r"^(json|fbank\.npy|frame(\d{1,3})\.jpg|flac|labels\.txt)$")
-KEY_MAX = 96
+# longest sanitised id kept in a key: room for make_key's "_" + 8 hex digits and "_w" + 5 window digits within the
+# key alphabet's 128 (every tar writer and reader of the toolkit handles member names of any length: pax `path`)
+KEY_MAX = 112
 LABEL_INDEX_LIMIT = 10**9  # class indices are 0 .. LABEL_INDEX_LIMIT - 1 (at most 9 digits in labels.txt)
 
 
@@ -79,7 +82,7 @@ def check_key(key: str) -> str:
 def member_suffix(name: str) -> str:
     """Suffix of a member name after its key, validated against the schema ('frame3.jpg', 'json', ...)."""
     suffix = name.split(".", 1)[1] if "." in name else ""
-    if not _MEMBER.match(suffix):
+    if member_kind(suffix) is None:
         raise BadSample(f"member {name!r} is not part of the cavmae sample schema")
     return suffix
 
@@ -134,15 +137,12 @@ def sample_members(key: str, meta: dict[str, Any], fbank: np.ndarray | None, jpe
 
 
 def decode_member(suffix: str, data: bytes) -> Any:
-    """Safe decode of one member: json → dict, npy → array (no pickle), labels → list[int]; images and flac
-    stay bytes (the consumer decodes them with PIL / PyAV, which parse only media)."""
-    if suffix == "json":
-        return decode_meta(data)
-    if suffix == "fbank.npy":
-        return decode_npy(data)
-    if suffix == "labels.txt":
-        return decode_labels(data)
-    return data
+    """Safe decode of one member by its kind (`MEMBER_KINDS`): json → dict, npy → array (no pickle), labels →
+    list[int]; images and flac stay bytes (the consumer decodes them with PIL / PyAV, which parse only media)."""
+    kind = member_kind(suffix)
+    if kind is None:
+        raise BadSample(f"member suffix {suffix!r} is not part of the cavmae sample schema")
+    return kind.decode(data)
 
 
 MAX_JSON_BYTES = 1 << 20
@@ -199,3 +199,38 @@ def decode_labels(data: bytes) -> list[int]:
     if not all(p.strip().isdigit() and len(p.strip()) <= len(str(LABEL_INDEX_LIMIT - 1)) for p in parts):
         raise BadSample(f"labels.txt {text[:40]!r} is not comma-separated non-negative class indices")
     return [int(p) for p in parts]
+
+
+@dataclass(frozen=True)
+class MemberKind:
+    """One kind of sample member: the suffix after the key (a regular expression), whether every sample has one
+    (the fbank is there whenever the json says `has_audio`: `shards.reader.decode_sample`), and its safe decoder (bytes in; media stays bytes for PIL / PyAV). The position in `MEMBER_KINDS` is its order
+    in a sample (`sample_members` writes them so; frames by index)."""
+
+    suffix: str
+    required: bool
+    decode: Callable[[bytes], Any]
+
+
+def _as_bytes(data: bytes) -> bytes:
+    return data
+
+
+# The one table of member kinds: every reader takes exactly these (`shards.samples` groups by it) and decodes them
+# here. Adding a kind is one entry plus its producer (`sample_members`) and its consumer.
+MEMBER_KINDS = (
+    MemberKind("json", True, decode_meta),
+    MemberKind("fbank.npy", False, decode_npy),
+    MemberKind(r"frame\d{1,3}\.jpg", False, _as_bytes),
+    MemberKind("flac", False, _as_bytes),
+    MemberKind("labels.txt", False, decode_labels),
+)
+REQUIRED = tuple(k.suffix for k in MEMBER_KINDS if k.required)
+_KINDS = re.compile("|".join(f"({k.suffix})" for k in MEMBER_KINDS))
+
+
+@functools.lru_cache(maxsize=4096)  # a handful of suffixes repeat in every sample: one dict lookup per member
+def member_kind(suffix: str) -> MemberKind | None:
+    """The kind of a member suffix ('frame3.jpg' → the frame kind), or None for a suffix outside the schema."""
+    match = _KINDS.fullmatch(suffix)
+    return MEMBER_KINDS[match.lastindex - 1] if match else None

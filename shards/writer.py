@@ -2,8 +2,8 @@
 
 A shard is written to a hidden temporary name beside its final name and renamed into place only when
 complete, so a reader never sees a half-written shard and a retried task simply rewrites the same file.
-Every tar header field that could vary between runs (mtime, uid/gid, owner names, mode) is fixed, so the
-same samples in the same order give byte-identical shards.
+Members are written by the one tar layer (`shards.tar.TarWriter`: pax, every header field that could vary between
+runs fixed), so the same samples in the same order give byte-identical shards, and keys of any allowed length fit.
 
 `ShardWriter` streams samples into a shard as they are made (a task holds one input's samples, never a
 whole shard) and publishes it through `shards.store` (local or remote: temp + rename, or one upload). It also
@@ -13,24 +13,13 @@ last member's padding), which the manifest keeps so a trainer can read any sampl
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 from pathlib import Path
 from typing import Iterable
 
 from .schema import member_suffix
 from .store import Store, Upload
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+from .tar import TarWriter
 
 
 def write_shard(path: str | Path, members: Iterable[tuple[str, bytes]]) -> int | None:
@@ -50,7 +39,7 @@ class ShardWriter:
         self.store = Store.of(location)
         self.name = name
         self._upload: Upload | None = None
-        self._tar: tarfile.TarFile | None = None
+        self._tar: TarWriter | None = None
         self.members = 0
         self.spans: dict[str, tuple[int, int]] = {}  # sample key -> (offset, length) in the tar
 
@@ -59,9 +48,9 @@ class ShardWriter:
             member_suffix(name)
             if self._tar is None:
                 self._upload = self.store.publish(self.name)
-                self._tar = tarfile.open(fileobj=self._upload.file, mode="w", format=tarfile.USTAR_FORMAT)
+                self._tar = TarWriter(self._upload.file)
             key, start = name.split(".", 1)[0], self._tar.offset
-            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            self._tar.add(name, data)
             first, _ = self.spans.get(key, (start, 0))
             self.spans[key] = (first, self._tar.offset - first)
             self.members += 1

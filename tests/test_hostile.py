@@ -22,10 +22,11 @@ from preprocess.jobs import next_index
 from preprocess.inputs import LabelIndex, collect_inputs
 from preprocess.reprocess import _videos_in_source_order
 from shards.config import ConfigError, load_config
-from shards.index import scan_spans
 from shards.media import decode_flac, open_flac, open_jpeg
 from shards.names import PatternError, check_pattern, shard_index, shard_name
-from shards.reader import raw_samples, tar_members
+from shards.reader import raw_samples
+from shards.samples import read_groups
+from shards.tar import read_members
 from shards.schema import BadSample, encode_npy, sample_members
 from shards.writer import write_shard
 from train import cli as train_cli
@@ -211,7 +212,7 @@ def pax_tar(record_length: bytes) -> bytes:
 @pytest.mark.parametrize("length", [b"000", b"999", b"00x", b"010"])
 def test_malformed_pax_header_is_a_read_error(length):
     with pytest.raises(tarfile.ReadError):
-        list(tar_members(io.BytesIO(pax_tar(length))))
+        list(read_members(io.BytesIO(pax_tar(length)), "pax.tar"))
 
 
 def test_a_set_where_nothing_decodes_stops_with_one_line(tmp_path, caplog):
@@ -392,7 +393,9 @@ def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
     assert not fake_gs.exists()
 
     # the same by ranged reads at the spans a manifest records: every sample is still checked
-    spans = scan_spans(str(src / "shard-000000.tar")) + [("g1", 0, (src / "shard-000001.tar").stat().st_size)]
+    with open(src / "shard-000000.tar", "rb") as f:  # every sample's span, the refused one's too (not scan_spans)
+        spans = [(g.key, g.start, g.end - g.start) for g in read_groups(f, "shard-000000.tar")]
+    spans += [("g1", 0, (src / "shard-000001.tar").stat().st_size)]
     with_spans = [dict(r, offset=o, length=n) for r, (_, o, n) in zip(rows_in, spans)]
     items = _videos_in_source_order(with_spans, "shard-%06d.tar", str(src))
     assert all(it["spans"] for it in items)

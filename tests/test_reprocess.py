@@ -213,7 +213,7 @@ def test_a_unit_reads_only_its_samples(corpus, tmp_path):
         return {r["video_id"]: (r["status"], r["error"]) for r in read_manifest(out)}
 
     got = run(src, tmp_path / "ranged")
-    assert got["v0"] == ("failed", f"source shard: {shard}: sample 'v0': bad checksum")
+    assert got["v0"] == ("failed", f"source shard: {shard}: sample 'v0': bad tar header checksum at byte 0")
     assert got["v1"] == got["v3"] == ("ok", None)
     assert got["v2"][0] == "failed" and f"{src / 'shard-000001.tar'}: manifest.parquet puts" in got["v2"][1]
     assert "\n" not in got["v2"][1] and "outside the shard" in got["v2"][1]
@@ -222,7 +222,7 @@ def test_a_unit_reads_only_its_samples(corpus, tmp_path):
         r["offset"] = r["length"] = None
     write_rows(src / "manifest.parquet", rows)
     got = run(src, tmp_path / "streamed")
-    assert got["v0"] == got["v1"] == ("failed", f"source shard: {shard}: bad checksum")
+    assert got["v0"] == got["v1"] == ("failed", f"source shard: {shard}: bad tar header checksum at byte 0")
     assert got["v2"] == got["v3"] == ("ok", None)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from shards.config import ConfigError, load_config
+from shards.errors import UserError
 from shards.process import finish
 from shards.store import check_out_file
 
@@ -115,16 +116,12 @@ def frame_choice(value: str, source: str) -> str | int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from train.checkpoint import CheckpointError
-    from train.data import LabelError, NoSamples
-    from train.stage import UsageError
-
     try:
         if args.command in ("eval", "retrieve", "embed") and args.out:  # a file, written after the work
             check_out_file(args.out)
         cfg = load_config(args.config, args.sets, args.presets)
         result = COMMANDS[args.command](args, cfg)
-    except (ConfigError, UsageError, LabelError, CheckpointError, NoSamples) as exc:
+    except UserError as exc:  # ConfigError, UsageError, LabelError, CheckpointError, NoSamples, ManifestError, ...
         print(f"cavmae-train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # the loss stayed non-finite (train/loop.py NONFINITE_PATIENCE)
@@ -224,7 +221,7 @@ def _retrieve(args: argparse.Namespace, cfg) -> dict:
 def _embed(args: argparse.Namespace, cfg) -> dict:
     from train import distributed as dist
     from train import stage as st
-    from train.data import manifest_rows
+    from shards.manifest import manifest_rows
     from train.embed import embed
 
     device = dist.init()

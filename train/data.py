@@ -20,9 +20,9 @@ epoch and the sample's position in it, `train.epochs.SampleRngs`); the noise ten
 generator seeded with a number the batch's first sample drew, so a run stays reproducible from its seed (on one kind
 of device) and resumes anywhere without replaying anything.
 
-Speed (bench/loader.py): the CPU does per sample only what cannot be batched: reading the tar (our own minimal
-tar-header parser in `shards.reader.raw_samples`, ~4x faster than `tarfile`'s streaming mode: it matters at ~12
-members per sample), decoding npy/json, decoding one JPEG (PIL, as the official loader; a frame already stored at
+Speed (bench/loader.py): the CPU does per sample only what cannot be batched: reading the tar (the one tar layer,
+`shards.tar`, our own header parser, ~4x faster than `tarfile`'s streaming mode: it matters at ~12 members per
+sample), decoding npy/json, decoding one JPEG (PIL, as the official loader; a frame already stored at
 the target size, what ingest writes, is only decoded) and mixup. Mixup mixes 0-255 pixels on the device, which
 equals mixing normalised ones: normalisation is affine and λ + (1-λ) = 1.
 
@@ -65,13 +65,12 @@ from torchvision import transforms
 
 from shards.config import Config
 from shards.index import SampleIndex, SpanReader, read_raw_sample
-from shards.manifest import MANIFEST, read_rows
 from shards.media import decode_flac, open_jpeg
 from shards.reader import decode_sample, is_remote, raw_samples
 from shards.schema import BadSample, one_line
 from shards.validate import SampleSpec, check_labels, check_sample
 from train.epochs import EpochPlan, SampleRngs
-from shards.errors import UserError
+from shards.errors import NoSamples, UserError  # noqa: F401 (train.data.NoSamples)
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +93,6 @@ class MissingModality(BadSample):
 
 class LabelError(UserError):
     """A label id that the label index does not know (one line, naming the label and the file)."""
-
-
-class NoSamples(UserError):
-    """Shards from which no sample decodes (one line, naming the shards): no progress is possible."""
 
 
 def shard_list(urls: Iterable[str], shown: int = 3) -> str:
@@ -301,17 +296,6 @@ def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- manifest
-
-def manifest_rows(urls: list[str], path: str | None = None) -> list[dict[str, Any]]:
-    """The `ok` manifest rows of the samples in `urls` (the manifest beside the first shard, local or in object
-    storage, unless `path` is given; empty when there is none). Used for the sample index (offsets), the label
-    check and class-balance weights without opening tars."""
-    path = path or f"{urls[0].rsplit('/', 1)[0] if '/' in urls[0] else '.'}/{MANIFEST}"
-    if path.startswith(("http://", "https://")):
-        return []
-    names = {Path(u.split("?", 1)[0]).name for u in urls}
-    return [r for r in read_rows(path) if r["status"] == "ok" and r["shard"] in names]
-
 
 def balance_weights(rows: list[dict[str, Any]], index: SampleIndex) -> np.ndarray:
     """Official class-balance weights (`gen_weight_file.py`): label weight 1000/(count+0.01), summed over a
@@ -578,7 +562,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
             example["_skipped"] = 0
             examples.append(example)
         if not examples:
-            raise RuntimeError(f"epoch {self.epoch + 1}: no sample of a batch could be read (first: "
+            raise NoSamples(f"no decodable sample in a batch of epoch {self.epoch + 1} (first: "
                                f"{self.index.url_of(wanted[0][0])} {self.index.key_of(wanted[0][0])!r}); see the log")
         examples[0]["_skipped"] = skipped
         return self.transform.collate(examples)

@@ -5,7 +5,8 @@ The features are retrieval's (`retrieve.pooled_features`: the unmasked streams a
 over tokens), not L2-normalised, as float32 lists; null for the side a sample does not have (a video-only or
 audio-only clip). The samples stream through `eval_loader` (every sample once, no
 augmentation) and each batch is written as it comes (`pyarrow.parquet.ParquetWriter`, one row group per batch), so
-memory does not grow with the set. The file appears under its name only when complete.
+memory does not grow with the set. The file appears under its name only when complete, and only with rows: a set
+where no sample decodes is `NoSamples` (exit 2), as in eval and retrieve.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from train import distributed as dist
-from train.data import Transform, device_augment, eval_loader
+from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
 from train.retrieve import pooled_features
 
 SCHEMA = pa.schema([("key", pa.string()), ("video_id", pa.string()),
@@ -48,6 +49,8 @@ def embed(model: torch.nn.Module, urls: list[str], transform: Transform, out: st
                     schema=SCHEMA))
                 rows += len(batch["key"])
                 bar.update(len(batch["key"]))
+        if not rows:  # as eval and retrieve: no empty parquet that looks like a result
+            raise NoSamples(f"no decodable sample in {len(urls)} shard(s): {shard_list(urls)}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

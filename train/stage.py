@@ -14,10 +14,11 @@ from typing import Any
 from shards.config import Config
 from shards.frozen import adopt_shard_settings
 from shards.index import SampleIndex, sample_index
+from shards.manifest import manifest_rows
 from shards.reader import list_shards
 from shards.store import regular_files
 from train import distributed as dist
-from train.data import LabelError, Transform, balance_weights, manifest_rows, read_label_index
+from train.data import LabelError, NoSamples, Transform, balance_weights, read_label_index, shard_list
 from train.epochs import EpochPlan
 from shards.errors import UserError
 
@@ -70,7 +71,7 @@ def epoch_plan(urls: list[str], cfg: Config, stage: Config, section: str, *, bal
     except OSError as exc:
         raise UsageError(f"--shards: {exc}") from None
     if not len(index):
-        raise UsageError("--shards: the shards hold no sample")
+        raise NoSamples(f"no decodable sample in {len(urls)} shard(s): {shard_list(urls)}")
     weights = balance_weights(rows, index) if balanced else None
     if balanced and not weights.any():
         raise UsageError(f"{section}.balanced needs the manifest.parquet of the shards (labels per sample)")

@@ -1,0 +1,156 @@
+"""`cavmae-prep verify SHARDS...`: read a shard set through before trusting it with a week of training.
+
+Each shard is checked by `verify_shard`, a pure function of the shard's URL, its manifest rows and the sample
+settings it was made with (plain data in, a list of one-line problems out), so a job framework can run it as a Ray
+task; `verify` runs it shard after shard. Every member is read through the one tar layer (`shards.tar`: truncation,
+sparse or compressed files, bad headers), every sample grouped and decoded as every reader does (`shards.samples`,
+`shards.reader.decode_sample`) and checked against the settings (mel bins, number and size of frames, FLAC), and
+the manifest's spans must be exactly the shard's samples.
+
+`list_members` gives `--list`: one JSON object per regular member, the name, size and SHA-256 `tarfile` gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from shards.config import Config
+from shards.errors import NoSamples
+from shards.frozen import FROZEN_CONFIG, shard_set_configs
+from shards.index import SpanReader
+from shards.manifest import shard_manifests
+from shards.media import open_flac, open_jpeg
+from shards.reader import decode_sample, is_remote, list_shards, open_stream
+from shards.samples import read_groups
+from shards.schema import BadSample, one_line
+from shards.store import Store
+from shards.tar import read_members
+
+
+def _open(url: str) -> Any:
+    return open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20)
+
+
+def check_sample(sample: dict[str, Any], cfg: Config) -> None:
+    """What a decoded sample must be under the settings its shards were made with; BadSample otherwise."""
+    bins = int(cfg.audio.num_mel_bins)
+    if sample["fbank"].shape[1] != bins:
+        raise BadSample(f"fbank has {sample['fbank'].shape[1]} mel bins, the shards' settings {bins}")
+    frames, size = int(cfg.video.num_frames), int(cfg.video.image_size)
+    if len(sample["frames"]) != frames:
+        raise BadSample(f"{len(sample['frames'])} frames, the shards' settings {frames}")
+    for i, data in enumerate(sample["frames"]):
+        image = open_jpeg(data, size)
+        if image.size != (size, size):
+            raise BadSample(f"frame{i} is {image.size[0]}x{image.size[1]}, the shards' settings {size}x{size}")
+        image.load()
+    if sample["flac"] is not None:
+        open_flac(sample["flac"]).close()
+
+
+def verify_shard(url: str, rows: list[dict[str, Any]] | None, settings: dict[str, Any]) -> tuple[int, list[str]]:
+    """(samples that decode and pass `check_sample`, one line per problem) of one shard; `rows` are its manifest
+    rows (None: no manifest to check against), `settings` the sample-side config it was made with (a dict)."""
+    cfg = Config(settings)
+    problems: list[str] = []
+    good = 0
+    spans: dict[str, tuple[int, int]] = {}
+    passed: set[str] = set()
+    try:
+        with _open(url) as stream:
+            for group in read_groups(stream, url):
+                spans.setdefault(group.key, (group.start, group.end - group.start))
+                try:
+                    sample = decode_sample(group.raw())
+                    check_sample(sample, cfg)
+                    good += 1
+                    passed.add(group.key)
+                except BadSample as exc:
+                    text = one_line(exc)
+                    problems.append(text if text.startswith(url) else f"{url}: sample {group.key!r}: {text}")
+    except (tarfile.TarError, OSError) as exc:
+        problems.append(one_line(exc) if str(exc).startswith(url) else f"{url}: {one_line(exc)}")
+        if rows is not None:  # the manifest's spans name which samples the damage took
+            for key, problem in _damaged(url, [r for r in rows if r["key"] not in passed], cfg):
+                if problem is None:
+                    good += 1
+                else:
+                    problems.append(f"{url}: sample {key!r} (in manifest.parquet) is damaged: {problem}")
+        return good, problems
+    if rows is not None:
+        listed = {r["key"]: (r.get("offset"), r.get("length")) for r in rows}
+        problems += [f"{url}: sample {k!r} is in the shard but not in manifest.parquet" for k in spans
+                     if k not in listed]
+        problems += [f"{url}: sample {k!r} is in manifest.parquet but not in the shard" for k in listed
+                     if k not in spans]
+        problems += [f"{url}: sample {k!r} is listed {n} times in manifest.parquet"
+                     for k, n in Counter(r["key"] for r in rows).items() if n > 1]
+        for key, (offset, length) in listed.items():
+            if key in spans and None not in (offset, length) and (offset, length) != spans[key]:
+                at = spans[key]
+                problems.append(f"{url}: sample {key!r}: manifest.parquet puts it at bytes {offset}..{offset + length}"
+                                f", the shard holds it at {at[0]}..{at[0] + at[1]}")
+    return good, problems
+
+
+def _damaged(url: str, rows: list[dict[str, Any]], cfg: Config) -> Iterator[tuple[str, str | None]]:
+    """(key, None or what is wrong) of each manifest row, its sample read alone at the span the row records."""
+    reader = SpanReader()
+    try:
+        for r in rows:
+            try:
+                data = reader.read(url, int(r["offset"]), int(r["length"]))
+                (group,) = read_groups(io.BytesIO(data), url, fragment=True)
+                check_sample(decode_sample(group.raw()), cfg)
+                yield r["key"], None if group.key == r["key"] else f"the span holds {group.key!r}"
+            except (tarfile.TarError, OSError, ValueError, TypeError) as exc:  # BadSample is a ValueError
+                yield r["key"], one_line(exc).removeprefix(f"{url}: ")
+    finally:
+        reader.close()
+
+
+@dataclass
+class Verified:
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"{self.shards} shard(s), {self.samples} good sample(s), {len(self.problems)} problem(s)")
+
+
+def verify(spec: list[str], cfg: Config) -> Iterator[str | Verified]:
+    """Every problem of the shards of `spec` as it is found, then the `Verified` summary. Each folder's frozen
+    `pipeline.yaml` gives its samples' settings (`cfg` for shards without one); NoSamples when no sample of the
+    whole set decodes."""
+    urls = list_shards(spec)
+    manifests = shard_manifests(urls)
+    frozen = shard_set_configs(urls)
+    done = Verified()
+    for url in urls:
+        store, _ = Store.split(url)
+        settings = frozen.get(store.uri(FROZEN_CONFIG), cfg).to_dict()
+        good, problems = verify_shard(url, manifests[url], settings)
+        done.shards += 1
+        done.samples += good
+        done.problems += problems
+        yield from problems
+    if not done.samples:
+        raise NoSamples(f"no decodable sample in {len(urls)} shard(s) ({len(done.problems)} problem(s); the first: "
+                        f"{done.problems[0] if done.problems else 'the shards hold no sample'})")
+    yield done
+
+
+def list_members(spec: list[str]) -> Iterator[dict[str, Any]]:
+    """{"shard", "name", "size", "sha256"} of every regular member of every shard (what `tarfile` reads), in tar
+    order; `shards.tar.ShardError` for a shard that cannot be read faithfully (after its members before the
+    damage)."""
+    for url in list_shards(spec):
+        with _open(url) as stream:
+            for name, data, _, _ in read_members(stream, url):
+                yield {"shard": url, "name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
