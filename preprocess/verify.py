@@ -25,24 +25,26 @@ from shards.frozen import FROZEN_CONFIG, shard_set_configs
 from shards.index import SpanReader
 from shards.manifest import shard_manifests
 from shards.media import open_flac, open_jpeg
-from shards.reader import decode_sample, is_remote, list_shards, open_stream
+from shards.reader import decode_sample, list_shards, open_stream
 from shards.samples import read_groups
 from shards.schema import BadSample, one_line
 from shards.store import Store
 from shards.tar import read_members
+from shards.validate import SampleSpec
+from shards.validate import check_sample as check_valid
 
 
 def _open(url: str) -> Any:
-    return open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20)
+    return open_stream(url)
 
 
 def check_sample(sample: dict[str, Any], cfg: Config) -> None:
-    """What a decoded sample must be under the settings its shards were made with; BadSample otherwise."""
-    bins = int(cfg.audio.num_mel_bins)
-    if sample["fbank"].shape[1] != bins:
-        raise BadSample(f"fbank has {sample['fbank'].shape[1]} mel bins, the shards' settings {bins}")
+    """What a decoded sample must be under the settings its shards were made with; BadSample otherwise. The
+    readers' one validator (`shards.validate.check_sample`) first, then what only a full read can tell: every
+    frame there and decoded at the frame size, the waveform a FLAC stream."""
+    check_valid(sample, SampleSpec.of(cfg))
     frames, size = int(cfg.video.num_frames), int(cfg.video.image_size)
-    if len(sample["frames"]) != frames:
+    if sample["meta"].get("has_video") is not False and len(sample["frames"]) != frames:
         raise BadSample(f"{len(sample['frames'])} frames, the shards' settings {frames}")
     for i, data in enumerate(sample["frames"]):
         image = open_jpeg(data, size)

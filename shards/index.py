@@ -31,6 +31,7 @@ import numpy as np
 from .reader import is_remote, open_stream
 from .samples import read_groups
 from .schema import BadSample, check_key
+from .store import open_regular, regular_fd
 from .tar import BLOCK
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def scan_spans(url: str) -> list[tuple[str, int, int]]:
     grouping every reader uses). A sample the readers would not take is left out with a warning naming it; a
     truncated or corrupt shard keeps the samples before the damage (logged), as the streaming reader does."""
     spans: list[tuple[str, int, int]] = []
-    with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as stream:
+    with open_stream(url) as stream:
         try:
             for group in read_groups(stream, url):
                 if group.problem is None:
@@ -165,7 +166,7 @@ def _ends_in_marker(url: str, size: int) -> bool:
     """Whether a local shard ends in tar's end-of-archive marker (two zero blocks), as a whole one does."""
     if size < 2 * BLOCK or size % BLOCK:
         return False
-    with open(url, "rb") as f:
+    with open_regular(url) as f:
         f.seek(size - 2 * BLOCK)
         return f.read(2 * BLOCK) == bytes(2 * BLOCK)
 
@@ -205,7 +206,7 @@ class SpanReader:
                 fs, path = pafs.FileSystem.from_uri(url)
                 handle = fs.open_input_file(path)
             else:
-                handle = os.open(url, os.O_RDONLY)
+                handle = regular_fd(url)
             self.handles[url] = handle
             if len(self.handles) > self.max_open:
                 self._drop(self.handles.popitem(last=False)[1])

@@ -21,6 +21,7 @@ import numpy as np
 
 from .samples import read_groups
 from .schema import REQUIRED, BadSample, check_key, decode_member, member_suffix
+from .store import open_regular
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "http://", "https://")
 FBANK_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))  # native byte order
@@ -72,7 +73,8 @@ def _expand_one(spec: str) -> list[str]:
 
 
 def open_stream(url: str) -> IO[bytes]:
-    """Open a shard for sequential reading, local or remote, without a shell."""
+    """Open a shard for sequential reading, local (a regular file only, through a 1 MiB buffer: fewer read syscalls
+    for ~12 small members per sample) or remote, without a shell."""
     if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url)  # noqa: S310 (the scheme is checked above)
     if is_remote(url):
@@ -80,7 +82,7 @@ def open_stream(url: str) -> IO[bytes]:
 
         fs, path = pafs.FileSystem.from_uri(url)
         return fs.open_input_stream(path, buffer_size=1 << 20)  # unbuffered, every read() is a request
-    return open(url, "rb")
+    return open_regular(url, buffering=1 << 20)
 
 
 def raw_samples(urls: Iterable[str | dict]) -> Iterator[dict[str, Any]]:
@@ -91,7 +93,7 @@ def raw_samples(urls: Iterable[str | dict]) -> Iterator[dict[str, Any]]:
     for item in urls:
         url = item["url"] if isinstance(item, dict) else item
         # a local shard through a 1 MiB buffer: fewer read syscalls for ~12 small members per sample
-        with open_stream(url) if is_remote(url) else open(url, "rb", buffering=1 << 20) as stream:
+        with open_stream(url) as stream:
             for group in read_groups(stream, url):
                 yield group.raw()
 

@@ -183,12 +183,22 @@ def open_regular(path: str | os.PathLike, buffering: int = -1) -> IO[bytes]:
     would block its reader forever, a device would stream without end. The check is on the opened descriptor
     (opened non-blocking, so a FIFO without a writer does not block the open itself), not a racy stat before it.
     OSError (FileNotFoundError, ...) as `open` raises it; for anything but a regular file, one naming the path."""
+    fd = regular_fd(path)
+    try:
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def regular_fd(path: str | os.PathLike) -> int:
+    """A blocking read-only descriptor of `path` if it is a regular file (`open_regular`), for `os.pread`."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{os.fspath(path)}: {NOT_REGULAR}")
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=buffering)
+        return fd
     except BaseException:
         os.close(fd)
         raise
