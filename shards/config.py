@@ -18,6 +18,8 @@ import copy
 import hashlib
 import json
 import logging
+import math
+import operator
 import typing
 from pathlib import Path
 from typing import Any, Iterable
@@ -209,14 +211,32 @@ def _checked(dotted: str, field: Any, value: Any, source: str) -> Any:
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"{source}: '{dotted}' must be one of {', '.join(map(str, meta['choices']))}; "
                           f"got {value!r}")
-    if meta["min"] is not None and value is not None and value < meta["min"]:
-        raise ConfigError(f"{source}: '{dotted}' must be >= {meta['min']}; got {value!r}")
+    _check_range(dotted, meta, value, source)
     if meta["check"] is not None:
         try:
             meta["check"](value)
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     return value
+
+
+def _check_range(dotted: str, meta: dict[str, Any], value: Any, source: str) -> None:
+    """ConfigError unless `value` (each element of a list) is finite and in the field's range, and a list has its
+    `length`."""
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if meta["length"] is not None and len(value) != meta["length"]:
+        raise ConfigError(f"{source}: '{dotted}' must hold {meta['length']} numbers; got {len(value)}")
+    for number in value if isinstance(value, list) else [value]:
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: '{dotted}' must be a finite number; got {value!r}")
+        for name, sign, holds in _BOUNDS:
+            if meta[name] is not None and not holds(number, meta[name]):
+                raise ConfigError(f"{source}: '{dotted}' must be {sign} {meta[name]}; got {value!r}")
+
+
+_BOUNDS = (("min", ">=", operator.ge), ("max", "<=", operator.le), ("above", ">", operator.gt),
+           ("below", "<", operator.lt))
 
 
 def _type_of(dotted: str) -> Any:

@@ -1,8 +1,11 @@
 """Every setting of every stage: one dataclass per section of `pipeline.yaml`, read top to bottom.
 
 A setting is a field with its default, its type (the annotation), its one-line comment and its constraints
-(`setting(...)`): the values it may take (`choices`), the least value (`min`), a check of its own (`check`), and
-the option under which it has any effect (`when=(key, value)`: a sibling key of the same section). The loader
+(`setting(...)`): the values it may take (`choices`), its range (`min` / `max` inclusive, `above` / `below`
+exclusive, for a list each element, and `length` its size), a check of its own (`check`), and the option under
+which it has any effect (`when=(key, value)`: a sibling key of the same section). Every number has a range, and a
+float is finite: the upper bounds keep what a value sizes (frames, mel bins, an epoch's order in memory) inside one
+machine, so a hostile frozen pipeline.yaml or a typo is a one-line error at load, never a failure later. The loader
 (`shards/config.py`) enforces all of them when a config loads; `pipeline.yaml` is generated from this module:
 
     python -m shards.settings --write      # rewrites pipeline.yaml (tests/test_config.py checks it is current)
@@ -29,10 +32,12 @@ from .names import check_pattern
 PIPELINE_YAML = Path(__file__).resolve().parent.parent / "pipeline.yaml"
 
 
-def setting(default: Any, doc: str = "", *, choices: tuple = (), min: float | None = None,
+def setting(default: Any, doc: str = "", *, choices: tuple = (), min: float | None = None, max: float | None = None,
+            above: float | None = None, below: float | None = None, length: int | None = None,
             when: tuple[str, Any] | None = None, check: Callable[[Any], Any] | None = None) -> Any:
     """A field: `default`, its `doc` (the yaml comment) and its constraints (see the module docstring)."""
-    meta = {"doc": doc, "choices": choices, "min": min, "when": when, "check": check}
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "above": above, "below": below, "length": length,
+            "when": when, "check": check}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -46,12 +51,13 @@ PREPROCESSING = ("---- preprocessing (preprocess/, cavmae-prep): audio, video an
 @dataclass
 class Audio:
     """The audio track: resampled mono, stored as a Kaldi log-mel fbank (and optionally as FLAC)."""
-    sample_rate: int = setting(16000, "official: resample to 16 kHz", min=1)
+    sample_rate: int = setting(16000, "official: resample to 16 kHz", min=1000, max=192000)
     channel_policy: str = setting("first", "first (official: sox remix 1) | mix (ffmpeg -ac 1, down-mix of all "
                                   "channels)", choices=("first", "mix"))
-    num_mel_bins: int = setting(128, "official kaldi fbank parameters below; the model's frequency size", min=1)
-    frame_shift_ms: float = setting(10.0)
-    frame_length_ms: float = setting(25.0)
+    num_mel_bins: int = setting(128, "official kaldi fbank parameters below; the model's frequency size", min=1,
+                                max=512)
+    frame_shift_ms: float = setting(10.0, "official: one fbank row per 10 ms", above=0.0, max=1000.0)
+    frame_length_ms: float = setting(25.0, above=0.0, max=1000.0)
     window_type: str = setting("hanning", choices=("hanning", "hamming", "povey", "rectangular", "blackman"))
     keep_waveform: bool = setting(False, "also store {key}.flac (16 kHz mono) for waveform mixup / re-featurising")
     allow_missing: bool = setting(False, "keep video-only clips with has_audio=false (default: a failure; the "
@@ -61,15 +67,17 @@ class Audio:
 @dataclass
 class Video:
     """The frames: `num_frames` square JPEGs per clip."""
-    num_frames: int = setting(10, "official: 10 frames over the first clip.length_s seconds", min=1)
+    num_frames: int = setting(10, "official: 10 frames over the first clip.length_s seconds", min=1,
+                              max=100)
     image_size: int = setting(224, "short side resized to this, then centre crop (official: 224); the model's "
-                              "image size", min=1)
+                              "image size", min=16, max=1024)
     official_frame_offset: bool = setting(True, "official reads frame index int(i*N/10)-1 (an OpenCV seek quirk); "
                                           "false: int(i*N/10)")
     resize: str = setting("scaler", "scaler: resize while converting to RGB (fast; mean pixel diff ~1-2.5 levels)\n"
                           "pil: full-size RGB then PIL bilinear, as the official torchvision Resize (exact)",
                           choices=("scaler", "pil"))
-    jpeg_quality: int = setting(75, "official: torchvision save_image uses PIL default quality 75", min=1)
+    jpeg_quality: int = setting(75, "official: torchvision save_image uses PIL default quality 75", min=1,
+                                max=100)
     skip_nonref: bool = setting(False, "ask the decoder to drop non-reference frames (faster; picks may move by a "
                                 "frame)")
     allow_missing: bool = setting(False, "keep audio-only clips with has_video=false")
@@ -80,16 +88,17 @@ class Clip:
     """Which seconds of a video make a sample."""
     mode: str = setting("first", "first (official: the first length_s seconds) | windows (consecutive windows)",
                         choices=("first", "windows"))
-    length_s: float = setting(10.0)
-    hop_s: float = setting(10.0, "windows mode: start of window k is k*hop_s", when=("mode", "windows"))
+    length_s: float = setting(10.0, "official: 10 s", above=0.0, max=3600.0)
+    hop_s: float = setting(10.0, "windows mode: start of window k is k*hop_s", above=0.0, max=3600.0,
+                         when=("mode", "windows"))
     min_window_s: float = setting(1.0, "windows mode: a trailing window shorter than this is dropped",
-                                  when=("mode", "windows"))
+                                  min=0.0, max=3600.0, when=("mode", "windows"))
 
 
 @dataclass
 class Shards:
     """The tar files ingest writes."""
-    samples_per_shard: int = setting(128, min=1)
+    samples_per_shard: int = setting(128, min=1, max=100_000)
     pattern: str = setting("shard-%06d.tar", "a plain .tar file name with exactly one %d-style field (%d, %6d, "
                            "%06d); no '/' or '..'", check=check_pattern)
 
@@ -100,15 +109,16 @@ class Ray:
     address: str | None = setting(None, "null: start a local Ray; or host:6379 of a `ray start --head` / auto / "
                                   "ray://host:10001 (RAY_ADDRESS and --address also work; token auth: see README "
                                   "\"Ingest on a cluster\")")
-    workers: int = setting(0, "local Ray CPUs; 0 = all cores", min=0)
-    num_cpus_per_task: int = setting(1, min=1)
-    max_retries: int = setting(3, min=0)
+    workers: int = setting(0, "local Ray CPUs; 0 = all cores", min=0, max=100_000)
+    num_cpus_per_task: int = setting(1, min=1, max=1024)
+    max_retries: int = setting(3, min=0, max=100)
     videos_per_task: int = setting(4, "work unit of ingest and reprocess: a few videos of one shard (shards stay "
                                    "the same bytes whatever this is); small units keep every core busy and make the "
-                                   "job's tail short", min=1)
+                                   "job's tail short", min=1, max=100_000)
     video_timeout_s: int = setting(30, "an input that takes longer than this (wall time) becomes a failed row "
                                    "\"timed out after N s\" and its worker is replaced (a 10 s clip takes 0.1-0.3 s; "
-                                   "raise it for long videos in clip.mode: windows, 0.1-0.3 s per window)", min=1)
+                                   "raise it for long videos in clip.mode: windows, 0.1-0.3 s per window)", min=1,
+                                   max=86_400)
 
 
 TRAINING = ("---- training (train/, cavmae-train). Batch sizes are GLOBAL: samples per optimizer step over all ranks, "
@@ -121,18 +131,20 @@ class Model:
     """CAV-MAE size and pretraining loss (the train/model/builders.py builders take this section; mel bins and image size
     come from the audio/video sections of the shards)."""
     size: str = setting("base", "base (official ViT-B) | tiny (tests)", choices=("base", "tiny"))
-    target_length: int = setting(1024, "official: fbank rows padded/cut to this (64 time patches)", min=1)
-    mask_ratio_a: float = setting(0.75, min=0.0)
-    mask_ratio_v: float = setting(0.75, min=0.0)
+    target_length: int = setting(1024, "official: fbank rows padded/cut to this (64 time patches)", min=16,
+                                max=16_384)
+    mask_ratio_a: float = setting(0.75, min=0.0, below=1.0)
+    mask_ratio_v: float = setting(0.75, min=0.0, below=1.0)
     mask_mode: str = setting("unstructured", "unstructured (official) | time | freq | tf (audio ablations)",
                              choices=("unstructured", "time", "freq", "tf"))
     norm_pix_loss: bool = setting(True)
-    mae_loss_weight: float = setting(1.0)
-    contrast_loss_weight: float = setting(0.01)
+    mae_loss_weight: float = setting(1.0, min=0.0)
+    contrast_loss_weight: float = setting(0.01, min=0.0)
     bidirectional: bool = setting(False, "official: single direction (visual picks its audio); true = the \"Symc\" "
                                   "model")
     contrast_chunks: int = setting(1, "emulate official DataParallel over k chunks of each rank's batch: InfoNCE "
-                                   "and masked-MAE mean per chunk, both summed (official base: 4 GPUs x 12)", min=1)
+                                   "and masked-MAE mean per chunk, both summed (official base: 4 GPUs x 12)", min=1,
+                                   max=1024)
     tr_pos: bool = setting(True, "finetuning: trainable position embeddings (official CAVMAEFT default)")
 
 
@@ -140,46 +152,49 @@ class Model:
 class Data:
     """How samples become model inputs, and the seed of every random draw."""
     mean: float = setting(-5.081, "official fbank normalisation (AudioSet and VGGSound alike): (x - mean) / std")
-    std: float = setting(4.4849)
-    image_mean: list[float] = setting([0.485, 0.456, 0.406])
-    image_std: list[float] = setting([0.229, 0.224, 0.225])
-    num_workers: int = setting(4, "loader processes per rank", min=0)
+    std: float = setting(4.4849, above=0.0)
+    image_mean: list[float] = setting([0.485, 0.456, 0.406], min=0.0, max=1.0, length=3)
+    image_std: list[float] = setting([0.229, 0.224, 0.225], above=0.0, length=3)
+    num_workers: int = setting(4, "loader processes per rank", min=0, max=256)
     manifest: str | None = setting(None, "manifest.parquet: sample offsets, labels, balance weights (null: beside "
                                    "the shards)")
-    seed: int = setting(0, "with the epoch, fixes every epoch's order and every random draw (see README)")
+    seed: int = setting(0, "with the epoch, fixes every epoch's order and every random draw (see README)", min=0,
+                        max=2 ** 63 - 1)
 
 
 @dataclass
 class Stage:
     """What pretraining and finetuning share: optimiser, lr schedule, precision, augmentation, logging (the
     defaults are the official pretraining's; `Finetune` redeclares those it changes)."""
-    epochs: int = setting(25, min=1)
-    batch_size: int = setting(48, "official base 48 (scale+ 120, scale++ 256)", min=1)
-    accum_steps: int = setting(1, min=1)
+    epochs: int = setting(25, min=1, max=10_000)
+    batch_size: int = setting(48, "official base 48 (scale+ 120, scale++ 256)", min=1, max=65_536)
+    accum_steps: int = setting(1, min=1, max=65_536)
     epoch_samples: int | None = setting(None, "samples per epoch (null: every sample of the shards once; more: "
-                                        "further permutations)")
+                                        "further permutations; at most 1e8: an epoch's order is held in memory)", min=1,
+                                        max=100_000_000)
     optimizer: str = setting("adam", "adam (official, L2 weight decay) | adamw", choices=("adam", "adamw"))
-    lr: float = setting(5.0e-5, min=0.0)
-    weight_decay: float = setting(5.0e-7, min=0.0)
-    betas: list[float] = setting([0.95, 0.999])
+    lr: float = setting(5.0e-5, min=0.0, max=1.0)
+    weight_decay: float = setting(5.0e-7, min=0.0, max=1.0)
+    betas: list[float] = setting([0.95, 0.999], min=0.0, below=1.0, length=2)
     schedule: str = setting("step", "step (official MultiStepLR per epoch) | cosine (per step, linear warmup)",
                             choices=("step", "cosine"))
     lr_start_epoch: int = setting(10, "step: epochs 1..lr_start_epoch at lr, then x lr_decay every lr_step epochs",
-                                  min=0, when=("schedule", "step"))
-    lr_step: int = setting(5, min=1, when=("schedule", "step"))
-    lr_decay: float = setting(0.5, min=0.0, when=("schedule", "step"))
-    warmup_steps: int = setting(0, "cosine: linear warmup over this many optimizer steps", min=0,
+                                  min=0, max=10_000, when=("schedule", "step"))
+    lr_step: int = setting(5, min=1, max=10_000, when=("schedule", "step"))
+    lr_decay: float = setting(0.5, min=0.0, max=1.0, when=("schedule", "step"))
+    warmup_steps: int = setting(0, "cosine: linear warmup over this many optimizer steps", min=0, max=10**9,
                                 when=("schedule", "cosine"))
-    min_lr_ratio: float = setting(0.0, "cosine: final lr / lr", min=0.0, when=("schedule", "cosine"))
+    min_lr_ratio: float = setting(0.0, "cosine: final lr / lr", min=0.0, max=1.0, when=("schedule", "cosine"))
     precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp16 (official AMP + GradScaler) "
                              "| fp32", choices=("auto", "fp16", "fp32"))
     freqm: int = setting(0, "SpecAugment: widest frequency mask (official pretraining: no SpecAugment, no mixup, "
-                         "noise + roll on)", min=0)
-    timem: int = setting(0, "SpecAugment: widest time mask", min=0)
-    mixup: float = setting(0.0, "probability that a sample is mixed with a random partner", min=0.0)
+                         "noise + roll on)", min=0, max=1024)
+    timem: int = setting(0, "SpecAugment: widest time mask", min=0, max=16_384)
+    mixup: float = setting(0.0, "probability that a sample is mixed with a random partner", min=0.0, max=1.0)
     noise: bool = setting(True, "uniform noise + circular time roll of the fbank")
-    log_every: int = setting(20, "optimizer steps between metrics.jsonl records", min=1)
-    save_every: int = setting(0, "optimizer steps between mid-epoch last.pt saves (0: at epoch ends only)", min=0)
+    log_every: int = setting(20, "optimizer steps between metrics.jsonl records", min=1, max=10**9)
+    save_every: int = setting(0, "optimizer steps between mid-epoch last.pt saves (0: at epoch ends only)", min=0,
+                             max=10**9)
 
 
 @dataclass
@@ -193,32 +208,33 @@ class Pretrain(Stage):
 class Finetune(Stage):
     """Finetuning and linear probing (train/finetune.py); the defaults are AS-20K multimodal
     (run_cavmae_ft_bal.sh)."""
-    epochs: int = setting(15, min=1)
-    batch_size: int = setting(36, min=1)
-    lr_start_epoch: int = setting(5, min=0, when=("schedule", "step"))
-    lr_step: int = setting(1, min=1, when=("schedule", "step"))
-    freqm: int = setting(48, "SpecAugment: widest frequency mask", min=0)
-    timem: int = setting(192, "SpecAugment: widest time mask", min=0)
+    epochs: int = setting(15, min=1, max=10_000)
+    batch_size: int = setting(36, min=1, max=65_536)
+    lr_start_epoch: int = setting(5, min=0, max=10_000, when=("schedule", "step"))
+    lr_step: int = setting(1, min=1, max=10_000, when=("schedule", "step"))
+    freqm: int = setting(48, "SpecAugment: widest frequency mask", min=0, max=1024)
+    timem: int = setting(192, "SpecAugment: widest time mask", min=0, max=16_384)
     mixup: float = setting(0.5, "probability that a sample is mixed with a random partner (labels mixed alike)",
-                           min=0.0)
-    num_classes: int = setting(0, "0: from the --labels CSV", min=0)
+                           min=0.0, max=1.0)
+    num_classes: int = setting(0, "0: from the --labels CSV", min=0, max=1_000_000)
     mode: str = setting("multimodal", "multimodal | audioonly | videoonly | missingaudioonly | missingvideoonly",
                         choices=("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly"))
     loss: str = setting("bce", "bce (multi-label) | ce (single-label, probability targets)", choices=("bce", "ce"))
     metric: str = setting("mAP", "mAP | acc", choices=("mAP", "acc"))
-    head_lr_scale: float = setting(100.0, "mlp_head lr = lr x head_lr_scale", min=0.0)
-    label_smooth: float = setting(0.1, "label smoothing: every class starts at label_smooth / classes", min=0.0)
+    head_lr_scale: float = setting(100.0, "mlp_head lr = lr x head_lr_scale", min=0.0, max=10_000.0)
+    label_smooth: float = setting(0.1, "label smoothing: every class starts at label_smooth / classes", min=0.0,
+                                  below=1.0)
     balanced: bool = setting(False, "class-balanced sampling with the official weights from the manifest")
     freeze_base: bool = setting(False, "true: train the head only (linear probe)")
     wa: bool = setting(True, "final model = average of the weights of epochs wa_start..wa_end")
-    wa_start: int = setting(3, when=("wa", True))
-    wa_end: int = setting(15, when=("wa", True))
+    wa_start: int = setting(3, min=1, max=10_000, when=("wa", True))
+    wa_end: int = setting(15, min=1, max=10_000, when=("wa", True))
 
 
 @dataclass
 class Eval:
     """Evaluation, prediction and embedding."""
-    batch_size: int = setting(48, min=1)
+    batch_size: int = setting(48, min=1, max=65_536)
     frames: str = setting("all", "all (official: average the probabilities of every frame) | middle | a frame index "
                           "(3)")
 
