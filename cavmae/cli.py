@@ -11,8 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from shards.config import Config, ConfigError, load_config
+from shards.config import Config, load_config
+from shards.errors import Parser, UserError, report
 from shards.frozen import SAMPLE_SECTIONS
+from train.cli import add_mode_arg
 
 EXAMPLES = """examples:
   cavmae predict clip.mp4 other.mkv --checkpoint runs/ft/model.pth --labels class_labels_indices.csv
@@ -22,7 +24,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cavmae", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog="cavmae", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="top-k labels of video files with a finetuned checkpoint",
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "the shards the model was trained on")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting (repeatable)")
-    p.add_argument("--mode", help="input mode (default: finetune.mode)")
+    add_mode_arg(p)
     p.add_argument("--frames", help="all | middle | a frame index (default: eval.frames)")
     p.add_argument("--out", metavar="FILE.json", help="also write the predictions as JSON")
     return parser
@@ -62,15 +64,16 @@ def predict_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from preprocess.inputs import InputError, LabelIndex
+    from preprocess.inputs import LabelIndex
     from train.cli import frame_choice
-    from train.stage import UsageError
+    from train.stage import UsageError, out_file
 
     from .predict import Prediction, predict_videos
 
     try:
         if args.top_k < 1:
             raise UsageError(f"--top-k must be >= 1; got {args.top_k}")
+        out_file(args.out)
         cfg = predict_config(args)
         index = LabelIndex.read(args.labels)
         display = index.display_names()
@@ -87,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             window = f" [window {got.window}]" if got.window is not None else ""
             print(f"{got.source}{window}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in top))
             results.append({"source": got.source, "video_id": got.video_id, "window": got.window, "top": top})
-    except (ConfigError, UsageError, InputError) as exc:
-        print(f"cavmae: error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return report("cavmae", exc)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 1 if failed else 0

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tarfile
 from collections import Counter
 
 from shards.config import ConfigError, load_config
-from shards.schema import BadSample
+from shards.errors import Parser, UserError, report
 
-from .inputs import InputError
+PROG = "cavmae-prep"
 
 MAX_PROBLEMS = 50
 MAX_IGNORED_NAMED = 5
@@ -66,7 +65,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cavmae-prep", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest", help="decode videos into WebDataset shards plus manifest.parquet",
@@ -139,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(args, cfg)
         if args.command == "inspect":
             return _inspect(args, cfg)
-    except (ConfigError, InputError, FileNotFoundError, BadSample, tarfile.TarError) as exc:
-        print(f"cavmae-prep: error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return report(PROG, exc)
     except KeyboardInterrupt:
         print("cavmae-prep: interrupted; finished shards are kept: re-run the same command to resume",
               file=sys.stderr)

@@ -7,21 +7,36 @@ a seeded reservoir of N samples, so memory never grows with the set.
 
 from __future__ import annotations
 
+import logging
 import random
+import tarfile
 from typing import Any, Iterator
 
 from shards.config import ConfigError
 from shards.frozen import FROZEN_CONFIG, frozen_config
 from shards.reader import decode_sample, list_shards, raw_samples
+from shards.schema import BadSample, one_line
 from shards.store import Store
 
 from .inputs import LabelIndex
 from .stats import shard_folder
 
 
+log = logging.getLogger(__name__)
+
+
 def _samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    for raw in raw_samples(urls):
-        yield decode_sample(raw)
+    """The samples of `urls` that decode: a bad sample, or the rest of a shard that cannot be read, is skipped with
+    a warning, as every reader skips them."""
+    for url in urls:
+        try:
+            for raw in raw_samples([url]):
+                try:
+                    yield decode_sample(raw)
+                except BadSample as exc:
+                    log.warning("skipped: %s", one_line(exc))
+        except (tarfile.TarError, OSError) as exc:
+            log.warning("%s: unreadable from here on (%s)", url, one_line(exc))
 
 
 def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int = 0) -> list[dict[str, Any]]:
@@ -40,7 +55,7 @@ def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int =
         elif (j := rng.randrange(seen + 1)) < count:
             chosen[j] = (seen, sample)
     if not chosen:
-        raise ConfigError("the shards hold no sample")
+        raise ConfigError(f"no readable sample in {', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}")
     return [s for _, s in sorted(chosen, key=lambda x: x[0])]
 
 

@@ -20,6 +20,7 @@ from typing import IO, Any, Iterable, Iterator
 import braceexpand
 import numpy as np
 
+from .errors import NotFound
 from .schema import BadSample, check_key, decode_member, member_suffix
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "http://", "https://")
@@ -44,7 +45,7 @@ def list_shards(spec: str | Iterable[str]) -> list[str]:
         for one in braceexpand.braceexpand(item):
             found = _expand_one(one)
             if not found:
-                raise FileNotFoundError(f"{one}: no shards found")
+                raise NotFound(f"{one}: no shards found")
             out += found
     return sorted(dict.fromkeys(out))
 

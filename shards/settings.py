@@ -217,8 +217,11 @@ class Finetune(Stage):
     mixup: float = setting(0.5, "probability that a sample is mixed with a random partner (labels mixed alike)",
                            min=0.0, max=1.0)
     num_classes: int = setting(0, "0: from the --labels CSV", min=0, max=1_000_000)
-    mode: str = setting("multimodal", "multimodal | audioonly | videoonly | missingaudioonly | missingvideoonly",
-                        choices=("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly"))
+    mode: str = setting("multimodal", "multimodal | audioonly | videoonly | multimodal-audioonly (official "
+                        "missingaudioonly) | multimodal-videoonly (official missingvideoonly) | audioonly-lean: see "
+                        "train/modes.py", choices=("multimodal", "audioonly", "videoonly", "multimodal-audioonly",
+                                                   "multimodal-videoonly", "audioonly-lean", "missingaudioonly",
+                                                   "missingvideoonly"))
     loss: str = setting("bce", "bce (multi-label) | ce (single-label, probability targets)", choices=("bce", "ce"))
     metric: str = setting("mAP", "mAP | acc", choices=("mAP", "acc"))
     head_lr_scale: float = setting(100.0, "mlp_head lr = lr x head_lr_scale", min=0.0, max=10_000.0)

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 from shards.config import ConfigError, load_config
+from shards.errors import Parser, UserError, report
+
+PROG = "cavmae-train"
 
 EXAMPLES = """examples:
   cavmae-train pretrain --shards shards/ --out runs/pt --preset scale+
@@ -30,7 +33,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cavmae-train", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -61,13 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "finetune":
             p.add_argument("--labels", metavar="CSV", help="label index CSV index,mid,display_name (default: "
                                                            "the .labels.txt members and finetune.num_classes)")
-            p.add_argument("--mode", help="multimodal | audioonly | videoonly | missingaudioonly | "
-                                          "missingvideoonly (default: finetune.mode)")
+            add_mode_arg(p)
 
     p = command("eval", "score a finetuned checkpoint: mAP or accuracy, per frame and frame-averaged")
     p.add_argument("--checkpoint", required=True, metavar="PTH", help="finetuned weights (ours or official)")
     p.add_argument("--labels", metavar="CSV", help="label index CSV index,mid,display_name")
-    p.add_argument("--mode", help="input mode (default: finetune.mode)")
+    add_mode_arg(p)
     p.add_argument("--frames", help="all (official 10-frame average) | middle | a frame index (default: eval.frames)")
     p.add_argument("--out", help="also write the results as JSON to this file")
 
@@ -94,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_mode_arg(p: argparse.ArgumentParser) -> None:
+    """--mode: a finetuning mode of the table in train/modes.py (the official names too)."""
+    from train.modes import HELP, NAMES
+
+    p.add_argument("--mode", choices=NAMES, metavar="MODE", help=f"input mode (default: finetune.mode). {HELP}")
+
+
 def positive(text: str) -> int:
     """argparse type: an integer >= 1 (a bad value is a usage error, exit 2)."""
     if not text.isdigit() or int(text) < 1:
@@ -112,21 +121,16 @@ def frame_choice(value: str, source: str) -> str | int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from train.checkpoint import CheckpointError
-    from train.data import LabelError, NoSamples
-    from train.stage import UsageError
-
     try:
         cfg = load_config(args.config, args.sets, args.presets)
         result = COMMANDS[args.command](args, cfg)
-    except (ConfigError, UsageError, LabelError, CheckpointError, NoSamples) as exc:
-        print(f"cavmae-train: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return report(PROG, exc)
     except FloatingPointError as exc:  # the loss stayed non-finite (train/loop.py NONFINITE_PATIENCE)
-        print(f"cavmae-train: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("cavmae-train: interrupted; run again with --resume to continue", file=sys.stderr)
+        print(f"{PROG}: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130
     finally:
         from train import distributed
@@ -138,17 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "out", None) and args.command in ("eval", "retrieve"):
             Path(args.out).write_text(text + "\n")
     return 0
-
-
-def one_line(exc: Exception) -> str:
-    """The message of `exc`; for one raised in a DataLoader worker (which torch re-raises with the worker's
-    traceback as its text), the original message: the last line without its "module.Type: " prefix."""
-    text = str(exc)
-    if "Traceback" not in text:
-        return text
-    last = text.strip().splitlines()[-1]
-    name = type(exc).__name__
-    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
 def _pretrain(args: argparse.Namespace, cfg) -> None:
@@ -169,12 +162,14 @@ def _eval(args: argparse.Namespace, cfg) -> dict:
     from train import distributed as dist
     from train import stage as st
     from train.evaluate import predict, score
+    from train.modes import mode_name
 
-    device = dist.init()
-    mode = args.mode or cfg.finetune.mode
+    st.out_file(args.out)
+    mode = mode_name(args.mode or cfg.finetune.mode, "--mode" if args.mode else "finetune.mode")
     frames = _frames(args, cfg)
+    device = dist.init()
     cfg, urls, _ = st.shard_sets(cfg, args.shards)
-    model = st.load_model(cfg, args.checkpoint, finetuned=True)
+    model = st.load_model(cfg, args.checkpoint, finetuned=True, mode=mode)
     label_map, _ = st.labels(cfg, args.labels, cfg.finetune) if args.labels else (None, 0)
     num_classes = model.mlp_head[1].out_features
     tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, num_classes=num_classes, label_map=label_map,
@@ -205,10 +200,12 @@ def _retrieve(args: argparse.Namespace, cfg) -> dict:
     from train import stage as st
     from train.retrieve import features, retrieval
 
+    st.out_file(args.out)
+    frames = frame_choice(args.frames or "middle", "--frames")
     device = dist.init()
     cfg, urls, _ = st.shard_sets(cfg, args.shards)
-    model = st.load_model(cfg, args.checkpoint)
-    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frame_choice(args.frames or "middle", "--frames"))
+    model = st.load_model(cfg, args.checkpoint, visual=True)
+    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
     audio, visual, _ = features(model.to(device), urls, tf, batch_size=cfg.eval.batch_size,
                                 num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision)
     return retrieval(audio, visual)
@@ -220,12 +217,13 @@ def _embed(args: argparse.Namespace, cfg) -> dict:
     from train.data import manifest_rows
     from train.embed import embed
 
+    st.out_file(args.out)
+    frames = _frames(args, cfg)
     device = dist.init()
     if dist.world_size() > 1:
         raise st.UsageError("embed runs as one process (it writes one file); start it without torchrun")
     cfg, urls, _ = st.shard_sets(cfg, args.shards)
-    model = st.load_model(cfg, args.checkpoint)
-    frames = _frames(args, cfg)
+    model = st.load_model(cfg, args.checkpoint, visual=True)
     tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
     rows = embed(model.to(device), urls, tf, args.out, batch_size=cfg.eval.batch_size,
                  num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision,

@@ -16,6 +16,7 @@ import torch
 from train import distributed as dist
 from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
 from train.loop import autocast
+from train.modes import mode_of
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -57,7 +58,7 @@ def batch_probabilities(model: torch.nn.Module, batch: dict[str, Any], *, mode: 
     audio-only mode scores once: the frame does not matter)."""
     audio, images = batch["audio"], batch["image"]
     images = images.unsqueeze(1) if images.dim() == 4 else images  # [B, frames, 3, H, W]
-    if mode == "audioonly":
+    if not mode_of(mode).frames_matter:
         images = images[:, :1]
     with autocast(device, precision):
         return torch.stack([probabilities(model(audio, images[:, k], mode).float(), metric).cpu()

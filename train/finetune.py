@@ -22,7 +22,8 @@ from train.checkpoint import load_pretrained_into, load_state_dict_file, officia
 from train.data import train_loader
 from train.evaluate import predict, score
 from train.loop import save_state, train
-from train.model import FT_MODES, build_finetune_model
+from train.model import build_finetune_model
+from train.modes import MODES, mode_name
 from train.schedule import make_optimizer, make_scheduler
 
 HEAD = "mlp_head."
@@ -52,9 +53,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
         stop_after: int | None = None) -> dict[str, Any]:
     device = dist.init()
     f = cfg.finetune
-    mode = mode or f.mode
-    if mode not in FT_MODES:
-        raise st.UsageError(f"--mode must be one of {', '.join(FT_MODES)}; got {mode!r}")
+    mode = mode_name(mode or f.mode, "--mode" if mode else "finetune.mode")
     metric = f.metric
     if f.wa and max(1, f.wa_start) > min(f.epochs, f.wa_end):
         raise st.UsageError(f"finetune.wa averages epochs {f.wa_start}..{f.wa_end} but there are {f.epochs}")
@@ -66,7 +65,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     steps = plan.steps
 
     torch.manual_seed(cfg.data.seed)
-    model = build_finetune_model(st.model_settings(cfg), num_classes)
+    model = build_finetune_model(st.model_settings(cfg), num_classes, audio_only=not MODES[mode].visual)
     if init:
         missing, unexpected = load_pretrained_into(model, load_state_dict_file(init))
         if dist.is_main():

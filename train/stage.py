@@ -18,7 +18,8 @@ from shards.reader import list_shards
 from train import distributed as dist
 from train.data import LabelError, Transform, balance_weights, manifest_rows, read_label_index
 from train.epochs import EpochPlan
-from shards.errors import UserError
+from train.modes import MODES
+from shards.errors import NotFound, UserError
 
 
 class UsageError(UserError):
@@ -30,7 +31,7 @@ def shard_urls(spec: str | None, flag: str) -> list[str]:
         raise UsageError(f"{flag} is required")
     try:
         return list_shards(spec)
-    except FileNotFoundError as exc:
+    except NotFound as exc:
         raise UsageError(f"{flag}: {exc}") from None
 
 
@@ -57,6 +58,12 @@ def run_folder(out: str, cfg: Config) -> Path:
         (path / "config.yaml").write_text(cfg.to_yaml())
     dist.barrier()
     return path
+
+
+def out_file(out: str | None) -> None:
+    """`--out FILE` must not name a folder: refused before the work, not when the result is written."""
+    if out is not None and Path(out).is_dir():
+        raise UsageError(f"--out {out}: is a folder, not a file")
 
 
 def epoch_plan(urls: list[str], cfg: Config, stage: Config, section: str, *, balanced: bool = False,
@@ -135,9 +142,10 @@ def checkpoint_arg(path: str) -> dict[str, Any]:
         raise UsageError(f"--checkpoint {exc}") from None
 
 
-def load_model(cfg: Config, path: str, *, finetuned: bool = False):
+def load_model(cfg: Config, path: str, *, finetuned: bool = False, mode: str | None = None, visual: bool = False):
     """The model a checkpoint holds, built from `cfg.model`: the finetuning model when the checkpoint has a
-    classification head (`mlp_head.*`), else the pretraining one. `finetuned` requires the head."""
+    classification head (`mlp_head.*`; without visual weights, the audio-only one), else the pretraining one.
+    `finetuned` requires the head, `mode` (a `train.modes` name) a model that can run it, `visual` visual weights."""
     from train.checkpoint import load_pretrained_into
     from train.model import build_finetune_model, build_pretrain_model
 
@@ -145,10 +153,14 @@ def load_model(cfg: Config, path: str, *, finetuned: bool = False):
     head = sd.get("mlp_head.1.weight")
     if head is None and finetuned:
         raise UsageError(f"{path}: no classification head (mlp_head.*): not a finetuned checkpoint")
+    audio_only = head is not None and "patch_embed_v.proj.weight" not in sd
+    if audio_only and (visual or (mode is not None and not MODES[mode].audio_path_only)):
+        wanted = "visual weights" if visual else f"mode {mode}"
+        raise UsageError(f"--checkpoint {path}: an audio-only model (no visual weights) cannot serve {wanted}")
     if head is None:
         model = build_pretrain_model(model_settings(cfg))
     else:
-        model = build_finetune_model(model_settings(cfg), head.shape[0])
+        model = build_finetune_model(model_settings(cfg), head.shape[0], audio_only=audio_only)
     try:
         load_pretrained_into(model, sd)
     except (ValueError, RuntimeError) as exc:
