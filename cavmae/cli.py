@@ -55,11 +55,12 @@ def predict_config(args: argparse.Namespace) -> Config:
     config = args.config
     if config is None and (Path(args.checkpoint).parent / "config.yaml").is_file():
         config = Path(args.checkpoint).parent / "config.yaml"
-    data = load_config(config).to_dict()
+    run = load_config(config)
+    data = run.to_dict()
     if args.prep_config:
         prep = load_config(args.prep_config, sections=SAMPLE_SECTIONS).to_dict()
         data.update({section: prep[section] for section in SAMPLE_SECTIONS})
-    return Config(data).with_overrides(args.sets)
+    return Config(data, run.explicit).with_overrides(args.sets)  # what the run set (the model's length) stays
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ with a warning. Errors are one line, naming the key, raised as `ConfigError`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -190,7 +191,15 @@ class _Load:
             self.given[dotted] = source
 
     def result(self) -> Config:
-        """The config, once no key this load gave is set to no effect (a `when=` of its field that does not hold)."""
+        """The config, once no key this load gave is set to no effect (a `when=` of its field that does not hold),
+        with every setting that follows others and is not set computed from them (again after each override, so a
+        change of what it follows carries through)."""
+        for dotted, field in FOLLOWERS:
+            section, key = dotted.split(".")
+            if self.data[section][key] is None or dotted not in self.explicit:
+                self.explicit.discard(dotted)  # null means "follow"
+                self.data[section][key] = _checked(dotted, field, field.metadata["follows"](self.data),
+                                                   "unset, so following other settings")
         for dotted, source in self.given.items():
             field = spec(dotted)
             if field.metadata["when"] is None:
@@ -218,6 +227,10 @@ def _checked(dotted: str, field: Any, value: Any, source: str) -> Any:
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     return value
+
+
+FOLLOWERS = [(f"{section}.{f.name}", f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+             if f.metadata["follows"] is not None]
 
 
 def _check_range(dotted: str, meta: dict[str, Any], value: Any, source: str) -> None:

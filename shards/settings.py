@@ -3,7 +3,8 @@
 A setting is a field with its default, its type (the annotation), its one-line comment and its constraints
 (`setting(...)`): the values it may take (`choices`), its range (`min` / `max` inclusive, `above` / `below`
 exclusive, for a list each element, and `length` its size), a check of its own (`check`), and the option under
-which it has any effect (`when=(key, value)`: a sibling key of the same section). Every number has a range, and a
+which it has any effect (`when=(key, value)`: a sibling key of the same section); a setting that is null by
+default may `follow` others (a function of the settings: its value unless set). Every number has a range, and a
 float is finite: the upper bounds keep what a value sizes (frames, mel bins, an epoch's order in memory) inside one
 machine, so a hostile frozen pipeline.yaml or a typo is a one-line error at load, never a failure later. The loader
 (`shards/config.py`) enforces all of them when a config loads; `pipeline.yaml` is generated from this module:
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -34,13 +36,33 @@ PIPELINE_YAML = Path(__file__).resolve().parent.parent / "pipeline.yaml"
 
 def setting(default: Any, doc: str = "", *, choices: tuple = (), min: float | None = None, max: float | None = None,
             above: float | None = None, below: float | None = None, length: int | None = None,
-            when: tuple[str, Any] | None = None, check: Callable[[Any], Any] | None = None) -> Any:
+            when: tuple[str, Any] | None = None, check: Callable[[Any], Any] | None = None,
+            follows: Callable[[dict[str, Any]], Any] | None = None) -> Any:
     """A field: `default`, its `doc` (the yaml comment) and its constraints (see the module docstring)."""
     meta = {"doc": doc, "choices": choices, "min": min, "max": max, "above": above, "below": below, "length": length,
-            "when": when, "check": check}
+            "when": when, "check": check, "follows": follows}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+PATCH_ROWS = 16      # fbank rows of one audio patch of the model
+OFFICIAL_ROWS = 1024  # the official model.target_length: 10 s of 10 ms rows, padded to whole patches
+OFFICIAL_CLIP_S, OFFICIAL_SHIFT_MS = 10.0, 10.0
+
+
+def clip_rows(data: dict[str, Any]) -> int:
+    """`model.target_length` when null: the official 1024 rows per 10 s at a 10 ms shift, scaled to clip.length_s
+    and audio.frame_shift_ms and rounded up to whole patches (5 s: 512; a 5 ms shift: 2048), so the model sees the
+    whole clip whatever the units."""
+    rows = OFFICIAL_ROWS * (data["clip"]["length_s"] / OFFICIAL_CLIP_S) * (OFFICIAL_SHIFT_MS /
+                                                                          data["audio"]["frame_shift_ms"])
+    return PATCH_ROWS * max(1, math.ceil(rows / PATCH_ROWS - 1e-9))
+
+
+def whole_patches(dotted: str, rows: int | None) -> None:
+    if rows is not None and rows % PATCH_ROWS:
+        raise ValueError(f"'{dotted}' must be a multiple of {PATCH_ROWS} (one patch); got {rows}")
 
 
 PREPROCESSING = ("---- preprocessing (preprocess/, cavmae-prep): audio, video and clip fix a sample's bytes (their "
@@ -56,8 +78,9 @@ class Audio:
                                   "channels)", choices=("first", "mix"))
     num_mel_bins: int = setting(128, "official kaldi fbank parameters below; the model's frequency size", min=1,
                                 max=512)
-    frame_shift_ms: float = setting(10.0, "official: one fbank row per 10 ms", above=0.0, max=1000.0)
-    frame_length_ms: float = setting(25.0, above=0.0, max=1000.0)
+    frame_shift_ms: float = setting(10.0, "official: one fbank row per 10 ms (model.target_length and "
+                                    "SpecAugment's time mask follow it)", min=1.0, max=1000.0)
+    frame_length_ms: float = setting(25.0, min=1.0, max=1000.0)
     window_type: str = setting("hanning", choices=("hanning", "hamming", "povey", "rectangular", "blackman"))
     keep_waveform: bool = setting(False, "also store {key}.flac (16 kHz mono) for waveform mixup / re-featurising")
     allow_missing: bool = setting(False, "keep video-only clips with has_audio=false (default: a failure; the "
@@ -131,8 +154,11 @@ class Model:
     """CAV-MAE size and pretraining loss (the train/model/builders.py builders take this section; mel bins and image size
     come from the audio/video sections of the shards)."""
     size: str = setting("base", "base (official ViT-B) | tiny (tests)", choices=("base", "tiny"))
-    target_length: int = setting(1024, "official: fbank rows padded/cut to this (64 time patches)", min=16,
-                                max=16_384)
+    target_length: int | None = setting(None, "fbank rows padded/cut to this, whole 16-row patches; null: follows "
+                                        "clip.length_s and audio.frame_shift_ms at the official 1024 rows per 10 s "
+                                        "of 10 ms rows (10 s, 10 ms: 1024)", min=16, max=16_384,
+                                        check=lambda rows: whole_patches("model.target_length", rows),
+                                        follows=clip_rows)
     mask_ratio_a: float = setting(0.75, min=0.0, below=1.0)
     mask_ratio_v: float = setting(0.75, min=0.0, below=1.0)
     mask_mode: str = setting("unstructured", "unstructured (official) | time | freq | tf (audio ablations)",
@@ -187,11 +213,13 @@ class Stage:
     min_lr_ratio: float = setting(0.0, "cosine: final lr / lr", min=0.0, max=1.0, when=("schedule", "cosine"))
     precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp16 (official AMP + GradScaler) "
                              "| fp32", choices=("auto", "fp16", "fp32"))
-    freqm: int = setting(0, "SpecAugment: widest frequency mask (official pretraining: no SpecAugment, no mixup, "
-                         "noise + roll on)", min=0, max=1024)
-    timem: int = setting(0, "SpecAugment: widest time mask", min=0, max=16_384)
+    freqm: int = setting(0, "SpecAugment: widest frequency mask, in mel bins (official pretraining: no SpecAugment, "
+                         "no mixup, noise + roll on)", min=0, max=1024)
+    timem: int = setting(0, "SpecAugment: widest time mask, in 10 ms rows (scaled to audio.frame_shift_ms)", min=0,
+                         max=16_384)
     mixup: float = setting(0.0, "probability that a sample is mixed with a random partner", min=0.0, max=1.0)
-    noise: bool = setting(True, "uniform noise + circular time roll of the fbank")
+    noise: bool = setting(True, "uniform noise + circular time roll of the fbank by up to +-model.target_length rows "
+                                "(official: +-1024)")
     log_every: int = setting(20, "optimizer steps between metrics.jsonl records", min=1, max=10**9)
     save_every: int = setting(0, "optimizer steps between mid-epoch last.pt saves (0: at epoch ends only)", min=0,
                              max=10**9)
@@ -212,8 +240,9 @@ class Finetune(Stage):
     batch_size: int = setting(36, min=1, max=65_536)
     lr_start_epoch: int = setting(5, min=0, max=10_000, when=("schedule", "step"))
     lr_step: int = setting(1, min=1, max=10_000, when=("schedule", "step"))
-    freqm: int = setting(48, "SpecAugment: widest frequency mask", min=0, max=1024)
-    timem: int = setting(192, "SpecAugment: widest time mask", min=0, max=16_384)
+    freqm: int = setting(48, "SpecAugment: widest frequency mask, in mel bins", min=0, max=1024)
+    timem: int = setting(192, "SpecAugment: widest time mask, in 10 ms rows (official 192 = 1.92 s; scaled to "
+                         "audio.frame_shift_ms)", min=0, max=16_384)
     mixup: float = setting(0.5, "probability that a sample is mixed with a random partner (labels mixed alike)",
                            min=0.0, max=1.0)
     num_classes: int = setting(0, "0: from the --labels CSV", min=0, max=1_000_000)

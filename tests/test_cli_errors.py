@@ -48,7 +48,7 @@ PREP = [
     ("ingest {missing} --out {out}", "missing"),
     ("ingest {folder} --out {file}", "not a folder"),
     ("ingest {folder} --out {out} --set video.num_frames=" + HUGE, "'video.num_frames' must be <= 100"),
-    ("ingest {folder} --out {out} --set audio.frame_shift_ms=0", "'audio.frame_shift_ms' must be > 0"),
+    ("ingest {folder} --out {out} --set audio.frame_shift_ms=0", "'audio.frame_shift_ms' must be >= 1.0"),
     ("ingest {folder} --out {out} --labels {missing}.csv", "missing.csv"),
     ("ingest {folder} --out {out} --label-index {missing}.csv", "missing.csv"),
     ("ingest {folder} --out {out} --workers 0", "--workers"),

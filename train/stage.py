@@ -8,18 +8,24 @@ takes batch_size / (world_size * accum_steps) per micro-batch. An epoch is the n
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from shards.config import Config
+from shards.errors import NotFound, UserError
+from shards.fbank import fbank_rows
 from shards.frozen import adopt_shard_settings
 from shards.index import SampleIndex, sample_index
 from shards.reader import list_shards
+from shards.settings import OFFICIAL_SHIFT_MS, PATCH_ROWS
 from train import distributed as dist
 from train.data import LabelError, Transform, balance_weights, manifest_rows, read_label_index
 from train.epochs import EpochPlan
 from train.modes import MODES
-from shards.errors import NotFound, UserError
+
+
+log = logging.getLogger(__name__)
 
 
 class UsageError(UserError):
@@ -118,12 +124,35 @@ def check_manifest_labels(urls: list[str], cfg: Config, label_map: dict[str, int
 
 def model_settings(cfg: Config) -> dict[str, Any]:
     """The keywords of the model builders: the `model:` section, with the geometry that follows from the samples
-    (mel bins, frame size; `shards.frozen` makes them the shards' own)."""
+    (mel bins, frame size; `shards.frozen` makes them the shards' own). A `model.target_length` set explicitly
+    that cuts more than one patch off every clip is a one-line warning saying how much."""
+    warn_audio_cut(cfg)
     return {**cfg.model.to_dict(), "num_mel_bins": cfg.audio.num_mel_bins, "image_size": cfg.video.image_size}
+
+
+def warn_audio_cut(cfg: Config) -> None:
+    """Warn when the model's audio length keeps less of a clip than the clip holds, by more than one patch (unset,
+    `model.target_length` follows the clip and cuts nothing)."""
+    rows = fbank_rows(int(cfg.clip.length_s * cfg.audio.sample_rate), cfg.audio)
+    cut = rows - cfg.model.target_length
+    if cut > PATCH_ROWS:
+        shift_s = cfg.audio.frame_shift_ms / 1000
+        log.warning("model.target_length %d keeps the first %.2f s of every %g s clip (audio.frame_shift_ms %g): "
+                    "%.2f s (%d rows) are cut; leave model.target_length unset to follow clip.length_s",
+                    cfg.model.target_length, cfg.model.target_length * shift_s, cfg.clip.length_s,
+                    cfg.audio.frame_shift_ms, cut * shift_s, cut)
+
+
+def time_rows(cfg: Config, rows_at_10ms: int) -> int:
+    """A width given in official 10 ms rows (SpecAugment's `timem`) in rows of the shards' frame shift."""
+    return round(rows_at_10ms * OFFICIAL_SHIFT_MS / cfg.audio.frame_shift_ms)
 
 
 def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes: int = 0,
               label_map: dict[str, int] | None = None, label_csv: str | None = None) -> Transform:
+    """The sample transform of `cfg` with the augmentation `aug` (`augmentation` or `NO_AUGMENTATION`); its time
+    widths scale with the frame shift (the noise roll spans +-target_length rows, which follows it too)."""
+    aug = {**aug, "timem": time_rows(cfg, aug["timem"])}
     data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.video.image_size,
             "num_mel_bins": cfg.audio.num_mel_bins}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
