@@ -7,7 +7,7 @@
     python bench/model.py --batch 256 --precision bf16 --profile profile.txt   # top ops by device time
 
 The step is the trainer's: the model from the default config (official geometry: 1024x128 fbank, 224² frames),
-the optimizer `train.schedule.make_optimizer` builds (Adam, fused on CUDA), bf16 autocast as `train.loop.autocast`
+the optimizer `train.lr_schedule.make_optimizer` builds (Adam, fused on CUDA), bf16 autocast as `train.loop.autocast`
 applies it (the contrastive loss stays fp32 inside the model). `--finetune B` also times the finetuning step
 (`CAVMAEFT`, multimodal, 527 classes, BCE) at batch B.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 from shards.config import load_config  # noqa: E402
 from train.loop import autocast  # noqa: E402
 from train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
-from train.schedule import make_optimizer  # noqa: E402
+from train.lr_schedule import make_optimizer  # noqa: E402
 from train.stage import model_settings  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched in order against the device name.

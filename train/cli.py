@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.sets, args.presets)
+        if args.command in ("eval", "retrieve", "embed"):
+            from train.stage import out_file
+
+            out_file(args.out)  # a folder: refused before the work
         result = COMMANDS[args.command](args, cfg)
     except UserError as exc:
         return report(PROG, exc)
@@ -159,76 +163,31 @@ def _finetune(args: argparse.Namespace, cfg) -> None:
 
 
 def _eval(args: argparse.Namespace, cfg) -> dict:
-    from train import distributed as dist
-    from train import stage as st
-    from train.evaluate import predict, score
-    from train.modes import mode_name
+    from train import evaluate
 
-    st.out_file(args.out)
-    mode = mode_name(args.mode or cfg.finetune.mode, "--mode" if args.mode else "finetune.mode")
-    frames = _frames(args, cfg)
-    device = dist.init()
-    cfg, urls, _ = st.shard_sets(cfg, args.shards)
-    model = st.load_model(cfg, args.checkpoint, finetuned=True, mode=mode)
-    label_map, _ = st.labels(cfg, args.labels, cfg.finetune) if args.labels else (None, 0)
-    num_classes = model.mlp_head[1].out_features
-    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, num_classes=num_classes, label_map=label_map,
-                      label_csv=args.labels)
-    pred = predict(model.to(device), urls, tf, mode=mode, metric=cfg.finetune.metric,
-                   batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device,
-                   precision=cfg.finetune.precision)
-    return score(pred, cfg.finetune.metric) | {"mode": mode, "frames": frames}
+    return evaluate.run(cfg, shards=args.shards, checkpoint=args.checkpoint, labels_csv=args.labels,
+                        mode=args.mode, frames=_frames(args, cfg))
 
 
 def _order(args: argparse.Namespace, cfg) -> None:
-    """The micro-batches rank R of W reads in epoch E, as training computes them (`train.epochs`)."""
-    from train import stage as st
+    from train import order
 
-    if not 0 <= args.rank < args.world_size:
-        raise st.UsageError(f"--rank must be in 0..{args.world_size - 1}; got {args.rank}")
-    section = cfg[args.stage]
-    urls = st.shard_urls(args.shards, "--shards")
-    index, plan = st.epoch_plan(urls, cfg, section, args.stage, balanced=args.stage == "finetune" and section.balanced,
-                                world_size=args.world_size, rank=args.rank)
-    order = plan.order(args.epoch - 1)
-    for positions in plan.positions(0, plan.batches):
-        print(" ".join(index.key_of(i) for i in order[positions]))
+    order.run(cfg, shards=args.shards, epoch=args.epoch, world_size=args.world_size, rank=args.rank,
+              stage=args.stage)
 
 
 def _retrieve(args: argparse.Namespace, cfg) -> dict:
-    from train import distributed as dist
-    from train import stage as st
-    from train.retrieve import features, retrieval
+    from train import retrieve
 
-    st.out_file(args.out)
-    frames = frame_choice(args.frames or "middle", "--frames")
-    device = dist.init()
-    cfg, urls, _ = st.shard_sets(cfg, args.shards)
-    model = st.load_model(cfg, args.checkpoint, visual=True)
-    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
-    audio, visual, _ = features(model.to(device), urls, tf, batch_size=cfg.eval.batch_size,
-                                num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision)
-    return retrieval(audio, visual)
+    return retrieve.run(cfg, shards=args.shards, checkpoint=args.checkpoint,
+                        frames=frame_choice(args.frames or "middle", "--frames"))
 
 
 def _embed(args: argparse.Namespace, cfg) -> dict:
-    from train import distributed as dist
-    from train import stage as st
-    from train.data import manifest_rows
-    from train.embed import embed
+    from train import embed
 
-    st.out_file(args.out)
-    frames = _frames(args, cfg)
-    device = dist.init()
-    if dist.world_size() > 1:
-        raise st.UsageError("embed runs as one process (it writes one file); start it without torchrun")
-    cfg, urls, _ = st.shard_sets(cfg, args.shards)
-    model = st.load_model(cfg, args.checkpoint, visual=True)
-    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
-    rows = embed(model.to(device), urls, tf, args.out, batch_size=cfg.eval.batch_size,
-                 num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision,
-                 total=len(manifest_rows(urls, cfg.data.manifest)) or None, progress=not args.no_progress)
-    return {"rows": rows, "frames": frames, "out": args.out}
+    return embed.run(cfg, shards=args.shards, checkpoint=args.checkpoint, out=args.out, frames=_frames(args, cfg),
+                     progress=not args.no_progress)
 
 
 def _frames(args: argparse.Namespace, cfg) -> str | int:

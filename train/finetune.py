@@ -24,7 +24,7 @@ from train.evaluate import predict, score
 from train.loop import save_state, train
 from train.model import build_finetune_model
 from train.modes import MODES, mode_name
-from train.schedule import make_optimizer, make_scheduler
+from train.lr_schedule import make_optimizer, make_scheduler
 
 HEAD = "mlp_head."
 
