@@ -104,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-index", metavar="CSV", help="label index CSV index,mid,display_name: count labels "
                                                         "by display name and class index")
     p.add_argument("--batch-size", type=int, default=1000,
-                   help="samples per batch of the padded-batch figure (AST's get_norm_stats.py: 1000); rows are "
-                        "padded or cut to model.target_length")
+                   help="samples per batch of the padded-batch figure (AST's get_norm_stats.py: 1000)")
+    p.add_argument("--rows", type=positive_int, metavar="N",
+                   help="fbank rows each sample is padded or cut to in the padded-batch figure, as the training "
+                        "run's model.target_length (default: clip.length_s at audio.frame_shift_ms in whole 16-row "
+                        "patches, its default)")
     add_run_args(p)
     add_config_args(p)
     p = sub.add_parser("inspect", help="draw samples: frames in a row over their log-mel, labels in the title",
@@ -164,7 +167,8 @@ def _stats(args: argparse.Namespace, cfg) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
     stats = compute_stats(args.shards, cfg, label_index_csv=args.label_index, batch_size=args.batch_size,
-                          workers=args.workers, address=args.address, progress=not args.no_progress)
+                          rows=args.rows, workers=args.workers, address=args.address,
+                          progress=not args.no_progress)
     out = Store.of(args.out or stats["folder"])
     json_path, png_path = write_stats(stats, out)
     fb = stats["fbank"]

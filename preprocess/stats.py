@@ -9,8 +9,9 @@ holds only per-sample scalars.
 Two normalisation figures, so the user can choose:
 - `fbank.mean` / `fbank.std`: over every stored fbank value of the samples (unpadded: what the audio is);
 - `fbank.padded_batches`: AST's recipe, the mean over batches of `batch_size` samples (in shard order) of each
-  batch's mean and (unbiased) std, each sample zero-padded or cut to `model.target_length` rows as the loader
-  feeds it; the padding zeros pull both towards 0 for clips shorter than target_length.
+  batch's mean and (unbiased) std, each sample zero-padded or cut to the rows of a clip in whole patches
+  (`shards.settings.clip_rows`: model.target_length's default, 1024 for 10 s at 10 ms) as the loader feeds it; the
+  padding zeros pull both towards 0 for clips shorter than that.
 
 Counts and failure reasons come from the folder's `manifest.parquet`; durations, labels and the frames' mean RGB
 from the samples themselves. A sample the reader rejects is counted under `unreadable` with its reason.
@@ -33,6 +34,7 @@ from shards.config import Config
 from shards.manifest import read_manifest
 from shards.reader import decode_sample, list_shards, raw_samples
 from shards.schema import BadSample, one_line
+from shards.settings import clip_rows
 from shards.store import Store
 
 from .ingest import report, run_groups
@@ -89,10 +91,10 @@ def _add_sample(out: dict[str, Any], sample: dict[str, Any], target_length: int)
     out["frames"] += len(sample["frames"])
 
 
-def _stats_task(index: int, urls: list[str], out: str, cfg_data: dict[str, Any], *,
+def _stats_task(index: int, urls: list[str], out: str, cfg_data: dict[str, Any], rows: int, *,
                 progress: Any = None) -> list[dict[str, Any]]:
     """`run_groups` task body: one shard's sums (with a status, so the progress bar counts the shard)."""
-    sums = shard_sums(urls[0], int(cfg_data["model"]["target_length"]))
+    sums = shard_sums(urls[0], rows)
     sums["status"] = "failed" if sums["unreadable"] else "ok"
     report(progress, index, 0, [sums])
     return [sums]
@@ -190,14 +192,17 @@ def shard_folder(spec: str, urls: list[str]) -> Store:
 
 
 def compute_stats(spec: str, cfg: Config, *, label_index_csv: str | None = None, batch_size: int = AST_BATCH,
-                  workers: int | None = None, address: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Everything `stats.json` holds for the shards of `spec` (one Ray task per shard)."""
+                  rows: int | None = None, workers: int | None = None, address: str | None = None,
+                  progress: bool = False) -> dict[str, Any]:
+    """Everything `stats.json` holds for the shards of `spec` (one Ray task per shard); the padded batches pad or
+    cut each sample to `rows` (default: the clip's rows in whole patches, model.target_length's default)."""
+    rows = rows or clip_rows(cfg.to_dict())
     label_index = LabelIndex.read(label_index_csv) if label_index_csv else None
     urls = list_shards(spec)
     folder = shard_folder(spec, urls)
     parts = run_groups([(i, [u]) for i, u in enumerate(urls)], folder, cfg, _stats_task, workers=workers,
-                       address=address, progress=progress, desc="stats", unit="shard")
-    stats = {"folder": folder.uri(), **merge(parts, target_length=int(cfg.model.target_length), batch_size=batch_size)}
+                       address=address, progress=progress, desc="stats", unit="shard", extra=(rows,))
+    stats = {"folder": folder.uri(), **merge(parts, target_length=rows, batch_size=batch_size)}
     stats["label_counts"] = named_labels(stats["label_counts"], label_index)
     stats["manifest"] = manifest_summary(folder)
     fb = stats["fbank"]

@@ -1,11 +1,12 @@
-"""The one config: the settings of `shards/settings.py`, an optional user file laid over them, then presets, then
-`--set` overrides.
+"""The one config: the registered settings (`shards/settings.py`: each section defined by its owner), an optional user
+file laid over them, then presets, then `--set` overrides.
 
 It lives in `shards/` because both stages import `shards/` and because the config digest is part of the
 on-disk contract (every sample records the digest of the settings that produced it).
 
-Every key, its default, type, comment and constraints are a field of `shards/settings.py` (`pipeline.yaml` is
-generated from it). A value must have the field's type (an int is accepted where a float is expected, a YAML 1.1
+Every key, its default, type, comment and constraints are a field of its owner's settings (`pipeline.yaml` is
+generated from them); a section this process has not registered (`shards.settings.SECTION_NAMES`) is kept as given,
+for its owner to check. A value must have the field's type (an int is accepted where a float is expected, a YAML 1.1
 string like `1e-4` as a float, and an int as its text where a string is, for keys like `eval.frames: all | middle |
 3`), be one of its choices and at least its minimum; a key set explicitly to another value than its default while
 the options make it do nothing (`warmup_steps` under `schedule: step`) is refused too. A renamed key still works,
@@ -27,7 +28,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .settings import RENAMED, RETIRED, SECTIONS, as_yaml, default_of, defaults, spec
+from .settings import RENAMED, RETIRED, SECTION_NAMES, SECTIONS, as_yaml, default_of, defaults, spec
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class _Load:
                         raise ConfigError(f"{source}: preset 'presets.{name}' must be a mapping of dotted keys")
                     self.data["presets"][name] = recipe
                 continue
-            if section not in SECTIONS:
+            if section not in SECTION_NAMES:
                 raise ConfigError(f"{source}: unknown config key '{section}'")
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: '{section}' must be a mapping")
@@ -180,11 +181,15 @@ class _Load:
         if dotted in RETIRED:
             raise ConfigError(f"{source}: '{dotted}' was removed: {RETIRED[dotted]}")
         field = spec(dotted)
+        section, _, key = dotted.partition(".")
         if field is None:
-            if dotted in self.data:
+            if dotted in SECTION_NAMES:
                 raise ConfigError(f"{source}: '{dotted}' is a section, set one of its keys")
+            if section in SECTION_NAMES and section not in SECTIONS and key and "." not in key:
+                self.data.setdefault(section, {})[key] = value  # another owner's section: it checks its keys
+                self.explicit.add(dotted)
+                return
             raise ConfigError(f"{source}: unknown config key '{dotted}'")
-        section, key = dotted.split(".")
         self.data[section][key] = _checked(dotted, field, value, source)
         self.explicit.add(dotted)
         if not record:
@@ -194,7 +199,7 @@ class _Load:
         """The config, once no key this load gave is set to no effect (a `when=` of its field that does not hold),
         with every setting that follows others and is not set computed from them (again after each override, so a
         change of what it follows carries through)."""
-        for dotted, field in FOLLOWERS:
+        for dotted, field in _followers():
             section, key = dotted.split(".")
             if self.data[section][key] is None or dotted not in self.explicit:
                 self.explicit.discard(dotted)  # null means "follow"
@@ -229,8 +234,10 @@ def _checked(dotted: str, field: Any, value: Any, source: str) -> Any:
     return value
 
 
-FOLLOWERS = [(f"{section}.{f.name}", f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-             if f.metadata["follows"] is not None]
+def _followers() -> list[tuple[str, Any]]:
+    """(dotted key, field) of every registered setting that follows others."""
+    return [(f"{section}.{f.name}", f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+            if f.metadata["follows"] is not None]
 
 
 def _check_range(dotted: str, meta: dict[str, Any], value: Any, source: str) -> None:

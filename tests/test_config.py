@@ -1,13 +1,16 @@
-"""The config loader and its schema (shards/settings.py): unknown keys, wrong types, bad choices, values below their
+"""The config loader and its schema (the settings.py of shards/, preprocess/ and train/): unknown keys, wrong types, bad choices, values below their
 minimum and keys set to no effect are one-line errors; renamed keys warn; pipeline.yaml is the generated text."""
 
 import dataclasses
 import logging
 import re
+import subprocess
+import sys
 import typing
 
 import pytest
 
+import cavmae.settings  # noqa: F401  (every owner's sections, as pipeline.yaml holds them)
 from shards.config import ConfigError, load_config
 from shards.settings import PIPELINE_YAML, PRESETS, SECTIONS, as_yaml, default_of, render
 
@@ -97,7 +100,7 @@ def test_presets_apply_before_sets(tmp_path):
 
 
 def test_pipeline_yaml_is_the_generated_text():
-    assert PIPELINE_YAML.read_text() == render(), "run `python -m shards.settings --write` after editing settings"
+    assert PIPELINE_YAML.read_text() == render(), "run `python -m cavmae.settings --write` after editing settings"
 
 
 def test_defaults_meet_their_own_constraints():
@@ -301,3 +304,23 @@ def test_a_shard_folders_frozen_config_out_of_range_is_refused(tmp_path, dotted,
 def test_named_bounds(sets, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(sets=sets)
+
+
+@pytest.mark.parametrize("owner, checked, kept, value", [
+    ("preprocess.cli", "ray.workers=-1", "finetune.lr=abc", "abc"),
+    ("train.cli", "finetune.lr=abc", "ray.workers=-1", -1),
+    ("shards.config", "audio.num_mel_bins=0", "model.size=huge", "huge"),
+])
+def test_each_owner_checks_its_sections_and_keeps_the_others(owner, checked, kept, value):
+    """Settings by owner: a process checks the sections of the packages it imports (train/ never imports
+    preprocess/, shards/ neither) and keeps another owner's keys as given, for that owner to check."""
+    code = (f"import sys, {owner}\nfrom shards.config import ConfigError, load_config\n"
+            f"cfg = load_config({str(PIPELINE_YAML)!r}, [{kept!r}])\n"
+            f"section, key = {kept.split('=')[0]!r}.split('.')\nprint(repr(cfg[section][key]))\n"
+            f"try:\n    load_config(sets=[{checked!r}])\n    print('accepted')\n"
+            f"except ConfigError:\n    print('refused')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'train', 'preprocess'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PIPELINE_YAML.parent).stdout.split("\n")
+    imported = [owner.split(".")[0]] if owner != "shards.config" else []
+    assert out[:3] == [repr(value), "refused", repr(imported)]

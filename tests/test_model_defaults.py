@@ -31,7 +31,7 @@ def test_every_pipeline_yaml_model_key_is_a_model_keyword():
 
 
 def test_the_settings_choices_are_the_models():
-    """`shards/settings.py` cannot import the model, so its choices for model options are checked here."""
+    """`train/settings.py` does not import the model (torch), so its choices for model options are checked here."""
     from shards.settings import spec
     from train.model import MASK_MODES, MODEL_SIZES
     from train.modes import NAMES
