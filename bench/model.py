@@ -7,7 +7,7 @@
     python bench/model.py --batch 256 --precision auto --profile profile.txt   # top ops by device time
 
 The step is the trainer's: the model from the default config (official geometry: 1024x128 fbank, 224² frames),
-the optimizer `train.schedule.make_optimizer` builds (Adam, fused on CUDA), and the trainer's precision and compile
+the optimizer `train.lr_schedule.make_optimizer` builds (Adam, fused on CUDA), and the trainer's precision and compile
 (`train.loop.training_model`, `train.precision`): `--precision` takes the trainer's names, `auto` (bf16 autocast on
 CUDA; the contrastive loss stays fp32 inside the model; fp32 on a CPU), `bf16` (bf16 working weights, fp32 masters
 updated by the optimizer) and `fp32`; `--compile` the trainer's modes. `--finetune B` also times the finetuning
@@ -34,7 +34,7 @@ from shards.config import load_config  # noqa: E402
 from train.loop import training_model  # noqa: E402
 from train.precision import step_autocast  # noqa: E402
 from train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
-from train.schedule import make_optimizer  # noqa: E402
+from train.lr_schedule import make_optimizer  # noqa: E402
 from train.stage import model_settings  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched in order against the device name.

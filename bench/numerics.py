@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 from shards.config import load_config  # noqa: E402
 from train.precision import WorkingWeights, step_autocast  # noqa: E402
 from train.model import PATCH_SIZE, build_pretrain_model  # noqa: E402
-from train.schedule import make_optimizer  # noqa: E402
+from train.lr_schedule import make_optimizer  # noqa: E402
 from train.stage import model_settings  # noqa: E402
 
 TERMS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from shards.config import Config, load_config
-from shards.errors import UserError
+from shards.errors import Parser, UserError, report
 from shards.frozen import SAMPLE_SECTIONS
 from shards.process import finish
 from shards.store import check_out_file
+from train.cli import add_mode_arg
 
 EXAMPLES = """examples:
   cavmae predict clip.mp4 other.mkv --checkpoint runs/ft/model.pth --labels class_labels_indices.csv
@@ -26,7 +27,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cavmae", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog="cavmae", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="top-k labels of video files with a finetuned checkpoint",
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "the shards the model was trained on")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting (repeatable)")
-    p.add_argument("--mode", help="input mode (default: finetune.mode)")
+    add_mode_arg(p)
     p.add_argument("--frames", help="all | middle | a frame index (default: eval.frames)")
     p.add_argument("--out", metavar="FILE.json", help="also write the predictions as JSON")
     return parser
@@ -57,11 +58,12 @@ def predict_config(args: argparse.Namespace) -> Config:
     config = args.config
     if config is None and (Path(args.checkpoint).parent / "config.yaml").is_file():
         config = Path(args.checkpoint).parent / "config.yaml"
-    data = load_config(config).to_dict()
+    run = load_config(config)
+    data = run.to_dict()
     if args.prep_config:
         prep = load_config(args.prep_config, sections=SAMPLE_SECTIONS).to_dict()
         data.update({section: prep[section] for section in SAMPLE_SECTIONS})
-    return Config(data).with_overrides(args.sets)
+    return Config(data, run.explicit).with_overrides(args.sets)  # what the run set (the model's length) stays
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             window = f" [window {got.window}]" if got.window is not None else ""
             print(f"{got.source}{window}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in top))
             results.append({"source": got.source, "video_id": got.video_id, "window": got.window, "top": top})
-    except UserError as exc:  # ConfigError, UsageError, InputError, ...
-        print(f"cavmae: error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return report("cavmae", exc)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -22,7 +22,7 @@ from train import distributed as dist
 from train import stage as st
 from train.data import device_augment
 from train.evaluate import batch_probabilities
-from train.model import FT_MODES
+from train.modes import mode_name, mode_of
 
 
 @dataclass
@@ -53,9 +53,10 @@ def predict_videos(paths: list[str], cfg: Config, checkpoint: str, *, top_k: int
                    frames: str | int) -> Iterator[Prediction | tuple[str, str]]:
     """A `Prediction` per sample (per window in clip.mode windows), or (path, reason) for a video that failed,
     in the order of `paths`; batches of `eval.batch_size` samples."""
+    mode = mode_name(mode)
     device = dist.init()
-    model = st.load_model(cfg, checkpoint, finetuned=True).to(device).eval()
-    transform = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, needs=FT_MODES.get(mode, ("av",))[0])
+    model = st.load_model(cfg, checkpoint, finetuned=True, mode=mode).to(device).eval()
+    transform = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, needs=mode_of(mode).inputs)
     rng = np.random.default_rng(0)  # (the eval transform draws nothing)
     pending: list[tuple[str, dict[str, Any]]] = []
 

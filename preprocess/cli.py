@@ -15,12 +15,14 @@ from collections import Counter
 from typing import NoReturn
 
 from shards.config import ConfigError, load_config
-from shards.errors import NoSamples, UserError
+from shards.errors import NoSamples, Parser, UserError, report
 from shards.process import finish
 from shards.schema import BadSample, one_line
 from shards.store import check_out_file
 
 from .datasets import FORMATS
+
+PROG = "cavmae-prep"
 
 MAX_PROBLEMS = 50
 MAX_IGNORED_NAMED = 5
@@ -75,7 +77,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cavmae-prep", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest", help="decode videos into WebDataset shards plus manifest.parquet",
@@ -128,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-index", metavar="CSV", help="label index CSV index,mid,display_name: count labels "
                                                         "by display name and class index")
     p.add_argument("--batch-size", type=int, default=1000,
-                   help="samples per batch of the padded-batch figure (AST's get_norm_stats.py: 1000); rows are "
-                        "padded or cut to model.target_length")
+                   help="samples per batch of the padded-batch figure (AST's get_norm_stats.py: 1000)")
+    p.add_argument("--rows", type=positive_int, metavar="N",
+                   help="fbank rows each sample is padded or cut to in the padded-batch figure, as the training "
+                        "run's model.target_length (default: clip.length_s at audio.frame_shift_ms in whole 16-row "
+                        "patches, its default)")
     add_run_args(p)
     add_config_args(p)
     p = sub.add_parser("inspect", help="draw samples: frames in a row over their log-mel, labels in the title",
@@ -178,9 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args, cfg)
         if args.command == "verify":
             return _verify(args, cfg)
-    except (UserError, FileNotFoundError, BadSample, tarfile.TarError) as exc:
-        print(f"cavmae-prep: error: {exc}", file=sys.stderr)
-        return 2
+    except (UserError, FileNotFoundError, BadSample, tarfile.TarError) as exc:  # (a shard's tar error: one line)
+        return report(PROG, exc)
     except KeyboardInterrupt:
         print("cavmae-prep: interrupted; finished shards are kept: re-run the same command to resume",
               file=sys.stderr)
@@ -208,7 +212,8 @@ def _stats(args: argparse.Namespace, cfg) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
     stats = compute_stats(args.shards, cfg, label_index_csv=args.label_index, batch_size=args.batch_size,
-                          workers=args.workers, address=args.address, progress=not args.no_progress)
+                          rows=args.rows, workers=args.workers, address=args.address,
+                          progress=not args.no_progress)
     out = Store.of(args.out or stats["folder"])
     json_path, png_path = write_stats(stats, out)
     fb = stats["fbank"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tarfile
 from typing import Any, Iterator
 
 from shards.config import Config, ConfigError
@@ -29,16 +30,20 @@ log = logging.getLogger(__name__)
 
 
 def _samples(urls: list[str], spec: SampleSpec) -> Iterator[dict[str, Any]]:
-    """The samples that decode and fit `spec`; one that does not is skipped with a warning naming it (key, shard,
-    reason)."""
-    for raw in raw_samples(urls):
+    """The samples of `urls` that decode and fit `spec`: a bad sample, or the rest of a shard that cannot be read, is
+    skipped with a warning naming it (key, shard, reason), as every reader skips them."""
+    for url in urls:
         try:
-            sample = decode_sample(raw)
-            check_sample(sample, spec)
-        except BadSample as exc:
-            log.warning("skipping %s", one_line(exc))
-            continue
-        yield sample
+            for raw in raw_samples([url]):
+                try:
+                    sample = decode_sample(raw)
+                    check_sample(sample, spec)
+                except BadSample as exc:
+                    log.warning("skipped: %s", one_line(exc))
+                    continue
+                yield sample
+        except (tarfile.TarError, OSError) as exc:
+            log.warning("%s: unreadable from here on (%s)", url, one_line(exc))
 
 
 def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int = 0,

@@ -51,6 +51,7 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from shards.config import Config, ConfigError
+from shards.errors import NotFound
 from shards.manifest import read_manifest
 from shards.media import decode_flac, open_flac, open_jpeg
 from shards.frozen import FROZEN_CONFIG, SAMPLE_SECTIONS, frozen_config
@@ -73,7 +74,7 @@ FLAC_SLACK_S = 1.0  # how much longer than its clip a stored waveform may declar
 READ_BYTES = 8 << 20  # the most one ranged read of SRC gathers (adjacent samples of a unit's videos)
 
 
-class SourcesGone(FileNotFoundError):
+class SourcesGone(NotFound):
     """Reprocessing needs the source videos and none of them is there (the message is one line)."""
 
 
@@ -92,7 +93,7 @@ def reprocess_config(src: str | os.PathLike, config: str | None = None, sets: li
     """SRC's frozen config with the user file `config` (any subset of keys) and then `sets` laid over it."""
     store = Store.of(src)
     if not store.is_file(FROZEN_CONFIG):
-        raise FileNotFoundError(f"{store.uri()}: not a shard folder (no {FROZEN_CONFIG})")
+        raise NotFound(f"{store.uri()}: not a shard folder (no {FROZEN_CONFIG})")
     base = frozen_config(store)
     flat: list[str] = []
     if config is not None:
@@ -146,12 +147,12 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, so
     if src_store.uri().rstrip("/") == store.uri().rstrip("/"):
         raise ConfigError(f"{store.uri()}: --out must differ from the source shard folder")
     if not src_store.is_file(FROZEN_CONFIG):
-        raise FileNotFoundError(f"{src_store.uri()}: not a shard folder (no {FROZEN_CONFIG})")
+        raise NotFound(f"{src_store.uri()}: not a shard folder (no {FROZEN_CONFIG})")
     old = frozen_config(src_store)
     mode, changed = choose_mode(old, cfg)
     src_rows = read_manifest(src_store)
     if not src_rows:
-        raise FileNotFoundError(f"{src_store.uri()}: no manifest.parquet (or it is empty)")
+        raise NotFound(f"{src_store.uri()}: no manifest.parquet (or it is empty)")
     digest = cfg.digest(*SAMPLE_SECTIONS)
 
     videos = _videos_in_source_order(src_rows, old.shards.pattern, src_store.uri())

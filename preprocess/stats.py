@@ -10,8 +10,9 @@ holds only per-sample scalars.
 Two normalisation figures, so the user can choose:
 - `fbank.mean` / `fbank.std`: over every stored fbank value of the samples (unpadded: what the audio is);
 - `fbank.padded_batches`: AST's recipe, the mean over batches of `batch_size` samples (in shard order) of each
-  batch's mean and (unbiased) std, each sample zero-padded or cut to `model.target_length` rows as the loader
-  feeds it; the padding zeros pull both towards 0 for clips shorter than target_length.
+  batch's mean and (unbiased) std, each sample zero-padded or cut to the rows of a clip in whole patches
+  (`shards.settings.clip_rows`: model.target_length's default, 1024 for 10 s at 10 ms) as the loader feeds it; the
+  padding zeros pull both towards 0 for clips shorter than that.
 
 Counts and failure reasons come from the folder's `manifest.parquet`; durations, labels and the frames' mean RGB
 from the samples themselves. Every sample is checked against the shards' own sample settings (their pipeline.yaml,
@@ -39,6 +40,7 @@ from shards.frozen import adopt_shard_settings
 from shards.manifest import read_manifest
 from shards.reader import decode_sample, list_shards, raw_samples
 from shards.schema import BadSample, one_line
+from shards.settings import clip_rows
 from shards.store import Store, regular_files
 from shards.validate import SampleSpec, check_sample
 
@@ -103,9 +105,11 @@ def _add_sample(out: dict[str, Any], sample: dict[str, Any], target_length: int)
     out["frames"] += len(sample["frames"])
 
 
-def _shard_rows(url: str, cfg: Config) -> list[dict[str, Any]]:
-    """One shard's sums, with a status (so the progress bar counts the shard as failed when a sample is not read)."""
-    sums = shard_sums(url, int(cfg.model.target_length), SampleSpec.of(cfg))
+def _shard_rows(item: tuple[str, int], cfg: Config) -> list[dict[str, Any]]:
+    """One shard's sums (its samples padded or cut to `rows` for the batch statistics), with a status (so the
+    progress bar counts the shard as failed when a sample is not read)."""
+    url, rows = item
+    sums = shard_sums(url, rows, SampleSpec.of(cfg))
     sums["status"] = "failed" if sums["unreadable"] else "ok"
     return [sums]
 
@@ -207,14 +211,18 @@ def shard_folder(spec: str, urls: list[str]) -> Store:
 
 
 def compute_stats(spec: str, cfg: Config, *, label_index_csv: str | None = None, batch_size: int = AST_BATCH,
-                  workers: int | None = None, address: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Everything `stats.json` holds for the shards of `spec` (one Ray task per shard)."""
+                  rows: int | None = None, workers: int | None = None, address: str | None = None,
+                  progress: bool = False) -> dict[str, Any]:
+    """Everything `stats.json` holds for the shards of `spec` (one Ray task per shard); the padded batches pad or
+    cut each sample to `rows` (default: the clip's rows in whole patches, model.target_length's default)."""
     label_index = LabelIndex.read(label_index_csv) if label_index_csv else None
     urls = regular_files(list_shards(spec))
     folder = shard_folder(spec, urls)
     cfg = adopt_shard_settings(cfg, urls, flag="stats")  # samples are checked against the shards' own settings
-    parts = run_row_job(STATS, urls, folder, cfg, workers=workers, address=address, progress=progress, desc="stats")
-    stats = {"folder": folder.uri(), **merge(parts, target_length=int(cfg.model.target_length), batch_size=batch_size)}
+    rows = rows or clip_rows(cfg.to_dict())
+    parts = run_row_job(STATS, [(url, rows) for url in urls], folder, cfg, workers=workers, address=address,
+                        progress=progress, desc="stats")
+    stats = {"folder": folder.uri(), **merge(parts, target_length=rows, batch_size=batch_size)}
     if not stats["samples"]:  # as every reading command: no stats.json of nothing
         first = next(iter(stats["unreadable_reasons"]), "the shards hold no sample")
         raise NoSamples(f"no decodable sample in {len(urls)} shard(s) ({stats['unreadable']} unreadable; {first})")

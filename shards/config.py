@@ -1,11 +1,12 @@
-"""The one config: the settings of `shards/settings.py`, an optional user file laid over them, then presets, then
-`--set` overrides.
+"""The one config: the registered settings (`shards/settings.py`: each section defined by its owner), an optional user
+file laid over them, then presets, then `--set` overrides.
 
 It lives in `shards/` because both stages import `shards/` and because the config digest is part of the
 on-disk contract (every sample records the digest of the settings that produced it).
 
-Every key, its default, type, comment and constraints are a field of `shards/settings.py` (`pipeline.yaml` is
-generated from it). A value must have the field's type (an int is accepted where a float is expected, a YAML 1.1
+Every key, its default, type, comment and constraints are a field of its owner's settings (`pipeline.yaml` is
+generated from them); a section this process has not registered (`shards.settings.SECTION_NAMES`) is kept as given,
+for its owner to check. A value must have the field's type (an int is accepted where a float is expected, a YAML 1.1
 string like `1e-4` as a float, and an int as its text where a string is, for keys like `eval.frames: all | middle |
 3`), be one of its choices and at least its minimum; a key set explicitly to another value than its default while
 the options make it do nothing (`warmup_steps` under `schedule: step`) is refused too. A renamed key still works,
@@ -15,16 +16,19 @@ with a warning. Errors are one line, naming the key, raised as `ConfigError`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
+import math
+import operator
 import typing
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
-from .settings import RENAMED, RETIRED, SECTIONS, as_yaml, default_of, defaults, spec
+from .settings import RENAMED, RETIRED, SECTION_NAMES, SECTIONS, as_yaml, default_of, defaults, spec
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -161,7 +165,7 @@ class _Load:
                         raise ConfigError(f"{source}: preset 'presets.{name}' must be a mapping of dotted keys")
                     self.data["presets"][name] = recipe
                 continue
-            if section not in SECTIONS:
+            if section not in SECTION_NAMES:
                 raise ConfigError(f"{source}: unknown config key '{section}'")
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: '{section}' must be a mapping")
@@ -191,18 +195,30 @@ class _Load:
         if dotted in RETIRED:
             raise ConfigError(f"{source}: '{dotted}' was removed: {RETIRED[dotted]}")
         field = spec(dotted)
+        section, _, key = dotted.partition(".")
         if field is None:
-            if dotted in self.data:
+            if dotted in SECTION_NAMES:
                 raise ConfigError(f"{source}: '{dotted}' is a section, set one of its keys")
+            if section in SECTION_NAMES and section not in SECTIONS and key and "." not in key:
+                self.data.setdefault(section, {})[key] = value  # another owner's section: it checks its keys
+                self.explicit.add(dotted)
+                return
             raise ConfigError(f"{source}: unknown config key '{dotted}'")
-        section, key = dotted.split(".")
         self.data[section][key] = _checked(dotted, field, value, source)
         self.explicit.add(dotted)
         if not record:
             self.given[dotted] = source
 
     def result(self) -> Config:
-        """The config, once no key this load gave is set to no effect (a `when=` of its field that does not hold)."""
+        """The config, once no key this load gave is set to no effect (a `when=` of its field that does not hold),
+        with every setting that follows others and is not set computed from them (again after each override, so a
+        change of what it follows carries through)."""
+        for dotted, field in _followers():
+            section, key = dotted.split(".")
+            if self.data[section][key] is None or dotted not in self.explicit:
+                self.explicit.discard(dotted)  # null means "follow"
+                self.data[section][key] = _checked(dotted, field, field.metadata["follows"](self.data),
+                                                   "unset, so following other settings")
         for dotted, source in self.given.items():
             field = spec(dotted)
             if field.metadata["when"] is None:
@@ -223,14 +239,38 @@ def _checked(dotted: str, field: Any, value: Any, source: str) -> Any:
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"{source}: '{dotted}' must be one of {', '.join(map(str, meta['choices']))}; "
                           f"got {value!r}")
-    if meta["min"] is not None and value is not None and value < meta["min"]:
-        raise ConfigError(f"{source}: '{dotted}' must be >= {meta['min']}; got {value!r}")
+    _check_range(dotted, meta, value, source)
     if meta["check"] is not None:
         try:
             meta["check"](value)
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     return value
+
+
+def _followers() -> list[tuple[str, Any]]:
+    """(dotted key, field) of every registered setting that follows others."""
+    return [(f"{section}.{f.name}", f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+            if f.metadata["follows"] is not None]
+
+
+def _check_range(dotted: str, meta: dict[str, Any], value: Any, source: str) -> None:
+    """ConfigError unless `value` (each element of a list) is finite and in the field's range, and a list has its
+    `length`."""
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if meta["length"] is not None and len(value) != meta["length"]:
+        raise ConfigError(f"{source}: '{dotted}' must hold {meta['length']} numbers; got {len(value)}")
+    for number in value if isinstance(value, list) else [value]:
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: '{dotted}' must be a finite number; got {value!r}")
+        for name, sign, holds in _BOUNDS:
+            if meta[name] is not None and not holds(number, meta[name]):
+                raise ConfigError(f"{source}: '{dotted}' must be {sign} {meta[name]}; got {value!r}")
+
+
+_BOUNDS = (("min", ">=", operator.ge), ("max", "<=", operator.le), ("above", ">", operator.gt),
+           ("below", "<", operator.lt))
 
 
 def _type_of(dotted: str) -> Any:

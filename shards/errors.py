@@ -1,10 +1,17 @@
-"""The one base class of user-facing errors.
+"""The one base class of user-facing errors, and how every CLI reports them.
 
 Every error that is the user's input's fault (a file, a value, an argument, a cluster address) derives from
-`UserError`; each CLI catches `UserError` in one place, prints its message on one line and exits 2. Anything else
-that escapes is a bug in cavmae and keeps its traceback. A per-sample defect (`shards.schema.BadSample`) is not a
-`UserError`: readers count and skip it.
+`UserError`; each CLI catches `UserError` in one place (`report`), prints its message on one line and exits 2, and
+its argument parser (`Parser`) does the same for a bad argument. Anything else that escapes is a bug in cavmae and
+keeps its traceback. A per-sample defect (`shards.schema.BadSample`) is not a `UserError`: readers count and skip it.
 """
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE_ERROR = 2  # the exit status of every user error, as argparse's
 
 
 class UserError(ValueError):
@@ -14,3 +21,30 @@ class UserError(ValueError):
 class NoSamples(UserError):
     """Shards from which no sample decodes (one line, naming the shards): every reading command stops with it
     (exit 2) rather than train, evaluate or write nothing."""
+class NotFound(UserError):
+    """A named input that is not there: no shard matches a spec, a folder is not a shard folder."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` on one line; for one raised in a DataLoader worker (which torch re-raises with the
+    worker's traceback as its text), the original message: the last line without its "module.Type: " prefix."""
+    text = str(exc)
+    if "Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        name = type(exc).__name__
+        text = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def report(prog: str, exc: UserError) -> int:
+    """Print `exc` as the one line "prog: error: ..." on stderr; the exit status of a user error."""
+    print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other user error (argparse prints the usage
+    too); `--help` still shows it. Its subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -19,6 +19,7 @@ from typing import IO, Any, Iterable, Iterator
 import braceexpand
 import numpy as np
 
+from .errors import NotFound
 from .samples import read_groups
 from .schema import REQUIRED, BadSample, check_key, decode_member, member_suffix
 from .store import open_regular
@@ -44,7 +45,7 @@ def list_shards(spec: str | Iterable[str]) -> list[str]:
         for one in braceexpand.braceexpand(item):
             found = _expand_one(one)
             if not found:
-                raise FileNotFoundError(f"{one}: no shards found")
+                raise NotFound(f"{one}: no shards found")
             out += found
     return sorted(dict.fromkeys(out))
 

@@ -1,12 +1,18 @@
-"""The config loader and its schema (shards/settings.py): unknown keys, wrong types, bad choices, values below their
+"""The config loader and its schema (the settings.py of shards/, preprocess/ and train/): unknown keys, wrong types, bad choices, values below their
 minimum and keys set to no effect are one-line errors; renamed keys warn; pipeline.yaml is the generated text."""
 
+import dataclasses
 import logging
+import re
+import subprocess
+import sys
+import typing
 
 import pytest
 
+import cavmae.settings  # noqa: F401  (every owner's sections, as pipeline.yaml holds them)
 from shards.config import ConfigError, load_config
-from shards.settings import PIPELINE_YAML, PRESETS, render
+from shards.settings import PIPELINE_YAML, PRESETS, SECTIONS, as_yaml, default_of, render
 
 
 def test_defaults_are_the_official_values():
@@ -94,7 +100,7 @@ def test_presets_apply_before_sets(tmp_path):
 
 
 def test_pipeline_yaml_is_the_generated_text():
-    assert PIPELINE_YAML.read_text() == render(), "run `python -m shards.settings --write` after editing settings"
+    assert PIPELINE_YAML.read_text() == render(), "run `python -m cavmae.settings --write` after editing settings"
 
 
 def test_defaults_meet_their_own_constraints():
@@ -235,3 +241,99 @@ def test_finetuning_recipes_are_the_official_values_with_their_sources():
     assert (esc.model.target_length, esc.finetune.mode, esc.finetune.loss, esc.finetune.wa) == (
         512, "audioonly", "ce", False)
     assert (esc.data.mean, esc.data.std) == (default.data.mean, default.data.std)
+def numeric_settings():
+    """(dotted key, field) of every setting that holds numbers (int, float, a list of floats; or null)."""
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kinds = set(typing.get_args(hints[f.name])) - {type(None)} or {hints[f.name]}
+            if kinds & {int, float} or typing.get_origin(hints[f.name]) is list:
+                yield f"{section}.{f.name}", f
+
+
+def counts(dotted, field):
+    return typing.get_type_hints(SECTIONS[dotted.split(".")[0]])[field.name] in (int, int | None)
+
+
+def out_of_range(dotted, field):
+    """Values of `field` just outside its range (and, for a float, the non-finite ones)."""
+    meta, is_int = field.metadata, counts(dotted, field)
+    step = 1 if is_int else 1e-3
+    values = []
+    if meta["min"] is not None:
+        values.append(meta["min"] - step)
+    if meta["max"] is not None:
+        values.append(meta["max"] + step)
+    values += [meta[bound] for bound in ("above", "below") if meta[bound] is not None]
+    if not is_int:
+        values += [float("nan"), float("inf")]
+    return [[v] + default_of(field)[1:] if isinstance(default_of(field), list) else v for v in values]
+
+
+NUMERIC = sorted(numeric_settings())
+CASES = [(dotted, value) for dotted, field in NUMERIC for value in out_of_range(dotted, field)]
+
+
+def test_every_number_has_a_range():
+    bounds = ("min", "max", "above", "below")
+    assert [dotted for dotted, f in NUMERIC if all(f.metadata[b] is None for b in bounds)] == ["data.mean"]
+    assert [dotted for dotted, f in NUMERIC if counts(dotted, f) and f.metadata["max"] is None] == []
+
+
+@pytest.mark.parametrize("dotted, value", CASES, ids=[f"{d}={v}" for d, v in CASES])
+def test_every_numeric_key_out_of_range_is_one_line_at_load(dotted, value, tmp_path):
+    text = "[" + ", ".join(as_yaml(v) for v in value) + "]" if isinstance(value, list) else as_yaml(value)
+    section, key = dotted.split(".")
+    user = tmp_path / "mine.yaml"
+    user.write_text(f"{section}:\n  {key}: {text}\n")
+    for load in (lambda: load_config(sets=[f"{dotted}={text}"]), lambda: load_config(user)):
+        with pytest.raises(ConfigError) as err:
+            load()
+        assert f"'{dotted}' must" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dotted, value", [("video.num_frames", 10 ** 30), ("audio.num_mel_bins", 10 ** 8),
+                                           ("video.image_size", 10 ** 6), ("audio.frame_shift_ms", 0),
+                                           ("clip.length_s", 10 ** 9)])
+def test_a_shard_folders_frozen_config_out_of_range_is_refused(tmp_path, dotted, value):
+    from shards.frozen import frozen_config
+    from shards.store import Store
+
+    section, key = dotted.split(".")
+    (tmp_path / "pipeline.yaml").write_text(f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError) as err:
+        frozen_config(Store.of(tmp_path))
+    assert str(tmp_path / "pipeline.yaml") in str(err.value) and f"'{dotted}' must be" in str(err.value)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["pretrain.epoch_samples=100000000000000"], "'pretrain.epoch_samples' must be <= 100000000"),
+    (["data.std=0"], "'data.std' must be > 0.0"),
+    (["finetune.label_smooth=3"], "'finetune.label_smooth' must be < 1.0"),
+    (["model.mask_ratio_a=1.0"], "'model.mask_ratio_a' must be < 1.0"),
+    (["data.image_std=[0.2, 0.2]"], "'data.image_std' must hold 3 numbers; got 2"),
+    (["data.mean=.nan"], "'data.mean' must be a finite number"),
+])
+def test_named_bounds(sets, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(sets=sets)
+
+
+@pytest.mark.parametrize("owner, checked, kept, value", [
+    ("preprocess.cli", "ray.workers=-1", "finetune.lr=abc", "abc"),
+    ("train.cli", "finetune.lr=abc", "ray.workers=-1", -1),
+    ("shards.config", "audio.num_mel_bins=0", "model.size=huge", "huge"),
+])
+def test_each_owner_checks_its_sections_and_keeps_the_others(owner, checked, kept, value):
+    """Settings by owner: a process checks the sections of the packages it imports (train/ never imports
+    preprocess/, shards/ neither) and keeps another owner's keys as given, for that owner to check."""
+    code = (f"import sys, {owner}\nfrom shards.config import ConfigError, load_config\n"
+            f"cfg = load_config({str(PIPELINE_YAML)!r}, [{kept!r}])\n"
+            f"section, key = {kept.split('=')[0]!r}.split('.')\nprint(repr(cfg[section][key]))\n"
+            f"try:\n    load_config(sets=[{checked!r}])\n    print('accepted')\n"
+            f"except ConfigError:\n    print('refused')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'train', 'preprocess'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PIPELINE_YAML.parent).stdout.split("\n")
+    imported = [owner.split(".")[0]] if owner != "shards.config" else []
+    assert out[:3] == [repr(value), "refused", repr(imported)]

@@ -22,6 +22,7 @@ from preprocess.jobs import next_index
 from preprocess.inputs import LabelIndex, collect_inputs
 from preprocess.reprocess import _videos_in_source_order
 from shards.config import ConfigError, load_config
+from shards.errors import one_line
 from shards.media import decode_flac, open_flac, open_jpeg
 from shards.names import PatternError, check_pattern, shard_index, shard_name
 from shards.reader import raw_samples
@@ -436,4 +437,4 @@ def test_worker_errors_print_their_own_line():
     with pytest.raises(NoSamples) as err:
         wrapped.reraise()
     assert "\n" in str(err.value)
-    assert train_cli.one_line(err.value) == "no sample decoded in 1000 tries in a row (shards: junk.tar; last: bad)"
+    assert one_line(err.value) == "no sample decoded in 1000 tries in a row (shards: junk.tar; last: bad)"

@@ -102,7 +102,7 @@ def _direct(out: Path, target_length: int, batch_size: int) -> dict:
 def test_stats_agree_with_a_direct_numpy_pass(ingested, tmp_path, capsys):
     _, out, index, _ = ingested
     args = ["stats", str(out), "--out", str(tmp_path), "--label-index", str(index), "--batch-size", "2",
-            "--set", "model.target_length=128", "--no-progress"]
+            "--rows", "128", "--no-progress"]
     assert main(args) == 0
     assert "train with --set data.mean=" in capsys.readouterr().out
     stats = json.loads((tmp_path / "stats.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from shards.errors import NotFound
 from shards.manifest import merge_rows, read_rows, write_rows
 from shards.reader import decode_sample, list_shards, raw_samples
 from shards.schema import BadSample, make_key, sample_members
@@ -109,7 +110,7 @@ def test_list_shards_forms(tmp_path):
     assert len(list_shards(str(tmp_path))) == 3
     assert len(list_shards(str(tmp_path / "shard-{000000..000001}.tar"))) == 2
     assert list_shards(f"{tmp_path}/shard-000000.tar::{tmp_path}/shard-000002.tar")[-1].endswith("2.tar")
-    with pytest.raises(FileNotFoundError, match="no shards found"):
+    with pytest.raises(NotFound, match="no shards found"):
         list_shards(str(tmp_path / "missing-{0..1}.tar"))
 
 

@@ -20,7 +20,7 @@ from shards.config import load_config  # noqa: E402
 from train.cli import main  # noqa: E402
 from train.model import build_pretrain_model  # noqa: E402
 from train.precision import WorkingWeights  # noqa: E402
-from train.schedule import make_optimizer  # noqa: E402
+from train.lr_schedule import make_optimizer  # noqa: E402
 from train.stage import model_settings  # noqa: E402
 from train_fixtures import TINY  # noqa: E402
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from shards.config import ConfigError, load_config
-from shards.errors import UserError
+from shards.errors import Parser, UserError, report
 from shards.process import finish
 from shards.store import check_out_file
+
+PROG = "cavmae-train"
 
 EXAMPLES = """examples:
   cavmae-train pretrain --shards shards/ --out runs/pt --preset scale+
@@ -34,7 +36,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cavmae-train", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -65,13 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "finetune":
             p.add_argument("--labels", metavar="CSV", help="label index CSV index,mid,display_name (default: "
                                                            "the .labels.txt members and finetune.num_classes)")
-            p.add_argument("--mode", help="multimodal | audioonly | videoonly | missingaudioonly | "
-                                          "missingvideoonly (default: finetune.mode)")
+            add_mode_arg(p)
 
     p = command("eval", "score a finetuned checkpoint: mAP or accuracy, per frame and frame-averaged")
     p.add_argument("--checkpoint", required=True, metavar="PTH", help="finetuned weights (ours or official)")
     p.add_argument("--labels", metavar="CSV", help="label index CSV index,mid,display_name")
-    p.add_argument("--mode", help="input mode (default: finetune.mode)")
+    add_mode_arg(p)
     p.add_argument("--frames", help="all (official 10-frame average) | middle | a frame index (default: eval.frames)")
     p.add_argument("--out", help="also write the results as JSON to this file")
 
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_mode_arg(p: argparse.ArgumentParser) -> None:
+    """--mode: a finetuning mode of the table in train/modes.py (the official names too)."""
+    from train.modes import HELP, NAMES
+
+    p.add_argument("--mode", choices=NAMES, metavar="MODE", help=f"input mode (default: finetune.mode). {HELP}")
+
+
 def positive(text: str) -> int:
     """argparse type: an integer >= 1 (a bad value is a usage error, exit 2)."""
     if not text.isdigit() or int(text) < 1:
@@ -121,14 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             check_out_file(args.out)
         cfg = load_config(args.config, args.sets, args.presets)
         result = COMMANDS[args.command](args, cfg)
-    except UserError as exc:  # ConfigError, UsageError, LabelError, CheckpointError, NoSamples, ManifestError, ...
-        print(f"cavmae-train: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return report(PROG, exc)
     except FloatingPointError as exc:  # the loss stayed non-finite (train/loop.py NONFINITE_PATIENCE)
-        print(f"cavmae-train: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("cavmae-train: interrupted; run again with --resume to continue", file=sys.stderr)
+        print(f"{PROG}: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130
     finally:
         from train import distributed
@@ -141,17 +148,6 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text + "\n")
     return 0
-
-
-def one_line(exc: Exception) -> str:
-    """The message of `exc`; for one raised in a DataLoader worker (which torch re-raises with the worker's
-    traceback as its text), the original message: the last line without its "module.Type: " prefix."""
-    text = str(exc)
-    if "Traceback" not in text:
-        return text
-    last = text.strip().splitlines()[-1]
-    name = type(exc).__name__
-    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
 def _pretrain(args: argparse.Namespace, cfg) -> None:
@@ -169,72 +165,31 @@ def _finetune(args: argparse.Namespace, cfg) -> None:
 
 
 def _eval(args: argparse.Namespace, cfg) -> dict:
-    from train import distributed as dist
-    from train import stage as st
-    from train.evaluate import predict, score
-    from train.model import FT_MODES
+    from train import evaluate
 
-    device = dist.init()
-    mode = args.mode or cfg.finetune.mode
-    frames = _frames(args, cfg)
-    cfg, urls, _ = st.shard_sets(cfg, args.shards)
-    model = st.load_model(cfg, args.checkpoint, finetuned=True)
-    label_map, _ = st.labels(cfg, args.labels, cfg.finetune) if args.labels else (None, 0)
-    num_classes = model.mlp_head[1].out_features
-    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, num_classes=num_classes, label_map=label_map,
-                      label_csv=args.labels, needs=FT_MODES.get(mode, ("av",))[0])
-    pred = predict(model.to(device), urls, tf, mode=mode, metric=cfg.finetune.metric,
-                   batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device,
-                   precision=cfg.finetune.precision)
-    return score(pred, cfg.finetune.metric) | {"mode": mode, "frames": frames}
+    return evaluate.run(cfg, shards=args.shards, checkpoint=args.checkpoint, labels_csv=args.labels,
+                        mode=args.mode, frames=_frames(args, cfg))
 
 
 def _order(args: argparse.Namespace, cfg) -> None:
-    """The micro-batches rank R of W reads in epoch E, as training computes them (`train.epochs`)."""
-    from train import stage as st
+    from train import order
 
-    if not 0 <= args.rank < args.world_size:
-        raise st.UsageError(f"--rank must be in 0..{args.world_size - 1}; got {args.rank}")
-    section = cfg[args.stage]
-    urls = st.shard_urls(args.shards, "--shards")
-    index, plan = st.epoch_plan(urls, cfg, section, args.stage, balanced=args.stage == "finetune" and section.balanced,
-                                world_size=args.world_size, rank=args.rank)
-    order = plan.order(args.epoch - 1)
-    for positions in plan.positions(0, plan.batches):
-        print(" ".join(index.key_of(i) for i in order[positions]))
+    order.run(cfg, shards=args.shards, epoch=args.epoch, world_size=args.world_size, rank=args.rank,
+              stage=args.stage)
 
 
 def _retrieve(args: argparse.Namespace, cfg) -> dict:
-    from train import distributed as dist
-    from train import stage as st
-    from train.retrieve import features, retrieval
+    from train import retrieve
 
-    device = dist.init()
-    cfg, urls, _ = st.shard_sets(cfg, args.shards)
-    model = st.load_model(cfg, args.checkpoint)
-    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frame_choice(args.frames or "middle", "--frames"))
-    audio, visual, _ = features(model.to(device), urls, tf, batch_size=cfg.eval.batch_size,
-                                num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision)
-    return retrieval(audio, visual)
+    return retrieve.run(cfg, shards=args.shards, checkpoint=args.checkpoint,
+                        frames=frame_choice(args.frames or "middle", "--frames"))
 
 
 def _embed(args: argparse.Namespace, cfg) -> dict:
-    from train import distributed as dist
-    from train import stage as st
-    from shards.manifest import manifest_rows
-    from train.embed import embed
+    from train import embed
 
-    device = dist.init()
-    if dist.world_size() > 1:
-        raise st.UsageError("embed runs as one process (it writes one file); start it without torchrun")
-    cfg, urls, _ = st.shard_sets(cfg, args.shards)
-    model = st.load_model(cfg, args.checkpoint)
-    frames = _frames(args, cfg)
-    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, needs="")
-    rows = embed(model.to(device), urls, tf, args.out, batch_size=cfg.eval.batch_size,
-                 num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision,
-                 total=len(manifest_rows(urls, cfg.data.manifest)) or None, progress=not args.no_progress)
-    return {"rows": rows, "frames": frames, "out": args.out}
+    return embed.run(cfg, shards=args.shards, checkpoint=args.checkpoint, out=args.out, frames=_frames(args, cfg),
+                     progress=not args.no_progress)
 
 
 def _frames(args: argparse.Namespace, cfg) -> str | int:

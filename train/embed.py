@@ -19,12 +19,31 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from shards.config import Config
 from train import distributed as dist
-from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
+from shards.errors import NoSamples
+from shards.manifest import manifest_rows
+from train import stage as st
+from train.data import Transform, device_augment, eval_loader, shard_list
 from train.retrieve import pooled_features
 
 SCHEMA = pa.schema([("key", pa.string()), ("video_id", pa.string()),
                     ("audio", pa.list_(pa.float32())), ("visual", pa.list_(pa.float32()))])
+
+
+def run(cfg: Config, *, shards: str, checkpoint: str, out: str, frames: str | int,
+        progress: bool = True) -> dict:
+    """`cavmae-train embed`: the embeddings of every sample of `shards` into the parquet file `out`."""
+    device = dist.init()
+    if dist.world_size() > 1:
+        raise st.UsageError("embed runs as one process (it writes one file); start it without torchrun")
+    cfg, urls, _ = st.shard_sets(cfg, shards)
+    model = st.load_model(cfg, checkpoint, visual=True)
+    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, needs="")  # a missing side: a null vector
+    rows = embed(model.to(device), urls, tf, out, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                 device=device, precision=cfg.pretrain.precision,
+                 total=len(manifest_rows(urls, cfg.data.manifest)) or None, progress=progress)
+    return {"rows": rows, "frames": frames, "out": out}
 
 
 @torch.no_grad()

@@ -13,9 +13,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from shards.config import Config
 from train import distributed as dist
+from train import stage as st
 from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
 from train.precision import autocast
+from train.modes import mode_name, mode_of
+
+
+def run(cfg: Config, *, shards: str, checkpoint: str, labels_csv: str | None, mode: str | None,
+        frames: str | int) -> dict[str, Any]:
+    """`cavmae-train eval`: the metric of a finetuned checkpoint over `shards`, per frame and frame-averaged, in
+    `mode` (default finetune.mode)."""
+    mode = mode_name(mode or cfg.finetune.mode, "--mode" if mode else "finetune.mode")
+    device = dist.init()
+    cfg, urls, _ = st.shard_sets(cfg, shards)
+    model = st.load_model(cfg, checkpoint, finetuned=True, mode=mode)
+    label_map, _ = st.labels(cfg, labels_csv, cfg.finetune) if labels_csv else (None, 0)
+    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, num_classes=model.mlp_head[1].out_features,
+                      label_map=label_map, label_csv=labels_csv, needs=mode_of(mode).inputs)
+    pred = predict(model.to(device), urls, tf, mode=mode, metric=cfg.finetune.metric,
+                   batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device,
+                   precision=cfg.finetune.precision)
+    return score(pred, cfg.finetune.metric) | {"mode": mode, "frames": frames}
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -57,7 +77,7 @@ def batch_probabilities(model: torch.nn.Module, batch: dict[str, Any], *, mode: 
     audio-only mode scores once: the frame does not matter)."""
     audio, images = batch["audio"], batch["image"]
     images = images.unsqueeze(1) if images.dim() == 4 else images  # [B, frames, 3, H, W]
-    if mode == "audioonly":
+    if not mode_of(mode).frames_matter:
         images = images[:, :1]
     with autocast(device, precision):
         return torch.stack([probabilities(model(audio, images[:, k], mode).float(), metric).cpu()

@@ -22,8 +22,9 @@ from train.checkpoint import load_pretrained_into, load_state_dict_file, officia
 from train.data import train_loader
 from train.evaluate import predict, score
 from train.loop import save_state, train
-from train.model import FT_MODES, build_finetune_model
-from train.schedule import make_optimizer, make_scheduler
+from train.model import build_finetune_model
+from train.modes import MODES, mode_name
+from train.lr_schedule import make_optimizer, make_scheduler
 
 HEAD = "mlp_head."
 
@@ -52,9 +53,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
         stop_after: int | None = None) -> dict[str, Any]:
     device = dist.init()
     f = cfg.finetune
-    mode = mode or f.mode
-    if mode not in FT_MODES:
-        raise st.UsageError(f"--mode must be one of {', '.join(FT_MODES)}; got {mode!r}")
+    mode = mode_name(mode or f.mode, "--mode" if mode else "finetune.mode")
     metric = f.metric
     if f.wa and max(1, f.wa_start) > min(f.epochs, f.wa_end):
         raise st.UsageError(f"finetune.wa averages epochs {f.wa_start}..{f.wa_end} but there are {f.epochs}")
@@ -66,7 +65,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     steps = plan.steps
 
     torch.manual_seed(cfg.data.seed)
-    model = build_finetune_model(st.model_settings(cfg), num_classes)
+    model = build_finetune_model(st.model_settings(cfg), num_classes, audio_only=not MODES[mode].visual)
     if init:
         missing, unexpected = load_pretrained_into(model, load_state_dict_file(init), source=f"--init {init}")
         if dist.is_main():
@@ -85,12 +84,12 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
 
     def loader(epoch: int, first: int, count: int):
         tf = st.transform(cfg, st.augmentation(f), frame="random", num_classes=num_classes, label_map=label_map,
-                          label_csv=labels_csv, needs=FT_MODES[mode][0])
+                          label_csv=labels_csv, needs=MODES[mode].inputs)
         return train_loader(index, tf, plan, epoch=epoch, first=first, count=count, num_workers=cfg.data.num_workers)
 
     def validate(net: torch.nn.Module) -> dict[str, Any]:
         tf = st.transform(cfg, st.NO_AUGMENTATION, frame="middle", num_classes=num_classes, label_map=label_map,
-                          label_csv=labels_csv, needs=FT_MODES[mode][0])
+                          label_csv=labels_csv, needs=MODES[mode].inputs)
         pred = predict(net, val_urls, tf, mode=mode, metric=metric, batch_size=cfg.eval.batch_size,
                        num_workers=cfg.data.num_workers, device=device, precision=f.precision)
         return {f"val_{metric}": score(pred, metric)[metric]}

@@ -22,7 +22,7 @@ from train.data import train_loader
 from train.evaluate import pretrain_losses
 from train.loop import save_state, train
 from train.model import build_pretrain_model
-from train.schedule import make_optimizer, make_scheduler
+from train.lr_schedule import make_optimizer, make_scheduler
 
 
 def step_fn(contrast: str):

@@ -14,9 +14,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shards.config import Config
 from train import distributed as dist
+from train import stage as st
 from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
 from train.precision import autocast
+
+
+def run(cfg: Config, *, shards: str, checkpoint: str, frames: str | int) -> dict[str, Any]:
+    """`cavmae-train retrieve`: R@1/5/10 and median rank both ways over `shards` with a checkpoint's encoders."""
+    device = dist.init()
+    cfg, urls, _ = st.shard_sets(cfg, shards)
+    model = st.load_model(cfg, checkpoint, visual=True)
+    tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
+    audio, visual, _ = features(model.to(device), urls, tf, batch_size=cfg.eval.batch_size,
+                                num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision)
+    return retrieval(audio, visual)
 
 
 @torch.no_grad()

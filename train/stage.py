@@ -8,19 +8,26 @@ takes batch_size / (world_size * accum_steps) per micro-batch. An epoch is the n
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from shards.config import Config
+from shards.errors import NotFound, UserError
+from shards.fbank import fbank_rows
 from shards.frozen import adopt_shard_settings
 from shards.index import SampleIndex, sample_index
 from shards.manifest import manifest_rows
 from shards.reader import list_shards
 from shards.store import regular_files
+from shards.settings import OFFICIAL_SHIFT_MS, PATCH_ROWS
 from train import distributed as dist
 from train.data import LabelError, NoSamples, Transform, balance_weights, read_label_index, shard_list
 from train.epochs import EpochPlan
-from shards.errors import UserError
+from train.modes import MODES
+
+
+log = logging.getLogger(__name__)
 
 
 class UsageError(UserError):
@@ -32,7 +39,7 @@ def shard_urls(spec: str | None, flag: str) -> list[str]:
         raise UsageError(f"{flag} is required")
     try:
         return regular_files(list_shards(spec))
-    except FileNotFoundError as exc:
+    except (NotFound, FileNotFoundError) as exc:  # (no shard matches; a shard is not a regular file)
         raise UsageError(f"{flag}: {exc}") from None
 
 
@@ -113,14 +120,36 @@ def check_manifest_labels(urls: list[str], cfg: Config, label_map: dict[str, int
 
 def model_settings(cfg: Config) -> dict[str, Any]:
     """The keywords of the model builders: the `model:` section, with the geometry that follows from the samples
-    (mel bins, frame size; `shards.frozen` makes them the shards' own)."""
+    (mel bins, frame size; `shards.frozen` makes them the shards' own). A `model.target_length` set explicitly
+    that cuts more than one patch off every clip is a one-line warning saying how much."""
+    warn_audio_cut(cfg)
     return {**cfg.model.to_dict(), "num_mel_bins": cfg.audio.num_mel_bins, "image_size": cfg.video.image_size}
+
+
+def warn_audio_cut(cfg: Config) -> None:
+    """Warn when the model's audio length keeps less of a clip than the clip holds, by more than one patch (unset,
+    `model.target_length` follows the clip and cuts nothing)."""
+    rows = fbank_rows(int(cfg.clip.length_s * cfg.audio.sample_rate), cfg.audio)
+    cut = rows - cfg.model.target_length
+    if cut > PATCH_ROWS:
+        shift_s = cfg.audio.frame_shift_ms / 1000
+        log.warning("model.target_length %d keeps the first %.2f s of every %g s clip (audio.frame_shift_ms %g): "
+                    "%.2f s (%d rows) are cut; leave model.target_length unset to follow clip.length_s",
+                    cfg.model.target_length, cfg.model.target_length * shift_s, cfg.clip.length_s,
+                    cfg.audio.frame_shift_ms, cut * shift_s, cut)
+
+
+def time_rows(cfg: Config, rows_at_10ms: int) -> int:
+    """A width given in official 10 ms rows (SpecAugment's `timem`) in rows of the shards' frame shift."""
+    return round(rows_at_10ms * OFFICIAL_SHIFT_MS / cfg.audio.frame_shift_ms)
 
 
 def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes: int = 0,
               label_map: dict[str, int] | None = None, label_csv: str | None = None, needs: str = "av") -> Transform:
-    """The data transform of a command; `needs`: the modalities its model reads ("av", "a", "v"; "" for none
-    required, as `embed`), see `train.data.Transform`."""
+    """The sample transform of `cfg` with the augmentation `aug` (`augmentation` or `NO_AUGMENTATION`); its time
+    widths scale with the frame shift (the noise roll spans +-target_length rows, which follows it too). `needs`:
+    the modalities its model reads ("av", "a", "v"; "" for none required, as `embed`), see `train.data.Transform`."""
+    aug = {**aug, "timem": time_rows(cfg, aug["timem"])}
     data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.video.image_size,
             "num_mel_bins": cfg.audio.num_mel_bins}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
@@ -139,9 +168,10 @@ def checkpoint_arg(path: str) -> dict[str, Any]:
         raise UsageError(f"--checkpoint {exc}") from None
 
 
-def load_model(cfg: Config, path: str, *, finetuned: bool = False):
+def load_model(cfg: Config, path: str, *, finetuned: bool = False, mode: str | None = None, visual: bool = False):
     """The model a checkpoint holds, built from `cfg.model`: the finetuning model when the checkpoint has a
-    classification head (`mlp_head.*`), else the pretraining one. `finetuned` requires the head."""
+    classification head (`mlp_head.*`; without visual weights, the audio-only one), else the pretraining one.
+    `finetuned` requires the head, `mode` (a `train.modes` name) a model that can run it, `visual` visual weights."""
     from train.checkpoint import CheckpointError, load_pretrained_into
     from train.model import build_finetune_model, build_pretrain_model
 
@@ -149,10 +179,14 @@ def load_model(cfg: Config, path: str, *, finetuned: bool = False):
     head = sd.get("mlp_head.1.weight")
     if head is None and finetuned:
         raise UsageError(f"{path}: no classification head (mlp_head.*): not a finetuned checkpoint")
+    audio_only = head is not None and "patch_embed_v.proj.weight" not in sd
+    if audio_only and (visual or (mode is not None and not MODES[mode].audio_path_only)):
+        wanted = "visual weights" if visual else f"mode {mode}"
+        raise UsageError(f"--checkpoint {path}: an audio-only model (no visual weights) cannot serve {wanted}")
     if head is None:
         model = build_pretrain_model(model_settings(cfg))
     else:
-        model = build_finetune_model(model_settings(cfg), head.shape[0])
+        model = build_finetune_model(model_settings(cfg), head.shape[0], audio_only=audio_only)
     try:
         load_pretrained_into(model, sd, source=f"--checkpoint {path} (this config and shards)")
     except CheckpointError as exc:  # one line, naming what does not fit

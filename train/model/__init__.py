@@ -6,15 +6,15 @@ strictly (after stripping the DataParallel `module.` prefix) and our checkpoints
   CAVMAE          pretraining: masked audio and image tokens -> modality-specific encoders -> one joint block ->
                   (a) joint decoder reconstructing both modalities (MAE loss), (b) pooled per-modality vectors
                   (contrastive InfoNCE loss).
-  CAVMAEFT        finetuning/inference classifier on all tokens, no decoder; five input modes.
-  CAVMAEFTAudio   audio-only finetuning model without any visual parameter.
+  CAVMAEFT        finetuning/inference classifier on all tokens, no decoder; the input modes of train/modes.py.
+  CAVMAEFTAudio   audio-only finetuning model without any visual parameter (mode audioonly-lean).
 
 Files, in reading order:
   blocks.py       sizes (ModelSize, MODEL_SIZES), the transformer Block, PatchEmbed, patchify/unpatchify, masking,
                   weight initialisation
   encoder.py      Encoder, shared by all three models (and the input conventions: fbank and image layouts)
   pretraining.py  CAVMAE: masking, decoder, MAE and contrastive losses
-  finetuning.py   CAVMAEFT, CAVMAEFTAudio, FT_MODES
+  finetuning.py   CAVMAEFT, CAVMAEFTAudio (FT_MODES: the mode table, train/modes.py)
   builders.py     build_pretrain_model / build_finetune_model from the `model:` config section
   unused.py       which trainable parameters get no gradient in a pass (frozen before DDP wrapping)
 """
@@ -35,7 +35,8 @@ from train.model.blocks import (
 )
 from train.model.builders import build_finetune_model, build_pretrain_model
 from train.model.encoder import Encoder
-from train.model.finetuning import FT_MODES, CAVMAEFT, CAVMAEFTAudio
+from train.model.finetuning import CAVMAEFT, CAVMAEFTAudio
+from train.modes import MODES as FT_MODES
 from train.model.pretraining import CONTRAST_TEMPERATURE, CAVMAE
 
 __all__ = [

@@ -2,7 +2,7 @@
 image_size` and the keys of both stages).
 
 One section serves both stages, so each builder passes its constructor exactly the keys that constructor accepts
-(read from its signature): a new model option is a constructor keyword plus its field in `shards/settings.py`
+(read from its signature): a new model option is a constructor keyword plus its field in `train/settings.py`
 (tests/test_model_defaults.py checks the two defaults agree), nothing here.
 A key that no model accepts is a typo and is refused.
 """

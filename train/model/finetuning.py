@@ -1,5 +1,6 @@
-"""The finetuning models: CAVMAEFT, the classifier on all tokens (no decoder, five input modes), and CAVMAEFTAudio,
-the audio-only classifier without any visual parameter. Both load pretrained CAVMAE weights (train/checkpoint.py).
+"""The finetuning models: CAVMAEFT, the classifier on all tokens (no decoder; the modes of `train.modes`), and
+CAVMAEFTAudio, the audio-only classifier without any visual parameter (mode `audioonly-lean`). Both load pretrained
+CAVMAE weights (train/checkpoint.py).
 """
 
 import torch
@@ -8,17 +9,7 @@ import torch.nn as nn
 from train.model import unused
 from train.model.blocks import ModelSize, init_linear_and_norm
 from train.model.encoder import Encoder
-
-# mode -> (modalities fed in, joint-block passes averaged after pooling). The "missing*" modes serve a model finetuned
-# on both modalities when one is absent at test time; the official names read "missing<other>, <this>only":
-# missingaudioonly takes ONLY AUDIO (the video is missing) and averages the shared-norm and audio-norm passes.
-FT_MODES = {
-    "multimodal": ("av", (None,)),
-    "audioonly": ("a", ("a",)),
-    "videoonly": ("v", ("v",)),
-    "missingaudioonly": ("a", (None, "a")),
-    "missingvideoonly": ("v", (None, "v")),
-}
+from train.modes import mode_of
 
 
 class CAVMAEFT(Encoder):
@@ -46,16 +37,14 @@ class CAVMAEFT(Encoder):
         self, audio: "torch.Tensor | None", image: "torch.Tensor | None", mode: str = "multimodal"
     ) -> torch.Tensor:
         """Logits [B, label_dim]. The input a mode does not use may be None."""
-        if mode not in FT_MODES:
-            raise ValueError(f"mode must be one of {sorted(FT_MODES)}, not {mode!r}")
-        inputs, joint_paths = FT_MODES[mode]
+        spec = mode_of(mode, "mode")
         streams = []
-        if "a" in inputs:
+        if "a" in spec.inputs:
             streams.append(self._specific(self.embed_audio(audio), self.blocks_a))
-        if "v" in inputs:
+        if "v" in spec.inputs:
             streams.append(self._specific(self.embed_image(image), self.blocks_v))
         x = torch.cat(streams, dim=1)
-        pooled = [self._joint(x, path).mean(dim=1) for path in joint_paths]
+        pooled = [self._joint(x, path).mean(dim=1) for path in spec.joint_paths]
         return self.mlp_head(sum(pooled) / len(pooled))
 
     def unused_parameter_names(self, mode: str = "multimodal") -> "set[str]":
@@ -64,7 +53,8 @@ class CAVMAEFT(Encoder):
 
 
 class CAVMAEFTAudio(Encoder):
-    """Audio-only finetuning model: CAVMAEFT's audio path ('audioonly' mode) without any visual parameter.
+    """Audio-only finetuning model (mode `audioonly-lean`): CAVMAEFT's 'audioonly' path without any visual
+    parameter.
 
     Keys: patch_embed_a, modality_a, pos_embed_a, blocks_a, blocks_u, norm_a, norm (unused, kept for the official
     layout), mlp_head.
@@ -87,8 +77,8 @@ class CAVMAEFTAudio(Encoder):
         self, audio: torch.Tensor, image: "torch.Tensor | None" = None, mode: str = "audioonly"
     ) -> torch.Tensor:
         """Logits [B, label_dim]; `image` and `mode` exist so the finetuning loop can treat it like CAVMAEFT."""
-        if mode != "audioonly":
-            raise ValueError(f"CAVMAEFTAudio only supports mode 'audioonly', not {mode!r}")
+        if not mode_of(mode, "mode").audio_path_only:
+            raise ValueError(f"an audio-only model runs mode audioonly or audioonly-lean, not {mode!r}")
         return self.mlp_head(self.forward_feat(audio).mean(dim=1))
 
     def forward_feat(self, audio: torch.Tensor) -> torch.Tensor:
@@ -101,5 +91,5 @@ class CAVMAEFTAudio(Encoder):
 
 
 def _unused_finetune_parameters(model: Encoder, mode: str) -> "set[str]":
-    inputs, joint_paths = FT_MODES[mode]
-    return unused.unused_parameter_names(model, inputs, set(joint_paths))
+    spec = mode_of(mode, "mode")
+    return unused.unused_parameter_names(model, spec.inputs, set(spec.joint_paths))
