@@ -63,7 +63,7 @@ def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int =
         elif (j := rng.randrange(seen + 1)) < count:
             chosen[j] = (seen, sample)
     if not chosen:
-        raise NoSamples(f"no decodable sample in {len(urls)} shard(s)")
+        raise NoSamples(f"no decodable sample in {', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}")
     return [s for _, s in sorted(chosen, key=lambda x: x[0])]
 
 

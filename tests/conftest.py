@@ -1,3 +1,6 @@
+import contextlib
+import signal
+
 import pytest
 
 # A private Ray per test module: address="local" never joins a cluster some other process started with
@@ -27,3 +30,18 @@ def train_shards(tmp_path_factory):
     from tests.train_fixtures import ingest_datasets
 
     return ingest_datasets(tmp_path_factory.mktemp("train_shards"))
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str):
+    """Fail (TimeoutError) when the block runs longer than `seconds`: a hang is a failed test, not a stuck suite."""
+    def expired(*_):
+        raise TimeoutError(f"{what} did not finish in {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

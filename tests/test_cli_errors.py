@@ -84,7 +84,7 @@ TRAIN = [
     ("eval --shards {shards} --checkpoint {pt}", "not a finetuned checkpoint"),
     ("eval --shards {shards} --checkpoint {ft} --frames last", "--frames"),
     ("eval --shards {shards} --checkpoint {ft_audio} --mode multimodal", "audio-only model"),
-    ("eval --shards {shards} --checkpoint {ft} --out {folder}", "not a file"),
+    ("eval --shards {shards} --checkpoint {ft} --out {folder}", "not a regular file"),
     ("eval --shards {junk} --checkpoint {ft}", "no decodable sample"),
     ("eval --shards {shards} --checkpoint {ft} --set data.std=0", "'data.std' must be > 0.0"),
     ("order --shards {shards} --epoch 1 --rank 5", "--rank"),
@@ -92,8 +92,8 @@ TRAIN = [
     ("order --shards {shards} --epoch 0", "--epoch"),
     ("retrieve --shards {shards} --checkpoint {missing}.pth", "missing.pth"),
     ("retrieve --shards {shards} --checkpoint {ft_audio}", "audio-only model"),
-    ("retrieve --shards {shards} --checkpoint {pt} --out {folder}", "not a file"),
-    ("embed --shards {shards} --checkpoint {pt} --out {folder}", "not a file"),
+    ("retrieve --shards {shards} --checkpoint {pt} --out {folder}", "not a regular file"),
+    ("embed --shards {shards} --checkpoint {pt} --out {folder}", "not a regular file"),
     ("embed --shards {shards} --checkpoint {pt} --out {out}.parquet --frames last", "--frames"),
     ("embed --shards {empty} --checkpoint {pt} --out {out}.parquet", "no shards found"),
 ]
@@ -106,7 +106,7 @@ CAVMAE = [
     ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --config {missing}.yaml", "cannot read config"),
     ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --prep-config {hostile}/pipeline.yaml",
      "'video.num_frames' must be <= 100"),
-    ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --out {folder}", "not a file"),
+    ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --out {folder}", "not a regular file"),
     ("predict {missing}.mp4 --checkpoint {ft_audio} --labels {labels} --mode videoonly", "audio-only model"),
     ("predict", "required"),
 ]

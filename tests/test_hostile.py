@@ -5,7 +5,6 @@ import io
 import itertools
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -34,6 +33,7 @@ from train import cli as train_cli
 from train.checkpoint import CheckpointError, read_checkpoint
 from train.data import NoSamples, Transform, decoded_samples, eval_loader
 from train.stage import model_settings
+from tests.conftest import time_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64  # the configured frame size of these tests
@@ -48,14 +48,8 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto s
 @pytest.fixture(autouse=True)
 def no_hang():
     """Every case must finish: a hang (the old pax loop, a stream where nothing decodes) fails the test."""
-    def expired(*_):
-        raise TimeoutError("hostile-input case did not finish in 60 s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with time_limit(60, "hostile-input case"):
+        yield
 
 
 @pytest.fixture()

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from shards.manifest import read_manifest, write_rows
 from shards.schema import sample_members
 from shards.writer import ShardWriter
 from tests.clips import make_clip
+from tests.conftest import time_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["clip.length_s=1.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=4"]
@@ -37,14 +37,8 @@ SMALL = ["clip.length_s=1.0", "video.num_frames=2", "video.image_size=32", "shar
 
 @pytest.fixture(autouse=True)
 def no_hang():
-    def expired(*_):
-        raise TimeoutError("hostile-input case did not finish in 120 s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with time_limit(120, "hostile-input case"):
+        yield
 
 
 class Marker:

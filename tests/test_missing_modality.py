@@ -20,6 +20,7 @@ from preprocess.inspect_shards import inspect  # noqa: E402
 from preprocess.stats import merge, shard_sums  # noqa: E402
 from shards.config import load_config  # noqa: E402
 from shards.reader import decode_sample, list_shards, raw_samples  # noqa: E402
+from shards.validate import SampleSpec  # noqa: E402
 from tests.clips import make_clip  # noqa: E402
 from train.cli import main  # noqa: E402
 from train.data import FILL, MissingModality, Transform, device_augment  # noqa: E402
@@ -63,11 +64,12 @@ def test_samples_without_audio_read_everywhere(kinetics, tmp_path):
     assert {v for v, s in samples.items() if s["fbank"] is None} == silent
     assert all(s["meta"]["has_audio"] is False and len(s["frames"]) == 4 for v, s in samples.items() if v in silent)
 
-    stats = merge([shard_sums(u, 1024) for u in list_shards(str(shards))], target_length=1024, batch_size=4)
+    spec = SampleSpec(num_mel_bins=128, num_frames=4)
+    stats = merge([shard_sums(u, 1024, spec) for u in list_shards(str(shards))], target_length=1024, batch_size=4)
     assert stats["samples"] == N and stats["missing"] == {"audio": 4, "video": 0} and stats["unreadable"] == 0
     assert stats["fbank"]["samples"] == N - 4 and stats["fbank"]["rows"] == (N - 4) * 198
 
-    assert inspect(str(shards), str(tmp_path / "one.png"), key="vid00000001") == 1
+    assert inspect(str(shards), str(tmp_path / "one.png"), load_config(), key="vid00000001") == 1
     assert (tmp_path / "one.png").stat().st_size > 0
 
     cfg = load_config(sets=TINY)

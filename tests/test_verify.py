@@ -54,7 +54,7 @@ def test_a_clean_set_passes_and_every_kind_of_damage_is_one_line(tmp_path, capsy
     code, out, _ = run([str(tmp_path / d) for d in ("mel", "cut", "moved")], capsys)
     lines = [line for line in out.splitlines() if "problem:" in line]
     assert code == 1 and len(lines) == 5, out  # the cut shard: the truncation, and the one sample it took
-    assert sum("mel" in line and "16 mel bins, the shards' settings 8" in line for line in lines) == 2
+    assert sum("mel" in line and "16 mel bins, the settings say 8" in line for line in lines) == 2
     assert any(str(cut) in line and "truncated" in line for line in lines)
     assert any("'a1': manifest.parquet puts it at bytes" in line for line in lines)
     assert any(str(cut) in line and "'a1' (in manifest.parquet) is damaged" in line for line in lines)

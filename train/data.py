@@ -562,7 +562,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
             example["_skipped"] = 0
             examples.append(example)
         if not examples:
-            raise NoSamples(f"epoch {self.epoch + 1}: no sample of a batch could be read (first: "
+            raise NoSamples(f"epoch {self.epoch + 1}: no decodable sample in a batch (first: "
                             f"{self.index.url_of(wanted[0][0])} {self.index.key_of(wanted[0][0])!r}); see the log")
         examples[0]["_skipped"] = skipped
         return self.transform.collate(examples)
