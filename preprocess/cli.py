@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", nargs="+", help="shard folders, tars, brace patterns, globs or URLs")
     p.add_argument("--list", action="store_true", help="only list every regular member as one JSON object per line: "
                                                        '{"shard", "name", "size", "sha256"} (as tarfile reads it)')
+    add_run_args(p)
     add_config_args(p)
     return parser
 
@@ -250,13 +251,12 @@ def _verify(args: argparse.Namespace, cfg) -> int:
             print(f"cavmae-prep: problem: {one_line(exc)}", file=sys.stderr)
             return 1
         return 0
-    for found in verify(args.shards, cfg):
-        if isinstance(found, str):
-            print(f"cavmae-prep: problem: {found}", flush=True)
-        else:
-            print(f"cavmae-prep: verified {found.line()}")
-            return 1 if found.problems else 0
-    return 1
+    problems, done = verify(args.shards, cfg, workers=args.workers, address=args.address,
+                            progress=not args.no_progress)
+    for problem in problems:
+        print(f"cavmae-prep: problem: {problem}")
+    print(f"cavmae-prep: verified {done.line()}")
+    return 1 if problems else 0
 
 
 def _reprocess(args: argparse.Namespace) -> int:

@@ -31,6 +31,8 @@ from shards.schema import BadSample, one_line
 from shards.store import Store
 from shards.tar import read_members
 from shards.validate import SampleSpec
+
+from .jobs import RowJob, run_row_job
 from shards.validate import check_sample as check_valid
 
 
@@ -126,26 +128,35 @@ class Verified:
         return (f"{self.shards} shard(s), {self.samples} good sample(s), {len(self.problems)} problem(s)")
 
 
-def verify(spec: list[str], cfg: Config) -> Iterator[str | Verified]:
-    """Every problem of the shards of `spec` as it is found, then the `Verified` summary. Each folder's frozen
-    `pipeline.yaml` gives its samples' settings (`cfg` for shards without one); NoSamples when no sample of the
-    whole set decodes."""
+def _verify_rows(item: tuple[str, list[dict[str, Any]] | None, dict[str, Any]], _cfg: Config) -> list[dict[str, Any]]:
+    """The job's task body: one shard's row (its good samples and problems; 'failed' on the progress bar when it
+    has problems)."""
+    url, rows, settings = item
+    good, problems = verify_shard(url, rows, settings)
+    return [{"url": url, "good": good, "problems": problems, "status": "failed" if problems else "ok"}]
+
+
+VERIFY = RowJob("verify", rows=_verify_rows, unit="shard")
+
+
+def verify(spec: list[str], cfg: Config, *, workers: int | None = None, address: str | None = None,
+           progress: bool = False) -> tuple[list[str], Verified]:
+    """Every problem of the shards of `spec`, in shard order, and the `Verified` summary: one task per shard
+    (`preprocess.jobs`, local Ray or a cluster). Each folder's frozen `pipeline.yaml` gives its samples' settings
+    (`cfg` for shards without one); NoSamples when no sample of the whole set decodes."""
     urls = list_shards(spec)
     manifests = shard_manifests(urls)
     frozen = shard_set_configs(urls)
-    done = Verified()
-    for url in urls:
-        store, _ = Store.split(url)
-        settings = frozen.get(store.uri(FROZEN_CONFIG), cfg).to_dict()
-        good, problems = verify_shard(url, manifests[url], settings)
-        done.shards += 1
-        done.samples += good
-        done.problems += problems
-        yield from problems
+    items = [(url, manifests[url], frozen.get(Store.split(url)[0].uri(FROZEN_CONFIG), cfg).to_dict())
+             for url in urls]
+    found = run_row_job(VERIFY, items, Store.split(urls[0])[0], cfg, workers=workers, address=address,
+                        progress=progress, desc="verify")
+    done = Verified(shards=len(urls), samples=sum(r["good"] for r in found),
+                    problems=[p for r in found for p in r["problems"]])
     if not done.samples:
         raise NoSamples(f"no decodable sample in {len(urls)} shard(s) ({len(done.problems)} problem(s); the first: "
                         f"{done.problems[0] if done.problems else 'the shards hold no sample'})")
-    yield done
+    return done.problems, done
 
 
 def list_members(spec: list[str]) -> Iterator[dict[str, Any]]:

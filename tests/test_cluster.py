@@ -254,12 +254,16 @@ def test_join_a_ray_start_head_with_token_auth(many, tmp_path):
                 res = _cli(args, env=env)
             assert res.returncode == 0, (name, res.stderr[-3000:])
             assert "ok 4 samples, failed 0" in res.stdout, name
-        # every job joins the same way: stats over the shards just written, on the same head
+        # every job joins the same way: stats and verify over the shards just written, on the same head
         res = _cli(["stats", str(tmp_path / "address"), "--out", str(tmp_path / "stats"), "--no-progress",
                     "--address", address], env={**client, "HOME": str(home_with_token)})
         assert res.returncode == 0, res.stderr[-3000:]
         assert "4 samples in 4 shard(s), 0 unreadable" in res.stdout
         assert json.loads((tmp_path / "stats" / "stats.json").read_text())["samples"] == 4
+        res = _cli(["verify", str(tmp_path / "address"), "--no-progress", "--address", address],
+                   env={**client, "HOME": str(home_with_token)})
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "verified 4 shard(s), 4 good sample(s), 0 problem(s)" in res.stdout
     ref = {p.name: p.read_bytes() for p in (tmp_path / "address").glob("shard-*.tar")}
     assert len(ref) == 4
     for name in ("env", "client"):
