@@ -44,10 +44,17 @@ from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
 from tests.clips import bigbuckbunny  # noqa: E402
 from train import stage  # noqa: E402
-from train.data import device_augment, pad_or_crop, train_loader  # noqa: E402
+from train.data import device_augment, train_loader  # noqa: E402
 from train.epochs import EpochPlan  # noqa: E402
 
+
 SECONDS, FRAMES, SIZE = 10.0, 10, 224
+
+
+def pad_or_crop(fbank: torch.Tensor, target_length: int) -> torch.Tensor:
+    """The official `_wav2fbank` padding: zero rows at the end, or the first `target_length` rows."""
+    n = fbank.shape[0]
+    return torch.nn.functional.pad(fbank, (0, 0, 0, target_length - n)) if n < target_length else fbank[:target_length]
 
 
 def kaldi_fbank(wave_: torch.Tensor) -> torch.Tensor:

@@ -664,7 +664,9 @@ class _Decoder:
                 else:
                     return None                   # a trailing window with no usable audio
         if not has_video and not has_audio:
-            return None if not first else _raise(BadInput("no decodable audio or video"))
+            if first:
+                raise BadInput("no decodable audio or video")
+            return None
         duration = self.duration_s if self.duration_s else self._content_end_s()
         return Clip(
             frames=w.frames if has_video else [], frame_times_s=w.times if has_video else [],
@@ -674,7 +676,3 @@ class _Decoder:
             segment_s=None if self.seg_end is None else (self.seg_start, self.seg_end),
             file_is_segment=self.file_is_segment,
         )
-
-
-def _raise(exc: Exception):
-    raise exc

@@ -20,7 +20,7 @@ from shards.index import sample_index  # noqa: E402
 from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
 from train.data import (LOG_SILENCE, Transform, device_augment, draw_augmentation, eval_loader,  # noqa: E402
-                        mix_fbanks, pad_or_crop, soft_labels, train_loader)
+                        mix_fbanks, soft_labels, train_loader)
 from train.epochs import EpochPlan  # noqa: E402
 from train.evaluate import average_precision, mean_average_precision  # noqa: E402
 from train.retrieve import ranks, recall_metrics  # noqa: E402
@@ -29,6 +29,12 @@ from train_fixtures import color_frames, tone_fbank, write_synthetic_shards  # n
 DATA = {"target_length": 128, "mean": -5.081, "std": 4.4849, "image_size": 64,
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 NO_AUG = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 0.0}
+
+
+def pad_or_crop(fbank: torch.Tensor, target_length: int) -> torch.Tensor:
+    """The official `_wav2fbank` padding: zero rows at the end, or the first `target_length` rows."""
+    n = fbank.shape[0]
+    return torch.nn.functional.pad(fbank, (0, 0, 0, target_length - n)) if n < target_length else fbank[:target_length]
 
 
 def transform(aug=NO_AUG, frame="random", num_classes=4):

@@ -131,14 +131,6 @@ class Failures:
 
 # ---------------------------------------------------------------------------------------------- audio steps
 
-def pad_or_crop(fbank: torch.Tensor, target_length: int) -> torch.Tensor:
-    """Zero-pad at the end, or keep the first `target_length` rows (official `_wav2fbank`)."""
-    n = fbank.shape[0]
-    if n < target_length:
-        return torch.nn.functional.pad(fbank, (0, 0, 0, target_length - n))
-    return fbank[:target_length]
-
-
 def draw_augmentation(aug: dict[str, Any], target_length: int, num_bins: int,
                       rng: np.random.Generator) -> dict[str, Any]:
     """One sample's augmentation parameters, drawn on the CPU (applied later, batched, by `device_augment`).
