@@ -7,7 +7,7 @@ Ours: the same augmentation from WebDataset shards that store the fbank (float16
 fbank computation is skipped; image decoding remains. Our CPU loader reads each sample of the epoch's permutation
 with one ranged read (`shards.index`) and delivers compact batches (raw padded fbank,
 uint8 frames, per-sample augmentation parameters drawn on the CPU); SpecAugment, normalisation, noise, roll and the
-image normalisation run batched on the training device right after the copy (`train.data.device_augment`, a few
+image normalisation run batched on the training device right after the copy (`train.augment.device_augment`, a few
 kernels on a GPU). The "ours" row counts the CPU loader's work per sample; what `device_augment` costs when run on
 this CPU instead is printed as a separate note. Both routes read the very same JPEG bytes: frames of the
 real Big Buck Bunny clip (tests/clips.py), resized and centre-cropped to 224x224 and encoded at quality 75 as
@@ -44,7 +44,8 @@ from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
 from tests.clips import bigbuckbunny  # noqa: E402
 from train import stage  # noqa: E402
-from train.data import device_augment, train_loader  # noqa: E402
+from train.augment import device_augment  # noqa: E402
+from train.loaders import train_loader  # noqa: E402
 from train.epochs import EpochPlan  # noqa: E402
 
 
@@ -153,7 +154,8 @@ def stage_table(root: Path, urls: list[Path], items: list[str], cfg, batch_size:
     """ms per sample per step of both routes (one frame per sample, pretraining augmentation)."""
     from shards.reader import decode_sample
     from shards.reader import raw_samples
-    from train.data import draw_augmentation, frame_pixels
+    from train.augment import draw_augmentation
+    from train.images import frame_pixels
 
     image = official_image_transform(cfg.data.image_mean, cfg.data.image_std)
     d, gen = cfg.data, np.random.default_rng(0)

@@ -20,7 +20,7 @@ from shards.samples import group_members
 from shards.schema import one_line, safe_text
 from train import distributed as dist
 from train import stage as st
-from train.data import device_augment
+from train.augment import device_augment
 from train.evaluate import batch_probabilities
 from train.modes import mode_name, mode_of
 

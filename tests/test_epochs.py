@@ -24,7 +24,8 @@ from shards.manifest import read_rows  # noqa: E402
 from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
 from train.cli import main  # noqa: E402
-from train.data import Transform, train_loader  # noqa: E402
+from train.loaders import train_loader  # noqa: E402
+from train.transform import Transform  # noqa: E402
 from train.epochs import EpochPlan  # noqa: E402
 from train_fixtures import TINY, color_frames, tone_fbank, write_synthetic_shards  # noqa: E402
 

@@ -21,7 +21,7 @@ from preprocess.jobs import next_index
 from preprocess.inputs import LabelIndex, collect_inputs
 from preprocess.reprocess import _videos_in_source_order
 from shards.config import ConfigError, load_config
-from shards.errors import one_line
+from shards.errors import NoSamples, one_line
 from shards.media import decode_flac, open_flac, open_jpeg
 from shards.names import PatternError, check_pattern, shard_index, shard_name
 from shards.reader import raw_samples
@@ -31,7 +31,8 @@ from shards.schema import BadSample, encode_npy, sample_members
 from shards.writer import write_shard
 from train import cli as train_cli
 from train.checkpoint import CheckpointError, read_checkpoint
-from train.data import NoSamples, Transform, decoded_samples, eval_loader
+from train.loaders import decoded_samples, eval_loader
+from train.transform import Transform
 from train.stage import model_settings
 from tests.conftest import time_limit
 
@@ -148,7 +149,7 @@ def hostile_shard(tmp_path):
 def test_hostile_samples_are_counted_skips_and_nothing_runs(hostile_shard, fake_gs, caplog, tmp_path):
     tf = Transform(DATA, NO_AUG, frame=0, num_frames=2, num_classes=4, label_map=None, label_file=None, seed=0)
     before = set(tmp_path.rglob("*"))
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="train.failures"):
         batches = list(eval_loader([str(hostile_shard)], tf, batch_size=2, num_workers=0))
     assert [k for b in batches for k in b["key"]] == GOOD
     warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]

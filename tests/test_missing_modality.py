@@ -23,7 +23,8 @@ from shards.reader import decode_sample, list_shards, raw_samples  # noqa: E402
 from shards.validate import SampleSpec  # noqa: E402
 from tests.clips import make_clip  # noqa: E402
 from train.cli import main  # noqa: E402
-from train.data import FILL, MissingModality, Transform, device_augment  # noqa: E402
+from train.augment import device_augment  # noqa: E402
+from train.transform import FILL, MissingModality, Transform  # noqa: E402
 from train_fixtures import TINY  # noqa: E402
 
 CLASSES = {"abseiling": "0xdc2828", "juggling": "0x283cdc"}

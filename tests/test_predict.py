@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_train_never_imports_preprocess():
     """DESIGN.md: what a member means lives in shards/ (shards/fbank.py); only `cavmae` composes the two stages."""
-    code = ("import sys, train.cli, train.data, train.embed, train.evaluate, train.retrieve, train.finetune, "
+    code = ("import sys, train.cli, train.loaders, train.embed, train.evaluate, train.retrieve, train.finetune, "
             "train.pretrain; bad = sorted(m for m in sys.modules if m.split('.')[0] == 'preprocess'); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

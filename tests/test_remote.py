@@ -22,7 +22,8 @@ from tests.clips import make_clip
 from tests.conftest import LOCAL_RAY
 from tests.train_fixtures import write_synthetic_shards
 from train.cli import main
-from train.data import Transform, train_loader
+from train.loaders import train_loader
+from train.transform import Transform
 from train.epochs import EpochPlan
 
 SMALL = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=2"]

@@ -19,8 +19,10 @@ from shards.fbank import fbank as features_fbank  # noqa: E402
 from shards.index import sample_index  # noqa: E402
 from shards.schema import sample_members  # noqa: E402
 from shards.writer import write_shard  # noqa: E402
-from train.data import (LOG_SILENCE, Transform, device_augment, draw_augmentation, eval_loader,  # noqa: E402
-                        mix_fbanks, soft_labels, train_loader)
+from train.augment import LOG_SILENCE, device_augment, draw_augmentation, mix_fbanks  # noqa: E402
+from train.labels import soft_labels  # noqa: E402
+from train.loaders import eval_loader, train_loader  # noqa: E402
+from train.transform import Transform  # noqa: E402
 from train.epochs import EpochPlan  # noqa: E402
 from train.evaluate import average_precision, mean_average_precision  # noqa: E402
 from train.retrieve import ranks, recall_metrics  # noqa: E402

@@ -63,7 +63,7 @@ def test_specaugment_and_roll_scale_with_the_frame_shift():
     fine = st.transform(load_config(sets=["audio.frame_shift_ms=5"]), aug, frame=0)
     assert official.aug["timem"] == 192 and fine.aug["timem"] == 384 and fine.aug["freqm"] == 48
     assert official.data["target_length"] == 1024 and fine.data["target_length"] == 2048
-    from train.data import draw_augmentation
+    from train.augment import draw_augmentation
     rng = np.random.default_rng(0)
     shifts = [draw_augmentation(fine.aug, fine.data["target_length"], 128, rng)["shift"] for _ in range(2000)]
     assert max(map(abs, shifts)) > 1024 and max(map(abs, shifts)) <= 2048  # the roll spans the same 10.24 s

@@ -24,7 +24,10 @@ from train import distributed as dist
 from shards.errors import NoSamples
 from shards.manifest import manifest_rows
 from train import stage as st
-from train.data import Transform, device_augment, eval_loader, shard_list
+from train.augment import device_augment
+from train.failures import shard_list
+from train.loaders import eval_loader
+from train.transform import Transform
 from train.retrieve import pooled_features
 
 SCHEMA = pa.schema([("key", pa.string()), ("video_id", pa.string()),

@@ -14,9 +14,13 @@ import numpy as np
 import torch
 
 from shards.config import Config
+from shards.errors import NoSamples
 from train import distributed as dist
 from train import stage as st
-from train.data import NoSamples, Transform, device_augment, eval_loader, shard_list
+from train.augment import device_augment
+from train.failures import shard_list
+from train.loaders import eval_loader
+from train.transform import Transform
 from train.precision import autocast
 from train.modes import mode_name, mode_of
 

@@ -19,7 +19,7 @@ from shards.config import Config
 from train import distributed as dist
 from train import stage as st
 from train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict
-from train.data import train_loader
+from train.loaders import train_loader
 from train.evaluate import predict, score
 from train.loop import save_state, train
 from train.model import build_finetune_model

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from train import distributed as dist
 from train.checkpoint import CheckpointError, check_shapes, read_checkpoint
-from train.data import device_augment
+from train.augment import device_augment
 from train.epochs import step_seed
 from train.precision import WorkingWeights, step_autocast
 from train.stage import UsageError

@@ -18,7 +18,7 @@ from shards.config import Config
 from train import distributed as dist
 from train import stage as st
 from train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state
-from train.data import train_loader
+from train.loaders import train_loader
 from train.evaluate import pretrain_losses
 from train.loop import save_state, train
 from train.model import build_pretrain_model

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.config import Config
-from shards.errors import NotFound, UserError
+from shards.errors import NoSamples, NotFound, UserError
 from shards.fbank import fbank_rows
 from shards.frozen import adopt_shard_settings
 from shards.index import SampleIndex, sample_index
@@ -22,7 +22,9 @@ from shards.reader import list_shards
 from shards.store import regular_files
 from shards.settings import OFFICIAL_SHIFT_MS, PATCH_ROWS
 from train import distributed as dist
-from train.data import LabelError, NoSamples, Transform, balance_weights, read_label_index, shard_list
+from train.failures import shard_list
+from train.labels import LabelError, balance_weights, read_label_index
+from train.transform import Transform
 from train.epochs import EpochPlan
 from train.modes import MODES
 
@@ -148,7 +150,8 @@ def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes
               label_map: dict[str, int] | None = None, label_csv: str | None = None, needs: str = "av") -> Transform:
     """The sample transform of `cfg` with the augmentation `aug` (`augmentation` or `NO_AUGMENTATION`); its time
     widths scale with the frame shift (the noise roll spans +-target_length rows, which follows it too). `needs`:
-    the modalities its model reads ("av", "a", "v"; "" for none required, as `embed`), see `train.data.Transform`."""
+    the modalities its model reads ("av", "a", "v"; "" for none required, as `embed`), see
+    `train.transform.Transform`."""
     aug = {**aug, "timem": time_rows(cfg, aug["timem"])}
     data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.video.image_size,
             "num_mel_bins": cfg.audio.num_mel_bins}
