@@ -39,8 +39,9 @@ DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
 RESULTS = "fetch.parquet"
 SAVE_EVERY_S = 5.0
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
-_GONE = re.compile(r"HTTP Error 40[34]|HTTP Error 410|video unavailable|private video|has been removed|"
-                   r"no longer available|not available|account .*terminated|does not exist", re.IGNORECASE)
+_GONE = re.compile(r"HTTP Error 404|HTTP Error 410|video unavailable|private video|has been removed|"
+                   r"no longer available|this video is not available|account .*terminated|does not exist",
+                   re.IGNORECASE)  # (not 403 or 429: YouTube answers them to a client it throttles)
 _NO_CUT = ("cannot be partially downloaded", "ffmpeg is not installed")
 _SCHEMA = pa.schema([("id", pa.string()), ("url", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()),
                      ("status", pa.string()), ("reason", pa.string()), ("file", pa.string()), ("bytes", pa.int64())])
@@ -71,7 +72,8 @@ class Fetched:
 @dataclass(frozen=True)
 class FetchOptions:
     """How `fetch` downloads: `jobs` at once, at most `rate` downloads started per second per host,
-    `socket_timeout` seconds without data before a download fails, `whole` files even for segments."""
+    `socket_timeout` seconds without data before a download fails (after yt-dlp's `retries`), `whole` files even
+    for segments; `retry_failed`, `list_format` and `split` as the CLI's options."""
 
     url_template: str = DEFAULT_URL_TEMPLATE
     jobs: int = 4
@@ -132,14 +134,19 @@ def fetch(list_path: str, out: str, options: FetchOptions = FetchOptions(), log=
     try:
         with ThreadPoolExecutor(options.jobs) as pool:
             futures = [pool.submit(_download, *key, folder, options, rate) for key in todo]
-            for future in as_completed(futures):
-                result = future.result()
-                done[result.key] = result
-                if result.status != "ok":
-                    log(f"fetch: {result.status}: {result.id}: {result.reason}")
-                if time.monotonic() - last_save > SAVE_EVERY_S:
-                    _save(folder / RESULTS, done.values())
-                    last_save = time.monotonic()
+            try:
+                for future in as_completed(futures):
+                    result = future.result()
+                    done[result.key] = result
+                    if result.status != "ok":
+                        log(f"fetch: {result.status}: {result.id}: {result.reason}")
+                    if time.monotonic() - last_save > SAVE_EVERY_S:
+                        _save(folder / RESULTS, done.values())
+                        last_save = time.monotonic()
+            except BaseException:  # (Ctrl-C) start no more downloads; the running ones finish and are not recorded
+                for future in futures:
+                    future.cancel()
+                raise
     finally:
         _save(folder / RESULTS, done.values())
     results = [done[k] for k in wanted if k in done]
@@ -182,7 +189,7 @@ def _yt_dlp(ytid: str, url: str, segment: tuple[float, float] | None, folder: Pa
     import yt_dlp
     from yt_dlp.utils import download_range_func
 
-    name = ytid if segment is None else f"{ytid}_{segment[0]:g}_{segment[1]:g}"
+    name = ytid if segment is None else f"{ytid}_{_seconds(segment[0])}_{_seconds(segment[1])}"
     params = {
         "paths": {"home": str(folder)}, "outtmpl": f"{name}.%(ext)s",  # (a safe id: no % to escape)
         "quiet": True, "no_warnings": True, "noprogress": True, "noplaylist": True,
@@ -207,6 +214,11 @@ def _yt_dlp(ytid: str, url: str, segment: tuple[float, float] | None, folder: Pa
     if file is None:
         raise _Failed("yt-dlp reported no downloaded file")
     return Fetched(ytid, url, start, end, "ok", "", os.path.basename(file), os.path.getsize(file))
+
+
+def _seconds(t: float) -> str:
+    """A time as a cut clip's name gives it: `3`, `30.5` (never an exponent, which ingest would not read)."""
+    return f"{t:.3f}".rstrip("0").rstrip(".")
 
 
 class _Quiet:

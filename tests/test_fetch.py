@@ -195,8 +195,8 @@ def test_source_that_cannot_be_cut_is_fetched_whole(server, tmp_path):
     listing = tmp_path / "l.csv"
     listing.write_text("".join(AUDIOSET.splitlines(keepends=True)[:2]))
     out = tmp_path / "videos"
-    code = ("import sys; from preprocess.cli import main; "
-            f"sys.exit(main(['fetch', {str(listing)!r}, '--out', {str(out)!r}, '--url-template', {server.template!r}]))")
+    args = ["fetch", str(listing), "--out", str(out), "--url-template", server.template]
+    code = f"import sys; from preprocess.cli import main; sys.exit(main({args!r}))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={"PATH": "", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
