@@ -29,12 +29,13 @@ SOURCE_S = 14.0
 AUDIOSET = ("# YTID, start_seconds, end_seconds, positive_labels\n"
             'AAAAAAAAAAA, 3.000, 13.000, "/m/09x0r,/m/04rlf"\n'
             'GONEGONEGON, 0.000, 10.000, "/m/09x0r"\n'
-            'STALLSTALLS, 2.000, 12.000, "/m/04rlf"\n')
+            'STALLSTALLS, 2.000, 12.000, "/m/04rlf"\n'
+            'SLOWSLOWSLO, 2.000, 12.000, "/m/04rlf"\n')
 
 
 class Server:
     """Serves {id}.mp4 with Range support (as web servers do; ffmpeg seeks to an MP4's index), 404 for unknown
-    names, and never answers a request for STALL* until `release` is set."""
+    names; until `release` is set it never answers a request for STALL*, nor ffmpeg's ranged requests for SLOW*."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.release, self.requests = files, threading.Event(), []
@@ -44,9 +45,11 @@ class Server:
             def do_GET(self):
                 name = self.path.lstrip("/")
                 server.requests.append(name)
-                if name.startswith("STALL") and not server.release.wait(30):
+                stalls = name.startswith("STALL") or (name.startswith("SLOW") and "Range" in self.headers)
+                if stalls and not server.release.wait(30):
                     return
-                body = server.files.get(name.replace("STALLSTALLS", "AAAAAAAAAAA"))
+                body = server.files.get(name.replace("STALLSTALLS", "AAAAAAAAAAA").replace("SLOWSLOWSLO",
+                                                                                           "AAAAAAAAAAA"))
                 if body is None:
                     self.send_error(404)
                     return
@@ -119,8 +122,9 @@ def test_segments_404_stall_resume_and_retry(server, source, tmp_path):
         t0 = time.monotonic()
         results = {r.id: r for r in fetch(str(listing), str(out), options(server), log=lambda _: None)}
         took = time.monotonic() - t0
-    assert took < 60  # the stalled row fails after its 1 s socket timeout, not after the server's 30 s
-    assert [results[k].status for k in ("AAAAAAAAAAA", "GONEGONEGON", "STALLSTALLS")] == ["ok", "gone", "failed"]
+    assert took < 25  # the stalled rows fail after their 1 s timeouts, not after the server's 30 s
+    assert [results[k].status for k in ("AAAAAAAAAAA", "GONEGONEGON", "STALLSTALLS", "SLOWSLOWSLO")] == [
+        "ok", "gone", "failed", "failed"]
     assert "404" in results["GONEGONEGON"].reason and "\n" not in results["GONEGONEGON"].reason
     assert "timed out" in results["STALLSTALLS"].reason.lower()
 
@@ -133,17 +137,18 @@ def test_segments_404_stall_resume_and_retry(server, source, tmp_path):
 
     table = pq.read_table(out / RESULTS).to_pylist()
     assert {r["id"]: r["status"] for r in table} == {"AAAAAAAAAAA": "ok", "GONEGONEGON": "gone",
-                                                     "STALLSTALLS": "failed"}
+                                                     "STALLSTALLS": "failed", "SLOWSLOWSLO": "failed"}
     assert set(table[0]) == {"id", "url", "start_s", "end_s", "status", "reason", "file", "bytes"}
 
     server.requests.clear()  # a re-run downloads nothing: ok and gone are done, failed waits for --retry-failed
     again = fetch(str(listing), str(out), options(server), log=lambda _: None)
-    assert server.requests == [] and [r.status for r in again] == ["ok", "gone", "failed"]
+    assert server.requests == [] and [r.status for r in again] == ["ok", "gone", "failed", "failed"]
 
     server.release.set()  # the server answers now: --retry-failed fetches the failed row only
     again = {r.id: r for r in fetch(str(listing), str(out), options(server, retry_failed=True), log=lambda _: None)}
-    assert set(server.requests) == {"STALLSTALLS.mp4"}
-    assert again["STALLSTALLS"].status == "ok" and (out / "STALLSTALLS_2_12.mp4").is_file()
+    assert set(server.requests) == {"STALLSTALLS.mp4", "SLOWSLOWSLO.mp4"}
+    assert again["STALLSTALLS"].status == again["SLOWSLOWSLO"].status == "ok"
+    assert (out / "STALLSTALLS_2_12.mp4").is_file() and (out / "SLOWSLOWSLO_2_12.mp4").is_file()
     assert again["GONEGONEGON"].status == "gone" and again["AAAAAAAAAAA"].bytes == ok.bytes
 
 
