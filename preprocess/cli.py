@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="downloads started per second per host, at most (default 1)")
     p.add_argument("--timeout", type=float, default=fetch_defaults.socket_timeout, metavar="S",
                    help="seconds without data before a download fails (default 30)")
+    p.add_argument("--format", default=fetch_defaults.format,
+                   help="yt-dlp's format selector (default: %(default)s, at most 480p where the height is known)")
     p.add_argument("--whole", action="store_true", help="download whole videos even for rows with a segment "
                                                         "(a mirror that serves the cut clips)")
     p.add_argument("--retry-failed", action="store_true", help="download again the rows recorded as failed "
@@ -239,7 +241,7 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 def _fetch(args: argparse.Namespace) -> int:
     from .fetch import fetch
 
-    options = FetchOptions(url_template=args.url_template, jobs=args.jobs, rate=args.rate,
+    options = FetchOptions(url_template=args.url_template, format=args.format, jobs=args.jobs, rate=args.rate,
                            socket_timeout=args.timeout, whole=args.whole, retry_failed=args.retry_failed,
                            list_format=args.list_format, split=_split(args.split))
     results = fetch(args.list, args.out, options, log=lambda line: print(f"cavmae-prep: {line}", flush=True))

@@ -36,6 +36,8 @@ from shards.schema import one_line
 from .datasets import FORMATS, list_format, list_rows
 
 DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
+# frames are resized to video.image_size (224) anyway: at most 480p when the source says its height, else the best
+DEFAULT_FORMAT = "bv*[height<=?480]+ba/b[height<=?480]/bv*+ba/b"
 RESULTS = "fetch.parquet"
 SAVE_EVERY_S = 5.0
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -73,9 +75,10 @@ class Fetched:
 class FetchOptions:
     """How `fetch` downloads: `jobs` at once, at most `rate` downloads started per second per host,
     `socket_timeout` seconds without data before a download fails (after yt-dlp's `retries`), `whole` files even
-    for segments; `retry_failed`, `list_format` and `split` as the CLI's options."""
+    for segments, `format` yt-dlp's format selector; `retry_failed`, `list_format` and `split` as the CLI's."""
 
     url_template: str = DEFAULT_URL_TEMPLATE
+    format: str = DEFAULT_FORMAT
     jobs: int = 4
     rate: float = 1.0
     socket_timeout: float = 30.0
@@ -192,7 +195,7 @@ def _yt_dlp(ytid: str, url: str, segment: tuple[float, float] | None, folder: Pa
     name = ytid if segment is None else f"{ytid}_{_seconds(segment[0])}_{_seconds(segment[1])}"
     params = {
         "paths": {"home": str(folder)}, "outtmpl": f"{name}.%(ext)s",  # (a safe id: no % to escape)
-        "quiet": True, "no_warnings": True, "noprogress": True, "noplaylist": True,
+        "format": options.format, "quiet": True, "no_warnings": True, "noprogress": True, "noplaylist": True,
         "socket_timeout": options.socket_timeout, "retries": options.retries, "extractor_retries": options.retries,
         # ffmpeg (the ranged downloader) waits for data without end by default: the same timeout, in microseconds
         "external_downloader_args": {"ffmpeg_i": ["-rw_timeout", str(int(options.socket_timeout * 1e6))]},
