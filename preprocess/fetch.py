@@ -122,10 +122,9 @@ def fetch(list_path: str, out: str, options: FetchOptions = FetchOptions(), log=
     fmt = list_format(path, options.list_format)
     if fmt is None:
         raise FetchError(f"{list_path}: not a dataset list ({', '.join(FORMATS)}); name one with --list-format")
-    wanted = {}
-    for row in list_rows(path, fmt, options.split):
-        seg = (None, None) if row.start_s is None or options.whole else (row.start_s, row.end_s)
-        wanted.setdefault((row.ytid, *seg), row)
+    wanted = list(dict.fromkeys(  # (id, start, end) once each: one download serves every row of a whole video
+        (r.ytid, None, None) if r.start_s is None or options.whole else (r.ytid, r.start_s, r.end_s)
+        for r in list_rows(path, fmt, options.split)))
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     done = {r.key: r for r in _load(folder / RESULTS)}
@@ -135,7 +134,7 @@ def fetch(list_path: str, out: str, options: FetchOptions = FetchOptions(), log=
     rate = HostRate(options.rate)
     last_save = time.monotonic()
     try:
-        with ThreadPoolExecutor(options.jobs) as pool:
+        with ThreadPoolExecutor(options.jobs) as pool:  # threads: yt-dlp and ffmpeg wait on the network
             futures = [pool.submit(_download, *key, folder, options, rate) for key in todo]
             try:
                 for future in as_completed(futures):
@@ -180,11 +179,11 @@ def _download(ytid: str, start: float | None, end: float | None, folder: Path, o
 
 
 class _NoCut(Exception):
-    pass
+    """yt-dlp cannot download a part of this source (its message): take the whole file."""
 
 
 class _Failed(Exception):
-    pass
+    """The download did not happen; the message is yt-dlp's, on one line."""
 
 
 def _yt_dlp(ytid: str, url: str, segment: tuple[float, float] | None, folder: Path, options: FetchOptions,
