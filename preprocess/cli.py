@@ -21,6 +21,7 @@ from shards.schema import BadSample, one_line
 from shards.store import check_out_file
 
 from .datasets import FORMATS
+from .fetch import FetchOptions
 
 PROG = "cavmae-prep"
 
@@ -33,6 +34,8 @@ EXAMPLES = """examples:
   cavmae-prep ingest balanced_train_segments.csv --videos-dir videos/ --out as20k/ --label-index labels.csv
   cavmae-prep ingest vggsound.csv --split test --videos-dir vgg/ --out vgg_test/ --label-index vgg_labels.csv
   cavmae-prep ingest ESC-50-master/meta/esc50.csv --split 5 --out esc_fold5/ --set video.allow_missing=true
+  cavmae-prep fetch balanced_train_segments.csv --out videos/ --jobs 4 --rate 1    # needs cavmae[fetch]
+  cavmae-prep fetch vggsound.csv --out vgg/ --url-template 'https://mirror.example/{id}.mp4' --whole
   RAY_ADDRESS=head:6379 cavmae-prep ingest /data/videos --out /data/shards
   RAY_ADDRESS=ray://head:10001 cavmae-prep ingest /data/videos --out /data/shards
   cavmae-prep ingest s3://bucket/videos/ --out s3://bucket/shards/ --address auto
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True)
+    fetch_defaults = FetchOptions()
     p = sub.add_parser("ingest", help="decode videos into WebDataset shards plus manifest.parquet",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
                        description="Decode videos (folders, files, path lists, official dataset JSONs, the "
@@ -103,6 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="process again the inputs recorded as failed or skipped")
     add_run_args(p)
     add_config_args(p)
+    p = sub.add_parser("fetch", help="download the videos of a dataset list with yt-dlp (cavmae[fetch])",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Download each row of an AudioSet, VGGSound, Kinetics or ESC-50 list with "
+                                   "yt-dlp into --out, named so that `ingest LIST --videos-dir OUT` finds it: "
+                                   "a row's segment exactly (re-encoded at the cuts) as {id}_{start}_{end}.ext, "
+                                   "else (no segment, --whole, or a source yt-dlp cannot cut) the whole video as "
+                                   "{id}.ext. Results in OUT/fetch.parquet (ok, gone, failed with yt-dlp's "
+                                   "reason); re-running skips what is done.")
+    p.add_argument("list", help="the dataset list (AudioSet segment CSV, VGGSound, Kinetics, ESC-50 meta/esc50.csv)")
+    p.add_argument("--out", required=True, help="folder for the videos and fetch.parquet")
+    p.add_argument("--url-template", default=fetch_defaults.url_template,
+                   help="URL of an id, {id} replaced (default: %(default)s); a mirror or your own HTTP server")
+    p.add_argument("--jobs", type=positive_int, default=fetch_defaults.jobs, help="downloads at once (default 4)")
+    p.add_argument("--rate", type=float, default=fetch_defaults.rate,
+                   help="downloads started per second per host, at most (default 1)")
+    p.add_argument("--timeout", type=float, default=fetch_defaults.socket_timeout, metavar="S",
+                   help="seconds without data before a download fails (default 30)")
+    p.add_argument("--format", default=fetch_defaults.format,
+                   help="yt-dlp's format selector (default: %(default)s, at most 480p where the height is known)")
+    p.add_argument("--whole", action="store_true", help="download whole videos even for rows with a segment "
+                                                        "(a mirror that serves the cut clips)")
+    p.add_argument("--retry-failed", action="store_true", help="download again the rows recorded as failed "
+                                                              "(never the gone ones)")
+    p.add_argument("--split", help="only the rows of these splits, comma-separated (as ingest's --split)")
+    p.add_argument("--list-format", default="auto", choices=("auto", *FORMATS), help="as ingest's --list-format")
     p = sub.add_parser("reprocess", help="re-derive a shard set with changed settings into a new folder",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
                        description="Remake the samples of an existing shard folder with the sample settings of "
@@ -175,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             check_out(args.out)
         if args.command == "reprocess":
             return _reprocess(args)
+        if args.command == "fetch":
+            return _fetch(args)
         cfg = load_config(args.config, args.sets)
         if args.command == "ingest":
             return _ingest(args, cfg)
@@ -197,12 +228,25 @@ def _ingest(args: argparse.Namespace, cfg) -> int:
     from .datasets import ListOptions
     from .ingest import ingest
 
-    split = tuple(s.strip() for s in args.split.split(",") if s.strip()) if args.split else None
-    lists = ListOptions(args.list_format, args.videos_dir, split)
+    lists = ListOptions(args.list_format, args.videos_dir, _split(args.split))
     summary = ingest(args.inputs, args.out, cfg, labels_csv=args.labels, label_index_csv=args.label_index,
                      labels_from_folders=args.labels_from_folders, retry_failed=args.retry_failed,
                      workers=args.workers, address=args.address, progress=not args.no_progress, lists=lists)
     return _report(summary, args.out)
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    return tuple(s.strip() for s in text.split(",") if s.strip()) if text else None
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from .fetch import fetch
+
+    options = FetchOptions(url_template=args.url_template, format=args.format, jobs=args.jobs, rate=args.rate,
+                           socket_timeout=args.timeout, whole=args.whole, retry_failed=args.retry_failed,
+                           list_format=args.list_format, split=_split(args.split))
+    results = fetch(args.list, args.out, options, log=lambda line: print(f"cavmae-prep: {line}", flush=True))
+    return 1 if results and not any(r.status == "ok" for r in results) else 0
 
 
 def _stats(args: argparse.Namespace, cfg) -> int:

@@ -48,22 +48,34 @@ def dataset_items(arg: str, options: ListOptions | None) -> list[InputItem] | No
     if "://" in arg or not path.is_file() or path.suffix.lower() not in (".csv", ".txt"):
         return None
     options = options or ListOptions()
-    fmt = sniff(path) if options.format == "auto" else options.format
+    fmt = list_format(path, options.format)
     if fmt is None:
         return None
-    if fmt not in FORMATS:
-        raise InputError(f"--list-format {fmt!r}: not one of auto, {', '.join(FORMATS)}")
     default_dir = path.parent.parent / "audio" if fmt == "esc50" else path.parent
     videos = Path(options.videos_dir) if options.videos_dir else default_dir
     if not videos.is_dir():
         raise InputError(f"--videos-dir {videos}: no such folder (where the files of {path} are)")
-    rows = _READERS[fmt](path)
-    if options.split is not None:
-        if fmt == "audioset":
-            raise InputError(f"{path}: AudioSet lists have no split column (each CSV is one split); drop --split")
-        rows = [r for r in rows if r.split in options.split]
+    rows = list_rows(path, fmt, options.split)
     found = _index_files(videos)
     return [_item(r, found, videos, fmt) for r in rows]
+
+
+def list_format(path: Path, requested: str = "auto") -> str | None:
+    """The format of the list `path`: `requested` (one of FORMATS), or sniffed when "auto" (None: not a list)."""
+    fmt = sniff(path) if requested == "auto" else requested
+    if fmt is not None and fmt not in FORMATS:
+        raise InputError(f"--list-format {fmt!r}: not one of auto, {', '.join(FORMATS)}")
+    return fmt
+
+
+def list_rows(path: Path, fmt: str, split: tuple[str, ...] | None = None) -> list[Row]:
+    """The rows of the `fmt` list `path`, those of `split` only when given (ingest's items, fetch's downloads)."""
+    rows = _READERS[fmt](path)
+    if split is not None:
+        if fmt == "audioset":
+            raise InputError(f"{path}: AudioSet lists have no split column (each CSV is one split); drop --split")
+        rows = [r for r in rows if r.split in split]
+    return rows
 
 
 def sniff(path: Path) -> str | None:
@@ -91,7 +103,9 @@ def sniff(path: Path) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Row:
+class Row:
+    """One row of a list: the clip `video_id` (its sample's id) of the YouTube video `ytid`, its segment."""
+
     where: str                     # list:line, for skipped rows
     ytid: str
     video_id: str
@@ -125,30 +139,30 @@ def _seconds(path: Path, n: int, text: str) -> float:
     return float(text)
 
 
-def _audioset(path: Path) -> list[_Row]:
+def _audioset(path: Path) -> list[Row]:
     out = []
     for n, cells in _read(path, skip_header=False):
         if len(cells) < 4:
             raise _bad(path, n, "an AudioSet row is YTID, start_seconds, end_seconds, positive_labels")
         ytid, start, end = cells[0].strip(), _seconds(path, n, cells[1]), _seconds(path, n, cells[2])
         labels = tuple(x.strip() for cell in cells[3:] for x in cell.split(",") if x.strip())
-        out.append(_Row(f"{path}:{n}", ytid, ytid, start, end, labels, None, (("ytid", ytid),)))
+        out.append(Row(f"{path}:{n}", ytid, ytid, start, end, labels, None, (("ytid", ytid),)))
     return out
 
 
-def _vggsound(path: Path) -> list[_Row]:
+def _vggsound(path: Path) -> list[Row]:
     out = []
     for n, cells in _read(path, skip_header=False):
         if len(cells) != 4:
             raise _bad(path, n, "a VGGSound row is ytid,start,label,split")
         ytid, start = cells[0].strip(), _seconds(path, n, cells[1])
         split = cells[3].strip()
-        out.append(_Row(f"{path}:{n}", ytid, f"{ytid}_{int(start):06d}", start, start + VGGSOUND_SECONDS,
+        out.append(Row(f"{path}:{n}", ytid, f"{ytid}_{int(start):06d}", start, start + VGGSOUND_SECONDS,
                         (cells[2].strip(),), split, (("ytid", ytid), ("split", split))))
     return out
 
 
-def _kinetics(path: Path) -> list[_Row]:
+def _kinetics(path: Path) -> list[Row]:
     rows = _read(path, skip_header=False)
     if not rows:
         return []
@@ -163,18 +177,18 @@ def _kinetics(path: Path) -> list[_Row]:
         label = cells[col["label"]].strip() if "label" in col else ""
         split = cells[col["split"]].strip() if "split" in col else None
         extra = (("ytid", ytid),) + ((("split", split),) if split is not None else ())
-        out.append(_Row(f"{path}:{n}", ytid, ytid, start, end, (label,) if label else (), split, extra))
+        out.append(Row(f"{path}:{n}", ytid, ytid, start, end, (label,) if label else (), split, extra))
     return out
 
 
-def _esc50(path: Path) -> list[_Row]:
+def _esc50(path: Path) -> list[Row]:
     out = []
     for n, cells in _read(path, skip_header=True):
         if len(cells) < 4 or not cells[1].strip().isdigit() or not cells[2].strip().isdigit():
             raise _bad(path, n, "an ESC-50 row is filename,fold,target,category,...")
         name, fold, target, category = (c.strip() for c in cells[:4])
         stem = Path(name).stem
-        out.append(_Row(f"{path}:{n}", stem, stem, None, None, (category,), fold,
+        out.append(Row(f"{path}:{n}", stem, stem, None, None, (category,), fold,
                         (("fold", int(fold)), ("target", int(target))), label_index=int(target)))
     return out
 
@@ -204,7 +218,7 @@ def _index_files(folder: Path) -> dict[str, list[Path]]:
     return {k: exact.get(k, []) + cut.get(k, []) for k in exact.keys() | cut.keys()}
 
 
-def _item(row: _Row, found: dict[str, list[Path]], videos: Path, fmt: str) -> InputItem:
+def _item(row: Row, found: dict[str, list[Path]], videos: Path, fmt: str) -> InputItem:
     dataset = {"format": fmt, **dict(row.extra)}
     segment = None if row.start_s is None else (row.start_s, row.end_s)
     files = found.get(row.video_id) or found.get(row.ytid) or []
