@@ -237,8 +237,9 @@ def _ahead_of_readers() -> None:
 
 def test_a_stalled_source_times_out(corpus, tmp_path):
     """Source mode has ingest's per-video time limit: a source that never ends (an endless stream written to a
-    growing file as fast as ffmpeg writes, read in windows mode) becomes a failed row "timed out after N s", the rest of its unit is made
-    (by a fresh worker, whose imports count against the limit too: 5 s leaves room on a busy machine)."""
+    growing file as fast as ffmpeg writes, read in windows mode) becomes a failed row "timed out after N s", the
+    rest of its unit is made (by a fresh worker, whose imports count against the limit too: 5 s leaves room on a
+    busy machine)."""
     endless = tmp_path / "endless.mkv"
     writer = subprocess.Popen(
         ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
