@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -159,3 +160,24 @@ def corrupt_corpus(dir: str | Path) -> dict[str, Path]:
     out["no_video"] = make_clip(d, "no_video", seconds=2.0, video=False, container="m4a")
     out["too_short"] = make_clip(d, "too_short", seconds=0.01, size=(160, 120), channels=1)
     return out
+
+
+def endless_stream(path: Path) -> subprocess.Popen:
+    """A video that never ends: an endless lavfi source written to `path` (a growing Matroska file) as fast as
+    ffmpeg can, at a higher priority where we may raise it, so a reader never catches up with the file's end (at
+    100x real time it did, and the stream ended instead of stalling). Returns once the file holds 100 kB; the
+    caller kills the writer."""
+    def ahead_of_readers() -> None:
+        try:
+            os.nice(-10)
+        except PermissionError:
+            pass
+
+    writer = subprocess.Popen(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=32x24:rate=10",
+         "-f", "lavfi", "-i", "sine=sample_rate=16000", "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac",
+         "-b:a", "16k", "-f", "matroska", str(path)], stdin=subprocess.DEVNULL, preexec_fn=ahead_of_readers)
+    while not path.exists() or path.stat().st_size < 100_000:
+        assert writer.poll() is None, "ffmpeg stopped writing the endless stream"
+        time.sleep(0.1)
+    return writer

@@ -15,7 +15,7 @@ import webdataset as wds
 from preprocess.ingest import ingest
 from shards.config import ConfigError, load_config
 from shards.frozen import PREP_SECTIONS
-from tests.clips import corrupt_corpus, make_clip
+from tests.clips import corrupt_corpus, endless_stream, make_clip
 
 SMALL = ["clip.length_s=3.0", "video.num_frames=4", "video.image_size=64", "shards.samples_per_shard=2"]
 
@@ -243,15 +243,8 @@ def test_a_stalled_video_times_out_and_the_job_goes_on(local_ray, videos, tmp_pa
     by the driver; both become failed rows and the good clips' samples are written."""
     d = tmp_path / "in"
     d.mkdir()
-    writer = subprocess.Popen(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-readrate", "100", "-f", "lavfi", "-i",
-         "testsrc=size=32x24:rate=10", "-readrate", "100", "-f", "lavfi", "-i", "sine=sample_rate=16000",
-         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-b:a", "16k", "-f", "matroska",
-         str(d / "b_endless.mkv")], stdin=subprocess.DEVNULL)
+    writer = endless_stream(d / "b_endless.mkv")
     try:
-        while not (d / "b_endless.mkv").exists() or (d / "b_endless.mkv").stat().st_size < 100_000:
-            assert writer.poll() is None
-            time.sleep(0.1)
         (d / "d_endless.mkv").symlink_to(d / "b_endless.mkv")
         inputs = [str(videos["good"][0]), str(d / "b_endless.mkv"), str(videos["good"][3]), str(d / "d_endless.mkv")]
         cfg = load_config(sets=SMALL + ["clip.mode=windows", "clip.length_s=1.0", "clip.hop_s=1.0",

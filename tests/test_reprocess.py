@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from preprocess.reprocess import SourcesGone, choose_mode, reprocess, reprocess_
 from shards.config import load_config
 from shards.manifest import read_manifest, write_rows
 from shards.reader import decode_sample, list_shards, raw_samples
-from tests.clips import make_clip
+from tests.clips import endless_stream, make_clip
 
 SHARDS = ["shards.samples_per_shard=2"]  # a run's own (never taken from SRC's pipeline.yaml)
 BASE = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "audio.keep_waveform=true", *SHARDS]
@@ -226,26 +225,13 @@ def test_a_unit_reads_only_its_samples(corpus, tmp_path):
     assert got["v2"] == got["v3"] == ("ok", None)
 
 
-def _ahead_of_readers() -> None:
-    """The endless stream's writer must stay ahead of its reader even on a loaded machine (a reader that catches up
-    meets the file's end, and the source ends instead of stalling): a higher priority where we may raise it."""
-    try:
-        os.nice(-10)
-    except PermissionError:
-        pass
-
-
 def test_a_stalled_source_times_out(corpus, tmp_path):
     """Source mode has ingest's per-video time limit: a source that never ends (an endless stream written to a
     growing file as fast as ffmpeg writes, read in windows mode) becomes a failed row "timed out after N s", the
     rest of its unit is made (by a fresh worker, whose imports count against the limit too: 5 s leaves room on a
     busy machine)."""
     endless = tmp_path / "endless.mkv"
-    writer = subprocess.Popen(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-         "testsrc=size=32x24:rate=10", "-f", "lavfi", "-i", "sine=sample_rate=16000",
-         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-b:a", "16k", "-f", "matroska", str(endless)],
-        stdin=subprocess.DEVNULL, preexec_fn=_ahead_of_readers)
+    writer = endless_stream(endless)
     try:
         src = tmp_path / "src"
         shutil.copytree(corpus["src"], src)
@@ -254,9 +240,6 @@ def test_a_stalled_source_times_out(corpus, tmp_path):
             if r["video_id"] == "v1":
                 r["source"] = str(endless)
         write_rows(src / "manifest.parquet", rows)
-        while not endless.exists() or endless.stat().st_size < 100_000:
-            assert writer.poll() is None
-            time.sleep(0.1)
         cfg = reprocess_config(src, sets=SHARDS + ["clip.mode=windows", "clip.length_s=1.0", "clip.hop_s=1.0",
                                                    "ray.videos_per_task=2", "ray.video_timeout_s=5", "ray.max_retries=1"])
         summary = reprocess(src, tmp_path / "out", cfg, sources=[str(tmp_path), str(corpus["videos"])])
