@@ -175,7 +175,13 @@ def iter_clips(path: str | os.PathLike, cfg: Config, *, threads: int = 1,
 # Never concat, hls, image2 or any other demuxer that opens further files or URLs.
 ALLOWED_DEMUXERS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv", "wav", "flac", "mp3",
                     "ogg")
-_RESTRICTED = {"format_whitelist": ",".join(ALLOWED_DEMUXERS), "protocol_whitelist": "file"}
+
+
+def _allow_only(**extra: str) -> dict[str, str]:
+    """FFmpeg options that hold an open to those demuxers and to the local file protocol (plus `extra`)."""
+    return {"format_whitelist": ",".join(ALLOWED_DEMUXERS), "protocol_whitelist": "file", **extra}
+
+
 NOT_ALLOWED = ("not a media file of an allowed container format "
                "(mp4/mov, matroska/webm, avi, flv, wav, flac, mp3, ogg)")
 
@@ -199,7 +205,7 @@ def open_media(path: str | os.PathLike) -> av.container.InputContainer:
     if not os.access(path, os.R_OK):
         raise BadInput("permission denied")
     try:
-        container = av.open(path, mode="r", metadata_errors="replace", options={**_RESTRICTED, **_FAST_PROBE})
+        container = av.open(path, mode="r", metadata_errors="replace", options=_allow_only(**_FAST_PROBE))
     except PermissionError:
         raise BadInput("permission denied") from None
     except (av.FFmpegError, OSError):
@@ -209,7 +215,7 @@ def open_media(path: str | os.PathLike) -> av.container.InputContainer:
             return container
         container.close()
     try:
-        return av.open(path, mode="r", metadata_errors="replace", options=_RESTRICTED)
+        return av.open(path, mode="r", metadata_errors="replace", options=_allow_only())
     except PermissionError:
         raise BadInput("permission denied") from None
     except av.ArgumentError:                      # what FFmpeg answers for a demuxer not on the allow-list
