@@ -215,6 +215,8 @@ class _Load:
         change of what it follows carries through)."""
         for dotted, field in _followers():
             section, key = dotted.split(".")
+            if section not in self.data:  # (a config loaded before that section's owner registered it)
+                continue
             if self.data[section][key] is None or dotted not in self.explicit:
                 self.explicit.discard(dotted)  # null means "follow"
                 self.data[section][key] = _checked(dotted, field, field.metadata["follows"](self.data),
