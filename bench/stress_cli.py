@@ -62,12 +62,12 @@ def commands(data: dict[str, Path], out: Path) -> dict[str, list[str]]:
     return {
         "order": [*train, "order", "--shards", shards, "--epoch", "2", "--world-size", "2", "--rank", "1",
                   *_sets(TINY + ["pretrain.batch_size=2"])],
-        "stats": [*prep, "stats", shards, "--out", str(out), "--no-progress", "--workers", "1",
-                  *_sets(["model.target_length=128"])],
+        "stats": [*prep, "stats", shards, "--out", str(out), "--no-progress", "--workers", "1", "--rows", "128"],
         "inspect": [*prep, "inspect", shards, "--random", "2", "--out", str(out / "look.png")],
         "eval": [*train, "eval", "--shards", shards, "--checkpoint", str(data["ckpt"]), "--labels",
                  str(data["labels"]), *_sets(TINY)],
-        "verify": [*prep, "verify", shards],
+        "verify": [*prep, "verify", shards, "--no-progress", "--workers", "1",
+                   *_sets(["video.num_frames=4", "video.image_size=64"])],  # (the synthetic shards' own settings)
     }
 
 
