@@ -139,7 +139,7 @@ print(found[-1] if found else sys.argv[3])' "$R" "$1" "$2" 2>/dev/null || echo "
         local step=$1 b=$2 precision=$3 compile=$4 w=$5 limit=$6
         local extra=(); [[ $step == finetune ]] && extra=(--set finetune.num_classes=527 --set finetune.wa=false)
         rm -rf "$WORK/run"
-        section "e2e $step batch $b $precision $compile workers=$w" "$limit" "$PY" -m train "$step" \
+        section "e2e $step batch $b $precision $compile workers=$w" "$limit" "$PY" -m cavmae.train "$step" \
             --shards "$SHARDS" "${GEOM[@]}" "${extra[@]}" --out "$WORK/run" --set "data.num_workers=$w" \
             --set "$step.batch_size=$b" --set "$step.epochs=1" --set "$step.epoch_samples=$(( b * E2E_STEPS ))" \
             --set "$step.log_every=$LOG" --set "$step.precision=$precision" --set "$step.compile=$compile" \
@@ -160,7 +160,7 @@ print(found[-1] if found else sys.argv[3])' "$R" "$1" "$2" 2>/dev/null || echo "
     if wanted ddp; then
         rm -rf "$WORK/run"
         NCCL_DEBUG=VERSION section "ddp (torchrun, 1 process)" 120 "$PY" -m torch.distributed.run \
-            --nproc-per-node 1 -m train pretrain --shards "$SHARDS" "${GEOM[@]}" --out "$WORK/run" \
+            --nproc-per-node 1 -m cavmae.train pretrain --shards "$SHARDS" "${GEOM[@]}" --out "$WORK/run" \
             --set "data.num_workers=${WORKERS[0]}" --set "pretrain.batch_size=$B48" --set pretrain.epochs=1 \
             --set "pretrain.epoch_samples=$(( B48 * (E2E_SKIP + 2 * LOG) ))" --set "pretrain.log_every=$LOG" \
             --set pretrain.precision=bf16 --set "pretrain.compile=$COMPILE" \

@@ -41,11 +41,11 @@ import torch  # noqa: E402
 import torchaudio  # noqa: E402
 
 from tests import clips  # noqa: E402
-from preprocess.decode import official_picks  # noqa: E402
-from preprocess.ingest import INGEST  # noqa: E402
-from preprocess.inputs import InputItem  # noqa: E402
-from preprocess.units import assemble_shard, work_unit  # noqa: E402
-from shards.config import load_config  # noqa: E402
+from cavmae.preprocess.decode import official_picks  # noqa: E402
+from cavmae.preprocess.ingest import INGEST  # noqa: E402
+from cavmae.preprocess.inputs import InputItem  # noqa: E402
+from cavmae.preprocess.units import assemble_shard, work_unit  # noqa: E402
+from cavmae.shards.config import load_config  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench"
 GENERATED = {
@@ -177,7 +177,7 @@ def workers_scaling(counts: list[int], videos: int, clip: str, sets: list[str]) 
     is the wall time of the whole job (planning, tasks, shard publication, manifest)."""
     import ray
 
-    from preprocess.ingest import ingest
+    from cavmae.preprocess.ingest import ingest
 
     src = clip_path(clip)
     if not any(x.startswith("shards.samples_per_shard=") for x in sets):

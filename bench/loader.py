@@ -37,16 +37,16 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocess.features import encode_jpeg  # noqa: E402
-from shards.config import load_config  # noqa: E402
-from shards.index import sample_index  # noqa: E402
-from shards.schema import sample_members  # noqa: E402
-from shards.writer import write_shard  # noqa: E402
+from cavmae.preprocess.features import encode_jpeg  # noqa: E402
+from cavmae.shards.config import load_config  # noqa: E402
+from cavmae.shards.index import sample_index  # noqa: E402
+from cavmae.shards.schema import sample_members  # noqa: E402
+from cavmae.shards.writer import write_shard  # noqa: E402
 from tests.clips import bigbuckbunny  # noqa: E402
-from train import stage  # noqa: E402
-from train.augment import device_augment  # noqa: E402
-from train.loaders import train_loader  # noqa: E402
-from train.epochs import EpochPlan  # noqa: E402
+from cavmae.train import stage  # noqa: E402
+from cavmae.train.augment import device_augment  # noqa: E402
+from cavmae.train.loaders import train_loader  # noqa: E402
+from cavmae.train.epochs import EpochPlan  # noqa: E402
 
 
 SECONDS, FRAMES, SIZE = 10.0, 10, 224
@@ -152,10 +152,10 @@ def per_sample_ms(steps: dict[str, callable], items: list) -> dict[str, float]:
 
 def stage_table(root: Path, urls: list[Path], items: list[str], cfg, batch_size: int) -> None:
     """ms per sample per step of both routes (one frame per sample, pretraining augmentation)."""
-    from shards.reader import decode_sample
-    from shards.reader import raw_samples
-    from train.augment import draw_augmentation
-    from train.images import frame_pixels
+    from cavmae.shards.reader import decode_sample
+    from cavmae.shards.reader import raw_samples
+    from cavmae.train.augment import draw_augmentation
+    from cavmae.train.images import frame_pixels
 
     image = official_image_transform(cfg.data.image_mean, cfg.data.image_std)
     d, gen = cfg.data, np.random.default_rng(0)
@@ -211,8 +211,8 @@ def read_cpu_us(urls: list[Path], passes: int) -> tuple[float, float]:
     """µs of this process's CPU time per sample to read every sample's raw members, streaming the shard
     (`raw_samples`) and by one ranged read each (`read_raw_sample`, what the training loader does): the fastest of
     `passes` passes, so a busy machine's interference mostly drops out."""
-    from shards.index import SpanReader, read_raw_sample
-    from shards.reader import raw_samples
+    from cavmae.shards.index import SpanReader, read_raw_sample
+    from cavmae.shards.reader import raw_samples
 
     shards = [str(u) for u in urls]
     index, reader = sample_index(shards), SpanReader()

@@ -30,12 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 
-from shards.config import load_config  # noqa: E402
-from train.loop import training_model  # noqa: E402
-from train.precision import step_autocast  # noqa: E402
-from train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
-from train.lr_schedule import make_optimizer  # noqa: E402
-from train.stage import model_settings  # noqa: E402
+from cavmae.shards.config import load_config  # noqa: E402
+from cavmae.train.loop import training_model  # noqa: E402
+from cavmae.train.precision import step_autocast  # noqa: E402
+from cavmae.train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
+from cavmae.train.lr_schedule import make_optimizer  # noqa: E402
+from cavmae.train.stage import model_settings  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched in order against the device name.
 PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0),

@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 
-from shards.config import load_config  # noqa: E402
-from train.precision import WorkingWeights, step_autocast  # noqa: E402
-from train.model import PATCH_SIZE, build_pretrain_model  # noqa: E402
-from train.lr_schedule import make_optimizer  # noqa: E402
-from train.stage import model_settings  # noqa: E402
+from cavmae.shards.config import load_config  # noqa: E402
+from cavmae.train.precision import WorkingWeights, step_autocast  # noqa: E402
+from cavmae.train.model import PATCH_SIZE, build_pretrain_model  # noqa: E402
+from cavmae.train.lr_schedule import make_optimizer  # noqa: E402
+from cavmae.train.stage import model_settings  # noqa: E402
 
 TERMS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
 TINY = ["model.size=tiny", "model.target_length=128", "video.image_size=64"]

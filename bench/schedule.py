@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocess.jobs import plan_units, unit_order  # noqa: E402
+from cavmae.preprocess.jobs import plan_units, unit_order  # noqa: E402
 
 TAIL_SHARE, TAIL_FROM_S, TAIL_ALPHA = 0.005, 1.0, 1.5
 RESTART_S = 5.0  # a worker ended by the time limit is replaced by Ray (measured: a few seconds here)

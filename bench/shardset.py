@@ -22,10 +22,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 
-from shards.config import load_config  # noqa: E402
-from shards.manifest import MANIFEST, write_rows  # noqa: E402
-from shards.schema import make_key, sample_members  # noqa: E402
-from shards.writer import write_shard  # noqa: E402
+from cavmae.shards.config import load_config  # noqa: E402
+from cavmae.shards.manifest import MANIFEST, write_rows  # noqa: E402
+from cavmae.shards.schema import make_key, sample_members  # noqa: E402
+from cavmae.shards.writer import write_shard  # noqa: E402
 
 SECONDS = 10.0
 CLASSES = 527  # label indices in the .labels.txt members (finetune with finetune.num_classes=527)

@@ -47,7 +47,7 @@ def prepare() -> dict[str, Path]:
     if not labels.is_file():
         label_index_csv(labels)
     if not ckpt.is_file():
-        res = subprocess.run([sys.executable, "-m", "train.cli", "finetune", "--shards", str(shards), "--labels",
+        res = subprocess.run([sys.executable, "-m", "cavmae.train.cli", "finetune", "--shards", str(shards), "--labels",
                               str(labels), "--out", str(ckpt.parent),
                               *_sets(TINY + ["finetune.batch_size=4", "finetune.epochs=1", "finetune.wa=false"])],
                              cwd=REPO, capture_output=True, text=True)
@@ -57,7 +57,7 @@ def prepare() -> dict[str, Path]:
 
 
 def commands(data: dict[str, Path], out: Path) -> dict[str, list[str]]:
-    prep, train = [sys.executable, "-m", "preprocess.cli"], [sys.executable, "-m", "train.cli"]
+    prep, train = [sys.executable, "-m", "cavmae.preprocess.cli"], [sys.executable, "-m", "cavmae.train.cli"]
     shards = str(data["shards"])
     return {
         "order": [*train, "order", "--shards", shards, "--epoch", "2", "--world-size", "2", "--rank", "1",
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table = commands(data, out)
     wanted = [c for c in args.commands.split(",") if c]
-    has_verify = "verify" in subprocess.run([sys.executable, "-m", "preprocess.cli", "--help"], cwd=REPO,
+    has_verify = "verify" in subprocess.run([sys.executable, "-m", "cavmae.preprocess.cli", "--help"], cwd=REPO,
                                             capture_output=True, text=True).stdout
     if "verify" in wanted and not has_verify:
         print("stress_cli: no `cavmae-prep verify` here; skipped")

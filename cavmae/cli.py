@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from shards.config import Config, load_config
-from shards.errors import Parser, UserError, report
-from shards.frozen import SAMPLE_SECTIONS
-from shards.process import finish
-from shards.store import check_out_file
-from train.cli import add_mode_arg
+from cavmae.shards.config import Config, load_config
+from cavmae.shards.errors import Parser, UserError, report
+from cavmae.shards.frozen import SAMPLE_SECTIONS
+from cavmae.shards.process import finish
+from cavmae.shards.store import check_out_file
+from cavmae.train.cli import add_mode_arg
 
 EXAMPLES = """examples:
   cavmae predict clip.mp4 other.mkv --checkpoint runs/ft/model.pth --labels class_labels_indices.csv
@@ -68,9 +68,9 @@ def predict_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from preprocess.inputs import LabelIndex
-    from train.cli import frame_choice
-    from train.stage import UsageError
+    from cavmae.preprocess.inputs import LabelIndex
+    from cavmae.train.cli import frame_choice
+    from cavmae.train.stage import UsageError
 
     from .predict import Prediction, predict_videos
 

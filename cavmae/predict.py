@@ -11,18 +11,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from preprocess.decode import BadInput
-from preprocess.inputs import video_id_of
-from preprocess.sample import iter_samples
-from shards.config import Config
-from shards.reader import decode_sample
-from shards.samples import group_members
-from shards.schema import one_line, safe_text
-from train import distributed as dist
-from train import stage as st
-from train.augment import device_augment
-from train.evaluate import batch_probabilities
-from train.modes import mode_name, mode_of
+from cavmae.preprocess.decode import BadInput
+from cavmae.preprocess.inputs import video_id_of
+from cavmae.preprocess.sample import iter_samples
+from cavmae.shards.config import Config
+from cavmae.shards.reader import decode_sample
+from cavmae.shards.samples import group_members
+from cavmae.shards.schema import one_line, safe_text
+from cavmae.train import distributed as dist
+from cavmae.train import stage as st
+from cavmae.train.augment import device_augment
+from cavmae.train.evaluate import batch_probabilities
+from cavmae.train.modes import mode_name, mode_of
 
 
 @dataclass

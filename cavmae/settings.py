@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import preprocess.settings  # noqa: F401  (registers ray)
-import train.settings  # noqa: F401  (registers the training sections and presets)
-from shards.settings import PIPELINE_YAML, render
+import cavmae.preprocess.settings  # noqa: F401  (registers ray)
+import cavmae.train.settings  # noqa: F401  (registers the training sections and presets)
+from cavmae.shards.settings import PIPELINE_YAML, render
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,11 +14,11 @@ import tarfile
 from collections import Counter
 from typing import NoReturn
 
-from shards.config import ConfigError, load_config
-from shards.errors import NoSamples, Parser, UserError, report
-from shards.process import finish
-from shards.schema import BadSample, one_line
-from shards.store import check_out_file
+from cavmae.shards.config import ConfigError, load_config
+from cavmae.shards.errors import NoSamples, Parser, UserError, report
+from cavmae.shards.process import finish
+from cavmae.shards.schema import BadSample, one_line
+from cavmae.shards.store import check_out_file
 
 from .datasets import FORMATS
 from .fetch import FetchOptions
@@ -250,7 +250,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace, cfg) -> int:
-    from shards.store import Store
+    from cavmae.shards.store import Store
 
     from .stats import compute_stats, write_stats
 
@@ -304,8 +304,8 @@ def _verify(args: argparse.Namespace, cfg) -> int:
 
 
 def _reprocess(args: argparse.Namespace) -> int:
-    from shards.frozen import frozen_config
-    from shards.store import Store
+    from cavmae.shards.frozen import frozen_config
+    from cavmae.shards.store import Store
 
     from .reprocess import ReprocessSummary, choose_mode, reprocess, reprocess_config
 

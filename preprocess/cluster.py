@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from shards.config import Config, ConfigError
-from shards.schema import one_line
+from cavmae.shards.config import Config, ConfigError
+from cavmae.shards.schema import one_line
 
 CONNECT_TIMEOUT_S = 3.0
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"

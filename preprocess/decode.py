@@ -55,8 +55,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from shards.config import Config, ConfigError
-from shards.schema import one_line
+from cavmae.shards.config import Config, ConfigError
+from cavmae.shards.schema import one_line
 
 # Codecs whose NONREF skipping is known to leave every other frame untouched (checked by the tests).
 _SKIP_SAFE_CODECS = ("h264", "hevc")

@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards.errors import UserError
-from shards.schema import one_line
+from cavmae.shards.errors import UserError
+from cavmae.shards.schema import one_line
 
 from .datasets import FORMATS, list_format, list_rows
 

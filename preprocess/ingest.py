@@ -18,10 +18,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from shards.config import Config
-from shards.frozen import SAMPLE_SECTIONS
-from shards.schema import safe_text
-from shards.store import Store, is_uri
+from cavmae.shards.config import Config
+from cavmae.shards.frozen import SAMPLE_SECTIONS
+from cavmae.shards.schema import safe_text
+from cavmae.shards.store import Store, is_uri
 
 from .datasets import ListOptions
 from .inputs import InputItem, LabelIndex, collect_inputs
@@ -84,8 +84,8 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
 
 def decode_video(item: InputItem, _ahead: None, cfg: Config) -> Iterator[Sample]:
     """One video's samples (a remote one through a local copy)."""
-    from preprocess.decode import Segment
-    from preprocess.sample import iter_samples
+    from cavmae.preprocess.decode import Segment
+    from cavmae.preprocess.sample import iter_samples
 
     with local_copy(item.path) as path:
         indices = list(item.label_indices) if item.label_indices is not None else None

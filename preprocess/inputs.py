@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shards.errors import UserError
-from shards.schema import LABEL_INDEX_LIMIT, safe_text
+from cavmae.shards.errors import UserError
+from cavmae.shards.schema import LABEL_INDEX_LIMIT, safe_text
 
 if TYPE_CHECKING:
     from .datasets import ListOptions
@@ -185,7 +185,7 @@ def _not_regular(path: Path) -> str:
 
 def _expand_remote(uri: str, ignored: list[tuple[str, str]]) -> list[InputItem]:
     """A remote video (`s3://b/v.mp4`) or folder (`s3://b/videos/`, recursive) through `shards.store`."""
-    from shards.store import Store, is_temp_name
+    from cavmae.shards.store import Store, is_temp_name
 
     try:
         store = Store.of(uri)

@@ -14,13 +14,13 @@ import random
 import tarfile
 from typing import Any, Iterator
 
-from shards.config import Config, ConfigError
-from shards.errors import NoSamples
-from shards.frozen import adopt_shard_settings
-from shards.reader import decode_sample, list_shards, raw_samples
-from shards.schema import BadSample, one_line
-from shards.store import Store, regular_files
-from shards.validate import SampleSpec, check_sample
+from cavmae.shards.config import Config, ConfigError
+from cavmae.shards.errors import NoSamples
+from cavmae.shards.frozen import adopt_shard_settings
+from cavmae.shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.shards.schema import BadSample, one_line
+from cavmae.shards.store import Store, regular_files
+from cavmae.shards.validate import SampleSpec, check_sample
 
 from .inputs import LabelIndex
 

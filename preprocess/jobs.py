@@ -40,11 +40,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from shards.config import Config, ConfigError
-from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_config
-from shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, write_rows
-from shards.names import shard_index, shard_name
-from shards.store import Store, is_temp_name
+from cavmae.shards.config import Config, ConfigError
+from cavmae.shards.frozen import FROZEN_CONFIG, PREP_SECTIONS, SAMPLE_SECTIONS, frozen_config
+from cavmae.shards.manifest import MANIFEST, PARTS, fragment_name, merge_rows, read_manifest, write_rows
+from cavmae.shards.names import shard_index, shard_name
+from cavmae.shards.store import Store, is_temp_name
 
 from .cluster import check_address, connect
 from .outlock import output_lock

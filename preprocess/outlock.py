@@ -13,8 +13,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from shards.config import ConfigError
-from shards.store import Store
+from cavmae.shards.config import ConfigError
+from cavmae.shards.store import Store
 
 
 class OutputBusy(ConfigError):

@@ -50,16 +50,16 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from shards.config import Config, ConfigError
-from shards.errors import NotFound
-from shards.manifest import read_manifest
-from shards.media import decode_flac, open_flac, open_jpeg
-from shards.frozen import FROZEN_CONFIG, SAMPLE_SECTIONS, frozen_config
-from shards.names import shard_index
-from shards.samples import Group, read_groups
-from shards.schema import (BadSample, check_key, decode_labels, decode_member, decode_meta, member_suffix,
+from cavmae.shards.config import Config, ConfigError
+from cavmae.shards.errors import NotFound
+from cavmae.shards.manifest import read_manifest
+from cavmae.shards.media import decode_flac, open_flac, open_jpeg
+from cavmae.shards.frozen import FROZEN_CONFIG, SAMPLE_SECTIONS, frozen_config
+from cavmae.shards.names import shard_index
+from cavmae.shards.samples import Group, read_groups
+from cavmae.shards.schema import (BadSample, check_key, decode_labels, decode_member, decode_meta, member_suffix,
                            one_line, sample_members)
-from shards.store import Store, is_uri
+from cavmae.shards.store import Store, is_uri
 
 from .ingest import Summary
 from .inputs import InputError
@@ -333,8 +333,8 @@ def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]]
         return [(key, decode_meta(dict(_by_suffix(m))["json"]), m) for key, m in old]
     if mode == "waveform":
         return [_from_waveform(key, m, cfg, digest) for key, m in old]
-    from preprocess.decode import BadInput, Segment
-    from preprocess.sample import build_samples
+    from cavmae.preprocess.decode import BadInput, Segment
+    from cavmae.preprocess.sample import build_samples
 
     indices, segment, dataset = None, None, None
     if old:
@@ -389,8 +389,8 @@ def check_old_sample(key: str, members: list[tuple[str, bytes]], cfg: Config) ->
 
 def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
                    digest: str) -> tuple[str, dict, list[tuple[str, bytes]]]:
-    from preprocess.decode import BadInput
-    from shards.fbank import fbank
+    from cavmae.preprocess.decode import BadInput
+    from cavmae.shards.fbank import fbank
 
     d = dict(_by_suffix(members))
     meta = decode_meta(d["json"])

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
-from shards.config import Config
-from shards.fbank import fbank
-from shards.schema import make_key, sample_members
+from cavmae.shards.config import Config
+from cavmae.shards.fbank import fbank
+from cavmae.shards.schema import make_key, sample_members
 
 from .decode import BadInput, Clip, Segment, iter_clips
 from .features import encode_flac, encode_jpeg

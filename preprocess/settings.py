@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shards.settings import register, setting
+from cavmae.shards.settings import register, setting
 
 
 @dataclass

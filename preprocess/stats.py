@@ -34,15 +34,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from shards.config import Config
-from shards.errors import NoSamples
-from shards.frozen import adopt_shard_settings
-from shards.manifest import read_manifest
-from shards.reader import decode_sample, list_shards, raw_samples
-from shards.schema import BadSample, one_line
-from shards.settings import clip_rows
-from shards.store import Store, regular_files
-from shards.validate import SampleSpec, check_sample
+from cavmae.shards.config import Config
+from cavmae.shards.errors import NoSamples
+from cavmae.shards.frozen import adopt_shard_settings
+from cavmae.shards.manifest import read_manifest
+from cavmae.shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.shards.schema import BadSample, one_line
+from cavmae.shards.settings import clip_rows
+from cavmae.shards.store import Store, regular_files
+from cavmae.shards.validate import SampleSpec, check_sample
 
 from .inputs import LabelIndex
 from .jobs import RowJob, run_row_job

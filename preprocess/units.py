@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from shards.config import Config
-from shards.frozen import SAMPLE_SECTIONS
-from shards.manifest import PARTS, fragment_name, read_rows, write_rows
-from shards.names import shard_name
-from shards.tar import TarWriter, read_members
-from shards.schema import one_line
-from shards.store import Store, is_uri
-from shards.writer import ShardWriter
+from cavmae.shards.config import Config
+from cavmae.shards.frozen import SAMPLE_SECTIONS
+from cavmae.shards.manifest import PARTS, fragment_name, read_rows, write_rows
+from cavmae.shards.names import shard_name
+from cavmae.shards.tar import TarWriter, read_members
+from cavmae.shards.schema import one_line
+from cavmae.shards.store import Store, is_uri
+from cavmae.shards.writer import ShardWriter
 
 
 class RestFails(Exception):
@@ -65,7 +65,7 @@ def work_unit(job: Any, index: int, start: int, items: list[Any], out: str, cfg_
     """One work unit of `job` (a `preprocess.jobs.ShardJob`): items `start, start+1, ...` of shard `index` into a
     part file (published only if some item gave samples); return its name and the items' rows. Items marked as
     timed out by an earlier attempt become failed rows without being opened again."""
-    from preprocess.decode import BadInput
+    from cavmae.preprocess.decode import BadInput
 
     for module in job.imports:
         importlib.import_module(module)
@@ -218,7 +218,7 @@ class local_copy:
     def __enter__(self) -> str:
         if not is_uri(self.source) or self.source.startswith("file://"):
             return self.source[len("file://"):] if self.source.startswith("file://") else self.source
-        from preprocess.decode import BadInput
+        from cavmae.preprocess.decode import BadInput
 
         store, name = Store.split(self.source)
         suffix = Path(name).suffix

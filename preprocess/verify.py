@@ -19,21 +19,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from shards.config import Config
-from shards.errors import NoSamples
-from shards.frozen import FROZEN_CONFIG, shard_set_configs
-from shards.index import SpanReader
-from shards.manifest import shard_manifests
-from shards.media import open_flac, open_jpeg
-from shards.reader import decode_sample, list_shards, open_stream
-from shards.samples import read_groups
-from shards.schema import BadSample, one_line
-from shards.store import Store
-from shards.tar import read_members
-from shards.validate import SampleSpec
+from cavmae.shards.config import Config
+from cavmae.shards.errors import NoSamples
+from cavmae.shards.frozen import FROZEN_CONFIG, shard_set_configs
+from cavmae.shards.index import SpanReader
+from cavmae.shards.manifest import shard_manifests
+from cavmae.shards.media import open_flac, open_jpeg
+from cavmae.shards.reader import decode_sample, list_shards, open_stream
+from cavmae.shards.samples import read_groups
+from cavmae.shards.schema import BadSample, one_line
+from cavmae.shards.store import Store
+from cavmae.shards.tar import read_members
+from cavmae.shards.validate import SampleSpec
 
 from .jobs import RowJob, run_row_job
-from shards.validate import check_sample as check_valid
+from cavmae.shards.validate import check_sample as check_valid
 
 
 def _open(url: str) -> Any:

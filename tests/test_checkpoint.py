@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoint import (
+from cavmae.train.checkpoint import (
     CheckpointError,
     imagenet_mae_init,
     load_pretrained_into,
@@ -15,8 +15,8 @@ from train.checkpoint import (
     official_state_dict,
     strip_module_prefix,
 )
-from train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio
-from train.pos_embed import get_2d_sincos_pos_embed
+from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio
+from cavmae.train.pos_embed import get_2d_sincos_pos_embed
 
 DATA = Path(__file__).parent / "data"
 TINY = dict(size="tiny", target_length=128, num_mel_bins=128, image_size=64)
@@ -138,7 +138,7 @@ def test_trained_position_tables_are_cut_or_interpolated_as_ast(caplog):
     trained = ft.pos_embed_a.detach() + 0.1 * torch.randn_like(ft.pos_embed_a)
     sd = {**ft.state_dict(), "pos_embed_a": trained}
     short = CAVMAEFT(5, **{**TINY, "target_length": 64})
-    with caplog.at_level("WARNING", logger="train.checkpoint"):
+    with caplog.at_level("WARNING", logger="cavmae.train.checkpoint"):
         load_pretrained_into(short, sd)
     assert [r.getMessage() for r in caplog.records] == [
         "pos_embed_a: trained position table fitted from grid 8x8 to 8x4 (centre cut / bilinear, as AST)"]

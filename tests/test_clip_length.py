@@ -10,8 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from train.cli import main  # noqa: E402
-from train.pos_embed import get_2d_sincos_pos_embed  # noqa: E402
+from cavmae.train.cli import main  # noqa: E402
+from cavmae.train.pos_embed import get_2d_sincos_pos_embed  # noqa: E402
 from train_fixtures import TINY, label_index_csv, write_synthetic_shards  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def test_pretrained_at_1024_rows_finetunes_and_evaluates_at_512(tmp_path, caplog
                  "--mode", "audioonly", "--out", str(tmp_path / "eval.json"),
                  *sets("model.target_length=512")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["samples"] == 16
-    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):  # back at 1024: a trained table is stretched
+    with caplog.at_level(logging.WARNING, logger="cavmae.train.checkpoint"):  # back at 1024: a trained table is stretched
         assert main(["eval", "--shards", str(shards), "--labels", str(labels), "--checkpoint",
                      str(ft / "model.pth"), "--mode", "audioonly", *sets("model.target_length=1024")]) == 0
     assert [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"] == [
@@ -59,12 +59,12 @@ def test_esc50_list_to_finetuned_model_at_512_rows(local_ray, tmp_path):
     """ESC-50 from its own list (5 s audio-only .wav, folds as splits) to a model finetuned with the esc50-audioonly
     preset (target_length 512, 50 classes from the samples' targets) from a 1024-row checkpoint in the official
     layout, then evaluated on the held-out fold: no glue beyond the commands."""
-    from preprocess.datasets import ListOptions
-    from preprocess.ingest import ingest
-    from shards.config import load_config
+    from cavmae.preprocess.datasets import ListOptions
+    from cavmae.preprocess.ingest import ingest
+    from cavmae.shards.config import load_config
     from tests.clips import make_clip
-    from train.checkpoint import official_state_dict
-    from train.model import CAVMAE
+    from cavmae.train.checkpoint import official_state_dict
+    from cavmae.train.model import CAVMAE
 
     root = tmp_path / "ESC-50-master"
     rows = ["filename,fold,target,category,esc10,src_file,take"]

@@ -59,12 +59,12 @@ def cluster():
 
 
 def _cli(args, **kw):
-    return subprocess.run([sys.executable, "-m", "preprocess.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cavmae.preprocess.cli", *args], capture_output=True, text=True,
                           timeout=300, cwd=REPO, **kw)
 
 
 def _popen(args):
-    return subprocess.Popen([sys.executable, "-m", "preprocess.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "cavmae.preprocess.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

@@ -11,8 +11,8 @@ import typing
 import pytest
 
 import cavmae.settings  # noqa: F401  (every owner's sections, as pipeline.yaml holds them)
-from shards.config import ConfigError, load_config
-from shards.settings import PIPELINE_YAML, PRESETS, SECTIONS, as_yaml, default_of, render
+from cavmae.shards.config import ConfigError, load_config
+from cavmae.shards.settings import PIPELINE_YAML, PRESETS, SECTIONS, as_yaml, default_of, render
 
 
 def test_defaults_are_the_official_values():
@@ -296,8 +296,8 @@ def test_every_numeric_key_out_of_range_is_one_line_at_load(dotted, value, tmp_p
                                            ("video.image_size", 10 ** 6), ("audio.frame_shift_ms", 0),
                                            ("clip.length_s", 10 ** 9)])
 def test_a_shard_folders_frozen_config_out_of_range_is_refused(tmp_path, dotted, value):
-    from shards.frozen import frozen_config
-    from shards.store import Store
+    from cavmae.shards.frozen import frozen_config
+    from cavmae.shards.store import Store
 
     section, key = dotted.split(".")
     (tmp_path / "pipeline.yaml").write_text(f"{section}:\n  {key}: {value}\n")
@@ -320,20 +320,20 @@ def test_named_bounds(sets, message):
 
 
 @pytest.mark.parametrize("owner, checked, kept, value", [
-    ("preprocess.cli", "ray.workers=-1", "finetune.lr=abc", "abc"),
-    ("train.cli", "finetune.lr=abc", "ray.workers=-1", -1),
-    ("shards.config", "audio.num_mel_bins=0", "model.size=huge", "huge"),
+    ("cavmae.preprocess.cli", "ray.workers=-1", "finetune.lr=abc", "abc"),
+    ("cavmae.train.cli", "finetune.lr=abc", "ray.workers=-1", -1),
+    ("cavmae.shards.config", "audio.num_mel_bins=0", "model.size=huge", "huge"),
 ])
 def test_each_owner_checks_its_sections_and_keeps_the_others(owner, checked, kept, value):
     """Settings by owner: a process checks the sections of the packages it imports (train/ never imports
     preprocess/, shards/ neither) and keeps another owner's keys as given, for that owner to check."""
-    code = (f"import sys, {owner}\nfrom shards.config import ConfigError, load_config\n"
+    code = (f"import sys, {owner}\nfrom cavmae.shards.config import ConfigError, load_config\n"
             f"cfg = load_config({str(PIPELINE_YAML)!r}, [{kept!r}])\n"
             f"section, key = {kept.split('=')[0]!r}.split('.')\nprint(repr(cfg[section][key]))\n"
             f"try:\n    load_config(sets=[{checked!r}])\n    print('accepted')\n"
             f"except ConfigError:\n    print('refused')\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'train', 'preprocess'}))\n")
+            "print(sorted({'.'.join(m.split('.')[:2]) for m in sys.modules} & {'cavmae.train', 'cavmae.preprocess'}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PIPELINE_YAML.parent).stdout.split("\n")
-    imported = [owner.split(".")[0]] if owner != "shards.config" else []
+    imported = [owner.rsplit(".", 1)[0]] if owner != "cavmae.shards.config" else []
     assert out[:3] == [repr(value), "refused", repr(imported)]

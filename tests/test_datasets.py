@@ -7,13 +7,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess.datasets import ListOptions, dataset_items, sniff
-from preprocess.decode import Segment, decode_clips
-from preprocess.ingest import ingest
-from preprocess.inputs import InputError
-from preprocess.reprocess import reprocess, reprocess_config
-from shards.config import load_config
-from shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.preprocess.datasets import ListOptions, dataset_items, sniff
+from cavmae.preprocess.decode import Segment, decode_clips
+from cavmae.preprocess.ingest import ingest
+from cavmae.preprocess.inputs import InputError
+from cavmae.preprocess.reprocess import reprocess, reprocess_config
+from cavmae.shards.config import load_config
+from cavmae.shards.reader import decode_sample, list_shards, raw_samples
 from tests.clips import make_clip
 
 SMALL = ["video.num_frames=4", "video.image_size=64", "shards.samples_per_shard=4"]

@@ -12,9 +12,9 @@ import pytest
 import torchvision.transforms as T
 from PIL import Image
 
-import preprocess.decode as decode
-from preprocess.decode import BadInput, decode_clips, official_picks
-from shards.config import load_config
+from cavmae.preprocess import decode as decode
+from cavmae.preprocess.decode import BadInput, decode_clips, official_picks
+from cavmae.shards.config import load_config
 from tests.clips import bigbuckbunny, corrupt_corpus, make_clip
 
 CFG = load_config()

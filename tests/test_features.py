@@ -13,13 +13,13 @@ import torch
 import torchaudio
 from PIL import Image
 
-from preprocess.decode import BadInput, decode_clips
-from preprocess.features import encode_flac, encode_jpeg
-from preprocess.sample import build_samples
-from shards.config import load_config
-from shards.fbank import fbank, fbank_rows
-from shards.schema import META_FIELDS, decode_member, make_key, member_suffix
-from shards.writer import write_shard
+from cavmae.preprocess.decode import BadInput, decode_clips
+from cavmae.preprocess.features import encode_flac, encode_jpeg
+from cavmae.preprocess.sample import build_samples
+from cavmae.shards.config import load_config
+from cavmae.shards.fbank import fbank, fbank_rows
+from cavmae.shards.schema import META_FIELDS, decode_member, make_key, member_suffix
+from cavmae.shards.writer import write_shard
 from tests.clips import bigbuckbunny, corrupt_corpus, make_clip
 
 CFG = load_config()

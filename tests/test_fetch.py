@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess.cli import main
-from preprocess.datasets import ListOptions
-from preprocess.fetch import RESULTS, FetchOptions, HostRate, fetch
-from preprocess.ingest import ingest
-from shards.config import load_config
-from shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.preprocess.cli import main
+from cavmae.preprocess.datasets import ListOptions
+from cavmae.preprocess.fetch import RESULTS, FetchOptions, HostRate, fetch
+from cavmae.preprocess.ingest import ingest
+from cavmae.shards.config import load_config
+from cavmae.shards.reader import decode_sample, list_shards, raw_samples
 from tests.clips import make_clip
 from tests.conftest import time_limit
 
@@ -188,7 +188,7 @@ def test_rate_is_per_host():
 def test_without_yt_dlp_one_line_and_exit_2(tmp_path):
     listing = tmp_path / "l.csv"
     listing.write_text(AUDIOSET)
-    code = ("import sys; sys.modules['yt_dlp'] = None; from preprocess.cli import main; "
+    code = ("import sys; sys.modules['yt_dlp'] = None; from cavmae.preprocess.cli import main; "
             f"sys.exit(main(['fetch', {str(listing)!r}, '--out', {str(tmp_path / 'v')!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -201,7 +201,7 @@ def test_source_that_cannot_be_cut_is_fetched_whole(server, tmp_path):
     listing.write_text("".join(AUDIOSET.splitlines(keepends=True)[:2]))
     out = tmp_path / "videos"
     args = ["fetch", str(listing), "--out", str(out), "--url-template", server.template]
-    code = f"import sys; from preprocess.cli import main; sys.exit(main({args!r}))"
+    code = f"import sys; from cavmae.preprocess.cli import main; sys.exit(main({args!r}))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={"PATH": "", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr

@@ -15,25 +15,25 @@ import pytest
 import torch
 from PIL import Image
 
-from preprocess import cli as prep_cli
-from preprocess.features import encode_flac
-from preprocess.jobs import next_index
-from preprocess.inputs import LabelIndex, collect_inputs
-from preprocess.reprocess import _videos_in_source_order
-from shards.config import ConfigError, load_config
-from shards.errors import NoSamples, one_line
-from shards.media import decode_flac, open_flac, open_jpeg
-from shards.names import PatternError, check_pattern, shard_index, shard_name
-from shards.reader import raw_samples
-from shards.samples import read_groups
-from shards.tar import read_members
-from shards.schema import BadSample, encode_npy, sample_members
-from shards.writer import write_shard
-from train import cli as train_cli
-from train.checkpoint import CheckpointError, read_checkpoint
-from train.loaders import decoded_samples, eval_loader
-from train.transform import Transform
-from train.stage import model_settings
+from cavmae.preprocess import cli as prep_cli
+from cavmae.preprocess.features import encode_flac
+from cavmae.preprocess.jobs import next_index
+from cavmae.preprocess.inputs import LabelIndex, collect_inputs
+from cavmae.preprocess.reprocess import _videos_in_source_order
+from cavmae.shards.config import ConfigError, load_config
+from cavmae.shards.errors import NoSamples, one_line
+from cavmae.shards.media import decode_flac, open_flac, open_jpeg
+from cavmae.shards.names import PatternError, check_pattern, shard_index, shard_name
+from cavmae.shards.reader import raw_samples
+from cavmae.shards.samples import read_groups
+from cavmae.shards.tar import read_members
+from cavmae.shards.schema import BadSample, encode_npy, sample_members
+from cavmae.shards.writer import write_shard
+from cavmae.train import cli as train_cli
+from cavmae.train.checkpoint import CheckpointError, read_checkpoint
+from cavmae.train.loaders import decoded_samples, eval_loader
+from cavmae.train.transform import Transform
+from cavmae.train.stage import model_settings
 from tests.conftest import time_limit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def hostile_shard(tmp_path):
 def test_hostile_samples_are_counted_skips_and_nothing_runs(hostile_shard, fake_gs, caplog, tmp_path):
     tf = Transform(DATA, NO_AUG, frame=0, num_frames=2, num_classes=4, label_map=None, label_file=None, seed=0)
     before = set(tmp_path.rglob("*"))
-    with caplog.at_level(logging.WARNING, logger="train.failures"):
+    with caplog.at_level(logging.WARNING, logger="cavmae.train.failures"):
         batches = list(eval_loader([str(hostile_shard)], tf, batch_size=2, num_workers=0))
     assert [k for b in batches for k in b["key"]] == GOOD
     warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
@@ -351,7 +351,7 @@ def test_train_cli_clear_errors(tmp_path, tiny_shard, capsys):
     code, err = run_train(["pretrain", "--shards", str(tiny_shard), "--out", str(evil)] + sets, capsys)
     assert code == 2 and "not a folder" in err
 
-    from train.model import build_finetune_model
+    from cavmae.train.model import build_finetune_model
     ft = tmp_path / "ft.pth"
     torch.save(build_finetune_model(model_settings(load_config(None, TINY)), 4).state_dict(), ft)
     junk = write_tar(tmp_path / "junk.tar", raw_members("j", json=b"[]"))
@@ -364,8 +364,8 @@ def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
     """A downloaded shard set: each source sample is checked before it is copied (repack), a malformed source shard
     fails the rest of its work unit with the reason, and nothing is written outside the output folder; the same
     when the samples are read at the spans SRC's manifest records."""
-    from preprocess.reprocess import reprocess_job
-    from preprocess.units import assemble_shard, work_unit
+    from cavmae.preprocess.reprocess import reprocess_job
+    from cavmae.preprocess.units import assemble_shard, work_unit
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -405,8 +405,8 @@ def test_reprocess_checks_every_source_sample(tmp_path, fake_gs):
 
 def test_late_audio_start_is_recorded(tmp_path):
     """Audio whose first sample comes 1.5 s into the file: the waveform starts there, and the sample says so."""
-    from preprocess.decode import decode_clips
-    from preprocess.sample import clip_meta
+    from cavmae.preprocess.decode import decode_clips
+    from cavmae.preprocess.sample import clip_meta
     from tests.clips import FFMPEG
 
     late = tmp_path / "late.mp4"

@@ -17,17 +17,17 @@ import pytest
 import yaml
 
 from cavmae.predict import video_samples
-from preprocess import cli as prep_cli
-from preprocess.decode import NOT_ALLOWED
-from preprocess.features import encode_flac
-from preprocess.ingest import ingest
-from preprocess.inputs import InputError, LabelIndex
-from preprocess.reprocess import reprocess, reprocess_config, source_allowed
-from shards.config import load_config
-from shards.frozen import PREP_SECTIONS
-from shards.manifest import read_manifest, write_rows
-from shards.schema import sample_members
-from shards.writer import ShardWriter
+from cavmae.preprocess import cli as prep_cli
+from cavmae.preprocess.decode import NOT_ALLOWED
+from cavmae.preprocess.features import encode_flac
+from cavmae.preprocess.ingest import ingest
+from cavmae.preprocess.inputs import InputError, LabelIndex
+from cavmae.preprocess.reprocess import reprocess, reprocess_config, source_allowed
+from cavmae.shards.config import load_config
+from cavmae.shards.frozen import PREP_SECTIONS
+from cavmae.shards.manifest import read_manifest, write_rows
+from cavmae.shards.schema import sample_members
+from cavmae.shards.writer import ShardWriter
 from tests.clips import make_clip
 from tests.conftest import time_limit
 
@@ -245,8 +245,8 @@ def test_flac_streaminfo_is_checked_before_decoding(tmp_path):
         (tmp_path / f"{name}.flac").write_bytes(data)
     out = in_child(f"""
 import json, pathlib
-from shards.media import decode_flac
-from shards.schema import BadSample
+from cavmae.shards.media import decode_flac
+from cavmae.shards.schema import BadSample
 got = {{}}
 for p in sorted(pathlib.Path({str(tmp_path)!r}).glob("*.flac")):
     try:
@@ -298,11 +298,11 @@ def test_stats_and_inspect_check_each_sample_against_the_shards_settings(tmp_pat
             shard.add(sample_members(f"good{i}", {"video_id": f"good{i}"}, fb, [frame.getvalue()] * 2))
     out = in_child(f"""
 import json
-from preprocess.cli import main
-from preprocess.stats import shard_sums, merge
-from shards.config import load_config
-from shards.frozen import adopt_shard_settings
-from shards.validate import SampleSpec
+from cavmae.preprocess.cli import main
+from cavmae.preprocess.stats import shard_sums, merge
+from cavmae.shards.config import load_config
+from cavmae.shards.frozen import adopt_shard_settings
+from cavmae.shards.validate import SampleSpec
 url = {str(folder / "shard-000000.tar")!r}
 cfg = adopt_shard_settings(load_config(), [url])
 part = shard_sums(url, 1024, SampleSpec.of(cfg))
@@ -327,8 +327,8 @@ print(json.dumps({{"samples": stats["samples"], "unreadable": stats["unreadable_
     (b'{"window": true}', "'window' is a bool, not int"),
 ])
 def test_json_fields_of_the_wrong_type_are_bad_samples(meta, needle):
-    from shards.reader import decode_sample
-    from shards.schema import BadSample, encode_npy
+    from cavmae.shards.reader import decode_sample
+    from cavmae.shards.schema import BadSample, encode_npy
 
     raw = {"__key__": "k", "__url__": "x.tar", "json": meta, "fbank.npy": encode_npy(np.zeros((4, 128), np.float16))}
     with pytest.raises(BadSample, match="x.tar: sample 'k': json ") as err:
@@ -345,7 +345,7 @@ TINY = ["model.size=tiny", "model.target_length=128", "video.image_size=64", "da
 def shard_folder(tmp_path):
     """A folder of one good shard and a FIFO named like the next one."""
     from PIL import Image
-    from shards.writer import write_shard
+    from cavmae.shards.writer import write_shard
 
     frame = io.BytesIO()
     Image.new("RGB", (64, 64), (20, 20, 200)).save(frame, format="JPEG")
@@ -358,7 +358,7 @@ def shard_folder(tmp_path):
 
 
 def train_main(argv, capsys) -> tuple[int, str]:
-    from train import cli as train_cli
+    from cavmae.train import cli as train_cli
 
     sets = [x for s in TINY for x in ("--set", s)]
     code = train_cli.main(argv + sets)
@@ -367,8 +367,8 @@ def train_main(argv, capsys) -> tuple[int, str]:
 
 def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(shard_folder, tmp_path, capsys):
     import torch
-    from train.model import build_finetune_model
-    from train.stage import model_settings
+    from cavmae.train.model import build_finetune_model
+    from cavmae.train.stage import model_settings
 
     ft = tmp_path / "ft.pth"
     torch.save(build_finetune_model(model_settings(load_config(None, TINY)), 4).state_dict(), ft)
@@ -404,8 +404,8 @@ def test_out_naming_a_folder_is_refused_before_the_work(shard_folder, tmp_path, 
 
 def test_init_and_resume_of_another_model_shape_are_one_line(shard_folder, tmp_path, capsys):
     import torch
-    from train.model import build_pretrain_model
-    from train.stage import model_settings
+    from cavmae.train.model import build_pretrain_model
+    from cavmae.train.stage import model_settings
 
     # another clip length alone loads (position tables are refitted); a patch embedding of another shape cannot
     other = build_pretrain_model(model_settings(load_config(None, TINY + ["model.target_length=256"]))).state_dict()

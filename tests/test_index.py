@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shards.index import sample_index
-from shards.manifest import ManifestError, manifest_rows, read_rows, write_rows
-from shards.schema import sample_members
-from shards.writer import ShardWriter
+from cavmae.shards.index import sample_index
+from cavmae.shards.manifest import ManifestError, manifest_rows, read_rows, write_rows
+from cavmae.shards.schema import sample_members
+from cavmae.shards.writer import ShardWriter
 
 
 def ingest_like(folder, keys, name="shard-000000.tar"):
@@ -90,7 +90,7 @@ def test_a_manifest_that_is_not_one_is_a_one_line_error(tmp_path):
 
 
 def test_training_on_a_folder_whose_manifest_is_not_one_stops_with_one_line(tmp_path, capsys):
-    from train import cli as train_cli
+    from cavmae.train import cli as train_cli
 
     ingest_like(tmp_path / "A", ["a0", "a1"])
     (tmp_path / "A" / "manifest.parquet").write_bytes(b"not parquet at all")

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from preprocess.ingest import ingest
-from shards.config import ConfigError, load_config
-from shards.frozen import PREP_SECTIONS
+from cavmae.preprocess.ingest import ingest
+from cavmae.shards.config import ConfigError, load_config
+from cavmae.shards.frozen import PREP_SECTIONS
 from tests.clips import corrupt_corpus, endless_stream, make_clip
 
 SMALL = ["clip.length_s=3.0", "video.num_frames=4", "video.image_size=64", "shards.samples_per_shard=2"]
@@ -143,7 +143,7 @@ def test_labels_become_json_and_label_members(local_ray, videos, tmp_path):
 
 
 def _cli(args, env=None):
-    return subprocess.run([sys.executable, "-m", "preprocess.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cavmae.preprocess.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -172,7 +172,7 @@ def test_kill_minus_9_then_rerun_equals_a_clean_run(tmp_path, videos):
     args = ["ingest", str(videos["dir"] / "many"), "--workers", "1", "--no-progress",
             "--set", "shards.samples_per_shard=1", "--set", "video.image_size=32", "--set", "video.num_frames=2"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "preprocess.cli", *args, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "cavmae.preprocess.cli", *args, "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(killed.glob("shard-*.tar"))) < 3:
@@ -265,8 +265,8 @@ def test_a_stalled_video_times_out_and_the_job_goes_on(local_ray, videos, tmp_pa
 
 def test_two_runs_into_one_folder(tmp_path, videos):
     """While a run holds --out, a second one says so in one line and exits 2 (touching nothing)."""
-    from preprocess.outlock import output_lock
-    from shards.store import Store
+    from cavmae.preprocess.outlock import output_lock
+    from cavmae.shards.store import Store
 
     out = tmp_path / "out"
     out.mkdir()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.inputs import InputError, LabelIndex, collect_inputs
+from cavmae.preprocess.inputs import InputError, LabelIndex, collect_inputs
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess.ingest import ingest
-from preprocess.jobs import ShardJob, run_shard_job
-from preprocess.outlock import OutputBusy
-from preprocess.reprocess import reprocess, reprocess_config
-from preprocess.stats import compute_stats
-from shards.config import load_config
-from shards.manifest import read_manifest
-from shards.store import Store
+from cavmae.preprocess.ingest import ingest
+from cavmae.preprocess.jobs import ShardJob, run_shard_job
+from cavmae.preprocess.outlock import OutputBusy
+from cavmae.preprocess.reprocess import reprocess, reprocess_config
+from cavmae.preprocess.stats import compute_stats
+from cavmae.shards.config import load_config
+from cavmae.shards.manifest import read_manifest
+from cavmae.shards.store import Store
 from tests.clips import make_clip
 
 REPO = Path(__file__).resolve().parents[1]

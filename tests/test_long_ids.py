@@ -3,14 +3,14 @@ ustar's 100 bytes, written with pax `path` records)."""
 
 import pyarrow.parquet as pq
 
-from preprocess import cli as prep_cli
-from preprocess.ingest import ingest
-from shards.config import load_config
-from shards.manifest import read_manifest
-from shards.reader import decode_sample, list_shards, raw_samples
-from shards.schema import make_key
+from cavmae.preprocess import cli as prep_cli
+from cavmae.preprocess.ingest import ingest
+from cavmae.shards.config import load_config
+from cavmae.shards.manifest import read_manifest
+from cavmae.shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.shards.schema import make_key
 from tests.clips import make_clip
-from train import cli as train_cli
+from cavmae.train import cli as train_cli
 
 IDS = ["a" * 100, "B-" * 64]  # both in the key alphabet
 PREP = ["clip.length_s=1.0", "video.num_frames=2", "video.image_size=32", "audio.keep_waveform=true"]

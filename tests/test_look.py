@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from preprocess.cli import main
-from preprocess.inspect_shards import pick
-from preprocess.plots import DPI, sheet_figure, stats_figure
-from shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.preprocess.cli import main
+from cavmae.preprocess.inspect_shards import pick
+from cavmae.preprocess.plots import DPI, sheet_figure, stats_figure
+from cavmae.shards.reader import decode_sample, list_shards, raw_samples
 from tests.clips import make_clip
 
 FRAMES = 3

@@ -7,17 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from preprocess.units import SPOOL_BYTES
+from cavmae.preprocess.units import SPOOL_BYTES
 from tests.clips import make_clip
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import json, resource, sys, tempfile
 sys.path.insert(0, sys.argv[1])
-from preprocess.ingest import INGEST
-from preprocess.units import assemble_shard, work_unit
-from preprocess.inputs import InputItem
-from shards.config import load_config
+from cavmae.preprocess.ingest import INGEST
+from cavmae.preprocess.units import assemble_shard, work_unit
+from cavmae.preprocess.inputs import InputItem
+from cavmae.shards.config import load_config
 cfg = load_config(sets=["clip.mode=windows", "video.image_size=32", "audio.keep_waveform=true",
                         "ray.video_timeout_s=600"]).to_dict()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.layers import Attention
 
-from train.model import (
+from cavmae.train.model import (
     CAVMAE,
     CAVMAEFT,
     CAVMAEFTAudio,
@@ -21,7 +21,7 @@ from train.model import (
     structured_audio_noise,
     unpatchify,
 )
-from train.pos_embed import get_2d_sincos_pos_embed
+from cavmae.train.pos_embed import get_2d_sincos_pos_embed
 
 TINY = dict(size="tiny", target_length=128, num_mel_bins=128, image_size=64)
 

@@ -4,8 +4,8 @@ import inspect
 
 import pytest
 
-from shards.config import load_config
-from train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio
+from cavmae.shards.config import load_config
+from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio
 
 
 def keyword_defaults(model_class: type) -> dict:
@@ -32,9 +32,9 @@ def test_every_pipeline_yaml_model_key_is_a_model_keyword():
 
 def test_the_settings_choices_are_the_models():
     """`train/settings.py` does not import the model (torch), so its choices for model options are checked here."""
-    from shards.settings import spec
-    from train.model import MASK_MODES, MODEL_SIZES
-    from train.modes import NAMES
+    from cavmae.shards.settings import spec
+    from cavmae.train.model import MASK_MODES, MODEL_SIZES
+    from cavmae.train.modes import NAMES
 
     assert set(spec("model.size").metadata["choices"]) == set(MODEL_SIZES)
     assert set(spec("model.mask_mode").metadata["choices"]) == set(MASK_MODES)

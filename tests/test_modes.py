@@ -7,12 +7,12 @@ import logging
 
 import torch
 
-from shards.settings import spec
+from cavmae.shards.settings import spec
 from tests.train_fixtures import TINY, label_index_csv, write_synthetic_shards
-from train.checkpoint import load_state_dict_file
-from train.cli import build_parser, main
-from train.model import CAVMAEFT
-from train.modes import ALIASES, MODES, NAMES, mode_name
+from cavmae.train.checkpoint import load_state_dict_file
+from cavmae.train.cli import build_parser, main
+from cavmae.train.model import CAVMAEFT
+from cavmae.train.modes import ALIASES, MODES, NAMES, mode_name
 
 
 def sets(*extra):
@@ -37,7 +37,7 @@ def test_unused_parameters_follow_the_table():
 
 
 def test_an_official_name_warns_once_and_means_the_same(caplog):
-    with caplog.at_level(logging.WARNING, logger="train.modes"):
+    with caplog.at_level(logging.WARNING, logger="cavmae.train.modes"):
         assert mode_name("missingvideoonly") == mode_name("missingvideoonly") == "multimodal-videoonly"
     assert len([r for r in caplog.records if "missingvideoonly" in r.getMessage()]) <= 1
 

@@ -7,12 +7,12 @@ import tarfile
 import numpy as np
 import torch
 
-from preprocess import cli as prep_cli
-from shards.config import load_config
-from shards.schema import encode_npy
-from train import cli as train_cli
-from train.model import build_pretrain_model
-from train.stage import model_settings
+from cavmae.preprocess import cli as prep_cli
+from cavmae.shards.config import load_config
+from cavmae.shards.schema import encode_npy
+from cavmae.train import cli as train_cli
+from cavmae.train.model import build_pretrain_model
+from cavmae.train.stage import model_settings
 
 TINY = ["model.size=tiny", "model.target_length=128", "video.image_size=64", "data.num_workers=0",
         "video.num_frames=2", "pretrain.epoch_samples=2", "pretrain.batch_size=2"]

@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cavmae.cli import main as cavmae  # noqa: E402
-from train.cli import main as train  # noqa: E402
+from cavmae.train.cli import main as train  # noqa: E402
 from train_fixtures import LABEL_IDS, TINY  # noqa: E402
 
 

@@ -10,21 +10,21 @@ import pytest
 import ray
 import torch
 
-from preprocess.ingest import ingest
-from preprocess.reprocess import reprocess, reprocess_config
-from shards.config import load_config
-from shards.frozen import adopt_shard_settings
-from shards.index import sample_index
-from shards.manifest import read_manifest, read_rows
-from shards.reader import decode_sample, list_shards, raw_samples
-from shards.store import Store
+from cavmae.preprocess.ingest import ingest
+from cavmae.preprocess.reprocess import reprocess, reprocess_config
+from cavmae.shards.config import load_config
+from cavmae.shards.frozen import adopt_shard_settings
+from cavmae.shards.index import sample_index
+from cavmae.shards.manifest import read_manifest, read_rows
+from cavmae.shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.shards.store import Store
 from tests.clips import make_clip
 from tests.conftest import LOCAL_RAY
 from tests.train_fixtures import write_synthetic_shards
-from train.cli import main
-from train.loaders import train_loader
-from train.transform import Transform
-from train.epochs import EpochPlan
+from cavmae.train.cli import main
+from cavmae.train.loaders import train_loader
+from cavmae.train.transform import Transform
+from cavmae.train.epochs import EpochPlan
 
 SMALL = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=2"]
 BUCKET = "cavmae-test"

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from preprocess.ingest import ingest
-from preprocess.reprocess import SourcesGone, choose_mode, reprocess, reprocess_config
-from shards.config import load_config
-from shards.manifest import read_manifest, write_rows
-from shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.preprocess.ingest import ingest
+from cavmae.preprocess.reprocess import SourcesGone, choose_mode, reprocess, reprocess_config
+from cavmae.shards.config import load_config
+from cavmae.shards.manifest import read_manifest, write_rows
+from cavmae.shards.reader import decode_sample, list_shards, raw_samples
 from tests.clips import endless_stream, make_clip
 
 SHARDS = ["shards.samples_per_shard=2"]  # a run's own (never taken from SRC's pipeline.yaml)
@@ -122,7 +122,7 @@ def test_repack_copies_members_unchanged(corpus):
 
 
 def _cli(args):
-    return subprocess.run([sys.executable, "-m", "preprocess.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cavmae.preprocess.cli", *args], capture_output=True, text=True,
                           timeout=300)
 
 
@@ -254,11 +254,11 @@ def test_a_stalled_source_times_out(corpus, tmp_path):
 def test_resumes_an_interrupted_run(corpus, tmp_path):
     """A run killed after its first shard, whose plan was saved before work units (items without spans), is
     finished by running again: the same folder as an uninterrupted run."""
-    from preprocess.jobs import cut, save_plan
-    from preprocess.reprocess import _videos_in_source_order, reprocess_job
-    from preprocess.units import assemble_shard, work_unit
-    from shards.frozen import FROZEN_CONFIG, PREP_SECTIONS
-    from shards.store import Store
+    from cavmae.preprocess.jobs import cut, save_plan
+    from cavmae.preprocess.reprocess import _videos_in_source_order, reprocess_job
+    from cavmae.preprocess.units import assemble_shard, work_unit
+    from cavmae.shards.frozen import FROZEN_CONFIG, PREP_SECTIONS
+    from cavmae.shards.store import Store
 
     cfg = reprocess_config(corpus["src"], sets=SHARDS + ["audio.num_mel_bins=64", "ray.videos_per_task=1"])
     reprocess(corpus["src"], tmp_path / "whole", cfg)

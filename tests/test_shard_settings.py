@@ -8,12 +8,12 @@ import shutil
 import pytest
 import yaml
 
-from shards.config import load_config
-from shards.frozen import FROZEN_CONFIG, SAMPLE_FACTS, adopt_shard_settings
-from shards.reader import list_shards
+from cavmae.shards.config import load_config
+from cavmae.shards.frozen import FROZEN_CONFIG, SAMPLE_FACTS, adopt_shard_settings
+from cavmae.shards.reader import list_shards
 from tests.train_fixtures import write_synthetic_shards
-from train import stage as st
-from train.cli import main
+from cavmae.train import stage as st
+from cavmae.train.cli import main
 
 # the run's explicit settings: the tiny model and loop, and nothing about the samples
 RUN = ["model.size=tiny", "model.target_length=128", "data.num_workers=0", "pretrain.batch_size=8",

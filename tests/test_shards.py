@@ -10,11 +10,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from shards.errors import NotFound
-from shards.manifest import merge_rows, read_rows, write_rows
-from shards.reader import decode_sample, list_shards, raw_samples
-from shards.schema import BadSample, make_key, sample_members
-from shards.writer import write_shard
+from cavmae.shards.errors import NotFound
+from cavmae.shards.manifest import merge_rows, read_rows, write_rows
+from cavmae.shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.shards.schema import BadSample, make_key, sample_members
+from cavmae.shards.writer import write_shard
 
 
 def _jpeg(color):
@@ -168,7 +168,7 @@ def test_a_process_that_read_a_manifest_exits_cleanly(tmp_path):
     rows = [{"video_id": f"v{i}", "key": f"v{i}", "status": "ok", "shard": "shard-000000.tar", "labels": ["/m/a"]}
             for i in range(50)]
     write_rows(tmp_path / "manifest.parquet", rows)
-    code = f"from shards.manifest import read_manifest; assert len(read_manifest({str(tmp_path)!r})) == 50"
+    code = f"from cavmae.shards.manifest import read_manifest; assert len(read_manifest({str(tmp_path)!r})) == 50"
     repo = Path(__file__).resolve().parents[1]
     codes = [subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True).returncode for _ in range(5)]
     assert codes == [0] * 5
@@ -183,7 +183,7 @@ def test_finish_flushes_and_exits_with_the_status_without_teardown(tmp_path):
     from pathlib import Path
 
     write_rows(tmp_path / "manifest.parquet", [{"video_id": "v", "key": "v", "status": "ok"}])
-    code = (f"import logging, torch; from shards.manifest import read_manifest; from shards.process import finish\n"
+    code = (f"import logging, torch; from cavmae.shards.manifest import read_manifest; from cavmae.shards.process import finish\n"
             f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r}, level=logging.INFO)\n"
             f"read_manifest({str(tmp_path)!r}); torch.ones(256, 256) @ torch.ones(256, 256)\n"
             f"logging.info('done'); print('x' * 200000, end=''); finish(3)")

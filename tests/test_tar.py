@@ -13,11 +13,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from shards.index import SampleIndex, SpanReader, read_raw_sample, sample_index, scan_spans
-from shards.reader import decode_sample, raw_samples
-from shards.schema import BadSample, make_key, sample_members
-from shards.tar import ShardError, read_members
-from shards.writer import ShardWriter, write_shard
+from cavmae.shards.index import SampleIndex, SpanReader, read_raw_sample, sample_index, scan_spans
+from cavmae.shards.reader import decode_sample, raw_samples
+from cavmae.shards.schema import BadSample, make_key, sample_members
+from cavmae.shards.tar import ShardError, read_members
+from cavmae.shards.writer import ShardWriter, write_shard
 
 
 def ours(data: bytes) -> list[tuple[str, bytes]]:

@@ -13,19 +13,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from preprocess.features import encode_flac  # noqa: E402
-from shards.config import load_config  # noqa: E402
-from shards.fbank import fbank as features_fbank  # noqa: E402
-from shards.index import sample_index  # noqa: E402
-from shards.schema import sample_members  # noqa: E402
-from shards.writer import write_shard  # noqa: E402
-from train.augment import LOG_SILENCE, device_augment, draw_augmentation, mix_fbanks  # noqa: E402
-from train.labels import soft_labels  # noqa: E402
-from train.loaders import eval_loader, train_loader  # noqa: E402
-from train.transform import Transform  # noqa: E402
-from train.epochs import EpochPlan  # noqa: E402
-from train.evaluate import average_precision, mean_average_precision  # noqa: E402
-from train.retrieve import ranks, recall_metrics  # noqa: E402
+from cavmae.preprocess.features import encode_flac  # noqa: E402
+from cavmae.shards.config import load_config  # noqa: E402
+from cavmae.shards.fbank import fbank as features_fbank  # noqa: E402
+from cavmae.shards.index import sample_index  # noqa: E402
+from cavmae.shards.schema import sample_members  # noqa: E402
+from cavmae.shards.writer import write_shard  # noqa: E402
+from cavmae.train.augment import LOG_SILENCE, device_augment, draw_augmentation, mix_fbanks  # noqa: E402
+from cavmae.train.labels import soft_labels  # noqa: E402
+from cavmae.train.loaders import eval_loader, train_loader  # noqa: E402
+from cavmae.train.transform import Transform  # noqa: E402
+from cavmae.train.epochs import EpochPlan  # noqa: E402
+from cavmae.train.evaluate import average_precision, mean_average_precision  # noqa: E402
+from cavmae.train.retrieve import ranks, recall_metrics  # noqa: E402
 from train_fixtures import color_frames, tone_fbank, write_synthetic_shards  # noqa: E402
 
 DATA = {"target_length": 128, "mean": -5.081, "std": 4.4849, "image_size": 64,
@@ -267,10 +267,10 @@ IMPORT_WITHOUT = """
 import importlib, pkgutil, sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("av", "ray", "torchaudio", "preprocess"):
+        if name.split(".")[0] in ("av", "ray", "torchaudio") or name.startswith("cavmae.preprocess"):
             raise ImportError(f"{name} is blocked")
 sys.meta_path.insert(0, Block())
-import shards, train
+from cavmae import shards, train
 for pkg in (train, shards):
     for m in pkgutil.iter_modules(pkg.__path__):
         if m.name != "__main__":

@@ -16,12 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from shards.config import load_config  # noqa: E402
-from train.cli import main  # noqa: E402
-from train.model import build_pretrain_model  # noqa: E402
-from train.precision import WorkingWeights  # noqa: E402
-from train.lr_schedule import make_optimizer  # noqa: E402
-from train.stage import model_settings  # noqa: E402
+from cavmae.shards.config import load_config  # noqa: E402
+from cavmae.train.cli import main  # noqa: E402
+from cavmae.train.model import build_pretrain_model  # noqa: E402
+from cavmae.train.precision import WorkingWeights  # noqa: E402
+from cavmae.train.lr_schedule import make_optimizer  # noqa: E402
+from cavmae.train.stage import model_settings  # noqa: E402
 from train_fixtures import TINY  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

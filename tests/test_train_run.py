@@ -11,12 +11,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import train.loop  # noqa: E402
-import train.pretrain  # noqa: E402
-from shards.config import load_config  # noqa: E402
-from train.cli import main  # noqa: E402
-from train.model import build_pretrain_model  # noqa: E402
-from train.stage import model_settings  # noqa: E402
+import cavmae.train.loop  # noqa: E402
+import cavmae.train.pretrain  # noqa: E402
+from cavmae.shards.config import load_config  # noqa: E402
+from cavmae.train.cli import main  # noqa: E402
+from cavmae.train.model import build_pretrain_model  # noqa: E402
+from cavmae.train.stage import model_settings  # noqa: E402
 from train_fixtures import TINY, write_synthetic_shards  # noqa: E402
 
 
@@ -57,28 +57,28 @@ def test_resume_mid_epoch_keeps_step_count_and_optimizer_state(data, tmp_path, m
     root, _ = data
     args = ["pretrain", "--shards", str(root / "train"), "--out", str(tmp_path),
             *sets(*PT, "pretrain.epochs=2", "pretrain.save_every=3")]
-    real_save = train.loop.save_state
+    real_save = cavmae.train.loop.save_state
 
     def save_then_crash(path, state):
         real_save(path, state)
         if path.name == "last.pt" and state["step"] == 6:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.loop, "save_state", save_then_crash)
+    monkeypatch.setattr(cavmae.train.loop, "save_state", save_then_crash)
     assert main(args) == 130
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert (saved["step"], saved["epoch"], saved["batches_done"]) == (6, 0, 6)
-    monkeypatch.setattr(train.loop, "save_state", real_save)
+    monkeypatch.setattr(cavmae.train.loop, "save_state", real_save)
 
     loaded = {}
-    real_train = train.loop.train
+    real_train = cavmae.train.loop.train
 
     def spy(**kw):
         out = real_train(**kw)
         loaded["optimizer"] = kw["optimizer"].state_dict()
         return out
 
-    monkeypatch.setattr("train.pretrain.train", spy)
+    monkeypatch.setattr("cavmae.train.pretrain.train", spy)
     assert main(args + ["--resume"]) == 0
     steps = [r["step"] for r in records(tmp_path)]
     assert steps == list(range(1, 17))  # 1..6 before the crash, 7..16 after: nothing repeated or lost
@@ -91,7 +91,7 @@ def test_resume_mid_epoch_keeps_step_count_and_optimizer_state(data, tmp_path, m
 
 def test_nonfinite_loss_skips_the_step_and_a_persistent_one_stops(tmp_path, monkeypatch, capsys):
     write_synthetic_shards(tmp_path / "shards", 32, 16)
-    real_step_fn, calls, poisoned = train.pretrain.step_fn, [], set()
+    real_step_fn, calls, poisoned = cavmae.train.pretrain.step_fn, [], set()
 
     def step_fn(contrast):
         inner = real_step_fn(contrast)
@@ -102,7 +102,7 @@ def test_nonfinite_loss_skips_the_step_and_a_persistent_one_stops(tmp_path, monk
             return (loss * float("nan"), metrics) if calls[-1] in poisoned else (loss, metrics)
         return step
 
-    monkeypatch.setattr(train.pretrain, "step_fn", step_fn)
+    monkeypatch.setattr(cavmae.train.pretrain, "step_fn", step_fn)
     args = ["pretrain", "--shards", str(tmp_path / "shards"), *sets("pretrain.batch_size=4", "pretrain.epochs=1")]
     poisoned.update({3})
     assert main([*args, "--out", str(tmp_path / "once")]) == 0
@@ -115,7 +115,7 @@ def test_nonfinite_loss_skips_the_step_and_a_persistent_one_stops(tmp_path, monk
     calls.clear()
     poisoned.clear()
     poisoned.update(range(2, 100))
-    monkeypatch.setattr(train.loop, "NONFINITE_PATIENCE", 3)
+    monkeypatch.setattr(cavmae.train.loop, "NONFINITE_PATIENCE", 3)
     assert main([*args, "--out", str(tmp_path / "always")]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar
     assert errors == ["cavmae-train: error: the loss was not finite for 3 optimizer steps in a row "

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from shards.config import ConfigError, load_config
-from train import stage as st
+from cavmae.shards.config import ConfigError, load_config
+from cavmae.train import stage as st
 
 
 @pytest.mark.parametrize("sets, rows", [
@@ -46,12 +46,12 @@ def test_impossible_audio_lengths_are_refused_at_load(sets, message):
 
 
 def test_a_set_length_that_cuts_the_clip_is_one_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="train.stage"):
+    with caplog.at_level(logging.WARNING, logger="cavmae.train.stage"):
         st.model_settings(load_config(sets=["audio.frame_shift_ms=5", "model.target_length=1024"]))
     (line,) = [r.getMessage() for r in caplog.records]
     assert "keeps the first 5.12 s of every 10 s clip" in line and "4.86 s (972 rows) are cut" in line
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="train.stage"):
+    with caplog.at_level(logging.WARNING, logger="cavmae.train.stage"):
         st.model_settings(load_config(sets=["audio.frame_shift_ms=5"]))          # follows: nothing cut
         st.model_settings(load_config(sets=["model.target_length=992"]))        # 998 rows: 6 cut, < a patch
     assert caplog.records == []
@@ -63,7 +63,7 @@ def test_specaugment_and_roll_scale_with_the_frame_shift():
     fine = st.transform(load_config(sets=["audio.frame_shift_ms=5"]), aug, frame=0)
     assert official.aug["timem"] == 192 and fine.aug["timem"] == 384 and fine.aug["freqm"] == 48
     assert official.data["target_length"] == 1024 and fine.data["target_length"] == 2048
-    from train.augment import draw_augmentation
+    from cavmae.train.augment import draw_augmentation
     rng = np.random.default_rng(0)
     shifts = [draw_augmentation(fine.aug, fine.data["target_length"], 128, rng)["shift"] for _ in range(2000)]
     assert max(map(abs, shifts)) > 1024 and max(map(abs, shifts)) <= 2048  # the roll spans the same 10.24 s

@@ -7,13 +7,13 @@ import tarfile
 
 import numpy as np
 
-from preprocess.cli import main
-from preprocess.features import encode_flac, encode_jpeg
-from preprocess.verify import verify_shard
-from shards.config import load_config
-from shards.manifest import write_rows
-from shards.schema import sample_members
-from shards.writer import ShardWriter
+from cavmae.preprocess.cli import main
+from cavmae.preprocess.features import encode_flac, encode_jpeg
+from cavmae.preprocess.verify import verify_shard
+from cavmae.shards.config import load_config
+from cavmae.shards.manifest import write_rows
+from cavmae.shards.schema import sample_members
+from cavmae.shards.writer import ShardWriter
 
 SETS = ["video.image_size=16", "video.num_frames=2", "audio.num_mel_bins=8"]
 

@@ -19,9 +19,9 @@ import torch
 import torchaudio
 from PIL import Image
 
-from shards.manifest import MANIFEST, write_rows
-from shards.schema import make_key, sample_members
-from shards.writer import ShardWriter
+from cavmae.shards.manifest import MANIFEST, write_rows
+from cavmae.shards.schema import make_key, sample_members
+from cavmae.shards.writer import ShardWriter
 from tests.clips import make_clip
 
 TONES = (300.0, 1800.0)
@@ -134,8 +134,8 @@ def ingest_datasets(root: Path) -> Path:
     Starts one local Ray for all of them and shuts it down (an already initialised Ray is used and left up)."""
     import ray
 
-    from preprocess.ingest import ingest
-    from shards.config import load_config
+    from cavmae.preprocess.ingest import ingest
+    from cavmae.shards.config import load_config
     from tests.conftest import LOCAL_RAY
 
     index = label_index_csv(root / "labels.csv")

@@ -1,5 +1,5 @@
-"""`python -m train ...` / `torchrun --nproc-per-node N -m train ...`: the `cavmae-train` CLI."""
+"""`python -m cavmae.train ...` / `torchrun --nproc-per-node N -m cavmae.train ...`: the `cavmae-train` CLI."""
 
-from train.cli import run
+from cavmae.train.cli import run
 
 run()

@@ -24,10 +24,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from train import distributed as dist
-from train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
-from train.pos_embed import cut_or_interpolate_pos_embed, get_2d_sincos_pos_embed, is_sincos_pos_embed
-from shards.errors import UserError
+from cavmae.train import distributed as dist
+from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
+from cavmae.train.pos_embed import cut_or_interpolate_pos_embed, get_2d_sincos_pos_embed, is_sincos_pos_embed
+from cavmae.shards.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`cavmae-train`: pretrain, finetune, evaluate, retrieve with CAV-MAE over WebDataset shards; show an epoch's order.
 
-One process per device: `torchrun --nproc-per-node N -m train pretrain ...` (or `cavmae-train ...` for one process).
+One process per device: `torchrun --nproc-per-node N -m cavmae.train pretrain ...` (or `cavmae-train ...` for one process).
 Exit status: 0 on success, 2 for bad arguments, config, shards or labels (a one-line message on stderr),
 1 when the loss stayed non-finite, 130 when interrupted (`--resume` carries on from the last checkpoint).
 """
@@ -13,16 +13,16 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from shards.config import ConfigError, load_config
-from shards.errors import Parser, UserError, report
-from shards.process import finish
-from shards.store import check_out_file
+from cavmae.shards.config import ConfigError, load_config
+from cavmae.shards.errors import Parser, UserError, report
+from cavmae.shards.process import finish
+from cavmae.shards.store import check_out_file
 
 PROG = "cavmae-train"
 
 EXAMPLES = """examples:
   cavmae-train pretrain --shards shards/ --out runs/pt --preset scale+
-  torchrun --nproc-per-node 4 -m train pretrain --shards 's3://b/as2m/shard-{000000..013843}.tar' --out runs/pt
+  torchrun --nproc-per-node 4 -m cavmae.train pretrain --shards 's3://b/as2m/shard-{000000..013843}.tar' --out runs/pt
   cavmae-train pretrain --shards shards/ --out runs/pt --resume
   cavmae-train order --shards shards/ --epoch 2 --world-size 4 --rank 3   # what GPU 3 reads in epoch 2
   cavmae-train finetune --shards as20k/ --val-shards eval/ --labels class_labels_indices.csv \\
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_mode_arg(p: argparse.ArgumentParser) -> None:
     """--mode: a finetuning mode of the table in train/modes.py (the official names too)."""
-    from train.modes import HELP, NAMES
+    from cavmae.train.modes import HELP, NAMES
 
     p.add_argument("--mode", choices=NAMES, metavar="MODE", help=f"input mode (default: finetune.mode). {HELP}")
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130
     finally:
-        from train import distributed
+        from cavmae.train import distributed
 
         distributed.shutdown()
     if result is not None:
@@ -151,42 +151,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pretrain(args: argparse.Namespace, cfg) -> None:
-    from train import pretrain
+    from cavmae.train import pretrain
 
     pretrain.run(cfg, shards=args.shards, out=args.out, val_shards=args.val_shards, init=args.init,
                  resume=args.resume, stop_after=args.stop_after_steps)
 
 
 def _finetune(args: argparse.Namespace, cfg) -> None:
-    from train import finetune
+    from cavmae.train import finetune
 
     finetune.run(cfg, shards=args.shards, out=args.out, val_shards=args.val_shards, init=args.init,
                  labels_csv=args.labels, mode=args.mode, resume=args.resume, stop_after=args.stop_after_steps)
 
 
 def _eval(args: argparse.Namespace, cfg) -> dict:
-    from train import evaluate
+    from cavmae.train import evaluate
 
     return evaluate.run(cfg, shards=args.shards, checkpoint=args.checkpoint, labels_csv=args.labels,
                         mode=args.mode, frames=_frames(args, cfg))
 
 
 def _order(args: argparse.Namespace, cfg) -> None:
-    from train import order
+    from cavmae.train import order
 
     order.run(cfg, shards=args.shards, epoch=args.epoch, world_size=args.world_size, rank=args.rank,
               stage=args.stage)
 
 
 def _retrieve(args: argparse.Namespace, cfg) -> dict:
-    from train import retrieve
+    from cavmae.train import retrieve
 
     return retrieve.run(cfg, shards=args.shards, checkpoint=args.checkpoint,
                         frames=frame_choice(args.frames or "middle", "--frames"))
 
 
 def _embed(args: argparse.Namespace, cfg) -> dict:
-    from train import embed
+    from cavmae.train import embed
 
     return embed.run(cfg, shards=args.shards, checkpoint=args.checkpoint, out=args.out, frames=_frames(args, cfg),
                      progress=not args.no_progress)

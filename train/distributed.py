@@ -1,4 +1,4 @@
-"""One process per device, started by `torchrun` (or a plain `python -m train` for one process).
+"""One process per device, started by `torchrun` (or a plain `python -m cavmae.train` for one process).
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; we use NCCL on CUDA and gloo on CPU, so the same code runs the
 2-process CPU test and an 8-GPU job. Without those variables everything is a no-op of world size 1.

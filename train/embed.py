@@ -19,16 +19,16 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from shards.config import Config
-from train import distributed as dist
-from shards.errors import NoSamples
-from shards.manifest import manifest_rows
-from train import stage as st
-from train.augment import device_augment
-from train.failures import shard_list
-from train.loaders import eval_loader
-from train.transform import Transform
-from train.retrieve import pooled_features
+from cavmae.shards.config import Config
+from cavmae.train import distributed as dist
+from cavmae.shards.errors import NoSamples
+from cavmae.shards.manifest import manifest_rows
+from cavmae.train import stage as st
+from cavmae.train.augment import device_augment
+from cavmae.train.failures import shard_list
+from cavmae.train.loaders import eval_loader
+from cavmae.train.transform import Transform
+from cavmae.train.retrieve import pooled_features
 
 SCHEMA = pa.schema([("key", pa.string()), ("video_id", pa.string()),
                     ("audio", pa.list_(pa.float32())), ("visual", pa.list_(pa.float32()))])

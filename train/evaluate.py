@@ -13,16 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from shards.config import Config
-from shards.errors import NoSamples
-from train import distributed as dist
-from train import stage as st
-from train.augment import device_augment
-from train.failures import shard_list
-from train.loaders import eval_loader
-from train.transform import Transform
-from train.precision import autocast
-from train.modes import mode_name, mode_of
+from cavmae.shards.config import Config
+from cavmae.shards.errors import NoSamples
+from cavmae.train import distributed as dist
+from cavmae.train import stage as st
+from cavmae.train.augment import device_augment
+from cavmae.train.failures import shard_list
+from cavmae.train.loaders import eval_loader
+from cavmae.train.transform import Transform
+from cavmae.train.precision import autocast
+from cavmae.train.modes import mode_name, mode_of
 
 
 def run(cfg: Config, *, shards: str, checkpoint: str, labels_csv: str | None, mode: str | None,

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable
 
-from shards.errors import NoSamples
-from shards.schema import one_line
+from cavmae.shards.errors import NoSamples
+from cavmae.shards.schema import one_line
 
 log = logging.getLogger(__name__)
 

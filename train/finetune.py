@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from shards.config import Config
-from train import distributed as dist
-from train import stage as st
-from train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict
-from train.loaders import train_loader
-from train.evaluate import predict, score
-from train.loop import save_state, train
-from train.model import build_finetune_model
-from train.modes import MODES, mode_name
-from train.lr_schedule import make_optimizer, make_scheduler
+from cavmae.shards.config import Config
+from cavmae.train import distributed as dist
+from cavmae.train import stage as st
+from cavmae.train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict
+from cavmae.train.loaders import train_loader
+from cavmae.train.evaluate import predict, score
+from cavmae.train.loop import save_state, train
+from cavmae.train.model import build_finetune_model
+from cavmae.train.modes import MODES, mode_name
+from cavmae.train.lr_schedule import make_optimizer, make_scheduler
 
 HEAD = "mlp_head."
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from shards.media import open_jpeg
+from cavmae.shards.media import open_jpeg
 
 
 def frame_pixels(jpeg: bytes, size: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shards.errors import UserError
-from shards.index import SampleIndex
+from cavmae.shards.errors import UserError
+from cavmae.shards.index import SampleIndex
 
 
 class LabelError(UserError):

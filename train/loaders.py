@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from shards.errors import NoSamples
-from shards.index import SampleIndex, SpanReader, read_raw_sample
-from shards.reader import decode_sample, is_remote, raw_samples
-from shards.schema import BadSample
-from train.epochs import EpochPlan, SampleRngs
-from train.failures import Failures
-from train.transform import Transform
+from cavmae.shards.errors import NoSamples
+from cavmae.shards.index import SampleIndex, SpanReader, read_raw_sample
+from cavmae.shards.reader import decode_sample, is_remote, raw_samples
+from cavmae.shards.schema import BadSample
+from cavmae.train.epochs import EpochPlan, SampleRngs
+from cavmae.train.failures import Failures
+from cavmae.train.transform import Transform
 
 log = logging.getLogger(__name__)
 

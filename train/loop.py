@@ -34,12 +34,12 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from train import distributed as dist
-from train.checkpoint import CheckpointError, check_shapes, read_checkpoint
-from train.augment import device_augment
-from train.epochs import step_seed
-from train.precision import WorkingWeights, step_autocast
-from train.stage import UsageError
+from cavmae.train import distributed as dist
+from cavmae.train.checkpoint import CheckpointError, check_shapes, read_checkpoint
+from cavmae.train.augment import device_augment
+from cavmae.train.epochs import step_seed
+from cavmae.train.precision import WorkingWeights, step_autocast
+from cavmae.train.stage import UsageError
 
 LAST = "last.pt"
 NONFINITE_PATIENCE = 10  # consecutive optimizer steps with a non-finite loss before the run stops

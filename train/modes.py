@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from shards.errors import UserError
+from cavmae.shards.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from shards.config import Config
-from train import stage as st
+from cavmae.shards.config import Config
+from cavmae.train import stage as st
 
 
 def run(cfg: Config, *, shards: str, epoch: int, world_size: int, rank: int, stage: str) -> None:

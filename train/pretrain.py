@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from shards.config import Config
-from train import distributed as dist
-from train import stage as st
-from train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state
-from train.loaders import train_loader
-from train.evaluate import pretrain_losses
-from train.loop import save_state, train
-from train.model import build_pretrain_model
-from train.lr_schedule import make_optimizer, make_scheduler
+from cavmae.shards.config import Config
+from cavmae.train import distributed as dist
+from cavmae.train import stage as st
+from cavmae.train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state
+from cavmae.train.loaders import train_loader
+from cavmae.train.evaluate import pretrain_losses
+from cavmae.train.loop import save_state, train
+from cavmae.train.model import build_pretrain_model
+from cavmae.train.lr_schedule import make_optimizer, make_scheduler
 
 
 def step_fn(contrast: str):

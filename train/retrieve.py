@@ -14,15 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards.config import Config
-from shards.errors import NoSamples
-from train import distributed as dist
-from train import stage as st
-from train.augment import device_augment
-from train.failures import shard_list
-from train.loaders import eval_loader
-from train.transform import Transform
-from train.precision import autocast
+from cavmae.shards.config import Config
+from cavmae.shards.errors import NoSamples
+from cavmae.train import distributed as dist
+from cavmae.train import stage as st
+from cavmae.train.augment import device_augment
+from cavmae.train.failures import shard_list
+from cavmae.train.loaders import eval_loader
+from cavmae.train.transform import Transform
+from cavmae.train.precision import autocast
 
 
 def run(cfg: Config, *, shards: str, checkpoint: str, frames: str | int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shards.settings import (PATCH_ROWS, PRESET_NOTES, PRESET_SOURCES, PRESETS, RENAMED, RETIRED, clip_rows,
+from cavmae.shards.settings import (PATCH_ROWS, PRESET_NOTES, PRESET_SOURCES, PRESETS, RENAMED, RETIRED, clip_rows,
                              register, setting)
 
 

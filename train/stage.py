@@ -12,21 +12,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from shards.config import Config
-from shards.errors import NoSamples, NotFound, UserError
-from shards.fbank import fbank_rows
-from shards.frozen import adopt_shard_settings
-from shards.index import SampleIndex, sample_index
-from shards.manifest import manifest_rows
-from shards.reader import list_shards
-from shards.store import regular_files
-from shards.settings import OFFICIAL_SHIFT_MS, PATCH_ROWS
-from train import distributed as dist
-from train.failures import shard_list
-from train.labels import LabelError, balance_weights, read_label_index
-from train.transform import Transform
-from train.epochs import EpochPlan
-from train.modes import MODES
+from cavmae.shards.config import Config
+from cavmae.shards.errors import NoSamples, NotFound, UserError
+from cavmae.shards.fbank import fbank_rows
+from cavmae.shards.frozen import adopt_shard_settings
+from cavmae.shards.index import SampleIndex, sample_index
+from cavmae.shards.manifest import manifest_rows
+from cavmae.shards.reader import list_shards
+from cavmae.shards.store import regular_files
+from cavmae.shards.settings import OFFICIAL_SHIFT_MS, PATCH_ROWS
+from cavmae.train import distributed as dist
+from cavmae.train.failures import shard_list
+from cavmae.train.labels import LabelError, balance_weights, read_label_index
+from cavmae.train.transform import Transform
+from cavmae.train.epochs import EpochPlan
+from cavmae.train.modes import MODES
 
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes
 
 def checkpoint_arg(path: str) -> dict[str, Any]:
     """The state dict that `--checkpoint path` names (weights_only; `module.` stripped), or a one-line UsageError."""
-    from train.checkpoint import CheckpointError, load_state_dict_file
+    from cavmae.train.checkpoint import CheckpointError, load_state_dict_file
 
     if not Path(path).is_file():
         raise UsageError(f"--checkpoint {path}: no such file")
@@ -175,8 +175,8 @@ def load_model(cfg: Config, path: str, *, finetuned: bool = False, mode: str | N
     """The model a checkpoint holds, built from `cfg.model`: the finetuning model when the checkpoint has a
     classification head (`mlp_head.*`; without visual weights, the audio-only one), else the pretraining one.
     `finetuned` requires the head, `mode` (a `train.modes` name) a model that can run it, `visual` visual weights."""
-    from train.checkpoint import CheckpointError, load_pretrained_into
-    from train.model import build_finetune_model, build_pretrain_model
+    from cavmae.train.checkpoint import CheckpointError, load_pretrained_into
+    from cavmae.train.model import build_finetune_model, build_pretrain_model
 
     sd = checkpoint_arg(path)
     head = sd.get("mlp_head.1.weight")

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from shards.config import Config
-from shards.media import decode_flac
-from shards.schema import BadSample, one_line
-from shards.validate import SampleSpec, check_labels, check_sample
-from train.augment import draw_augmentation, mix_fbanks, mix_waveforms
-from train.failures import Failures
-from train.images import frame_pixels, stack_pixels
-from train.labels import LabelError, label_indices, soft_labels
+from cavmae.shards.config import Config
+from cavmae.shards.media import decode_flac
+from cavmae.shards.schema import BadSample, one_line
+from cavmae.shards.validate import SampleSpec, check_labels, check_sample
+from cavmae.train.augment import draw_augmentation, mix_fbanks, mix_waveforms
+from cavmae.train.failures import Failures
+from cavmae.train.images import frame_pixels, stack_pixels
+from cavmae.train.labels import LabelError, label_indices, soft_labels
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,8 @@ class Transform:
         a `.flac`) or "fbank" (mel power-domain approximation)."""
         if self.audio is None or sample["flac"] is None or partner["flac"] is None:
             return mix_fbanks(fbank, torch.from_numpy(partner["fbank"]).float(), lam), "fbank"
-        from shards.fbank import fbank as compute_fbank  # torchaudio: only for waveform mixup
-        from shards.fbank import waveform_seconds
+        from cavmae.shards.fbank import fbank as compute_fbank  # torchaudio: only for waveform mixup
+        from cavmae.shards.fbank import waveform_seconds
 
         audio = Config(self.audio)
         waves = (decode_flac(s["flac"], int(audio.sample_rate), waveform_seconds(s["fbank"].shape[0], audio))

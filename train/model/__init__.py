@@ -19,7 +19,7 @@ Files, in reading order:
   unused.py       which trainable parameters get no gradient in a pass (frozen before DDP wrapping)
 """
 
-from train.model.blocks import (
+from cavmae.train.model.blocks import (
     MASK_MODES,
     MODEL_SIZES,
     PATCH_SIZE,
@@ -33,11 +33,11 @@ from train.model.blocks import (
     structured_audio_noise,
     unpatchify,
 )
-from train.model.builders import build_finetune_model, build_pretrain_model
-from train.model.encoder import Encoder
-from train.model.finetuning import CAVMAEFT, CAVMAEFTAudio
-from train.modes import MODES as FT_MODES
-from train.model.pretraining import CONTRAST_TEMPERATURE, CAVMAE
+from cavmae.train.model.builders import build_finetune_model, build_pretrain_model
+from cavmae.train.model.encoder import Encoder
+from cavmae.train.model.finetuning import CAVMAEFT, CAVMAEFTAudio
+from cavmae.train.modes import MODES as FT_MODES
+from cavmae.train.model.pretraining import CONTRAST_TEMPERATURE, CAVMAE
 
 __all__ = [
     "CAVMAE",

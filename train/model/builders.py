@@ -9,8 +9,8 @@ A key that no model accepts is a typo and is refused.
 
 import inspect
 
-from train.model.finetuning import CAVMAEFT, CAVMAEFTAudio
-from train.model.pretraining import CAVMAE
+from cavmae.train.model.finetuning import CAVMAEFT, CAVMAEFTAudio
+from cavmae.train.model.pretraining import CAVMAE
 
 
 def _keywords(model_class: type) -> "set[str]":

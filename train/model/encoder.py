@@ -12,8 +12,8 @@ frequency is the conv "height", time the "width", so audio token k = f * (T/16) 
 import torch
 import torch.nn as nn
 
-from train.model.blocks import PATCH_SIZE, Block, ModelSize, PatchEmbed, audio_as_image, resolve_size
-from train.pos_embed import get_2d_sincos_pos_embed
+from cavmae.train.model.blocks import PATCH_SIZE, Block, ModelSize, PatchEmbed, audio_as_image, resolve_size
+from cavmae.train.pos_embed import get_2d_sincos_pos_embed
 
 
 class Encoder(nn.Module):

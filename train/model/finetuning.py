@@ -6,10 +6,10 @@ CAVMAE weights (train/checkpoint.py).
 import torch
 import torch.nn as nn
 
-from train.model import unused
-from train.model.blocks import ModelSize, init_linear_and_norm
-from train.model.encoder import Encoder
-from train.modes import mode_of
+from cavmae.train.model import unused
+from cavmae.train.model.blocks import ModelSize, init_linear_and_norm
+from cavmae.train.model.encoder import Encoder
+from cavmae.train.modes import mode_of
 
 
 class CAVMAEFT(Encoder):

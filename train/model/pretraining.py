@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.model import unused
-from train.model.blocks import (
+from cavmae.train.model import unused
+from cavmae.train.model.blocks import (
     MASK_MODES,
     PATCH_SIZE,
     Block,
@@ -19,8 +19,8 @@ from train.model.blocks import (
     random_masking,
     structured_audio_noise,
 )
-from train.model.encoder import Encoder
-from train.pos_embed import get_2d_sincos_pos_embed
+from cavmae.train.model.encoder import Encoder
+from cavmae.train.pos_embed import get_2d_sincos_pos_embed
 
 CONTRAST_TEMPERATURE = 0.05  # fixed, not learned (official)
 
