@@ -1,8 +1,9 @@
 """`cavmae-prep`: turn videos into CAV-MAE training shards.
 
 Exit status: 0 when the run processed something (or had nothing left to do), 1 when inputs were given but
-not one could be processed, 2 for bad arguments, config or input lists (a one-line message on stderr),
-130 when interrupted (re-run the same command to resume).
+not one could be processed (every one failed or skipped), 2 for bad arguments, config or input lists (a one-line
+message on stderr: an unknown --split, a list without the columns of its format), 130 when interrupted (re-run the
+same command to resume).
 """
 
 from __future__ import annotations
@@ -236,7 +237,13 @@ def _ingest(args: argparse.Namespace, cfg) -> int:
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
-    return tuple(s.strip() for s in text.split(",") if s.strip()) if text else None
+    """`--split a,b` as its splits; one that names none (`--split ,`) is an error, not a filter that keeps nothing."""
+    if text is None:
+        return None
+    split = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not split:
+        raise UserError(f"--split {text!r}: names no split")
+    return split
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -318,19 +325,27 @@ def _reprocess(args: argparse.Namespace) -> int:
 
 
 def _report(summary, out: str, reading: bool = False) -> int:
-    """Print a job's summary; 1 when no input could be processed (ingest), NoSamples for a `reading` job (reprocess,
-    like every command that reads shards: nothing of its source could be read or remade, exit 2)."""
+    """Print a job's summary; 1 when no input could be processed (ingest: this run's every input failed or was
+    skipped, or it had none to do and the manifest holds none of them as ok), NoSamples for a `reading` job
+    (reprocess, like every command that reads shards: nothing of its source could be read or remade, exit 2)."""
     _report_ignored(getattr(summary, "ignored", []))
     for line in summary.problems[:MAX_PROBLEMS]:
-        print(f"cavmae-prep: failed: {line}", file=sys.stderr)
+        print(f"cavmae-prep: {line}", file=sys.stderr)
     if len(summary.problems) > MAX_PROBLEMS:
         print(f"cavmae-prep: ... and {len(summary.problems) - MAX_PROBLEMS} more (manifest.parquet has them all)",
               file=sys.stderr)
     print(f"cavmae-prep: {summary.line()}")
     print(f"cavmae-prep: shards and manifest in {out}")
-    if summary.videos and not summary.ok:
-        if reading:
+    if summary.already_failed:
+        print(f"cavmae-prep: {summary.already_failed} of the inputs already done are recorded as failed or skipped "
+              f"(the error column of {out}/manifest.parquet says why); once fixed, re-run with --retry-failed to "
+              "take them again", file=sys.stderr)
+    if reading:
+        if summary.videos and not summary.ok:
             raise NoSamples(f"no sample could be remade (the error column of {out}/manifest.parquet says why)")
+        return 0
+    held_ok = summary.already - summary.already_failed
+    if not summary.ok and (summary.videos or summary.skipped or (summary.already and not held_ok)):
         print("cavmae-prep: error: no input could be processed (see the error column of manifest.parquet)",
               file=sys.stderr)
         return 1

@@ -14,7 +14,10 @@ Formats, recognised from their first lines (or named with `--list-format`):
   vggsound  `ytid,start,label,split` without a header: 10 s from `start`, a display-name label
   kinetics  `label,youtube_id,time_start,time_end,split` with that header (the test list has no label column)
   esc50     `meta/esc50.csv`: `filename,fold,target,category,...`; files in `../audio/` unless --videos-dir
-`--split` keeps the rows of the given splits (ESC-50: folds), comma-separated: `--split train`, `--split 1,2,3,4`.
+`--split` keeps the rows of the given splits (ESC-50: folds), comma-separated: `--split train`, `--split 1,2,3,4`;
+a split the list does not hold is an error naming the ones it holds (a typo would otherwise keep no row at all).
+Every list is read as UTF-8 without a byte-order mark (`shards.textlist`), and a header without the columns of its
+format (a list given with another `--list-format` than its own) is one line naming them.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cavmae.shards.textlist import open_list, require_columns
+
 from .inputs import MEDIA_EXTENSIONS, InputError, InputItem
 
 FORMATS = ("audioset", "vggsound", "kinetics", "esc50")
+KINETICS_COLUMNS = ("youtube_id", "time_start", "time_end")  # (label: not in the test lists; split: optional)
+ESC50_COLUMNS = ("filename", "fold", "target", "category")
 VGGSOUND_SECONDS = 10.0
 _SNIFF_LINES = 20
 
@@ -74,6 +81,14 @@ def list_rows(path: Path, fmt: str, split: tuple[str, ...] | None = None) -> lis
     if split is not None:
         if fmt == "audioset":
             raise InputError(f"{path}: AudioSet lists have no split column (each CSV is one split); drop --split")
+        held = list(dict.fromkeys(r.split for r in rows if r.split is not None))
+        if rows and not held:
+            raise InputError(f"{path}: this list has no split column; drop --split")
+        unknown = [s for s in split if s not in held]
+        if unknown:
+            what = "fold" if fmt == "esc50" else "split"
+            raise InputError(f"--split {','.join(unknown)}: not a {what} of {path}, which holds "
+                             + (f"the {what}s {', '.join(held)}" if held else "no rows"))
         rows = [r for r in rows if r.split in split]
     return rows
 
@@ -81,7 +96,7 @@ def list_rows(path: Path, fmt: str, split: tuple[str, ...] | None = None) -> lis
 def sniff(path: Path) -> str | None:
     """The list format of `path` from its first lines, or None (a plain path list)."""
     try:
-        with open(path, newline="") as f:
+        with open_list(path) as f:
             lines = [line for _, line in zip(range(_SNIFF_LINES), f)]
     except (OSError, UnicodeDecodeError):
         return None
@@ -93,9 +108,9 @@ def sniff(path: Path) -> str | None:
     if not rows:
         return None
     header = [c.strip().lower() for c in rows[0]]
-    if header[:4] == ["filename", "fold", "target", "category"]:
+    if header[:4] == list(ESC50_COLUMNS):
         return "esc50"
-    if {"youtube_id", "time_start", "time_end"} <= set(header):
+    if set(KINETICS_COLUMNS) <= set(header):
         return "kinetics"
     if all(len(r) == 4 and _is_number(r[1]) and r[3].strip() in ("train", "test") for r in rows):
         return "vggsound"
@@ -117,16 +132,22 @@ class Row:
     label_index: int | None = None  # ESC-50's `target`
 
 
-def _read(path: Path, skip_header: bool) -> list[tuple[int, list[str]]]:
+def _read(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, cells) of every non-comment, non-empty row."""
     try:
-        with open(path, newline="") as f:
+        with open_list(path) as f:
             numbered = [(n, line) for n, line in enumerate(f, 1) if line.strip() and not line.startswith("#")]
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read dataset list ({exc})") from None
-    rows = [(n, cells) for (n, _), cells in zip(numbered, csv.reader((line for _, line in numbered),
+    return [(n, cells) for (n, _), cells in zip(numbered, csv.reader((line for _, line in numbered),
                                                                      skipinitialspace=True))]
-    return rows[1:] if skip_header else rows
+
+
+def _header(path: Path, rows: list[tuple[int, list[str]]], required: tuple[str, ...], what: str) -> list[str]:
+    """The first row as the header of a `what` list (cells stripped, lower case), checked for `required`."""
+    header = [c.strip().lower() for c in rows[0][1]] if rows else []
+    require_columns(path, header, required, what, InputError)
+    return header
 
 
 def _bad(path: Path, n: int, what: str) -> InputError:
@@ -141,7 +162,7 @@ def _seconds(path: Path, n: int, text: str) -> float:
 
 def _audioset(path: Path) -> list[Row]:
     out = []
-    for n, cells in _read(path, skip_header=False):
+    for n, cells in _read(path):
         if len(cells) < 4:
             raise _bad(path, n, "an AudioSet row is YTID, start_seconds, end_seconds, positive_labels")
         ytid, start, end = cells[0].strip(), _seconds(path, n, cells[1]), _seconds(path, n, cells[2])
@@ -152,7 +173,7 @@ def _audioset(path: Path) -> list[Row]:
 
 def _vggsound(path: Path) -> list[Row]:
     out = []
-    for n, cells in _read(path, skip_header=False):
+    for n, cells in _read(path):
         if len(cells) != 4:
             raise _bad(path, n, "a VGGSound row is ytid,start,label,split")
         ytid, start = cells[0].strip(), _seconds(path, n, cells[1])
@@ -163,10 +184,8 @@ def _vggsound(path: Path) -> list[Row]:
 
 
 def _kinetics(path: Path) -> list[Row]:
-    rows = _read(path, skip_header=False)
-    if not rows:
-        return []
-    header = [c.strip().lower() for c in rows[0][1]]
+    rows = _read(path)
+    header = _header(path, rows, KINETICS_COLUMNS, "a Kinetics list")
     col = {name: i for i, name in enumerate(header)}
     out = []
     for n, cells in rows[1:]:
@@ -182,11 +201,16 @@ def _kinetics(path: Path) -> list[Row]:
 
 
 def _esc50(path: Path) -> list[Row]:
+    rows = _read(path)
+    header = _header(path, rows, ESC50_COLUMNS, "an ESC-50 list")
+    at = [header.index(name) for name in ESC50_COLUMNS]
     out = []
-    for n, cells in _read(path, skip_header=True):
-        if len(cells) < 4 or not cells[1].strip().isdigit() or not cells[2].strip().isdigit():
-            raise _bad(path, n, "an ESC-50 row is filename,fold,target,category,...")
-        name, fold, target, category = (c.strip() for c in cells[:4])
+    for n, cells in rows[1:]:
+        if len(cells) != len(header):
+            raise _bad(path, n, f"{len(cells)} cells under a header of {len(header)}")
+        name, fold, target, category = (cells[i].strip() for i in at)
+        if not fold.isdigit() or not target.isdigit():
+            raise _bad(path, n, f"fold {fold!r} and target {target!r} must be whole numbers")
         stem = Path(name).stem
         out.append(Row(f"{path}:{n}", stem, stem, None, None, (category,), fold,
                         (("fold", int(fold)), ("target", int(target))), label_index=int(target)))

@@ -3,8 +3,9 @@
 A definition run by `preprocess.jobs` (plan, resume, lock, work units, time limit, shards in plan order,
 manifest last): the inputs are collected and sorted (`preprocess.inputs`); each video becomes its samples
 (`preprocess.sample.iter_samples`; in `clip.mode: windows` one per window, the decoder holding only the open
-windows, never the whole video); inputs the manifest already holds are skipped, failed ones are retried only
-with `retry_failed`, and inputs that cannot be taken (unknown labels, duplicates) are recorded as skipped.
+windows, never the whole video); inputs the manifest already holds are skipped, failed and skipped ones are taken
+again only with `retry_failed` (one whose cause remains, such as a file still missing, is recorded as skipped
+again with today's reason), and inputs that cannot be taken (unknown labels, duplicates) are recorded as skipped.
 
 Storage: `out` (and any input) may be a local path or a URI (`s3://`, `gs://`, `hdfs://`, `file://`; see
 `shards.store`); on a multi-node cluster `out` must be storage every node reaches (a URI, or a shared mount).
@@ -35,9 +36,10 @@ class Summary:
     failed: int = 0      # inputs that failed in this run
     skipped: int = 0     # inputs recorded as skipped in this run (duplicates, unknown labels, ...)
     already: int = 0     # inputs the manifest already held
+    already_failed: int = 0  # of those, the ones it holds as failed or skipped (taken again with retry_failed)
     seconds: float = 0.0
     videos: int = 0      # inputs processed in this run
-    problems: list[str] = field(default_factory=list)  # "source: reason" for each failed or skipped input
+    problems: list[str] = field(default_factory=list)  # "failed|skipped: source: reason" for each input of this run
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files of input folders not taken
 
     def line(self) -> str:
@@ -62,14 +64,19 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
 
     def pick(rows: list[dict[str, Any]], planned: set[str]) -> tuple[list[InputItem], list[dict[str, Any]]]:
         holds = {r["video_id"]: r["status"] for r in rows}
-        todo = [it for it in items if it.video_id not in planned and it.error is None
-                and (holds.get(it.video_id) is None or (retry_failed and holds[it.video_id] != "ok"))]
+
+        def take(it: InputItem) -> bool:  # not held yet, or held as failed/skipped and retried
+            return holds.get(it.video_id) is None or (retry_failed and holds[it.video_id] != "ok")
+
+        todo = [it for it in items if it.video_id not in planned and it.error is None and take(it)]
+        redo = {it.video_id for it in todo} | planned
         skipped = [manifest_row(*_who(it), "skipped", it.error, digest) for it in items
-                   if it.error is not None and it.video_id not in holds]
-        redo = {it.video_id for it in todo}
-        summary.already = sum(1 for it in items if it.video_id in holds and it.video_id not in redo)
+                   if it.error is not None and it.video_id not in redo and take(it)]
+        again = redo | {r["video_id"] for r in skipped}
+        already = [holds[it.video_id] for it in items if it.video_id in holds and it.video_id not in again]
+        summary.already, summary.already_failed = len(already), sum(status != "ok" for status in already)
         summary.skipped = len(skipped)
-        summary.problems += [f"{r['source']}: {r['error']}" for r in skipped]
+        summary.problems += [f"skipped: {r['source']}: {r['error']}" for r in skipped]
         return todo, skipped
 
     run = run_shard_job(INGEST, Store.of(out), cfg, pick, workers=workers, address=address, progress=progress,
@@ -77,7 +84,7 @@ def ingest(inputs: list[str], out: str | os.PathLike, cfg: Config, *, labels_csv
     summary.videos = run.items
     summary.ok = sum(r["status"] == "ok" for r in run.new)
     summary.failed = sum(r["status"] == "failed" for r in run.new)
-    summary.problems[:0] = [f"{r['source']}: {r['error']}" for r in run.new if r["status"] == "failed"]
+    summary.problems[:0] = [f"failed: {r['source']}: {r['error']}" for r in run.new if r["status"] == "failed"]
     summary.seconds = time.time() - start
     return summary
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from cavmae.shards.errors import UserError
 from cavmae.shards.schema import LABEL_INDEX_LIMIT, safe_text
+from cavmae.shards.textlist import ENCODING, open_list, require_columns
 
 if TYPE_CHECKING:
     from .datasets import ListOptions
@@ -70,11 +71,14 @@ class LabelIndex:
     def read(cls, path: str | Path) -> "LabelIndex":
         table = cls()
         try:
-            with open(path, newline="") as f:
+            with open_list(path) as f:
                 reader = csv.DictReader(f)
-                if not reader.fieldnames or not {"index", "mid"} <= set(reader.fieldnames):
-                    raise InputError(f"{path}: label index CSV needs the header index,mid,display_name")
+                reader.fieldnames = [c.strip() for c in reader.fieldnames or ()]
+                require_columns(path, reader.fieldnames, ("index", "mid"),
+                                "a label index CSV (index,mid,display_name)", InputError)
                 for row in reader:
+                    if row["index"] is None or row["mid"] is None:
+                        raise ValueError(f"line {reader.line_num} has fewer cells than the header")
                     index = int(row["index"])
                     if not 0 <= index < LABEL_INDEX_LIMIT:
                         raise ValueError(f"index {index} of {row['mid']!r} is not in 0..{LABEL_INDEX_LIMIT - 1}")
@@ -115,9 +119,14 @@ def collect_inputs(args: list[str], *, labels_csv: str | None = None, label_inde
 
     items: list[InputItem] = []
     ignored = [] if ignored is None else ignored
+    any_list = False
     for arg in args:
         listed = dataset_items(arg, lists)
+        any_list |= listed is not None
         items += listed if listed is not None else _expand(arg, ignored)
+    if lists is not None and lists.split is not None and not any_list:  # (it would keep every input, unfiltered)
+        raise InputError(f"--split {','.join(lists.split)}: none of the inputs is a dataset list (AudioSet, "
+                         "VGGSound, Kinetics, ESC-50); --split keeps rows of those")
     if labels_csv:
         table = _read_labels_csv(labels_csv)
         items = [replace(it, labels=split_labels(table[it.video_id], label_index)) if it.video_id in table else it
@@ -213,7 +222,7 @@ def _read_path_list(path: Path) -> list[InputItem]:
     """One video path per line (first CSV column); relative paths are relative to the list's folder."""
     items = []
     try:
-        with open(path, newline="") as f:
+        with open_list(path) as f:
             for row in csv.reader(f):
                 if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
                     continue
@@ -232,7 +241,7 @@ def _read_dataset_json(path: Path) -> list[InputItem]:
     `{video_id}.<ext>` for one of the video extensions.
     """
     try:
-        entries = json.loads(path.read_text())["data"]
+        entries = json.loads(path.read_text(encoding=ENCODING))["data"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a dataset JSON with a 'data' list ({exc})") from None
     items = []
@@ -279,7 +288,7 @@ def _read_labels_csv(path: str) -> dict[str, tuple[str, ...]]:
     then splits them on ',', quote-aware: `vid,"Bee, wasp, etc."` is one label when the label index knows it)."""
     table: dict[str, tuple[str, ...]] = {}
     try:
-        with open(path, newline="") as f:
+        with open_list(path) as f:
             for row in csv.reader(f):
                 if not row or row[0] in ("video_id", "") or row[0].startswith("#"):
                     continue

@@ -187,7 +187,7 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, so
                      for v in videos if v["source"] in unread and v["video_id"] not in holds]
         summary.already = len(holds & {v["video_id"] for v in videos})
         summary.carried, summary.failed = len(carried), len(gone_rows)
-        summary.problems += [f"{r['source']}: {r['error']}" for r in gone_rows]
+        summary.problems += [f"failed: {r['source']}: {r['error']}" for r in gone_rows]
         return todo, carried + gone_rows
 
     run = run_shard_job(reprocess_job(src_store.uri(), mode, roots), store, cfg, pick, workers=workers, address=address,
@@ -195,7 +195,7 @@ def reprocess(src: str | os.PathLike, out: str | os.PathLike, cfg: Config, *, so
     summary.videos = run.items
     summary.ok = sum(r["status"] == "ok" for r in run.new)
     summary.failed += sum(r["status"] == "failed" for r in run.new)
-    summary.problems += [f"{r['source']}: {r['error']}" for r in run.new if r["status"] == "failed"]
+    summary.problems += [f"failed: {r['source']}: {r['error']}" for r in run.new if r["status"] == "failed"]
     summary.seconds = time.time() - start
     return summary
 

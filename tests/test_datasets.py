@@ -67,7 +67,7 @@ def test_audioset_segments_labels_and_missing_files(local_ray, media, tmp_path):
     summary = ingest([str(listing)], tmp_path / "as", load_config(sets=SMALL), label_index_csv=str(index),
                      lists=ListOptions(videos_dir=str(videos)))
     assert (summary.ok, summary.skipped, summary.failed) == (2, 1, 0)
-    assert summary.problems == [f"{listing}:6: no file for YTID 'CCCCCCCCCCC' in {videos}"]
+    assert summary.problems == [f"skipped: {listing}:6: no file for YTID 'CCCCCCCCCCC' in {videos}"]
     rows = manifest(tmp_path / "as")
     assert rows["CCCCCCCCCCC"]["status"] == "skipped" and rows["CCCCCCCCCCC"]["labels"] == ["/m/09x0r"]
     got = samples(tmp_path / "as")
@@ -124,7 +124,7 @@ def test_esc50_folds_audio_only(local_ray, tmp_path):
     cfg = load_config(sets=SMALL + ["video.allow_missing=true"])
     summary = ingest([str(listing)], tmp_path / "esc", cfg, lists=ListOptions(split=("1", "2", "3")))
     assert (summary.ok, summary.skipped) == (2, 1)
-    assert summary.problems == [f"{listing}:4: no file for '3-1-A-1' in {root / 'audio'}"]
+    assert summary.problems == [f"skipped: {listing}:4: no file for '3-1-A-1' in {root / 'audio'}"]
     got = samples(tmp_path / "esc")
     dog = got["1-100032-A-0"]
     assert dog["fbank"].shape == (498, 128) and dog["frames"] == [] and dog["meta"]["has_video"] is False

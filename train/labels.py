@@ -13,6 +13,7 @@ import torch
 
 from cavmae.shards.errors import UserError
 from cavmae.shards.index import SampleIndex
+from cavmae.shards.textlist import open_list, require_columns
 
 
 class LabelError(UserError):
@@ -39,11 +40,17 @@ def read_label_index(path: str | Path) -> dict[str, int]:
     import csv
 
     try:
-        with open(path, newline="") as f:
+        with open_list(path) as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"index", "mid"} <= set(reader.fieldnames):
-                raise LabelError(f"{path}: label index CSV needs the header index,mid,display_name")
-            return {row["mid"]: int(row["index"]) for row in reader}
+            reader.fieldnames = [c.strip() for c in reader.fieldnames or ()]
+            require_columns(path, reader.fieldnames, ("index", "mid"),
+                            "a label index CSV (index,mid,display_name)", LabelError)
+            table = {}
+            for row in reader:
+                if row["index"] is None or row["mid"] is None:
+                    raise ValueError(f"line {reader.line_num} has fewer cells than the header")
+                table[row["mid"]] = int(row["index"])
+            return table
     except OSError as exc:
         raise LabelError(f"{path}: cannot read label index ({exc.strerror or exc})") from None
     except ValueError as exc:
