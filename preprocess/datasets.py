@@ -58,11 +58,11 @@ def dataset_items(arg: str, options: ListOptions | None) -> list[InputItem] | No
     fmt = list_format(path, options.format)
     if fmt is None:
         return None
+    rows = list_rows(path, fmt, options.split)
     default_dir = path.parent.parent / "audio" if fmt == "esc50" else path.parent
     videos = Path(options.videos_dir) if options.videos_dir else default_dir
     if not videos.is_dir():
         raise InputError(f"--videos-dir {videos}: no such folder (where the files of {path} are)")
-    rows = list_rows(path, fmt, options.split)
     found = _index_files(videos)
     return [_item(r, found, videos, fmt) for r in rows]
 

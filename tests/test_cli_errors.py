@@ -33,11 +33,15 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     (root / "junk.tar").write_bytes(b"not a tar file at all" * 100)
     (root / "a-folder").mkdir()
     (root / "a-file").write_text("keep me\n")
+    (root / "vggsound.csv").write_text("AAAAAAAAAAA,3,dog,train\nBBBBBBBBBBB,4,cat,test\n")
+    (root / "meta").mkdir()
+    (root / "meta" / "esc50.csv").write_text("filename,fold,target,category\n1-1-A-0.wav,1,0,dog\n")
     return {"root": str(root), "shards": str(root / "shards"), "ft": str(root / "ft.pth"),
             "ft_audio": str(root / "ft-audio.pth"), "pt": str(root / "pt.pth"), "empty": str(root / "empty"),
             "hostile": str(root / "hostile"), "junk": str(root / "junk.tar"), "folder": str(root / "a-folder"),
             "file": str(root / "a-file"), "missing": str(root / "missing"),
-            "labels": str(label_index_csv(root / "labels.csv")), "out": str(root / "out")}
+            "labels": str(label_index_csv(root / "labels.csv")), "out": str(root / "out"),
+            "vgg": str(root / "vggsound.csv"), "esc": str(root / "meta" / "esc50.csv")}
 
 
 def tiny(*extra: str) -> list[str]:
@@ -53,6 +57,15 @@ PREP = [
     ("ingest {folder} --out {out} --label-index {missing}.csv", "missing.csv"),
     ("ingest {folder} --out {out} --workers 0", "--workers"),
     ("ingest {folder} --out {out} --config {missing}.yaml", "cannot read config"),
+    ("ingest {vgg} --split trian --out {out}", "--split trian: not a split of"),
+    ("ingest {esc} --split 6 --videos-dir {folder} --out {out}", "--split 6: not a fold"),
+    ("ingest {vgg} --split , --out {out}", "--split ',': names no split"),
+    ("ingest {folder} --split train --out {out}", "none of the inputs is a dataset list"),
+    ("ingest {vgg} --list-format kinetics --out {out}", "needs the column(s) youtube_id, time_start, time_end"),
+    ("ingest {folder} --out {out} --label-index {vgg}", "needs the column(s) index, mid"),
+    ("fetch {vgg} --split trian --out {out}", "--split trian: not a split of"),
+    ("fetch {esc} --split 6 --out {out}", "--split 6: not a fold"),
+    ("fetch {vgg} --list-format esc50 --out {out}", "needs the column(s) filename, fold, target, category"),
     ("reprocess {missing} --out {out}", "not a shard folder"),
     ("reprocess {shards} --out {out}", "not a shard folder"),
     ("reprocess {hostile} --out {out}", "'video.num_frames' must be <= 100"),

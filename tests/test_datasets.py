@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from cavmae.preprocess.cli import main
 from cavmae.preprocess.datasets import ListOptions, dataset_items, sniff
 from cavmae.preprocess.decode import Segment, decode_clips
 from cavmae.preprocess.ingest import ingest
@@ -151,8 +152,92 @@ def test_list_format_errors(tmp_path):
     bad.write_text("AAAAAAAAAAA,3,dog,train\nBBBBBBBBBBB,soon,dog,train\n")
     with pytest.raises(InputError, match=r"vgg.csv:2: 'soon' is not a time in seconds"):
         dataset_items(str(bad), ListOptions(format="vggsound"))
+    good = tmp_path / "vgg_good.csv"
+    good.write_text("AAAAAAAAAAA,3,dog,train\n")
     with pytest.raises(InputError, match="no such folder"):
-        dataset_items(str(bad), ListOptions(format="vggsound", videos_dir=str(tmp_path / "nope")))
+        dataset_items(str(good), ListOptions(format="vggsound", videos_dir=str(tmp_path / "nope")))
     paths = tmp_path / "list.csv"
     paths.write_text("a.mp4\nb.mp4\n")
     assert sniff(paths) is None and dataset_items(str(paths), None) is None  # a plain path list stays one
+
+
+VGG = "AAAAAAAAAAA,3,dog,train\nBBBBBBBBBBB,4,cat,test\n"
+ESC = "filename,fold,target,category,esc10,src_file,take\n1-1-A-0.wav,1,0,dog,True,1,A\n2-2-A-1.wav,2,1,cat,False,2,A\n"
+KINETICS = "label,youtube_id,time_start,time_end,split\nabseiling,AAAAAAAAAAA,3,13,train\n"
+
+
+def write(path: Path, text: str, bom: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return path
+
+
+def test_unknown_split_names_the_splits_the_list_holds(tmp_path):
+    """A typo in --split is an error naming what the list holds, never a filter that keeps no row."""
+    vgg, esc = write(tmp_path / "vgg.csv", VGG), write(tmp_path / "meta" / "esc50.csv", ESC)
+    (tmp_path / "audio").mkdir()
+    with pytest.raises(InputError, match=r"^--split trian: not a split of .*vgg.csv, which holds the splits train, "
+                                         r"test$"):
+        dataset_items(str(vgg), ListOptions(split=("trian",)))
+    with pytest.raises(InputError, match=r"^--split trian: not a split"):  # one typo among good splits too
+        dataset_items(str(vgg), ListOptions(split=("train", "trian")))
+    with pytest.raises(InputError, match=r"^--split 6: not a fold of .*esc50.csv, which holds the folds 1, 2$"):
+        dataset_items(str(esc), ListOptions(split=("6",)))
+    test_list = write(tmp_path / "kinetics_test.csv", "youtube_id,time_start,time_end\nAAAAAAAAAAA,3,13\n")
+    with pytest.raises(InputError, match="kinetics_test.csv: this list has no split column"):
+        dataset_items(str(test_list), ListOptions(split=("test",)))
+    assert [it.video_id for it in dataset_items(str(esc), ListOptions(split=("2",)))] == ["2-2-A-1"]
+
+
+def test_lists_saved_with_a_byte_order_mark(tmp_path):
+    """A "CSV UTF-8" list starts with a BOM: every format keeps its first column (Kinetics its labels)."""
+    kin = write(tmp_path / "k.csv", KINETICS, bom=True)
+    (item,) = dataset_items(str(kin), None)
+    assert item.labels == ("abseiling",) and item.dataset["split"] == "train"
+    (first, _) = dataset_items(str(write(tmp_path / "v.csv", VGG, bom=True)), None)
+    assert first.video_id == "AAAAAAAAAAA_000003"
+    esc = write(tmp_path / "meta" / "esc50.csv", ESC, bom=True)
+    (tmp_path / "audio").mkdir()
+    assert sniff(esc) == "esc50" and [it.labels for it in dataset_items(str(esc), None)] == [("dog",), ("cat",)]
+    audioset = write(tmp_path / "as.csv", '# YTID, start_seconds, end_seconds, positive_labels\nAAAAAAAAAAA, 3, 13, '
+                                          '"/m/a"\n', bom=True)
+    assert sniff(audioset) == "audioset" and dataset_items(str(audioset), None)[0].labels == ("/m/a",)
+
+
+def test_header_without_the_columns_of_its_format(tmp_path):
+    """A list named with another --list-format than its own: one line naming the file and the missing columns."""
+    vgg = write(tmp_path / "vgg.csv", VGG)
+    with pytest.raises(InputError, match=r"vgg.csv: a Kinetics list needs the column\(s\) youtube_id, time_start, "
+                                         r"time_end in its header \(it has: aaaaaaaaaaa,3,dog,train\)"):
+        dataset_items(str(vgg), ListOptions(format="kinetics"))
+    kin = write(tmp_path / "k.csv", KINETICS)
+    with pytest.raises(InputError, match=r"k.csv: an ESC-50 list needs the column\(s\) filename, fold, target, "
+                                         "category in its header"):
+        dataset_items(str(kin), ListOptions(format="esc50"))
+    swapped = write(tmp_path / "meta" / "esc50.csv", "fold,filename,category,target\n1,1-1-A-0.wav,dog,0\n")
+    (tmp_path / "audio").mkdir()
+    (item,) = dataset_items(str(swapped), ListOptions(format="esc50"))  # columns found by name, not place
+    assert (item.video_id, item.labels, item.label_indices) == ("1-1-A-0", ("dog",), (0,))
+
+
+def test_cli_every_row_skipped_exits_1_then_names_retry_failed(tmp_path, capsys):
+    """An ingest that takes no row is exit 1 with each row as `skipped:`; a re-run says how to take them again, and
+    --retry-failed records the rows whose file is still missing as skipped again."""
+    vgg = write(tmp_path / "vgg.csv", VGG)
+    (tmp_path / "empty").mkdir()
+    argv = ["ingest", str(vgg), "--videos-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out"),
+            "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == [f"cavmae-prep: skipped: {vgg}:{n}: no file for YTID '{y}' in {tmp_path / 'empty'}"
+                       for n, y in ((1, "AAAAAAAAAAA"), (2, "BBBBBBBBBBB"))]
+    assert err[2] == "cavmae-prep: error: no input could be processed (see the error column of manifest.parquet)"
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "skipped 0, already done 2" in out and "skipped:" not in err
+    assert f"2 of the inputs already done are recorded as failed or skipped (the error column of {tmp_path / 'out'}" \
+           "/manifest.parquet says why); once fixed, re-run with --retry-failed" in err
+    assert main(argv + ["--retry-failed"]) == 1
+    out, err = capsys.readouterr()
+    assert "skipped 2, already done 0" in out and err.count("cavmae-prep: skipped: ") == 2
+    assert {r["status"] for r in manifest(tmp_path / "out").values()} == {"skipped"}

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from cavmae.preprocess.datasets import ListOptions
 from cavmae.preprocess.inputs import InputError, LabelIndex, collect_inputs
+from cavmae.train.labels import LabelError, read_label_index
 
 
 @pytest.fixture
@@ -97,3 +99,46 @@ def test_files_not_taken_are_reported_with_a_reason(tree):
     assert sorted((Path(p).name, reason) for p, reason in ignored) == [
         (".cache", "hidden folder"), (".hidden.mp4", "hidden file"),
         ("notes.txt", "not a video or audio extension")]
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_lists_saved_with_a_byte_order_mark(tree):
+    """--labels, --label-index (both sides' readers), path lists and dataset JSONs saved as "CSV UTF-8" (a BOM
+    first) read as without it: the first path, the header, the first label are not lost."""
+    index = tree / "bom_index.csv"
+    index.write_bytes(BOM + (tree / "class_labels_indices.csv").read_bytes())
+    labels = tree / "bom_labels.csv"
+    labels.write_bytes(BOM + b"a,/m/cat\nc,/m/dog\n")
+    paths = tree / "bom_list.txt"
+    paths.write_bytes(BOM + b"videos/dogs/a.mp4\nvideos/cats/c.webm\n")
+    items = collect_inputs([str(paths)], labels_csv=str(labels), label_index=LabelIndex.read(index))
+    assert [(it.video_id, it.labels, it.label_indices, it.error) for it in items] == [
+        ("a", ("/m/cat",), (1,), None), ("c", ("/m/dog",), (0,), None)]
+    assert items[0].path == str((tree / "videos/dogs/a.mp4").resolve())
+    assert read_label_index(index) == {"/m/dog": 0, "/m/cat": 1}
+    js = tree / "bom.json"
+    js.write_bytes(BOM + json.dumps({"data": [{"video_id": "a", "video_path": "videos/dogs"}]}).encode())
+    assert [it.video_id for it in collect_inputs([str(js)]) if it.error is None] == ["a"]
+
+
+def test_label_index_without_its_columns(tree):
+    """A label index whose header lacks index or mid, or a row short of cells: one line naming the file and what is
+    missing, on both sides (never a KeyError or TypeError)."""
+    no_mid = tree / "no_mid.csv"
+    no_mid.write_text("index,name\n0,dog\n")
+    short = tree / "short.csv"
+    short.write_text("index,mid,display_name\n0,/m/dog,dog\n1\n")
+    for read, error in ((LabelIndex.read, InputError), (read_label_index, LabelError)):
+        with pytest.raises(error, match=r"no_mid.csv: a label index CSV \(index,mid,display_name\) needs the "
+                                        r"column\(s\) mid in its header \(it has: index,name\)"):
+            read(no_mid)
+        with pytest.raises(error, match="short.csv: bad label index row .line 3 has fewer cells than the header"):
+            read(short)
+
+
+def test_split_without_a_dataset_list(tree):
+    """--split given where no input is a dataset list would keep every input: an error instead."""
+    with pytest.raises(InputError, match="--split train: none of the inputs is a dataset list"):
+        collect_inputs([str(tree / "videos")], lists=ListOptions(split=("train",)))
