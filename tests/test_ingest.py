@@ -97,7 +97,7 @@ def test_rerun_skips_known_inputs_and_appends_new_ones(local_ray, videos, tmp_pa
     assert (again.videos, again.already) == (0, 2)
 
     more = ingest([str(p) for p in videos["good"]] + [str(videos["bad"]["zero_bytes"])], out, cfg)
-    assert (more.videos, more.ok, more.already) == (2, 2, 3)
+    assert (more.videos, more.ok, more.already, more.already_failed) == (2, 2, 3, 1)  # zero: held as failed
     after = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
     assert {k: after[k] for k in before} == before  # nothing already written is touched
     assert sorted(after) == ["shard-000000.tar", "shard-000001.tar"]  # a failures-only group writes no shard
