@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .settings import RENAMED, RETIRED, SECTION_NAMES, SECTIONS, as_yaml, default_of, defaults, spec
+from .settings import RENAMED, RETIRED, RULES, SECTION_NAMES, SECTIONS, as_yaml, default_of, defaults, spec
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class _Load:
     def result(self) -> Config:
         """The config, once no key this load gave is set to no effect (a `when=` of its field that does not hold),
         with every setting that follows others and is not set computed from them (again after each override, so a
-        change of what it follows carries through)."""
+        change of what it follows carries through), and once every rule between settings (`RULES`) holds."""
         for dotted, field in _followers():
             section, key = dotted.split(".")
             if section not in self.data:  # (a config loaded before that section's owner registered it)
@@ -231,6 +231,10 @@ class _Load:
             if now != applies and self.data[section][field.name] != default_of(field):
                 raise ConfigError(f"{source}: '{dotted}' has no effect with {section}.{option}={as_yaml(now)} "
                                   f"(it applies to {as_yaml(applies)})")
+        for rule in RULES:
+            problem = rule(self.data)
+            if problem:
+                raise ConfigError(problem)
         return Config(self.data, self.explicit)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import NotFound
 from .samples import read_groups
-from .schema import REQUIRED, BadSample, check_key, decode_member, member_suffix
+from .schema import REQUIRED, BadSample, all_finite, check_key, decode_member, member_suffix
 from .store import open_regular
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "http://", "https://")
@@ -134,7 +134,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         fbank = decoded.get("fbank.npy")
         if fbank is not None and (fbank.ndim != 2 or fbank.dtype not in FBANK_DTYPES or 0 in fbank.shape):
             raise BadSample(f"fbank has shape {fbank.shape} and dtype {fbank.dtype}, expected 2-D float with rows")
-        if fbank is not None and not np.isfinite(fbank).all():
+        if fbank is not None and not all_finite(fbank):
             raise BadSample("fbank holds NaN or infinite values")
         return {"key": key, "url": url, "meta": decoded["json"], "fbank": fbank,
                 "frames": [frames[i] for i in range(len(frames))], "flac": decoded.get("flac"),

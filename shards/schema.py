@@ -95,25 +95,52 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 def decode_npy(data: bytes) -> np.ndarray:
     """An npy member without pickle; the header's shape and dtype must account for exactly the bytes that follow
-    it, checked before numpy allocates anything (a header may claim terabytes)."""
-    buf = io.BytesIO(data)
+    it, checked before numpy allocates anything (a header may claim terabytes). The array is a writable copy of the
+    bytes after the header, as `np.load` gives."""
+    shape, fortran, dtype, offset = _npy_header(data[:_npy_header_end(data)])
+    count = 1
+    for n in shape:
+        count *= n
+    if count * dtype.itemsize != len(data) - offset:
+        raise BadSample(f"fbank.npy header claims shape {shape} of {dtype} but holds {len(data) - offset} bytes")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).copy()
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def _npy_header_end(data: bytes) -> int:
+    """Where an npy header ends: magic (6 bytes), version (2), the header's length (2 bytes in version 1, 4 in 2)."""
+    width = {b"\x01": 2, b"\x02": 4}.get(data[6:7], 2)
+    end = 8 + width + int.from_bytes(data[8:8 + width], "little")
+    if end > len(data):
+        raise BadSample(f"fbank.npy has a bad header (it claims {end} bytes, the member holds {len(data)})")
+    return end
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Parse an npy header with numpy's own reader (its dict is read with `ast.literal_eval`, ~70 us: the one
+    costly step of decoding an fbank), once per distinct header: a shard's samples share a handful of shapes."""
+    buf = io.BytesIO(header)
     try:
         version = np.lib.format.read_magic(buf)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if read_header is None:
             raise ValueError(f"npy format version {version}")
-        shape, _, dtype = read_header(buf)
+        shape, fortran, dtype = read_header(buf)
     except (ValueError, SyntaxError, TypeError) as exc:
         raise BadSample(f"fbank.npy has a bad header ({' '.join(str(exc).split())})") from None
     if dtype.hasobject or dtype.names is not None or dtype.kind not in "fiub":
         raise BadSample(f"fbank.npy has dtype {dtype}, not a plain number type")
-    count = 1
-    for n in shape:
-        count *= n
-    if count * dtype.itemsize != len(data) - buf.tell():
-        raise BadSample(f"fbank.npy header claims shape {shape} of {dtype} but holds {len(data) - buf.tell()} bytes")
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    return shape, fortran, dtype, buf.tell()
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """np.isfinite(array).all(), ~10x faster on float16 (the fbank's type), where numpy has no vector loop for it: a
+    half is infinite or NaN exactly when its five exponent bits are all ones."""
+    if array.dtype == np.float16:
+        return not np.any((array.view(np.uint16) & 0x7C00) == 0x7C00)
+    return bool(np.isfinite(array).all())
 
 
 def encode_json(meta: dict[str, Any]) -> bytes:

@@ -13,7 +13,8 @@ A setting is a field with its default, its type (the annotation), its one-line c
 (`setting(...)`): the values it may take (`choices`), its range (`min` / `max` inclusive, `above` / `below`
 exclusive, for a list each element, and `length` its size), a check of its own (`check`), and the option under
 which it has any effect (`when=(key, value)`: a sibling key of the same section); a setting that is null by
-default may `follow` others (a function of the settings: its value unless set). Every number has a range, and a
+default may `follow` others (a function of the settings: its value unless set). What holds between settings (a
+mask ratio above 0 while the MAE loss runs) is a rule its owner registers with its sections (`register(rules=)`). Every number has a range, and a
 float is finite: the upper bounds keep what a value sizes (frames, mel bins, an epoch's order in memory) inside one
 machine, so a hostile frozen pipeline.yaml or a typo is a one-line error at load, never a failure later. The loader
 enforces all of them when a config loads.
@@ -50,6 +51,9 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {}  # a recipe's source per setting,
 RETIRED: dict[str, str] = {}
 # Keys renamed in this release: the old name still works everywhere (file, preset, --set) with a warning.
 RENAMED: dict[str, str] = {}
+# Constraints between settings: each takes the whole config (a dict of sections) and returns what is wrong, one line
+# naming the keys, or None; the loader checks them all, so a contradiction is a ConfigError before a run writes a file.
+RULES: list[Callable[[dict[str, Any]], str | None]] = []
 
 
 def setting(default: Any, doc: str = "", *, choices: tuple = (), min: float | None = None, max: float | None = None,
@@ -64,12 +68,15 @@ def setting(default: Any, doc: str = "", *, choices: tuple = (), min: float | No
     return dataclasses.field(default=default, metadata=meta)
 
 
-def register(sections: dict[str, type], banner: str = "") -> None:
-    """Add an owner's sections (names of `SECTION_NAMES`), with the comment block above the first in pipeline.yaml."""
+def register(sections: dict[str, type], banner: str = "",
+             rules: tuple[Callable[[dict[str, Any]], str | None], ...] = ()) -> None:
+    """Add an owner's sections (names of `SECTION_NAMES`), with the comment block above the first in pipeline.yaml,
+    and the rules that hold between its settings (`RULES`)."""
     unknown = set(sections) - set(SECTION_NAMES)
     if unknown:
         raise ValueError(f"sections {sorted(unknown)} are not in SECTION_NAMES")
     SECTIONS.update(sections)
+    RULES.extend(rule for rule in rules if rule not in RULES)
     if banner:
         BANNERS[next(iter(sections))] = banner
 

@@ -88,6 +88,10 @@ TRAIN = [
     ("pretrain --shards {shards} --out {out} --set pretrain.batch_size=3 --set pretrain.accum_steps=2",
      "not divisible"),
     ("pretrain --shards {shards} --out {out} --stop-after-steps 0", "--stop-after-steps"),
+    ("pretrain --shards {shards} --out {out} --set model.mask_ratio_a=0", "model.mask_ratio_a=0 leaves nothing"),
+    ("pretrain --shards {shards} --out {out} --set model.mae_loss_weight=0 --set model.contrast_loss_weight=0",
+     "both 0"),
+    ("pretrain --shards {shards} --out {out} --set model.contrast_chunks=3", "x model.contrast_chunks = 3"),
     ("finetune --shards {shards} --out {out} --mode bogus", "invalid choice: 'bogus'"),
     ("finetune --shards {shards} --out {out} --labels {missing}.csv", "missing.csv"),
     ("finetune --shards {shards} --out {out} --set finetune.label_smooth=3", "'finetune.label_smooth' must be < 1.0"),
@@ -143,3 +147,12 @@ def test_bad_input_is_one_line_and_exit_2(inputs, capsys, prog, main, line, need
     assert err.startswith(f"{prog}") and ": error: " in err and "\n" not in err, err
     assert needle in err, err
     assert Path(inputs["file"]).read_text() == "keep me\n" and not list(Path(inputs["folder"]).iterdir())
+
+
+def test_contradictory_settings_write_nothing(inputs, capsys):
+    """A rule between settings (a mask ratio of 0 while the MAE loss runs) is checked with the settings: one line,
+    exit 2, and no run folder, not a traceback from the model after config.yaml was written."""
+    out = Path(inputs["root"]) / "never-written"
+    argv = ["pretrain", "--shards", inputs["shards"], "--out", str(out), *tiny("model.mask_ratio_v=0")]
+    assert train_cli.main(argv) == 2
+    assert "model.mask_ratio_v=0" in capsys.readouterr().err and not out.exists()

@@ -13,7 +13,7 @@ from PIL import Image
 from cavmae.shards.errors import NotFound
 from cavmae.shards.manifest import merge_rows, read_rows, write_rows
 from cavmae.shards.reader import decode_sample, list_shards, raw_samples
-from cavmae.shards.schema import BadSample, make_key, sample_members
+from cavmae.shards.schema import BadSample, all_finite, decode_npy, make_key, sample_members
 from cavmae.shards.writer import write_shard
 
 
@@ -192,3 +192,22 @@ def test_finish_flushes_and_exits_with_the_status_without_teardown(tmp_path):
     assert res.returncode == 3, res.stderr[-2000:]
     assert res.stdout == "x" * 200000 and "terminate called" not in res.stderr
     assert "done" in (tmp_path / "log.txt").read_text()
+
+
+def test_decode_npy_and_all_finite_agree_with_numpy():
+    """The fast fbank path (one cached header parse, a bit test for float16) gives what np.load and np.isfinite
+    give: every float16 class (subnormal, max, ±inf, NaN), Fortran order, npy version 2 headers."""
+    halves = np.array([0.0, -0.0, 6e-8, 65504.0, -65504.0, np.inf, -np.inf, np.nan], dtype=np.float16)
+    for value in halves:
+        for dtype in (np.float16, np.float32, np.float64):
+            array = np.full((3, 4), 1.5, dtype=dtype)
+            array[1, 2] = value
+            assert all_finite(array) == bool(np.isfinite(array).all()), (value, dtype)
+    for array, version in ((np.arange(12, dtype=np.float16).reshape(3, 4), None),
+                           (np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)), None),
+                           (np.arange(6, dtype=np.float64).reshape(2, 3), (2, 0))):
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, array, version=version)
+        got = decode_npy(buf.getvalue())
+        assert got.dtype == array.dtype and got.flags.writeable and np.array_equal(got, array)
+        assert got.flags.f_contiguous == array.flags.f_contiguous

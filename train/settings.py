@@ -154,7 +154,38 @@ class Eval:
                           "(3)")
 
 
-register({"model": Model, "data": Data, "pretrain": Pretrain, "finetune": Finetune, "eval": Eval}, TRAINING)
+def loss_problem(mask_ratio_a: float, mask_ratio_v: float, mae_loss_weight: float,
+                 contrast_loss_weight: float) -> str | None:
+    """What leaves the pretraining loss undefined, or None: a settings rule (a one-line error before a run writes
+    anything) and the pretraining model's own check, one text for both."""
+    if mae_loss_weight == 0 and contrast_loss_weight == 0:
+        return "model.mae_loss_weight and model.contrast_loss_weight are both 0: there is no loss to train"
+    for name, ratio in (("mask_ratio_a", mask_ratio_a), ("mask_ratio_v", mask_ratio_v)):
+        if ratio == 0 and mae_loss_weight != 0:
+            return (f"model.{name}=0 leaves nothing to reconstruct while model.mae_loss_weight={mae_loss_weight:g} "
+                    "(a ratio above 0, or weight 0 for the contrastive-only model)")
+    return None
+
+
+def _loss_rule(data: dict[str, Any]) -> str | None:
+    m = data["model"]
+    return loss_problem(m["mask_ratio_a"], m["mask_ratio_v"], m["mae_loss_weight"], m["contrast_loss_weight"])
+
+
+def _batch_rule(data: dict[str, Any]) -> str | None:
+    """A stage's batch is cut into accum_steps micro-batches, and pretraining's each into model.contrast_chunks
+    InfoNCE chunks: both cuts must be whole (the world size, known at launch, is checked then)."""
+    for section, chunks in (("pretrain", data["model"]["contrast_chunks"]), ("finetune", 1)):
+        stage = data[section]
+        parts = stage["accum_steps"] * chunks
+        if stage["batch_size"] % parts:
+            by = f"{section}.accum_steps" + (" x model.contrast_chunks" if chunks > 1 else "")
+            return f"{section}.batch_size={stage['batch_size']} is not divisible by {by} = {parts}"
+    return None
+
+
+register({"model": Model, "data": Data, "pretrain": Pretrain, "finetune": Finetune, "eval": Eval}, TRAINING,
+         rules=(_loss_rule, _batch_rule))
 
 PRESETS.update({
     "scale+": {"pretrain.lr": 1.0e-4, "pretrain.batch_size": 120},

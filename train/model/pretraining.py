@@ -21,6 +21,7 @@ from cavmae.train.model.blocks import (
 )
 from cavmae.train.model.encoder import Encoder
 from cavmae.train.pos_embed import get_2d_sincos_pos_embed
+from cavmae.train.settings import loss_problem
 
 CONTRAST_TEMPERATURE = 0.05  # fixed, not learned (official)
 
@@ -62,10 +63,9 @@ class CAVMAE(Encoder):
         for name, r in (("mask_ratio_a", mask_ratio_a), ("mask_ratio_v", mask_ratio_v)):
             if not 0.0 <= r < 1.0:
                 raise ValueError(f"{name}={r} must be in [0, 1)")
-            if r == 0 and mae_loss_weight != 0:
-                raise ValueError(f"{name}=0 leaves nothing to reconstruct; the MAE loss needs masked patches")
-        if mae_loss_weight == 0 and contrast_loss_weight == 0:
-            raise ValueError("mae_loss_weight and contrast_loss_weight cannot both be 0")
+        problem = loss_problem(mask_ratio_a, mask_ratio_v, mae_loss_weight, contrast_loss_weight)
+        if problem:
+            raise ValueError(problem)
         if contrast_chunks < 1:
             raise ValueError(f"contrast_chunks must be >= 1, got {contrast_chunks}")
         self.mask_ratio_a = mask_ratio_a
