@@ -1,7 +1,7 @@
 """`cavmae-prep`: turn videos into CAV-MAE training shards.
 
-Exit status: 0 when the run processed something (or had nothing left to do), 1 when inputs were given but
-not one could be processed (every one failed or skipped), 2 for bad arguments, config or input lists (a one-line
+Exit status: 0 when the run processed something (or had nothing left to do), 1 when not one input could be
+processed (every one failed or skipped, or the inputs held none), 2 for bad arguments, config or input lists (a one-line
 message on stderr: an unknown --split, a list without the columns of its format), 130 when interrupted (re-run the
 same command to resume).
 """
@@ -326,7 +326,7 @@ def _reprocess(args: argparse.Namespace) -> int:
 
 def _report(summary, out: str, reading: bool = False) -> int:
     """Print a job's summary; 1 when no input could be processed (ingest: this run's every input failed or was
-    skipped, or it had none to do and the manifest holds none of them as ok), NoSamples for a `reading` job
+    skipped, or the inputs held none, or it had none to do and the manifest holds none of them as ok), NoSamples for a `reading` job
     (reprocess, like every command that reads shards: nothing of its source could be read or remade, exit 2)."""
     _report_ignored(getattr(summary, "ignored", []))
     for line in summary.problems[:MAX_PROBLEMS]:
@@ -345,11 +345,14 @@ def _report(summary, out: str, reading: bool = False) -> int:
             raise NoSamples(f"no sample could be remade (the error column of {out}/manifest.parquet says why)")
         return 0
     held_ok = summary.already - summary.already_failed
-    if not summary.ok and (summary.videos or summary.skipped or (summary.already and not held_ok)):
+    if summary.ok or held_ok:
+        return 0
+    if summary.videos or summary.skipped or summary.already:
         print("cavmae-prep: error: no input could be processed (see the error column of manifest.parquet)",
               file=sys.stderr)
-        return 1
-    return 0
+    else:  # an empty folder, a list of only its header: an empty manifest is no success either
+        print("cavmae-prep: error: the inputs hold nothing to ingest (no video file, no list row)", file=sys.stderr)
+    return 1
 
 
 def _report_ignored(ignored: list[tuple[str, str]]) -> None:

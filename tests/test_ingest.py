@@ -165,6 +165,15 @@ def test_cli_nothing_processable_exits_1(tmp_path, videos):
     assert "ok 0 samples, failed 2" in res.stdout
 
 
+def test_cli_inputs_with_nothing_to_ingest_exit_1(tmp_path):
+    """An empty folder (or one of only non-video files) is no success: exit 1 with a line that says so."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a video\n")
+    res = _cli(["ingest", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--workers", "1", "--no-progress"])
+    assert res.returncode == 1, res.stderr
+    assert "the inputs hold nothing to ingest" in res.stderr
+
+
 def test_kill_minus_9_then_rerun_equals_a_clean_run(tmp_path, videos):
     """The driver dies mid-run; the re-run completes the same plan: same shards, same bytes, same manifest."""
     clips = [make_clip(videos["dir"] / "many", f"m{i:02d}", seconds=1.0, size=(96, 64), tone_hz=300 + 40 * i)
