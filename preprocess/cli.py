@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "yt-dlp into --out, named so that `ingest LIST --videos-dir OUT` finds it: "
                                    "a row's segment exactly (re-encoded at the cuts) as {id}_{start}_{end}.ext, "
                                    "else (no segment, --whole, or a source yt-dlp cannot cut) the whole video as "
-                                   "{id}.ext. Results in OUT/fetch.parquet (ok, gone, failed with yt-dlp's or ffmpeg's "
-                                   "reason); re-running skips what is done.")
+                                   "{id}.ext. Results in OUT/fetch.parquet (ok, gone, failed with yt-dlp's or "
+                                   "ffmpeg's reason); re-running skips what is done.")
     p.add_argument("list", help="the dataset list (AudioSet segment CSV, VGGSound, Kinetics, ESC-50 meta/esc50.csv)")
     p.add_argument("--out", required=True, help="folder for the videos and fetch.parquet")
     p.add_argument("--url-template", default=fetch_defaults.url_template,
