@@ -74,6 +74,11 @@ def fetch_number(field: str):
     return parse
 
 
+def fetch_range(field: str) -> str:
+    _, low, high = LIMITS[field]
+    return f"{low:g} to {high:g}"
+
+
 def check_out(out: str) -> None:
     """`--out` must be a folder (or not exist yet): a regular file there is an error, not a traceback."""
     if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
@@ -136,15 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url-template", default=fetch_defaults.url_template,
                    help="URL of an id, {id} replaced (default: %(default)s); a mirror or your own HTTP server")
     p.add_argument("--jobs", type=fetch_number("jobs"), default=fetch_defaults.jobs,
-                   help="downloads at once (default 4, at most %d)" % LIMITS["jobs"][2])
+                   help=f"downloads at once (default 4, {fetch_range('jobs')})")
     p.add_argument("--rate", type=fetch_number("rate"), default=fetch_defaults.rate,
-                   help="downloads started per second per host, at most (default 1)")
+                   help=f"downloads started per second per host, at most (default 1, {fetch_range('rate')})")
     p.add_argument("--timeout", type=fetch_number("socket_timeout"), default=fetch_defaults.socket_timeout,
-                   metavar="S", help="seconds without data before a download fails (default 30)")
+                   metavar="S", help="seconds without data before a download fails (default 30, "
+                                     f"{fetch_range('socket_timeout')})")
     p.add_argument("--max-seconds", type=fetch_number("max_seconds"), default=fetch_defaults.max_seconds,
-                   metavar="S", help="seconds a row may take in all, however slowly data comes (default 3600)")
-    p.add_argument("--retries", type=fetch_number("retries"), default=fetch_defaults.retries,
-                   help="yt-dlp's retries of a request that failed (default 3)")
+                   metavar="S", help="seconds a row may take in all, however slowly its data comes (default 3600, "
+                                     f"{fetch_range('max_seconds')})")
+    p.add_argument("--retries", type=fetch_number("retries"), default=fetch_defaults.retries, metavar="N",
+                   help=f"yt-dlp's retries of a request that failed (default 3, {fetch_range('retries')})")
     p.add_argument("--format", default=fetch_defaults.format,
                    help="yt-dlp's format selector (default: %(default)s, at most 480p where the height is known)")
     p.add_argument("--whole", action="store_true", help="download whole videos even for rows with a segment "

@@ -40,7 +40,6 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import cavmae
 from cavmae.shards.errors import UserError
 from cavmae.shards.schema import one_line
 
@@ -111,7 +110,7 @@ class FetchOptions:
 def out_of_range(field: str, value: float) -> str | None:
     """Why `value` is not a valid `field` of FetchOptions (None: it is): the one check of fetch's numbers."""
     _, low, high = LIMITS[field]
-    return None if low <= value <= high else f"must be from {low:g} to {high:g}, got {value:g}"
+    return None if low <= value <= high else f"must be {low:g} to {high:g}, got {value:g}"
 
 
 class HostRate:
@@ -270,12 +269,10 @@ class _Run:
 
     def _child(self, spec: str, deadline: float) -> tuple[dict | None, str]:
         """Run one attempt in its own process group; (its answer, its stderr), answer None past the deadline."""
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # cavmae as this process imports it, installed or not
-            [str(Path(cavmae.__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
         with self.lock:
             if self.stopped:
                 return {"error": "interrupted"}, ""
-            proc = subprocess.Popen([sys.executable, "-m", "cavmae.preprocess.fetch_one", spec], env=env, text=True,
+            proc = subprocess.Popen([sys.executable, "-m", "cavmae.preprocess.fetch_one", spec], text=True,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True)  # (its own group: ffmpeg ends with it)
             self.children.add(proc)
