@@ -75,6 +75,7 @@ def fetch_number(field: str):
 
 
 def fetch_range(field: str) -> str:
+    """The range of fetch's number option `field`, as its --help says it (from LIMITS: never a second copy)."""
     _, low, high = LIMITS[field]
     return f"{low:g} to {high:g}"
 

@@ -283,8 +283,8 @@ def test_ffmpeg_message_is_the_reason(server, tmp_path):
     out = tmp_path / "videos"
     with time_limit(60, "fetch with stalled ranged reads"):
         (row,) = fetch(str(listing), str(out), options(server), log=lambda _: None)
-    assert row.status == "failed" and row.reason == f"ffmpeg: {server.template.format(id='SLOWSLOWSLO')}: " \
-                                                    "Connection timed out"
+    assert row.status == "failed" and row.reason.startswith(f"ffmpeg: {server.template.format(id='SLOWSLOWSLO')}: ")
+    assert "timed out" in row.reason.lower()  # (the system's words for ETIMEDOUT)
     assert leftovers(out) == [] and not list(out.glob("SLOW*"))  # (the whole file would have been served)
 
 
