@@ -22,7 +22,7 @@ from cavmae.shards.schema import BadSample, one_line
 from cavmae.shards.store import check_out_file
 
 from .datasets import FORMATS
-from .fetch import FetchOptions
+from .fetch import LIMITS, FetchOptions, out_of_range
 
 PROG = "cavmae-prep"
 
@@ -57,6 +57,28 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def fetch_number(field: str):
+    """argparse type of fetch's number option `field` (int or float as FetchOptions has it), in its LIMITS range:
+    inf, nan and a timeout ffmpeg would take as none are usage errors (exit 2), not tracebacks or hangs."""
+    cast = type(getattr(FetchOptions(), field))
+
+    def parse(text: str):
+        value = cast(text)
+        why = out_of_range(field, value)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    parse.__name__ = cast.__name__  # (argparse names the type in "invalid int value")
+    return parse
+
+
+def fetch_range(field: str) -> str:
+    """The range of fetch's number option `field`, as its --help says it (from LIMITS: never a second copy)."""
+    _, low, high = LIMITS[field]
+    return f"{low:g} to {high:g}"
 
 
 def check_out(out: str) -> None:
@@ -114,17 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "yt-dlp into --out, named so that `ingest LIST --videos-dir OUT` finds it: "
                                    "a row's segment exactly (re-encoded at the cuts) as {id}_{start}_{end}.ext, "
                                    "else (no segment, --whole, or a source yt-dlp cannot cut) the whole video as "
-                                   "{id}.ext. Results in OUT/fetch.parquet (ok, gone, failed with yt-dlp's "
-                                   "reason); re-running skips what is done.")
+                                   "{id}.ext. Results in OUT/fetch.parquet (ok, gone, failed with yt-dlp's or "
+                                   "ffmpeg's reason); re-running skips what is done.")
     p.add_argument("list", help="the dataset list (AudioSet segment CSV, VGGSound, Kinetics, ESC-50 meta/esc50.csv)")
     p.add_argument("--out", required=True, help="folder for the videos and fetch.parquet")
     p.add_argument("--url-template", default=fetch_defaults.url_template,
                    help="URL of an id, {id} replaced (default: %(default)s); a mirror or your own HTTP server")
-    p.add_argument("--jobs", type=positive_int, default=fetch_defaults.jobs, help="downloads at once (default 4)")
-    p.add_argument("--rate", type=float, default=fetch_defaults.rate,
-                   help="downloads started per second per host, at most (default 1)")
-    p.add_argument("--timeout", type=float, default=fetch_defaults.socket_timeout, metavar="S",
-                   help="seconds without data before a download fails (default 30)")
+    p.add_argument("--jobs", type=fetch_number("jobs"), default=fetch_defaults.jobs,
+                   help=f"downloads at once (default 4, {fetch_range('jobs')})")
+    p.add_argument("--rate", type=fetch_number("rate"), default=fetch_defaults.rate,
+                   help=f"downloads started per second per host, at most (default 1, {fetch_range('rate')})")
+    p.add_argument("--timeout", type=fetch_number("socket_timeout"), default=fetch_defaults.socket_timeout,
+                   metavar="S", help="seconds without data before a download fails (default 30, "
+                                     f"{fetch_range('socket_timeout')})")
+    p.add_argument("--max-seconds", type=fetch_number("max_seconds"), default=fetch_defaults.max_seconds,
+                   metavar="S", help="seconds a row may take in all, however slowly its data comes (default 3600, "
+                                     f"{fetch_range('max_seconds')})")
+    p.add_argument("--retries", type=fetch_number("retries"), default=fetch_defaults.retries, metavar="N",
+                   help=f"yt-dlp's retries of a request that failed (default 3, {fetch_range('retries')})")
     p.add_argument("--format", default=fetch_defaults.format,
                    help="yt-dlp's format selector (default: %(default)s, at most 480p where the height is known)")
     p.add_argument("--whole", action="store_true", help="download whole videos even for rows with a segment "
@@ -133,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(never the gone ones)")
     p.add_argument("--split", help="only the rows of these splits, comma-separated (as ingest's --split)")
     p.add_argument("--list-format", default="auto", choices=("auto", *FORMATS), help="as ingest's --list-format")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("reprocess", help="re-derive a shard set with changed settings into a new folder",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
                        description="Remake the samples of an existing shard folder with the sample settings of "
@@ -250,9 +280,11 @@ def _fetch(args: argparse.Namespace) -> int:
     from .fetch import fetch
 
     options = FetchOptions(url_template=args.url_template, format=args.format, jobs=args.jobs, rate=args.rate,
-                           socket_timeout=args.timeout, whole=args.whole, retry_failed=args.retry_failed,
-                           list_format=args.list_format, split=_split(args.split))
-    results = fetch(args.list, args.out, options, log=lambda line: print(f"cavmae-prep: {line}", flush=True))
+                           socket_timeout=args.timeout, retries=args.retries, max_seconds=args.max_seconds,
+                           whole=args.whole, retry_failed=args.retry_failed, list_format=args.list_format,
+                           split=_split(args.split))
+    results = fetch(args.list, args.out, options, log=lambda line: print(f"cavmae-prep: {line}", flush=True),
+                    progress=not args.no_progress)
     return 1 if results and not any(r.status == "ok" for r in results) else 0
 
 
