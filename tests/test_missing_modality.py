@@ -158,3 +158,19 @@ def test_ddp_ranks_pass_over_a_micro_batch_of_skipped_samples(kinetics, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(tmp_path / "pt" / "last.pt", weights_only=True)["step"] == N // 2
     assert 0 < epoch_records(tmp_path / "pt")[-1]["skipped"] <= len(SILENT)  # rank 0's count
+
+
+def test_ray_data_reads_a_set_with_video_only_samples(kinetics):
+    """Ray Data's read_webdataset reads a set whose samples lack a member with `decoder=None` (every member as
+    bytes; its default decoder makes fbank.npy a tensor column, which a missing one cannot join: README)."""
+    import io
+
+    import ray.data
+
+    rows = ray.data.read_webdataset(list_shards(str(kinetics / "shards")), decoder=None).take_all()
+    assert len(rows) == N
+    fbanks = {json.loads(r["json"])["video_id"]: r["fbank.npy"] for r in rows}
+    silent = {f"vid{i:08d}" for i in SILENT}
+    assert {v for v, b in fbanks.items() if not isinstance(b, bytes)} == silent  # missing: null
+    shapes = {np.load(io.BytesIO(b), allow_pickle=False).shape for v, b in fbanks.items() if v not in silent}
+    assert shapes == {(198, 128)}
