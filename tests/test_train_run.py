@@ -123,6 +123,18 @@ def test_nonfinite_loss_skips_the_step_and_a_persistent_one_stops(tmp_path, monk
     assert len(calls) == 4  # stopped at the first record after the third NaN step, not at the end of the epoch
 
 
+def test_a_run_shorter_than_log_every_logs_its_last_step(tmp_path):
+    """2 steps at log_every 20 (the default): each epoch's last step is a record with its loss, as is a stop."""
+    write_synthetic_shards(tmp_path / "shards", 16, 16)
+    args = ["pretrain", "--shards", str(tmp_path / "shards"), *sets("pretrain.batch_size=8", "pretrain.epochs=2",
+                                                                    "pretrain.log_every=20")]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert [(r["step"], r["epoch"]) for r in records(tmp_path / "run")] == [(2, 1), (4, 2)]
+    assert all(r["loss"] > 0 for r in records(tmp_path / "run"))
+    assert main([*args, "--out", str(tmp_path / "stop"), "--stop-after-steps", "1"]) == 0
+    assert [r["step"] for r in records(tmp_path / "stop")] == [1]
+
+
 def test_finetune_from_official_layout_checkpoint(data, tmp_path):
     root, labels = data
     cfg = load_config(None, TINY)

@@ -230,7 +230,8 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             bad.zero_()
             step += 1
             bar.update(1)
-            if step % log_every == 0:
+            stop = stop_after is not None and step - start >= stop_after
+            if step % log_every == 0 or done == per_epoch or stop:  # an epoch's last step too: a short run logs
                 means = {k: float(v) / count for k, v in sums.items()}  # the one device sync per record
                 rate = seen * dist.world_size() / max(time.time() - t0, 1e-9)
                 if "loss" in means:
@@ -239,7 +240,6 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
                                           "samples_per_s": rate, "skipped": skipped, "nonfinite": int(nonfinite),
                                           **{f"mixup_{k}": v for k, v in mixups.items()}, **means})
                 check_nonfinite(bar)
-            stop = stop_after is not None and step - start >= stop_after
             if stop and done < per_epoch:
                 break
             if save_every and step % save_every == 0 and done < per_epoch:

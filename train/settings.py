@@ -103,7 +103,8 @@ class Stage:
     mixup: float = setting(0.0, "probability that a sample is mixed with a random partner", min=0.0, max=1.0)
     noise: bool = setting(True, "uniform noise + circular time roll of the fbank by up to +-model.target_length rows "
                                 "(official: +-1024)")
-    log_every: int = setting(20, "optimizer steps between metrics.jsonl records", min=1, max=10**9)
+    log_every: int = setting(20, "optimizer steps between metrics.jsonl records (and each epoch's last step)", min=1,
+                             max=10**9)
     save_every: int = setting(0, "optimizer steps between mid-epoch last.pt saves (0: at epoch ends only)", min=0,
                              max=10**9)
 
