@@ -153,6 +153,8 @@ class Eval:
     batch_size: int = setting(48, min=1, max=65_536)
     frames: str = setting("all", "all (official: average the probabilities of every frame) | middle | a frame index "
                           "(3)")
+    feature_frames: str = setting("middle", "retrieve and embed (one setting: their vectors agree): middle (official "
+                                  "retrieval) | all (the visual vector is the mean over the frames) | a frame index")
 
 
 register({"model": Model, "data": Data, "pretrain": Pretrain, "finetune": Finetune, "eval": Eval}, TRAINING)
