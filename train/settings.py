@@ -124,9 +124,11 @@ class Finetune(Stage):
     batch_size: int = setting(36, min=1, max=65_536)
     lr_start_epoch: int = setting(5, min=0, max=10_000, when=("schedule", "step"))
     lr_step: int = setting(1, min=1, max=10_000, when=("schedule", "step"))
-    freqm: int = setting(48, "SpecAugment: widest frequency mask, in mel bins", min=0, max=1024)
+    freqm: int = setting(48, "SpecAugment: widest frequency mask, in mel bins (at most 3/8 of them, the official "
+                         "48 of 128)", min=0, max=1024)
     timem: int = setting(192, "SpecAugment: widest time mask, in 10 ms rows (official 192 = 1.92 s; scaled to "
-                         "audio.frame_shift_ms)", min=0, max=16_384)
+                         "audio.frame_shift_ms; at most 3/16 of model.target_length, the official 192 of 1024)",
+                         min=0, max=16_384)
     mixup: float = setting(0.5, "probability that a sample is mixed with a random partner (labels mixed alike)",
                            min=0.0, max=1.0)
     num_classes: int = setting(0, "0: from the --labels CSV", min=0, max=1_000_000)

@@ -164,13 +164,33 @@ def time_rows(cfg: Config, rows_at_10ms: int) -> int:
     return round(rows_at_10ms * OFFICIAL_SHIFT_MS / cfg.audio.frame_shift_ms)
 
 
+# SpecAugment's widest masks, at most the official share of the input: 48 of 128 mel bins, 192 of 1024 rows (and
+# AST's ESC-50 96 of 512). The official widths are kept on official-size inputs, and a smaller one (64 bins, 3 s) is
+# not mostly hidden: the absolute 48 and 192 would mask up to 75 % of it.
+MAX_MASK_SHARE = {"freqm": 48 / 128, "timem": 192 / 1024}
+
+
+def mask_widths(cfg: Config, aug: dict[str, Any]) -> dict[str, int]:
+    """`aug`'s SpecAugment widths in the shards' units (`timem` in rows of the frame shift), each capped to
+    `MAX_MASK_SHARE` of the input (mel bins, `model.target_length` rows), with one warning line when one is."""
+    widths = {"freqm": aug["freqm"], "timem": time_rows(cfg, aug["timem"])}
+    sizes = {"freqm": cfg.audio.num_mel_bins, "timem": cfg.model.target_length}
+    capped = {name: min(width, int(sizes[name] * MAX_MASK_SHARE[name])) for name, width in widths.items()}
+    for name, width in widths.items():
+        if capped[name] < width:
+            log.warning("SpecAugment %s %d capped to %d: at most %g of the %d %s (the official share)", name, width,
+                        capped[name], MAX_MASK_SHARE[name], sizes[name],
+                        "mel bins" if name == "freqm" else "rows of model.target_length")
+    return capped
+
+
 def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes: int = 0,
               label_map: dict[str, int] | None = None, label_csv: str | None = None, needs: str = "av") -> Transform:
     """The sample transform of `cfg` with the augmentation `aug` (`augmentation` or `NO_AUGMENTATION`); its time
-    widths scale with the frame shift (the noise roll spans +-target_length rows, which follows it too). `needs`:
-    the modalities its model reads ("av", "a", "v"; "" for none required, as `embed`), see
-    `train.transform.Transform`."""
-    aug = {**aug, "timem": time_rows(cfg, aug["timem"])}
+    widths scale with the frame shift (the noise roll spans +-target_length rows, which follows it too) and its
+    masks are capped to the input (`mask_widths`). `needs`: the modalities its model reads ("av", "a", "v"; "" for
+    none required, as `embed`), see `train.transform.Transform`."""
+    aug = {**aug, **mask_widths(cfg, aug)}
     data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.video.image_size,
             "num_mel_bins": cfg.audio.num_mel_bins}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
