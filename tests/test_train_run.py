@@ -135,6 +135,26 @@ def test_a_run_shorter_than_log_every_logs_its_last_step(tmp_path):
     assert [r["step"] for r in records(tmp_path / "stop")] == [1]
 
 
+def test_cpu_threads_leave_room_for_the_loader_workers(tmp_path, monkeypatch):
+    """On a CPU, torch's threads are the process's share of the cores beside its loader workers (one per core
+    beside them made a tiny step 10-40x slower); OMP_NUM_THREADS, when set, is left alone."""
+    import os
+
+    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    write_synthetic_shards(tmp_path / "shards", 8, 8)
+    args = ["pretrain", "--shards", str(tmp_path / "shards"), *sets("data.num_workers=1", "pretrain.batch_size=8",
+                                                                    "pretrain.epochs=1")]
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
+        torch.set_num_threads(cores)
+        assert main([*args, "--out", str(tmp_path / "set")]) == 0 and torch.get_num_threads() == cores
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert main([*args, "--out", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == max(1, cores // 2)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_finetune_from_official_layout_checkpoint(data, tmp_path):
     root, labels = data
     cfg = load_config(None, TINY)

@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("eval", "retrieve", "embed") and args.out:  # a file, written after the work
             check_out_file(args.out)
         cfg = load_config(args.config, args.sets, args.presets)
+        from cavmae.train.distributed import cpu_threads
+
+        cpu_threads(cfg.data.num_workers)  # on a CPU: torch's threads beside the loader workers
         result = COMMANDS[args.command](args, cfg)
     except UserError as exc:
         return report(PROG, exc)
