@@ -183,9 +183,7 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             empty = batch.get("empty", False)  # every sample skipped (`Transform.filler`): nothing to learn from
             done += 1
             skipped += batch["skipped"]
-            if empty and dist.world_size() == 1:
-                pass  # (under DDP the rank runs it with a loss of 0: every rank takes part in each all-reduce)
-            else:
+            if not empty or dist.world_size() > 1:  # DDP: every rank takes part in each all-reduce (a loss of 0)
                 ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
                 inputs = device_augment(batch, device)  # SpecAugment, normalisation, noise, roll: batched, on device
                 torch.manual_seed(step_seed(seed, step, dist.rank(), micro))  # masking / dropout: a function of it
