@@ -238,8 +238,6 @@ FINETUNE_RECIPES: dict[str, dict[str, tuple[Any, str]]] = {
 }
 PRESETS.update({name: {k: v for k, (v, _) in table.items()} for name, table in FINETUNE_RECIPES.items()})
 PRESETS["linear-probe"] = {"finetune.freeze_base": True, "finetune.mixup": 0.0}
-PRESETS.update({name: {k: v for k, (v, _) in table.items()} for name, table in FINETUNE_RECIPES.items()})
-PRESETS["linear-probe"] = {"finetune.freeze_base": True, "finetune.mixup": 0.0}
 PRESET_SOURCES.update({name: {k: src for k, (_, src) in table.items()} for name, table in FINETUNE_RECIPES.items()})
 PRESET_NOTES.update({  # (comment line above the preset, comment after it) in pipeline.yaml
     "scale+": ("Pretraining (reference 4.1; the default pretrain section is the base recipe: lr 5e-5, batch 48)",
