@@ -3,11 +3,12 @@
 The file is untrusted (shard folders are downloaded): only what describes the samples is ever read from it
 (`FROZEN_KEYS`: the audio, video and clip sections and `shards.pattern`), never where or how a job runs (`ray.*`,
 the rest of `shards.*`): that comes from the user's own config. Of those, training takes the sample-side facts
-(`SAMPLE_FACTS`: how the fbank was computed and how many frames of what size a sample holds) from the shards rather
-than from its own config, so the model's geometry and waveform mixup follow the data. A run that sets one of them
-explicitly to another value, or a `--shards` list that mixes sets made differently, is refused with one line naming
-both values: otherwise it would surface as a shape error at the first forward pass, or never (a different
-`frame_shift_ms`).
+(`SAMPLE_FACTS`: how the fbank was computed, how many seconds of audio and how many frames of what size a sample
+holds) from the shards rather than from its own config, so the model's geometry, its audio length
+(`model.target_length` follows `clip.length_s` unless set) and waveform mixup follow the data. A run that sets one of
+them explicitly to another value, or a `--shards` list that mixes sets made differently, is refused with one line
+naming both values: otherwise it would surface as a shape error at the first forward pass, or never (a different
+`frame_shift_ms`; a clip padded to 1024 rows of which 70 % are zeros).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SAMPLE_SECTIONS = ("audio", "video", "clip")        # what a sample's bytes depe
 PREP_SECTIONS = SAMPLE_SECTIONS + ("shards", "ray")  # what a frozen pipeline.yaml records
 FROZEN_KEYS = SAMPLE_SECTIONS + ("shards.pattern",)  # what is read back from one: the samples and their shards' names
 SAMPLE_FACTS = ("audio.sample_rate", "audio.num_mel_bins", "audio.frame_shift_ms", "audio.frame_length_ms",
-                "audio.window_type", "video.num_frames", "video.image_size")
+                "audio.window_type", "video.num_frames", "video.image_size", "clip.length_s")
 
 
 def frozen_config(store: Store) -> Config:

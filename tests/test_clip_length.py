@@ -51,7 +51,7 @@ def test_pretrained_at_1024_rows_finetunes_and_evaluates_at_512(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="cavmae.train.checkpoint"):  # back at 1024: a trained table is stretched
         assert main(["eval", "--shards", str(shards), "--labels", str(labels), "--checkpoint",
                      str(ft / "model.pth"), "--mode", "audioonly", *sets("model.target_length=1024")]) == 0
-    assert [r.getMessage() for r in caplog.records if r.name == "train.checkpoint"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "cavmae.train.checkpoint"] == [
         "pos_embed_a: trained position table fitted from grid 8x32 to 8x64 (centre cut / bilinear, as AST)"]
 
 
@@ -93,3 +93,52 @@ def test_esc50_list_to_finetuned_model_at_512_rows(local_ray, tmp_path):
     assert main(["eval", "--shards", str(tmp_path / "fold2"), "--checkpoint", str(tmp_path / "ft" / "model.pth"),
                  "--out", str(tmp_path / "eval.json"), *esc]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["samples"] == 2
+
+
+def frozen(folder: Path, *settings: str) -> None:
+    """The pipeline.yaml ingest would freeze beside `folder`'s shards, made with `settings`."""
+    from cavmae.shards.config import load_config
+    from cavmae.shards.frozen import FROZEN_CONFIG, SAMPLE_SECTIONS
+
+    cfg = load_config(sets=["video.num_frames=4", "video.image_size=64", *settings])
+    (folder / FROZEN_CONFIG).write_text(cfg.to_yaml(*SAMPLE_SECTIONS))
+
+
+UNSET = [s for s in TINY if not s.startswith("model.target_length")]  # the model's audio length left to follow
+
+
+def test_the_model_follows_the_shards_clip(tmp_path):
+    """3 s shards (clip.length_s 3 in their pipeline.yaml): the model is 320 rows long (3 s in whole patches), not
+    the default clip's 1024 (70 % padding), and config.yaml records the shards' clip."""
+    import yaml
+
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, 8, 8, seconds=3.0)
+    frozen(shards, "clip.length_s=3")
+    args = [a for s in UNSET + ["pretrain.batch_size=8", "pretrain.epochs=1"] for a in ("--set", s)]
+    assert main(["pretrain", "--shards", str(shards), "--out", str(tmp_path / "pt"), *args]) == 0
+    used = yaml.safe_load((tmp_path / "pt" / "config.yaml").read_text())
+    assert used["clip"]["length_s"] == 3.0 and used["model"]["target_length"] == 320
+    assert torch.load(tmp_path / "pt" / "model.pth", weights_only=True)["module.pos_embed_a"].shape == (1, 8 * 20, 64)
+
+
+def test_short_inputs_set_the_clip_and_the_cut_warning_counts_their_rows(tmp_path, caplog):
+    """ESC-50's 5 s files ingested at the default 10 s clip are 498-row samples: the esc50 preset's 512 rows cut
+    nothing (no warning), the unset length follows them (512), and a set length that cuts them says how much of
+    the 5 s."""
+    from cavmae.shards.config import load_config
+    from cavmae.train import stage as st
+
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, 4, 4, seconds=5.0)  # manifest duration_s 5.0
+    frozen(shards)                                      # clip.length_s 10 (the default)
+    esc = load_config(sets=UNSET, presets=["esc50-audioonly"])
+    with caplog.at_level(logging.WARNING, logger="cavmae.train.stage"):
+        cfg, _, _ = st.shard_sets(esc, str(shards))
+        st.model_settings(cfg)
+        assert cfg.clip.length_s == 5.0 and cfg.model.target_length == 512
+        assert "are cut" not in caplog.text
+        assert st.shard_sets(load_config(sets=UNSET), str(shards))[0].model.target_length == 512
+        st.model_settings(st.shard_sets(load_config(sets=TINY + ["model.target_length=256"]), str(shards))[0])
+    cut = [r.getMessage() for r in caplog.records if "are cut" in r.getMessage()]
+    assert len(cut) == 1 and "keeps the first 2.56 s of every 5 s clip" in cut[0] and "2.42 s (242 rows)" in cut[0]

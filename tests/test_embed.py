@@ -32,7 +32,7 @@ def test_embed_rows_and_duplicate_videos(train_shards, tmp_path, capsys):
     out = tmp_path / "emb" / "val.parquet"
     assert main(["embed", "--shards", str(train_shards / "val"), "--checkpoint", str(tmp_path / "pt.pth"),
                  "--out", str(out), "--no-progress", *sets("eval.batch_size=8")]) == 0
-    assert json.loads(capsys.readouterr().out) == {"rows": 32, "frames": "all", "out": str(out)}
+    assert json.loads(capsys.readouterr().out) == {"rows": 32, "frames": "middle", "out": str(out)}
     table = pq.read_table(out)
     assert pq.ParquetFile(out).metadata.num_row_groups == 4  # written batch by batch
     assert str(table.schema.field("audio").type) == "list<element: float>"
@@ -69,3 +69,26 @@ def test_embed_with_a_finetuned_checkpoint_and_one_frame(train_shards, tmp_path,
                  "--out", str(tmp_path / "x.parquet"), *sets()]) == 2
     assert capsys.readouterr().err.strip() == f"cavmae-train: error: --checkpoint {tmp_path / 'nope.pth'}: no such file"
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_retrieve_and_embed_vectors_agree(train_shards, tmp_path, capsys):
+    """One setting (eval.feature_frames, default middle: official retrieval) and one code path: the retrieval
+    metrics computed from embed's vectors are retrieve's own, unless --frames says otherwise."""
+    import torch.nn.functional as F
+
+    from cavmae.train.retrieve import retrieval
+
+    torch.manual_seed(1)
+    torch.save(official_state_dict(build_pretrain_model(model_settings(load_config(None, TINY)))),
+               tmp_path / "pt.pth")
+    common = ["--shards", str(train_shards / "val"), "--checkpoint", str(tmp_path / "pt.pth")]
+    for extra in ([], ["--set", "eval.feature_frames=all"]):
+        out = tmp_path / f"emb{len(extra)}.parquet"
+        assert main(["retrieve", *common, "--out", str(tmp_path / "r.json"), *sets(), *extra]) == 0
+        capsys.readouterr()
+        assert main(["embed", *common, "--out", str(out), "--no-progress", *sets(), *extra]) == 0
+        got = json.loads((tmp_path / "r.json").read_text())
+        assert got["frames"] == json.loads(capsys.readouterr().out)["frames"] == ("all" if extra else "middle")
+        rows = sorted(pq.read_table(out).to_pylist(), key=lambda r: r["key"])
+        a, v = (F.normalize(torch.tensor([r[side] for r in rows]), dim=-1) for side in ("audio", "visual"))
+        assert retrieval(a, v) | {"frames": got["frames"]} == got

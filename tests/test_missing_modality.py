@@ -127,3 +127,50 @@ def test_videoonly_finetunes_on_all_and_pretraining_skips_and_counts(kinetics, t
     (failed,) = predict_videos([video], cfg, str(tmp_path / "video" / "model.pth"), top_k=1, mode="multimodal",
                                frames="middle")
     assert failed[0] == video and "cannot be scored in mode multimodal (no audio, which this mode reads" in failed[1]
+
+
+def test_a_batch_of_skipped_samples_is_skipped_and_counted(kinetics, tmp_path):
+    """Multimodal finetuning one sample per step: a step whose only sample has no audio is skipped and counted (it
+    stopped the run, exit 2, "no decodable sample in a batch"); the other steps train."""
+    ft = ["finetune.batch_size=1", "finetune.epochs=1", "finetune.wa=false", "finetune.mixup=0.0"]
+    run = tmp_path / "mm"
+    assert main(["finetune", "--shards", str(kinetics / "shards"), "--labels", str(kinetics / "labels.csv"),
+                 "--mode", "multimodal", "--out", str(run), *sets(*ft)]) == 0
+    assert epoch_records(run)[-1]["skipped"] == len(SILENT)
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == list(range(1, N + 1))  # every step logged, with a loss once one trained
+    assert all("loss" in r for r in rows if r["skipped"] < r["step"])
+
+
+def test_ddp_ranks_pass_over_a_micro_batch_of_skipped_samples(kinetics, tmp_path):
+    """2 DDP processes, one sample per rank and step: a rank whose sample has no audio runs its (stand-in) batch
+    with a loss of 0, so the all-reduce of every step still has both ranks; the run ends at the last step."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541", "-m",
+           "cavmae.train", "pretrain", "--shards", str(kinetics / "shards"), "--out", str(tmp_path / "pt"),
+           *sets("pretrain.batch_size=2", "pretrain.epochs=1")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "pt" / "last.pt", weights_only=True)["step"] == N // 2
+    assert 0 < epoch_records(tmp_path / "pt")[-1]["skipped"] <= len(SILENT)  # rank 0's count
+
+
+def test_ray_data_reads_a_set_with_video_only_samples(kinetics):
+    """Ray Data's read_webdataset reads a set whose samples lack a member with `decoder=None` (every member as
+    bytes; its default decoder makes fbank.npy a tensor column, which a missing one cannot join: README)."""
+    import io
+
+    import ray.data
+
+    rows = ray.data.read_webdataset(list_shards(str(kinetics / "shards")), decoder=None).take_all()
+    assert len(rows) == N
+    fbanks = {json.loads(r["json"])["video_id"]: r["fbank.npy"] for r in rows}
+    silent = {f"vid{i:08d}" for i in SILENT}
+    assert {v for v, b in fbanks.items() if not isinstance(b, bytes)} == silent  # missing: null
+    shapes = {np.load(io.BytesIO(b), allow_pickle=False).shape for v, b in fbanks.items() if v not in silent}
+    assert shapes == {(198, 128)}

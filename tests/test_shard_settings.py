@@ -10,6 +10,7 @@ import yaml
 
 from cavmae.shards.config import load_config
 from cavmae.shards.frozen import FROZEN_CONFIG, SAMPLE_FACTS, adopt_shard_settings
+from cavmae.shards.manifest import manifest_rows
 from cavmae.shards.reader import list_shards
 from tests.train_fixtures import write_synthetic_shards
 from cavmae.train import stage as st
@@ -20,7 +21,7 @@ RUN = ["model.size=tiny", "model.target_length=128", "data.num_workers=0", "pret
        "pretrain.epochs=1"]
 OTHER = {"audio.sample_rate": 8000, "audio.num_mel_bins": 64, "audio.frame_shift_ms": 12.5,
          "audio.frame_length_ms": 20.0, "audio.window_type": "hamming", "video.num_frames": 3,
-         "video.image_size": 96}
+         "video.image_size": 96, "clip.length_s": 5.0}
 
 
 def sets(*items):
@@ -54,7 +55,11 @@ def test_a_run_takes_the_shards_settings(train_shards, tmp_path):
     used = yaml.safe_load((tmp_path / "config.yaml").read_text())
     for dotted in SAMPLE_FACTS:
         section, key = dotted.split(".")
-        assert used[section][key] == frozen_value(shards, dotted), dotted
+        if dotted != "clip.length_s":
+            assert used[section][key] == frozen_value(shards, dotted), dotted
+    # the 1.3 s inputs were cut at their end, not at the frozen 10 s: the clip is what the samples hold
+    longest = max(r["duration_s"] for r in manifest_rows(list_shards(str(shards))))
+    assert frozen_value(shards, "clip.length_s") == 10.0 and used["clip"]["length_s"] == longest < 2
 
 
 @pytest.mark.parametrize("dotted", SAMPLE_FACTS)

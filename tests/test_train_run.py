@@ -123,6 +123,38 @@ def test_nonfinite_loss_skips_the_step_and_a_persistent_one_stops(tmp_path, monk
     assert len(calls) == 4  # stopped at the first record after the third NaN step, not at the end of the epoch
 
 
+def test_a_run_shorter_than_log_every_logs_its_last_step(tmp_path):
+    """2 steps at log_every 20 (the default): each epoch's last step is a record with its loss, as is a stop."""
+    write_synthetic_shards(tmp_path / "shards", 16, 16)
+    args = ["pretrain", "--shards", str(tmp_path / "shards"), *sets("pretrain.batch_size=8", "pretrain.epochs=2",
+                                                                    "pretrain.log_every=20")]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert [(r["step"], r["epoch"]) for r in records(tmp_path / "run")] == [(2, 1), (4, 2)]
+    assert all(r["loss"] > 0 for r in records(tmp_path / "run"))
+    assert main([*args, "--out", str(tmp_path / "stop"), "--stop-after-steps", "1"]) == 0
+    assert [r["step"] for r in records(tmp_path / "stop")] == [1]
+
+
+def test_cpu_threads_leave_room_for_the_loader_workers(tmp_path, monkeypatch):
+    """On a CPU, torch's threads are the process's share of the cores beside its loader workers (one per core
+    beside them made a tiny step 10-40x slower); OMP_NUM_THREADS, when set, is left alone."""
+    import os
+
+    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    write_synthetic_shards(tmp_path / "shards", 8, 8)
+    args = ["pretrain", "--shards", str(tmp_path / "shards"), *sets("data.num_workers=1", "pretrain.batch_size=8",
+                                                                    "pretrain.epochs=1")]
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
+        torch.set_num_threads(cores)
+        assert main([*args, "--out", str(tmp_path / "set")]) == 0 and torch.get_num_threads() == cores
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert main([*args, "--out", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == max(1, cores // 2)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_finetune_from_official_layout_checkpoint(data, tmp_path):
     root, labels = data
     cfg = load_config(None, TINY)

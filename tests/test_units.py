@@ -67,3 +67,21 @@ def test_specaugment_and_roll_scale_with_the_frame_shift():
     rng = np.random.default_rng(0)
     shifts = [draw_augmentation(fine.aug, fine.data["target_length"], 128, rng)["shift"] for _ in range(2000)]
     assert max(map(abs, shifts)) > 1024 and max(map(abs, shifts)) <= 2048  # the roll spans the same 10.24 s
+
+
+def test_specaugment_masks_are_capped_to_the_official_share_of_the_input(caplog):
+    """linear-probe's (the finetune defaults') freqm 48 / timem 192 on 64 mel bins and 3 s (320 rows) would hide up
+    to 75 % of the input: capped to 3/8 of the bins and 3/16 of the rows; the official sizes keep the official
+    widths, as does the esc50 preset's 96 rows of 512."""
+    small = load_config(sets=["audio.num_mel_bins=64", "clip.length_s=3"], presets=["linear-probe"])
+    aug = st.augmentation(small.finetune)
+    assert (aug["freqm"], aug["timem"], small.model.target_length) == (48, 192, 320)
+    with caplog.at_level(logging.WARNING, logger="cavmae.train.stage"):
+        tf = st.transform(small, aug, frame=0)
+    assert (tf.aug["freqm"], tf.aug["timem"]) == (24, 60)
+    assert len(caplog.records) == 2 and "SpecAugment freqm 48 capped to 24" in caplog.records[0].getMessage()
+    caplog.clear()
+    official = st.transform(load_config(), aug, frame=0)
+    esc = load_config(presets=["esc50-audioonly"])
+    assert (official.aug["freqm"], official.aug["timem"]) == (48, 192)
+    assert st.transform(esc, st.augmentation(esc.finetune), frame=0).aug["timem"] == 96 and not caplog.records

@@ -86,15 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("retrieve", "audio<->visual retrieval R@1/5/10 and median rank with a pretrained checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="PTH", help="pretrained (or finetuned) weights")
-    p.add_argument("--frames", help="middle (official) | a frame index (default: middle)")
+    p.add_argument("--frames", help="middle (official) | all | a frame index (default: eval.feature_frames)")
     p.add_argument("--out", help="also write the results as JSON to this file")
 
     p = command("embed", "pooled audio and visual embeddings of every sample into a parquet file")
     p.add_argument("--checkpoint", required=True, metavar="PTH", help="pretrained or finetuned weights")
     p.add_argument("--out", required=True, metavar="FILE.parquet", help="one row per sample: key, video_id, "
                                                                          "audio, visual (list<float32>)")
-    p.add_argument("--frames", help="all (visual = mean over the frames) | middle | a frame index "
-                                    "(default: eval.frames)")
+    p.add_argument("--frames", help="middle | all (visual = mean over the frames) | a frame index "
+                                    "(default: eval.feature_frames, as retrieve)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("eval", "retrieve", "embed") and args.out:  # a file, written after the work
             check_out_file(args.out)
         cfg = load_config(args.config, args.sets, args.presets)
+        from cavmae.train.distributed import cpu_threads
+
+        cpu_threads(cfg.data.num_workers)  # on a CPU: torch's threads beside the loader workers
         result = COMMANDS[args.command](args, cfg)
     except UserError as exc:
         return report(PROG, exc)
@@ -182,19 +185,20 @@ def _retrieve(args: argparse.Namespace, cfg) -> dict:
     from cavmae.train import retrieve
 
     return retrieve.run(cfg, shards=args.shards, checkpoint=args.checkpoint,
-                        frames=frame_choice(args.frames or "middle", "--frames"))
+                        frames=_frames(args, cfg, "feature_frames"))
 
 
 def _embed(args: argparse.Namespace, cfg) -> dict:
     from cavmae.train import embed
 
-    return embed.run(cfg, shards=args.shards, checkpoint=args.checkpoint, out=args.out, frames=_frames(args, cfg),
-                     progress=not args.no_progress)
+    return embed.run(cfg, shards=args.shards, checkpoint=args.checkpoint, out=args.out,
+                     frames=_frames(args, cfg, "feature_frames"), progress=not args.no_progress)
 
 
-def _frames(args: argparse.Namespace, cfg) -> str | int:
-    """--frames, else eval.frames (the frames choice of `eval`)."""
-    return frame_choice(args.frames, "--frames") if args.frames else frame_choice(cfg.eval.frames, "eval.frames")
+def _frames(args: argparse.Namespace, cfg, key: str = "frames") -> str | int:
+    """--frames, else `eval.<key>`: eval.frames for `eval`, eval.feature_frames for the vectors of `retrieve` and
+    `embed` (one setting, so that they agree)."""
+    return frame_choice(args.frames, "--frames") if args.frames else frame_choice(cfg.eval[key], f"eval.{key}")
 
 
 COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "eval": _eval, "order": _order, "retrieve": _retrieve,

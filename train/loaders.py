@@ -28,7 +28,7 @@ from cavmae.shards.index import SampleIndex, SpanReader, read_raw_sample
 from cavmae.shards.reader import decode_sample, is_remote, raw_samples
 from cavmae.shards.schema import BadSample
 from cavmae.train.epochs import EpochPlan, SampleRngs
-from cavmae.train.failures import Failures
+from cavmae.train.failures import MAX_FAILURES, Failures, shard_list
 from cavmae.train.transform import Transform
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class EpochBatches(torch.utils.data.IterableDataset):
 
     A sample is read with one ranged read and decoded with `shards.reader.decode_sample`; its mixup partner is a
     sample of the whole index. A sample that cannot be read or decoded is skipped and counted (the batch is
-    smaller); a bad partner only cancels that sample's mixup."""
+    smaller; a batch of skipped samples only is `Transform.filler`, which the trainer does not learn from); a bad
+    partner only cancels that sample's mixup. MAX_FAILURES skips in a row stop a set where nothing decodes."""
 
     def __init__(self, index: SampleIndex, transform: Transform, plan: EpochPlan, epoch: int, first: int,
                  count: int):
@@ -83,9 +84,15 @@ class EpochBatches(torch.utils.data.IterableDataset):
         remote = any(is_remote(u) for u in self.index.urls)
         pool = ThreadPoolExecutor(REMOTE_READS) if remote else None
         rngs = SampleRngs(self.plan.seed, self.epoch)
+        in_a_row = 0  # samples skipped since this worker's last good one
         try:
             for i in range(worker, len(self.positions), workers):
-                yield self.batch(self.positions[i], reader, pool, rngs)
+                batch = self.batch(self.positions[i], reader, pool, rngs)
+                in_a_row = in_a_row + batch["skipped"] if batch.get("empty") else 0
+                if in_a_row >= MAX_FAILURES:
+                    raise NoSamples(f"epoch {self.epoch + 1}: no decodable sample in {in_a_row} tries in a row "
+                                    f"(shards: {shard_list(self.index.urls)}); see the log")
+                yield batch
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
@@ -111,9 +118,8 @@ class EpochBatches(torch.utils.data.IterableDataset):
                 continue
             example["_skipped"] = 0
             examples.append(example)
-        if not examples:
-            raise NoSamples(f"epoch {self.epoch + 1}: no decodable sample in a batch (first: "
-                            f"{self.index.url_of(wanted[0][0])} {self.index.key_of(wanted[0][0])!r}); see the log")
+        if not examples:  # every sample skipped (a video-only one in a multimodal batch of 1): skipped, counted
+            return self.transform.filler(len(positions), skipped)
         examples[0]["_skipped"] = skipped
         return self.transform.collate(examples)
 

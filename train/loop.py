@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -34,6 +35,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from cavmae.shards.errors import NoSamples
 from cavmae.train import distributed as dist
 from cavmae.train.checkpoint import CheckpointError, check_shapes, read_checkpoint
 from cavmae.train.augment import device_augment
@@ -167,6 +169,7 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
             raise FloatingPointError(f"the loss was not finite for {worst} optimizer steps in a row "
                                      f"(by step {step}, epoch {epoch + 1}); {int(nonfinite)} steps skipped in all")
     start, stop = step, False
+    learned = False  # a micro-batch of this optimizer step ran forward and backward
     compiling = compile != "eager"  # the first forward + backward of this process compiles: timed on its own
     while epoch < epochs and not stop:
         model.train()
@@ -177,23 +180,28 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
         for batch in batches:
             micro = done % accum_steps
             sync = micro == accum_steps - 1
-            ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
-            inputs = device_augment(batch, device)  # SpecAugment, normalisation, noise, roll: batched, on device
-            torch.manual_seed(step_seed(seed, step, dist.rank(), micro))  # masking / dropout: a function of the step
-            tc = time.time()
-            with ctx, step_autocast(device, precision):
-                loss, metrics = step_fn(model, inputs)
-            bad |= ~torch.isfinite(loss.detach())
-            with ctx:
-                scaler.scale(loss / accum_steps).backward()
+            empty = batch.get("empty", False)  # every sample skipped (`Transform.filler`): nothing to learn from
             done += 1
-            count += 1
-            seen += batch["audio"].shape[0]
             skipped += batch["skipped"]
-            mixups.update(batch.get("mixup", {}))
-            for name, value in metrics.items():  # device tensors: read only when a record is logged
-                sums[name] = sums.get(name, 0.0) + (value.detach() if torch.is_tensor(value) else value)
-            if compiling:  # the compilation is reported once and left out of the rate
+            if not empty or dist.world_size() > 1:  # DDP: every rank takes part in each all-reduce (a loss of 0)
+                ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+                inputs = device_augment(batch, device)  # SpecAugment, normalisation, noise, roll: batched, on device
+                torch.manual_seed(step_seed(seed, step, dist.rank(), micro))  # masking / dropout: a function of it
+                tc = time.time()
+                with ctx, step_autocast(device, precision):
+                    loss, metrics = step_fn(model, inputs)
+                loss = loss * 0 if empty else loss
+                bad |= ~torch.isfinite(loss.detach())
+                with ctx:
+                    scaler.scale(loss / accum_steps).backward()
+                learned = True
+            if not empty:
+                count += 1
+                seen += batch["audio"].shape[0]
+                mixups.update(batch.get("mixup", {}))
+                for name, value in metrics.items():  # device tensors: read only when a record is logged
+                    sums[name] = sums.get(name, 0.0) + (value.detach() if torch.is_tensor(value) else value)
+            if compiling and learned:  # the compilation is reported once and left out of the rate
                 compiling = False
                 compile_s = synchronized(device) - tc
                 if dist.is_main():
@@ -202,21 +210,26 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
                 t0 += compile_s
             if not sync:
                 continue
-            if working is not None:
-                working.grads_to_masters()
-            scaler.step(optimizer)  # skipped, on the device, when a gradient is not finite
-            scaler.update(None if dynamic else 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            if working is not None:
-                working.refresh()
-            scheduler.step()
+            if learned:  # (not when every micro-batch of the step was skipped on this one process)
+                if working is not None:
+                    working.grads_to_masters()
+                scaler.step(optimizer)  # skipped, on the device, when a gradient is not finite
+                scaler.update(None if dynamic else 1.0)
+                optimizer.zero_grad(set_to_none=True)
+                if working is not None:
+                    working.refresh()
+            learned = False
+            with warnings.catch_warnings():  # the schedule counts steps, also one whose every sample was skipped
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                scheduler.step()
             nonfinite += bad
             streak.copy_((streak + 1) * bad)
             torch.maximum(longest, streak, out=longest)
             bad.zero_()
             step += 1
             bar.update(1)
-            if step % log_every == 0:
+            stop = stop_after is not None and step - start >= stop_after
+            if step % log_every == 0 or done == per_epoch or stop:  # an epoch's last step too: a short run logs
                 means = {k: float(v) / count for k, v in sums.items()}  # the one device sync per record
                 rate = seen * dist.world_size() / max(time.time() - t0, 1e-9)
                 if "loss" in means:
@@ -225,13 +238,15 @@ def train(*, model: torch.nn.Module, step_fn: Callable[[torch.nn.Module, dict], 
                                           "samples_per_s": rate, "skipped": skipped, "nonfinite": int(nonfinite),
                                           **{f"mixup_{k}": v for k, v in mixups.items()}, **means})
                 check_nonfinite(bar)
-            stop = stop_after is not None and step - start >= stop_after
             if stop and done < per_epoch:
                 break
             if save_every and step % save_every == 0 and done < per_epoch:
                 checkpoint(epoch, done)
         bar.close()
         check_nonfinite(bar)
+        if not int(dist.all_reduce_max(torch.tensor(count, device=device))):  # skipped, every sample of every rank
+            raise NoSamples(f"epoch {epoch + 1}: no decodable sample in {done} batches ({skipped} samples skipped); "
+                            f"see the log")
         if stop and done < per_epoch:
             checkpoint(epoch, done)
             if dist.is_main():

@@ -33,7 +33,7 @@ def run(cfg: Config, *, shards: str, checkpoint: str, frames: str | int) -> dict
     tf = st.transform(cfg, st.NO_AUGMENTATION, frame=frames)
     audio, visual, _ = features(model.to(device), urls, tf, batch_size=cfg.eval.batch_size,
                                 num_workers=cfg.data.num_workers, device=device, precision=cfg.pretrain.precision)
-    return retrieval(audio, visual)
+    return retrieval(audio, visual) | {"frames": frames}
 
 
 @torch.no_grad()

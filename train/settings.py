@@ -103,7 +103,8 @@ class Stage:
     mixup: float = setting(0.0, "probability that a sample is mixed with a random partner", min=0.0, max=1.0)
     noise: bool = setting(True, "uniform noise + circular time roll of the fbank by up to +-model.target_length rows "
                                 "(official: +-1024)")
-    log_every: int = setting(20, "optimizer steps between metrics.jsonl records", min=1, max=10**9)
+    log_every: int = setting(20, "optimizer steps between metrics.jsonl records (and each epoch's last step)", min=1,
+                             max=10**9)
     save_every: int = setting(0, "optimizer steps between mid-epoch last.pt saves (0: at epoch ends only)", min=0,
                              max=10**9)
 
@@ -123,9 +124,11 @@ class Finetune(Stage):
     batch_size: int = setting(36, min=1, max=65_536)
     lr_start_epoch: int = setting(5, min=0, max=10_000, when=("schedule", "step"))
     lr_step: int = setting(1, min=1, max=10_000, when=("schedule", "step"))
-    freqm: int = setting(48, "SpecAugment: widest frequency mask, in mel bins", min=0, max=1024)
+    freqm: int = setting(48, "SpecAugment: widest frequency mask, in mel bins (at most 3/8 of them, the official "
+                         "48 of 128)", min=0, max=1024)
     timem: int = setting(192, "SpecAugment: widest time mask, in 10 ms rows (official 192 = 1.92 s; scaled to "
-                         "audio.frame_shift_ms)", min=0, max=16_384)
+                         "audio.frame_shift_ms; at most 3/16 of model.target_length, the official 192 of 1024)",
+                         min=0, max=16_384)
     mixup: float = setting(0.5, "probability that a sample is mixed with a random partner (labels mixed alike)",
                            min=0.0, max=1.0)
     num_classes: int = setting(0, "0: from the --labels CSV", min=0, max=1_000_000)
@@ -152,6 +155,8 @@ class Eval:
     batch_size: int = setting(48, min=1, max=65_536)
     frames: str = setting("all", "all (official: average the probabilities of every frame) | middle | a frame index "
                           "(3)")
+    feature_frames: str = setting("middle", "retrieve and embed (one setting: their vectors agree): middle (official "
+                                  "retrieval) | all (the visual vector is the mean over the frames) | a frame index")
 
 
 def loss_problem(mask_ratio_a: float, mask_ratio_v: float, mae_loss_weight: float,
@@ -262,8 +267,6 @@ FINETUNE_RECIPES: dict[str, dict[str, tuple[Any, str]]] = {
         "eval.frames": ("middle", "audio only: no frames to aggregate"),
     },
 }
-PRESETS.update({name: {k: v for k, (v, _) in table.items()} for name, table in FINETUNE_RECIPES.items()})
-PRESETS["linear-probe"] = {"finetune.freeze_base": True, "finetune.mixup": 0.0}
 PRESETS.update({name: {k: v for k, (v, _) in table.items()} for name, table in FINETUNE_RECIPES.items()})
 PRESETS["linear-probe"] = {"finetune.freeze_base": True, "finetune.mixup": 0.0}
 PRESET_SOURCES.update({name: {k: src for k, (_, src) in table.items()} for name, table in FINETUNE_RECIPES.items()})

@@ -8,7 +8,9 @@ takes batch_size / (world_size * accum_steps) per micro-batch. An epoch is the n
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +51,28 @@ def shard_sets(cfg: Config, shards: str, val_shards: str | None = None
                ) -> tuple[Config, list[str], list[str] | None]:
     """`cfg` with the sample-side settings the shards were made with, and the URLs of --shards and --val-shards.
 
-    The fbank settings, mel bins and frame count and size come from the `pipeline.yaml` beside the shards
-    (`shards.frozen`), so the model's geometry and waveform mixup follow the data; a run that sets one of them to
-    another value, or shard sets made with different ones, stop here with one line naming both values."""
+    The fbank settings, mel bins, clip length and frame count and size come from the `pipeline.yaml` beside the
+    shards (`shards.frozen`), so the model's geometry, audio length and waveform mixup follow the data; a run that
+    sets one of them to another value, or shard sets made with different ones, stop here with one line naming both
+    values. The clip is then what the samples hold (`sample_clip`)."""
     urls = shard_urls(shards, "--shards")
     val_urls = shard_urls(val_shards, "--val-shards") if val_shards else None
     flag = "--shards and --val-shards" if val_urls else "--shards"
-    return adopt_shard_settings(cfg, urls + (val_urls or []), flag), urls, val_urls
+    every = urls + (val_urls or [])
+    return sample_clip(adopt_shard_settings(cfg, every, flag), every), urls, val_urls
+
+
+def sample_clip(cfg: Config, urls: list[str]) -> Config:
+    """`cfg` with `clip.length_s` shortened to the longest input of the shards (the manifests' `duration_s`) when
+    every input was shorter than the clip: ingest cuts a clip at the end of its input, so ESC-50's 5 s files
+    ingested at the default 10 s are 498-row samples, and the model's audio length (`model.target_length` when
+    unset: 512, not 1024 rows of which half padding) and the cut warning must follow those rows, not the setting.
+    Shards without a manifest keep the clip of their `pipeline.yaml`."""
+    durations = (row.get("duration_s") for row in manifest_rows(urls, cfg.data.manifest))
+    longest = max((d for d in durations if isinstance(d, (int, float)) and math.isfinite(d) and d > 0), default=None)
+    if longest is None or longest >= cfg.clip.length_s:
+        return cfg
+    return cfg.with_overrides([f"clip.length_s={json.dumps(longest)}"])
 
 
 def run_folder(out: str, cfg: Config) -> Path:
@@ -122,15 +139,16 @@ def check_manifest_labels(urls: list[str], cfg: Config, label_map: dict[str, int
 
 def model_settings(cfg: Config) -> dict[str, Any]:
     """The keywords of the model builders: the `model:` section, with the geometry that follows from the samples
-    (mel bins, frame size; `shards.frozen` makes them the shards' own). A `model.target_length` set explicitly
-    that cuts more than one patch off every clip is a one-line warning saying how much."""
+    (mel bins, frame size, clip length; `shard_sets` makes them the shards' own). A `model.target_length` set
+    explicitly that cuts more than one patch off the samples' clip is a one-line warning saying how much."""
     warn_audio_cut(cfg)
     return {**cfg.model.to_dict(), "num_mel_bins": cfg.audio.num_mel_bins, "image_size": cfg.video.image_size}
 
 
 def warn_audio_cut(cfg: Config) -> None:
     """Warn when the model's audio length keeps less of a clip than the clip holds, by more than one patch (unset,
-    `model.target_length` follows the clip and cuts nothing)."""
+    `model.target_length` follows the clip and cuts nothing). The clip's rows are the samples' own once `shard_sets`
+    made `clip.length_s` the shards' (498 rows for 5 s of 10 ms rows)."""
     rows = fbank_rows(int(cfg.clip.length_s * cfg.audio.sample_rate), cfg.audio)
     cut = rows - cfg.model.target_length
     if cut > PATCH_ROWS:
@@ -146,13 +164,33 @@ def time_rows(cfg: Config, rows_at_10ms: int) -> int:
     return round(rows_at_10ms * OFFICIAL_SHIFT_MS / cfg.audio.frame_shift_ms)
 
 
+# SpecAugment's widest masks, at most the official share of the input: 48 of 128 mel bins, 192 of 1024 rows (and
+# AST's ESC-50 96 of 512). The official widths are kept on official-size inputs, and a smaller one (64 bins, 3 s) is
+# not mostly hidden: the absolute 48 and 192 would mask up to 75 % of it.
+MAX_MASK_SHARE = {"freqm": 48 / 128, "timem": 192 / 1024}
+
+
+def mask_widths(cfg: Config, aug: dict[str, Any]) -> dict[str, int]:
+    """`aug`'s SpecAugment widths in the shards' units (`timem` in rows of the frame shift), each capped to
+    `MAX_MASK_SHARE` of the input (mel bins, `model.target_length` rows), with one warning line when one is."""
+    widths = {"freqm": aug["freqm"], "timem": time_rows(cfg, aug["timem"])}
+    sizes = {"freqm": cfg.audio.num_mel_bins, "timem": cfg.model.target_length}
+    capped = {name: min(width, int(sizes[name] * MAX_MASK_SHARE[name])) for name, width in widths.items()}
+    for name, width in widths.items():
+        if capped[name] < width:
+            log.warning("SpecAugment %s %d capped to %d: at most %g of the %d %s (the official share)", name, width,
+                        capped[name], MAX_MASK_SHARE[name], sizes[name],
+                        "mel bins" if name == "freqm" else "rows of model.target_length")
+    return capped
+
+
 def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes: int = 0,
               label_map: dict[str, int] | None = None, label_csv: str | None = None, needs: str = "av") -> Transform:
     """The sample transform of `cfg` with the augmentation `aug` (`augmentation` or `NO_AUGMENTATION`); its time
-    widths scale with the frame shift (the noise roll spans +-target_length rows, which follows it too). `needs`:
-    the modalities its model reads ("av", "a", "v"; "" for none required, as `embed`), see
-    `train.transform.Transform`."""
-    aug = {**aug, "timem": time_rows(cfg, aug["timem"])}
+    widths scale with the frame shift (the noise roll spans +-target_length rows, which follows it too) and its
+    masks are capped to the input (`mask_widths`). `needs`: the modalities its model reads ("av", "a", "v"; "" for
+    none required, as `embed`), see `train.transform.Transform`."""
+    aug = {**aug, **mask_widths(cfg, aug)}
     data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.video.image_size,
             "num_mel_bins": cfg.audio.num_mel_bins}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,

@@ -190,6 +190,22 @@ class Transform:
         mix = mix_waveforms(*map(torch.from_numpy, waves), lam)
         return torch.from_numpy(compute_fbank(mix.numpy(), audio)).float(), "waveform"
 
+    def filler(self, size: int, skipped: int) -> dict[str, Any]:
+        """The batch of a micro-batch whose every sample was skipped (`skipped` of them, counted): `size` stand-ins,
+        marked `empty`. The trainer learns nothing from it: one process passes over it; under DDP every rank must
+        run each micro-batch's forward and backward (the gradients are all-reduced together), so a rank runs it with
+        its loss times 0."""
+        rng = np.random.default_rng(0)
+        audio, image = self.stand_in("a"), self.stand_in("v")
+        examples = [{"audio": audio, "image": image, "image_mix": None, "lam": 1.0, "key": "", "video_id": None,
+                     "has_audio": False, "has_video": False, "_mixup": None, "_skipped": 0,
+                     "aug": draw_augmentation(self.aug, self.data["target_length"], audio.shape[1], rng)}
+                    for _ in range(size)]
+        for example in examples if self.num_classes else ():
+            example["label"] = torch.zeros(self.num_classes)
+        examples[0]["_skipped"] = skipped
+        return self.collate(examples) | {"empty": True}
+
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """A compact batch: fbanks zero-padded / cut to target_length in one [B, T, F] buffer (float16 when every
         sample is the stored float16 fbank, else float32), uint8 frames, the mixup partners' frames and λ when any
