@@ -27,6 +27,10 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     torch.save(build_finetune_model(settings, 4).state_dict(), root / "ft.pth")
     torch.save(build_finetune_model(settings, 4, audio_only=True).state_dict(), root / "ft-audio.pth")
     torch.save(build_pretrain_model(settings).state_dict(), root / "pt.pth")
+    ft = build_finetune_model(settings, 4).state_dict()  # pos_embed_a claiming 2^20 times the tokens, 1 row stored
+    _, tokens, dim = ft["pos_embed_a"].shape
+    torch.save({**ft, "pos_embed_a": torch.zeros(dim).as_strided((1, tokens << 20, dim), (0, 0, 1))},
+               root / "inflated.pth")
     (root / "empty").mkdir()
     (root / "hostile").mkdir()
     (root / "hostile" / "pipeline.yaml").write_text(f"video:\n  num_frames: {HUGE}\n")
@@ -34,7 +38,8 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     (root / "a-folder").mkdir()
     (root / "a-file").write_text("keep me\n")
     return {"root": str(root), "shards": str(root / "shards"), "ft": str(root / "ft.pth"),
-            "ft_audio": str(root / "ft-audio.pth"), "pt": str(root / "pt.pth"), "empty": str(root / "empty"),
+            "ft_audio": str(root / "ft-audio.pth"), "pt": str(root / "pt.pth"),
+            "inflated": str(root / "inflated.pth"), "empty": str(root / "empty"),
             "hostile": str(root / "hostile"), "junk": str(root / "junk.tar"), "folder": str(root / "a-folder"),
             "file": str(root / "a-file"), "missing": str(root / "missing"),
             "labels": str(label_index_csv(root / "labels.csv")), "out": str(root / "out")}
@@ -71,6 +76,9 @@ TRAIN = [
     ("pretrain --shards {shards} --out {out} --set model.mask_ratio_a=1.0", "'model.mask_ratio_a' must be < 1.0"),
     ("pretrain --shards {shards} --out {out} --init {missing}.pth", "missing.pth"),
     ("pretrain --shards {shards} --out {file}", "not a folder"),
+    ("pretrain --shards {shards} --out {out} --init {inflated}", "inflated.pth: tensors claim more values"),
+    ("finetune --shards {shards} --out {out} --labels {labels} --init {inflated}",
+     "inflated.pth: tensors claim more values"),
     ("pretrain --shards {shards} --out {out} --set pretrain.epoch_samples=100000000000000", "epoch_samples"),
     ("pretrain --shards {shards} --out {out} --set pretrain.batch_size=3 --set pretrain.accum_steps=2",
      "not divisible"),
@@ -87,15 +95,18 @@ TRAIN = [
     ("eval --shards {shards} --checkpoint {ft} --out {folder}", "not a regular file"),
     ("eval --shards {junk} --checkpoint {ft}", "no decodable sample"),
     ("eval --shards {shards} --checkpoint {ft} --set data.std=0", "'data.std' must be > 0.0"),
+    ("eval --shards {shards} --checkpoint {inflated}", "inflated.pth: tensors claim more values"),
     ("order --shards {shards} --epoch 1 --rank 5", "--rank"),
     ("order --shards {missing} --epoch 1", "no shards found"),
     ("order --shards {shards} --epoch 0", "--epoch"),
     ("retrieve --shards {shards} --checkpoint {missing}.pth", "missing.pth"),
     ("retrieve --shards {shards} --checkpoint {ft_audio}", "audio-only model"),
+    ("retrieve --shards {shards} --checkpoint {inflated}", "inflated.pth: tensors claim more values"),
     ("retrieve --shards {shards} --checkpoint {pt} --out {folder}", "not a regular file"),
     ("embed --shards {shards} --checkpoint {pt} --out {folder}", "not a regular file"),
     ("embed --shards {shards} --checkpoint {pt} --out {out}.parquet --frames last", "--frames"),
     ("embed --shards {empty} --checkpoint {pt} --out {out}.parquet", "no shards found"),
+    ("embed --shards {shards} --checkpoint {inflated} --out {out}.parquet", "inflated.pth: tensors claim more values"),
 ]
 CAVMAE = [
     ("predict {missing}.mp4 --checkpoint {missing}.pth --labels {labels}", "missing.pth"),
@@ -108,6 +119,7 @@ CAVMAE = [
      "'video.num_frames' must be <= 100"),
     ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --out {folder}", "not a regular file"),
     ("predict {missing}.mp4 --checkpoint {ft_audio} --labels {labels} --mode videoonly", "audio-only model"),
+    ("predict {missing}.mp4 --checkpoint {inflated} --labels {labels}", "inflated.pth: tensors claim more values"),
     ("predict", "required"),
 ]
 CASES = ([("cavmae-prep", prep_cli.main, line, needle) for line, needle in PREP]
