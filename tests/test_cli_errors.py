@@ -34,13 +34,20 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     (root / "empty").mkdir()
     (root / "hostile").mkdir()
     (root / "hostile" / "pipeline.yaml").write_text(f"video:\n  num_frames: {HUGE}\n")
+    big = "".join(f"# {i:07d} a config past the 1 MiB limit is refused unparsed\n" for i in range(20000))
+    (root / "big.yaml").write_text(big)
+    (root / "big").mkdir()  # a downloaded shard folder whose pipeline.yaml is too large to be a config
+    for shard in (root / "shards").glob("*.tar"):
+        (root / "big" / shard.name).write_bytes(shard.read_bytes())
+    (root / "big" / "pipeline.yaml").write_text(big)
     (root / "junk.tar").write_bytes(b"not a tar file at all" * 100)
     (root / "a-folder").mkdir()
     (root / "a-file").write_text("keep me\n")
     return {"root": str(root), "shards": str(root / "shards"), "ft": str(root / "ft.pth"),
             "ft_audio": str(root / "ft-audio.pth"), "pt": str(root / "pt.pth"),
             "inflated": str(root / "inflated.pth"), "empty": str(root / "empty"),
-            "hostile": str(root / "hostile"), "junk": str(root / "junk.tar"), "folder": str(root / "a-folder"),
+            "hostile": str(root / "hostile"), "big": str(root / "big"),
+            "big_yaml": str(root / "big.yaml"), "junk": str(root / "junk.tar"), "folder": str(root / "a-folder"),
             "file": str(root / "a-file"), "missing": str(root / "missing"),
             "labels": str(label_index_csv(root / "labels.csv")), "out": str(root / "out")}
 
@@ -58,6 +65,9 @@ PREP = [
     ("ingest {folder} --out {out} --label-index {missing}.csv", "missing.csv"),
     ("ingest {folder} --out {out} --workers 0", "--workers"),
     ("ingest {folder} --out {out} --config {missing}.yaml", "cannot read config"),
+    ("ingest {folder} --out {out} --config {big_yaml}", "big.yaml: larger than 1 MiB"),
+    ("reprocess {big} --out {out}", "pipeline.yaml: larger than 1 MiB"),
+    ("verify {big}", "pipeline.yaml: larger than 1 MiB"),
     ("reprocess {missing} --out {out}", "not a shard folder"),
     ("reprocess {shards} --out {out}", "not a shard folder"),
     ("reprocess {hostile} --out {out}", "'video.num_frames' must be <= 100"),
@@ -76,6 +86,8 @@ TRAIN = [
     ("pretrain --shards {shards} --out {out} --set model.mask_ratio_a=1.0", "'model.mask_ratio_a' must be < 1.0"),
     ("pretrain --shards {shards} --out {out} --init {missing}.pth", "missing.pth"),
     ("pretrain --shards {shards} --out {file}", "not a folder"),
+    ("pretrain --shards {big} --out {out}", "big/pipeline.yaml: larger than 1 MiB"),
+    ("pretrain --shards {shards} --out {out} --config {big_yaml}", "big.yaml: larger than 1 MiB"),
     ("pretrain --shards {shards} --out {out} --init {inflated}", "inflated.pth: tensors claim more values"),
     ("finetune --shards {shards} --out {out} --labels {labels} --init {inflated}",
      "inflated.pth: tensors claim more values"),
@@ -118,6 +130,8 @@ CAVMAE = [
     ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --prep-config {hostile}/pipeline.yaml",
      "'video.num_frames' must be <= 100"),
     ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --out {folder}", "not a regular file"),
+    ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --prep-config {big}/pipeline.yaml",
+     "pipeline.yaml: larger than 1 MiB"),
     ("predict {missing}.mp4 --checkpoint {ft_audio} --labels {labels} --mode videoonly", "audio-only model"),
     ("predict {missing}.mp4 --checkpoint {inflated} --labels {labels}", "inflated.pth: tensors claim more values"),
     ("predict", "required"),
