@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "marked, and labels, video id and source as its title.")
     p.add_argument("shards", help="shard folder, tar, brace pattern, glob or URL (several joined with ::)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--key", help="the sample with this key or video id")
+    which.add_argument("--key", help="the sample with this key or video id (one starting with '-' too: "
+                                     "--key -PJHxphWEs)")
+    p.dash_values.add("--key")
     which.add_argument("--random", type=int, metavar="N", help="a grid of N samples drawn at random")
     p.add_argument("--out", required=True, metavar="FILE.png", help="the picture to write")
     p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")

@@ -156,3 +156,16 @@ def test_bad_input_is_one_line_and_exit_2(inputs, capsys, prog, main, line, need
     assert err.startswith(f"{prog}") and ": error: " in err and "\n" not in err, err
     assert needle in err, err
     assert Path(inputs["file"]).read_text() == "keep me\n" and not list(Path(inputs["folder"]).iterdir())
+
+
+@pytest.mark.parametrize("words", [["--key", "-PJHxphWEs"], ["--key=-PJHxphWEs"], ["--key", "--PJHxphWEs"],
+                                   ["--key=--PJHxphWEs"]])
+def test_inspect_takes_a_key_starting_with_a_dash(inputs, capsys, words):
+    """YouTube ids may start with '-' (or two): `--key ID` and `--key=ID` both hand the id to the lookup (here: no
+    such sample) rather than argparse reading it as an unknown option; `--key --out` still lacks its value."""
+    key = words[-1].split("=")[-1]
+    assert prep_cli.main(["inspect", inputs["shards"], *words, "--out", inputs["out"] + ".png"]) == 2
+    assert capsys.readouterr().err.strip() == f"cavmae-prep: error: --key {key}: no such sample in the 2 shard(s)"
+    with pytest.raises(SystemExit):
+        prep_cli.main(["inspect", inputs["shards"], "--key", "--out", inputs["out"] + ".png"])
+    assert "argument --key: expected one argument" in capsys.readouterr().err
