@@ -42,6 +42,23 @@ def report(prog: str, exc: UserError) -> int:
     return USAGE_ERROR
 
 
+def examples_for(examples: str, command: str) -> str:
+    """The entries of a CLI's `examples:` block that run `command` (the word after one naming cavmae: `cavmae-prep
+    ingest`, `-m cavmae.train pretrain`), with their continuation lines: a subcommand's --help shows its own
+    examples, the CLI's --help all of them."""
+    head, *lines = examples.splitlines()
+    entries: list[list[str]] = []
+    for line in lines:
+        if line.startswith("   ") and entries:  # a continued entry (after a trailing backslash)
+            entries[-1].append(line)
+        elif line.strip():
+            entries.append([line])
+    words = [entry[0].split() for entry in entries]
+    mine = [entry for entry, w in zip(entries, words)
+            if any(word == command and "cavmae" in before for before, word in zip(w, w[1:]))]
+    return "\n".join([head, *(line for entry in mine for line in entry)]) + "\n" if mine else ""
+
+
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other user error (argparse prints the usage
     too); `--help` still shows it. Its subcommand parsers are of this class too.

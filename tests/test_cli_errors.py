@@ -2,6 +2,7 @@
 files, bad values, wrong modes, empty sets), prints one line "PROG: error: ..." on stderr and exits 2, never a
 traceback. The CLIs run in-process (`main(argv)`): an exception that escapes fails the test with its traceback."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,19 @@ def test_inspect_takes_a_key_starting_with_a_dash(inputs, capsys, words):
     with pytest.raises(SystemExit):
         prep_cli.main(["inspect", inputs["shards"], "--key", "--out", inputs["out"] + ".png"])
     assert "argument --key: expected one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cli", [prep_cli, train_cli, cavmae_cli], ids=["cavmae-prep", "cavmae-train", "cavmae"])
+def test_each_subcommand_help_shows_its_own_examples(cli):
+    """`PROG SUB --help` ends with SUB's examples only (continued lines kept), `PROG --help` with all of them."""
+    parser = cli.build_parser()
+    (subs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    every = cli.EXAMPLES.strip().splitlines()[1:]
+    shown = []
+    for name, sub in subs.choices.items():
+        lines = sub.format_help().split("\nexamples:\n", 1)[1].rstrip().splitlines()
+        entries = [line.split() for line in lines if not line.startswith("   ")]
+        assert entries and all(any(word == name and "cavmae" in before for before, word in zip(words, words[1:]))
+                               for words in entries), (name, lines)
+        shown += lines
+    assert sorted(shown) == sorted(every) and all(line in parser.format_help() for line in every)
