@@ -3,6 +3,7 @@ files, bad values, wrong modes, empty sets), prints one line "PROG: error: ..." 
 traceback. The CLIs run in-process (`main(argv)`): an exception that escapes fails the test with its traceback."""
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,13 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     for shard in (root / "shards").glob("*.tar"):
         (root / "big" / shard.name).write_bytes(shard.read_bytes())
     (root / "big" / "pipeline.yaml").write_text(big)
+    os.mkfifo(root / "fifo.pth")  # torch.load would wait for a writer forever
     (root / "junk.tar").write_bytes(b"not a tar file at all" * 100)
     (root / "a-folder").mkdir()
     (root / "a-file").write_text("keep me\n")
     return {"root": str(root), "shards": str(root / "shards"), "ft": str(root / "ft.pth"),
             "ft_audio": str(root / "ft-audio.pth"), "pt": str(root / "pt.pth"),
-            "inflated": str(root / "inflated.pth"), "empty": str(root / "empty"),
+            "inflated": str(root / "inflated.pth"), "fifo": str(root / "fifo.pth"), "empty": str(root / "empty"),
             "hostile": str(root / "hostile"), "big": str(root / "big"),
             "big_yaml": str(root / "big.yaml"), "junk": str(root / "junk.tar"), "folder": str(root / "a-folder"),
             "file": str(root / "a-file"), "missing": str(root / "missing"),
@@ -90,6 +92,7 @@ TRAIN = [
     ("pretrain --shards {big} --out {out}", "big/pipeline.yaml: larger than 1 MiB"),
     ("pretrain --shards {shards} --out {out} --config {big_yaml}", "big.yaml: larger than 1 MiB"),
     ("pretrain --shards {shards} --out {out} --init {inflated}", "inflated.pth: tensors claim more values"),
+    ("pretrain --shards {shards} --out {out} --init {fifo}", "fifo.pth: not a regular file"),
     ("finetune --shards {shards} --out {out} --labels {labels} --init {inflated}",
      "inflated.pth: tensors claim more values"),
     ("pretrain --shards {shards} --out {out} --set pretrain.epoch_samples=100000000000000", "epoch_samples"),

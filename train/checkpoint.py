@@ -31,6 +31,7 @@ from cavmae.train import distributed as dist
 from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
 from cavmae.train.pos_embed import cut_or_interpolate_pos_embed, get_2d_sincos_pos_embed, is_sincos_pos_embed
 from cavmae.shards.errors import UserError
+from cavmae.shards.store import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,24 @@ def read_checkpoint(path: "str | Path", need: "tuple[str, ...]" = ()) -> Any:
     compressed record (a few kB that inflate to gigabytes) is refused before loading, and so is a tensor that claims
     more values than its storage holds (a zero-stride view: 3 kB stored, any shape claimed), which any later copy,
     sum or comparison would materialise. torch.load itself refuses a storage larger than its record."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
-        if packed:
-            raise CheckpointError(f"{path}: holds compressed records ({_some(packed)}), which torch.save never "
-                                  f"writes; refused (they may inflate far beyond the file)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        file = open_regular(path)  # a FIFO would block torch.load forever
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: {exc.strerror}" if exc.strerror else str(exc)) from None
+    try:
+        with file:
+            if zipfile.is_zipfile(file):
+                with zipfile.ZipFile(file) as archive:
+                    packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+                if packed:
+                    raise CheckpointError(f"{path}: holds compressed records ({_some(packed)}), which torch.save "
+                                          f"never writes; refused (they may inflate far beyond the file)")
+            file.seek(0)
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path}: holds pickled objects other than tensors; refused (weights_only)") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for damaged files
