@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from cavmae.shards.config import Config, load_config
-from cavmae.shards.errors import Parser, UserError, report
+from cavmae.shards.errors import Parser, UserError, examples_for, report
 from cavmae.shards.frozen import SAMPLE_SECTIONS
 from cavmae.shards.process import finish
 from cavmae.shards.store import check_out_file
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="top-k labels of video files with a finetuned checkpoint",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples_for(EXAMPLES, "predict"),
                        description="Decode each video as ingest would (in memory), score it with a finetuned "
                                    "checkpoint with eval's frames choice, and print its top-k labels by display "
                                    "name with their scores (sigmoid for finetune.metric mAP, softmax for acc).")

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import NoReturn
 
 from cavmae.shards.config import ConfigError, load_config
-from cavmae.shards.errors import NoSamples, Parser, UserError, report
+from cavmae.shards.errors import NoSamples, Parser, UserError, examples_for, report
 from cavmae.shards.process import finish
 from cavmae.shards.schema import BadSample, one_line
 from cavmae.shards.store import check_out_file
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fetch_defaults = FetchOptions()
     p = sub.add_parser("ingest", help="decode videos into WebDataset shards plus manifest.parquet",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples_for(EXAMPLES, "ingest"),
                        description="Decode videos (folders, files, path lists, official dataset JSONs, the "
                                    "datasets' own lists) into WebDataset tar shards, manifest.parquet and the frozen pipeline.yaml. "
                                    "Re-running into the same --out resumes and adds new inputs.")
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     add_config_args(p)
     p = sub.add_parser("fetch", help="download the videos of a dataset list with yt-dlp (cavmae[fetch])",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples_for(EXAMPLES, "fetch"),
                        description="Download each row of an AudioSet, VGGSound, Kinetics or ESC-50 list with "
                                    "yt-dlp into --out, named so that `ingest LIST --videos-dir OUT` finds it: "
                                    "a row's segment exactly (re-encoded at the cuts) as {id}_{start}_{end}.ext, "
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-format", default="auto", choices=("auto", *FORMATS), help="as ingest's --list-format")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("reprocess", help="re-derive a shard set with changed settings into a new folder",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples_for(EXAMPLES, "reprocess"),
                        description="Remake the samples of an existing shard folder with the sample settings of "
                                    "SRC's pipeline.yaml (audio, video, clip, shards.pattern; never its ray: or other "
                                    "shards: settings) plus --config/--set: from the stored waveforms when only "
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     add_config_args(p)
     p = sub.add_parser("stats", help="what the shards hold, and their fbank mean/std for data.mean/data.std",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples_for(EXAMPLES, "stats"),
                        description="Read every sample once (one Ray task per shard) and write stats.json and "
                                    "stats.png: fbank mean/std (unpadded, and AST-style over padded batches), "
                                    "per-mel-bin mean/std, counts and failure reasons from the manifest, "
@@ -198,20 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     add_config_args(p)
     p = sub.add_parser("inspect", help="draw samples: frames in a row over their log-mel, labels in the title",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples_for(EXAMPLES, "inspect"),
                        description="Draw a sample sheet as a PNG: each sample's frames in a row, its log-mel "
                                    "spectrogram under them on a time axis in seconds with the frame times "
                                    "marked, and labels, video id and source as its title.")
     p.add_argument("shards", help="shard folder, tar, brace pattern, glob or URL (several joined with ::)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--key", help="the sample with this key or video id")
+    which.add_argument("--key", help="the sample with this key or video id (one starting with '-' too: "
+                                     "--key -PJHxphWEs)")
+    p.dash_values.add("--key")
     which.add_argument("--random", type=int, metavar="N", help="a grid of N samples drawn at random")
     p.add_argument("--out", required=True, metavar="FILE.png", help="the picture to write")
     p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
     p.add_argument("--label-index", metavar="CSV", help="label index CSV: show display names")
     add_config_args(p)
     p = sub.add_parser("verify", help="read a shard set through and check every sample before training on it",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples_for(EXAMPLES, "verify"),
                        description="Read every shard through (tar headers, truncation, sparse or compressed "
                                    "files), decode every sample as the trainer does and check it against the "
                                    "settings the shards were made with (their pipeline.yaml, else --config/--set), "

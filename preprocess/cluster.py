@@ -11,6 +11,7 @@ Joining fails in one line, never with a traceback or a silent wait:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -61,9 +62,10 @@ def connect(cfg: Config, workers: int | None, address: str | None) -> bool:
     else:
         n = workers or cfg.ray.workers or os.cpu_count() or 1
         # A private instance ("local": never attach to another Ray found running on this machine),
-        # advertising loopback only (nothing outside this machine needs to reach it).
+        # advertising loopback only (nothing outside this machine needs to reach it). Ray's INFO start-up lines
+        # are not ours to print (its warnings and errors are; a task's error reaches the job driver as its result).
         ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
     return True
 
 
@@ -82,7 +84,7 @@ def _join(address: str, token: str | None) -> None:
 
     with _stderr_held() as held:
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             return
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             ray.shutdown()

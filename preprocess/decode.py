@@ -94,7 +94,8 @@ class Clip:
     frames: list[np.ndarray]          # image_size x image_size x 3 uint8 RGB, video.num_frames of them
     frame_times_s: list[float]        # presentation time of each kept frame, seconds from the file's start
     waveform: np.ndarray | None       # float32 mono at audio.sample_rate, or None when has_audio is False
-    duration_s: float                 # of the whole file (container metadata, else what was decoded)
+    duration_s: float                 # of the input: the whole file (container metadata, else what was decoded),
+                                      # or the part of it a segment covers (a dataset list's row of a longer file)
     fps: float
     clip_start_s: float
     window: int | None                # window index in windows mode, None in first mode
@@ -674,6 +675,8 @@ class _Decoder:
                 raise BadInput("no decodable audio or video")
             return None
         duration = self.duration_s if self.duration_s else self._content_end_s()
+        if self.seg_end is not None and not self.file_is_segment:  # the input is that part of the file
+            duration = max(0.0, min(self.seg_end, duration) - self.seg_start)
         return Clip(
             frames=w.frames if has_video else [], frame_times_s=w.times if has_video else [],
             waveform=waveform, duration_s=float(duration), fps=self.fps, clip_start_s=w.start_s,

@@ -48,9 +48,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterable, Iterator
 
-import yaml
-
-from cavmae.shards.config import Config, ConfigError
+from cavmae.shards.config import Config, ConfigError, read_config_file
 from cavmae.shards.errors import NotFound
 from cavmae.shards.manifest import read_manifest
 from cavmae.shards.media import decode_flac, open_flac, open_jpeg
@@ -97,15 +95,7 @@ def reprocess_config(src: str | os.PathLike, config: str | None = None, sets: li
     base = frozen_config(store)
     flat: list[str] = []
     if config is not None:
-        try:
-            with open(config) as f:
-                user = yaml.safe_load(f) or {}
-        except OSError as exc:
-            raise ConfigError(f"{config}: cannot read config ({exc.strerror or exc})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{config}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"{config}: top level must be a mapping of sections")
+        user = read_config_file(config)
         flat = [f"{k}={json.dumps(v)}" for k, v in _flatten(user) if not k.startswith("presets.")]
     return base.with_overrides([*flat, *sets])
 

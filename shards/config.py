@@ -38,6 +38,18 @@ class ConfigError(UserError):
     """A bad config file, key or value; the message is one line and names the key."""
 
 
+# A config is a page of settings (the generated pipeline.yaml is 20 kB). A larger file is refused unparsed: a shard
+# folder's pipeline.yaml is downloaded, and PyYAML's pure-Python parser takes minutes and gigabytes on 30 MB.
+MAX_CONFIG_BYTES = 1 << 20
+# libyaml's parser where PyYAML was built with it (it parses the same safe subset, ~10 times faster).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def parse_yaml(text: str | bytes) -> Any:
+    """`text` parsed as YAML's safe subset (plain data, no Python objects)."""
+    return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
+
+
 class Config:
     """Read-only attribute view of a nested dict: `cfg.audio.num_mel_bins`. `explicit` holds the dotted keys that a
     file, preset or --set gave (by their current names)."""
@@ -103,7 +115,7 @@ def load_config(path: str | Path | None = None, sets: Iterable[str] = (), preset
     """
     load = _Load(defaults(), set())
     if path is not None:
-        user = _read_yaml(Path(path))
+        user = read_config_file(path)
         if sections is not None:
             user = _only(user, sections)
         load.merge_file(user, str(path), record=sections is not None)
@@ -131,13 +143,20 @@ def _only(user: dict[str, Any], parts: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds ({} for an empty file), read only when it is a regular file of at most
+    MAX_CONFIG_BYTES; every failure a one-line ConfigError naming the file."""
+    from .store import open_regular  # store imports this module
+
     try:
-        text = path.read_text()
+        with open_regular(path) as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config file; refused unparsed")
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
@@ -179,7 +198,7 @@ class _Load:
             raise ConfigError(f"--set {item!r}: expected dotted.key=value")
         dotted, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         self.assign(dotted.strip(), value, "--set")

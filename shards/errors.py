@@ -42,9 +42,52 @@ def report(prog: str, exc: UserError) -> int:
     return USAGE_ERROR
 
 
+def examples_for(examples: str, command: str) -> str:
+    """The entries of a CLI's `examples:` block that run `command` (the word after one naming cavmae: `cavmae-prep
+    ingest`, `-m cavmae.train pretrain`), with their continuation lines: a subcommand's --help shows its own
+    examples, the CLI's --help all of them."""
+    head, *lines = examples.splitlines()
+    entries: list[list[str]] = []
+    for line in lines:
+        if line.startswith("   ") and entries:  # a continued entry (after a trailing backslash)
+            entries[-1].append(line)
+        elif line.strip():
+            entries.append([line])
+    words = [entry[0].split() for entry in entries]
+    mine = [entry for entry, w in zip(entries, words)
+            if any(word == command and "cavmae" in before for before, word in zip(w, w[1:]))]
+    return "\n".join([head, *(line for entry in mine for line in entry)]) + "\n" if mine else ""
+
+
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other user error (argparse prints the usage
-    too); `--help` still shows it. Its subcommand parsers are of this class too."""
+    too); `--help` still shows it. Its subcommand parsers are of this class too.
+
+    The options named in `dash_values` take a value that may start with '-' as their next word (YouTube ids do:
+    `--key -PJHxphWEs`), as `--key=-PJHxphWEs` always could: argparse reads such a word as an unknown option and
+    says the option has no value. A next word that is one of this parser's options (`--key --out x.png`) or `--`
+    is left to argparse (the value is missing)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dash_values: set[str] = set()
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        joined, i = [], 0
+        while i < len(args):
+            word = args[i]
+            if word == "--":
+                joined += args[i:]
+                break
+            if word in self.dash_values and i + 1 < len(args) and args[i + 1] != "--" \
+                    and args[i + 1] not in self._option_string_actions:
+                joined.append(f"{word}={args[i + 1]}")
+                i += 2
+                continue
+            joined.append(word)
+            i += 1
+        return super().parse_known_args(joined, namespace)
 
     def error(self, message: str):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -18,7 +18,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import MAX_CONFIG_BYTES, Config, ConfigError, load_config
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def frozen_config(store: Store) -> Config:
     (every other setting is the default)."""
     with tempfile.TemporaryDirectory(prefix="cavmae-cfg-") as tmp:
         path = Path(tmp) / FROZEN_CONFIG
-        path.write_bytes(store.read_bytes(FROZEN_CONFIG))
+        path.write_bytes(store.read_bytes(FROZEN_CONFIG, MAX_CONFIG_BYTES + 1))  # enough to be refused if larger
         try:
             return load_config(path, sections=FROZEN_KEYS)
         except ConfigError as exc:  # name the folder's file, not our temporary copy

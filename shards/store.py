@@ -109,11 +109,10 @@ class Store:
     def size(self, name: str) -> int:
         return int(self.fs.get_file_info(self.path(name)).size)
 
-    def read_bytes(self, name: str) -> bytes:
-        if self.local:
-            return Path(self.path(name)).read_bytes()
-        with self.fs.open_input_stream(self.path(name)) as f:
-            return f.read()
+    def read_bytes(self, name: str, limit: int | None = None) -> bytes:
+        """The file's bytes, or its first `limit` (a downloaded folder's file may be of any size)."""
+        with self.open_input(name) if self.local else self.fs.open_input_stream(self.path(name)) as f:
+            return f.read(limit)
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode()

@@ -1,5 +1,6 @@
 """Checkpoint layout: official key lists, prefix handling, pretrained -> finetune loading, IN-MAE initialisation."""
 
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -7,12 +8,14 @@ import pytest
 import torch
 
 from cavmae.train.checkpoint import (
+    MAX_TABLE_RATIO,
     CheckpointError,
     imagenet_mae_init,
     load_pretrained_into,
     load_state_dict_file,
     pretrain_init_state,
     official_state_dict,
+    read_checkpoint,
     strip_module_prefix,
 )
 from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio
@@ -193,6 +196,56 @@ def test_file_loading_refuses_arbitrary_pickles(tmp_path):
     torch.save({"w": torch.zeros(1), "step": 3}, path)
     with pytest.raises(ValueError, match="not a state dict"):
         load_state_dict_file(str(path))
+
+
+def claiming(tokens: int, dim: int = 64) -> torch.Tensor:
+    """A [1, tokens, dim] table stored as `dim` values: a zero-stride view, which torch.save keeps as it is."""
+    return torch.zeros(dim).as_strided((1, tokens, dim), (0, 0, 1))
+
+
+def test_a_checkpoint_cannot_claim_more_values_than_its_file_holds(tmp_path):
+    """A 1 MB checkpoint whose pos_embed_a claims 2^20 times the model's tokens (any copy or sin-cos check of it would
+    take gigabytes) is refused on reading, as a model weight (--init, --checkpoint) and inside a training state
+    (--resume: the optimizer's moments)."""
+    path = tmp_path / "huge.pth"
+    sd = {**CAVMAE(**TINY).state_dict(), "pos_embed_a": claiming(64 << 20)}
+    torch.save(sd, path)
+    assert path.stat().st_size < 2 << 20
+    with pytest.raises(CheckpointError, match=r"huge.pth: tensors claim more values than the file stores "
+                                              r"\(pos_embed_a \(1, 67108864, 64\)\)"):
+        load_state_dict_file(str(path))
+    torch.save({"model": {}, "optimizer": {"state": {0: {"exp_avg": claiming(1 << 30)}}}}, path)
+    with pytest.raises(CheckpointError, match=r"optimizer.state.0.exp_avg \(1, 1073741824, 64\)"):
+        read_checkpoint(path, need=("model", "optimizer"))
+
+
+def test_a_checkpoint_with_compressed_records_is_refused(tmp_path):
+    """torch.save stores its records uncompressed: a deflated one lets a 64 kB file inflate to 64 MB (1 MB to 1 GB)
+    when loaded, so it is refused before torch.load reads it."""
+    plain, packed = tmp_path / "plain.pth", tmp_path / "packed.pth"
+    torch.save({"w": torch.zeros(1 << 24)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+    assert packed.stat().st_size < 1 << 17
+    with pytest.raises(CheckpointError, match=r"packed.pth: holds compressed records \(.*\), which torch.save "
+                                              r"never writes"):
+        load_state_dict_file(str(packed))
+    assert load_state_dict_file(str(plain))["w"].shape == (1 << 24,)
+
+
+def test_position_tables_are_fitted_only_up_to_the_documented_ratio():
+    """Fitting a table costs in proportion to its size: one of at most MAX_TABLE_RATIO times the model's tokens
+    (the official 1024 rows into a 16-row model) is fitted, a larger one is a shape error naming the table."""
+    model = CAVMAE(**{**TINY, "target_length": 16})  # 8 x 1 audio tokens
+    for cols, fits in ((MAX_TABLE_RATIO, True), (MAX_TABLE_RATIO + 1, False)):
+        sd = official_state_dict(CAVMAE(**{**TINY, "target_length": 16 * cols}))
+        if fits:
+            load_pretrained_into(model, sd)
+        else:
+            with pytest.raises(CheckpointError, match=r"checkpoint: does not fit CAVMAE .*pos_embed_a \(1, 520, 64\) "
+                                                      r"vs \(1, 8, 64\)"):
+                load_pretrained_into(model, sd)
 
 
 def fake_mae_state_dict(embed=768, depth=12, dec=512, dec_depth=8, seed=0):

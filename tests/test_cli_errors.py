@@ -2,6 +2,8 @@
 files, bad values, wrong modes, empty sets), prints one line "PROG: error: ..." on stderr and exits 2, never a
 traceback. The CLIs run in-process (`main(argv)`): an exception that escapes fails the test with its traceback."""
 
+import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,20 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     torch.save(build_finetune_model(settings, 4).state_dict(), root / "ft.pth")
     torch.save(build_finetune_model(settings, 4, audio_only=True).state_dict(), root / "ft-audio.pth")
     torch.save(build_pretrain_model(settings).state_dict(), root / "pt.pth")
+    ft = build_finetune_model(settings, 4).state_dict()  # pos_embed_a claiming 2^20 times the tokens, 1 row stored
+    _, tokens, dim = ft["pos_embed_a"].shape
+    torch.save({**ft, "pos_embed_a": torch.zeros(dim).as_strided((1, tokens << 20, dim), (0, 0, 1))},
+               root / "inflated.pth")
     (root / "empty").mkdir()
     (root / "hostile").mkdir()
     (root / "hostile" / "pipeline.yaml").write_text(f"video:\n  num_frames: {HUGE}\n")
+    big = "".join(f"# {i:07d} a config past the 1 MiB limit is refused unparsed\n" for i in range(20000))
+    (root / "big.yaml").write_text(big)
+    (root / "big").mkdir()  # a downloaded shard folder whose pipeline.yaml is too large to be a config
+    for shard in (root / "shards").glob("*.tar"):
+        (root / "big" / shard.name).write_bytes(shard.read_bytes())
+    (root / "big" / "pipeline.yaml").write_text(big)
+    os.mkfifo(root / "fifo.pth")  # torch.load would wait for a writer forever
     (root / "junk.tar").write_bytes(b"not a tar file at all" * 100)
     (root / "a-folder").mkdir()
     (root / "a-file").write_text("keep me\n")
@@ -37,8 +50,10 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     (root / "meta").mkdir()
     (root / "meta" / "esc50.csv").write_text("filename,fold,target,category\n1-1-A-0.wav,1,0,dog\n")
     return {"root": str(root), "shards": str(root / "shards"), "ft": str(root / "ft.pth"),
-            "ft_audio": str(root / "ft-audio.pth"), "pt": str(root / "pt.pth"), "empty": str(root / "empty"),
-            "hostile": str(root / "hostile"), "junk": str(root / "junk.tar"), "folder": str(root / "a-folder"),
+            "ft_audio": str(root / "ft-audio.pth"), "pt": str(root / "pt.pth"),
+            "inflated": str(root / "inflated.pth"), "fifo": str(root / "fifo.pth"), "empty": str(root / "empty"),
+            "hostile": str(root / "hostile"), "big": str(root / "big"),
+            "big_yaml": str(root / "big.yaml"), "junk": str(root / "junk.tar"), "folder": str(root / "a-folder"),
             "file": str(root / "a-file"), "missing": str(root / "missing"),
             "labels": str(label_index_csv(root / "labels.csv")), "out": str(root / "out"),
             "vgg": str(root / "vggsound.csv"), "esc": str(root / "meta" / "esc50.csv")}
@@ -66,6 +81,9 @@ PREP = [
     ("fetch {vgg} --split trian --out {out}", "--split trian: not a split of"),
     ("fetch {esc} --split 6 --out {out}", "--split 6: not a fold"),
     ("fetch {vgg} --list-format esc50 --out {out}", "needs the column(s) filename, fold, target, category"),
+    ("ingest {folder} --out {out} --config {big_yaml}", "big.yaml: larger than 1 MiB"),
+    ("reprocess {big} --out {out}", "pipeline.yaml: larger than 1 MiB"),
+    ("verify {big}", "pipeline.yaml: larger than 1 MiB"),
     ("reprocess {missing} --out {out}", "not a shard folder"),
     ("reprocess {shards} --out {out}", "not a shard folder"),
     ("reprocess {hostile} --out {out}", "'video.num_frames' must be <= 100"),
@@ -84,6 +102,12 @@ TRAIN = [
     ("pretrain --shards {shards} --out {out} --set model.mask_ratio_a=1.0", "'model.mask_ratio_a' must be < 1.0"),
     ("pretrain --shards {shards} --out {out} --init {missing}.pth", "missing.pth"),
     ("pretrain --shards {shards} --out {file}", "not a folder"),
+    ("pretrain --shards {big} --out {out}", "big/pipeline.yaml: larger than 1 MiB"),
+    ("pretrain --shards {shards} --out {out} --config {big_yaml}", "big.yaml: larger than 1 MiB"),
+    ("pretrain --shards {shards} --out {out} --init {inflated}", "inflated.pth: tensors claim more values"),
+    ("pretrain --shards {shards} --out {out} --init {fifo}", "fifo.pth: not a regular file"),
+    ("finetune --shards {shards} --out {out} --labels {labels} --init {inflated}",
+     "inflated.pth: tensors claim more values"),
     ("pretrain --shards {shards} --out {out} --set pretrain.epoch_samples=100000000000000", "epoch_samples"),
     ("pretrain --shards {shards} --out {out} --set pretrain.batch_size=3 --set pretrain.accum_steps=2",
      "not divisible"),
@@ -104,15 +128,18 @@ TRAIN = [
     ("eval --shards {shards} --checkpoint {ft} --out {folder}", "not a regular file"),
     ("eval --shards {junk} --checkpoint {ft}", "no decodable sample"),
     ("eval --shards {shards} --checkpoint {ft} --set data.std=0", "'data.std' must be > 0.0"),
+    ("eval --shards {shards} --checkpoint {inflated}", "inflated.pth: tensors claim more values"),
     ("order --shards {shards} --epoch 1 --rank 5", "--rank"),
     ("order --shards {missing} --epoch 1", "no shards found"),
     ("order --shards {shards} --epoch 0", "--epoch"),
     ("retrieve --shards {shards} --checkpoint {missing}.pth", "missing.pth"),
     ("retrieve --shards {shards} --checkpoint {ft_audio}", "audio-only model"),
+    ("retrieve --shards {shards} --checkpoint {inflated}", "inflated.pth: tensors claim more values"),
     ("retrieve --shards {shards} --checkpoint {pt} --out {folder}", "not a regular file"),
     ("embed --shards {shards} --checkpoint {pt} --out {folder}", "not a regular file"),
     ("embed --shards {shards} --checkpoint {pt} --out {out}.parquet --frames last", "--frames"),
     ("embed --shards {empty} --checkpoint {pt} --out {out}.parquet", "no shards found"),
+    ("embed --shards {shards} --checkpoint {inflated} --out {out}.parquet", "inflated.pth: tensors claim more values"),
 ]
 CAVMAE = [
     ("predict {missing}.mp4 --checkpoint {missing}.pth --labels {labels}", "missing.pth"),
@@ -124,7 +151,10 @@ CAVMAE = [
     ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --prep-config {hostile}/pipeline.yaml",
      "'video.num_frames' must be <= 100"),
     ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --out {folder}", "not a regular file"),
+    ("predict {missing}.mp4 --checkpoint {ft} --labels {labels} --prep-config {big}/pipeline.yaml",
+     "pipeline.yaml: larger than 1 MiB"),
     ("predict {missing}.mp4 --checkpoint {ft_audio} --labels {labels} --mode videoonly", "audio-only model"),
+    ("predict {missing}.mp4 --checkpoint {inflated} --labels {labels}", "inflated.pth: tensors claim more values"),
     ("predict", "required"),
 ]
 CASES = ([("cavmae-prep", prep_cli.main, line, needle) for line, needle in PREP]
@@ -156,3 +186,32 @@ def test_contradictory_settings_write_nothing(inputs, capsys):
     argv = ["pretrain", "--shards", inputs["shards"], "--out", str(out), *tiny("model.mask_ratio_v=0")]
     assert train_cli.main(argv) == 2
     assert "model.mask_ratio_v=0" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("words", [["--key", "-PJHxphWEs"], ["--key=-PJHxphWEs"], ["--key", "--PJHxphWEs"],
+                                   ["--key=--PJHxphWEs"]])
+def test_inspect_takes_a_key_starting_with_a_dash(inputs, capsys, words):
+    """YouTube ids may start with '-' (or two): `--key ID` and `--key=ID` both hand the id to the lookup (here: no
+    such sample) rather than argparse reading it as an unknown option; `--key --out` still lacks its value."""
+    key = words[-1].split("=")[-1]
+    assert prep_cli.main(["inspect", inputs["shards"], *words, "--out", inputs["out"] + ".png"]) == 2
+    assert capsys.readouterr().err.strip() == f"cavmae-prep: error: --key {key}: no such sample in the 2 shard(s)"
+    with pytest.raises(SystemExit):
+        prep_cli.main(["inspect", inputs["shards"], "--key", "--out", inputs["out"] + ".png"])
+    assert "argument --key: expected one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cli", [prep_cli, train_cli, cavmae_cli], ids=["cavmae-prep", "cavmae-train", "cavmae"])
+def test_each_subcommand_help_shows_its_own_examples(cli):
+    """`PROG SUB --help` ends with SUB's examples only (continued lines kept), `PROG --help` with all of them."""
+    parser = cli.build_parser()
+    (subs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    every = cli.EXAMPLES.strip().splitlines()[1:]
+    shown = []
+    for name, sub in subs.choices.items():
+        lines = sub.format_help().split("\nexamples:\n", 1)[1].rstrip().splitlines()
+        entries = [line.split() for line in lines if not line.startswith("   ")]
+        assert entries and all(any(word == name and "cavmae" in before for before, word in zip(words, words[1:]))
+                               for words in entries), (name, lines)
+        shown += lines
+    assert sorted(shown) == sorted(every) and all(line in parser.format_help() for line in every)

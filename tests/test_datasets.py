@@ -38,6 +38,7 @@ def assert_segment(sample: dict, start_in_file: float, listed: list[float], cut:
     meta = sample["meta"]
     assert meta["frame_times_s"] == pytest.approx([start_in_file + t for t in PICKS_S])
     assert sample["fbank"].shape == (998, 128)  # 10 s of audio: the segment's, not the file's
+    assert meta["duration_s"] == pytest.approx(10.0, abs=0.05)  # the segment's length, not the file's
     assert meta["segment"] == {"listed_s": listed, "in_file_s": [start_in_file, start_in_file + 10.0],
                                "file_is_segment": cut}
 
@@ -71,6 +72,7 @@ def test_audioset_segments_labels_and_missing_files(local_ray, media, tmp_path):
     assert summary.problems == [f"skipped: {listing}:6: no file for YTID 'CCCCCCCCCCC' in {videos}"]
     rows = manifest(tmp_path / "as")
     assert rows["CCCCCCCCCCC"]["status"] == "skipped" and rows["CCCCCCCCCCC"]["labels"] == ["/m/09x0r"]
+    assert rows["AAAAAAAAAAA"]["duration_s"] == pytest.approx(10.0)  # the segment of the 14 s file
     got = samples(tmp_path / "as")
     assert_segment(got["AAAAAAAAAAA"], 3.0, [3.0, 13.0], cut=False)
     assert_segment(got["BBBBBBBBB_B"], 0.0, [30.0, 40.0], cut=True)
@@ -145,6 +147,18 @@ def test_windows_within_a_segment(media):
     assert [len(c.waveform) for c in clips] == [64000, 64000, 32000]
     assert all(3.0 <= t < 13.0 for c in clips for t in c.frame_times_s)
     assert all(c.segment_s == (3.0, 13.0) and c.file_is_segment is False for c in clips)
+
+
+def test_a_segment_sample_lasts_as_long_as_its_segment(media):
+    """duration_s (sample json, manifest, stats) is the input's length: the segment's of a longer file, clipped at
+    the file's end; a whole file's own."""
+    _, videos, full = media
+    cfg = load_config(sets=SMALL)
+    assert [c.duration_s for c in decode_clips(full, cfg, segment=Segment(3.0, 13.0))] == [pytest.approx(10.0)]
+    assert [c.duration_s for c in decode_clips(full, cfg, segment=Segment(10.0, 20.0))] == [pytest.approx(4.0)]
+    assert [c.duration_s for c in decode_clips(full, cfg)] == [pytest.approx(14.0)]
+    cut = videos / "cut" / "BBBBBBBBB_B_30.000.mp4"
+    assert [c.duration_s for c in decode_clips(cut, cfg, segment=Segment(30.0, 40.0))] == [pytest.approx(10.0)]
 
 
 def test_list_format_errors(tmp_path):

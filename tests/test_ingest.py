@@ -163,6 +163,7 @@ def test_cli_nothing_processable_exits_1(tmp_path, videos):
     assert res.returncode == 1, res.stderr
     assert f"failed: {videos['bad']['zero_bytes']}:" in res.stderr
     assert "ok 0 samples, failed 2" in res.stdout
+    assert not [line for line in res.stderr.splitlines() if "INFO" in line.split()]  # Ray's start-up lines stay quiet
 
 
 def test_cli_inputs_with_nothing_to_ingest_exit_1(tmp_path):

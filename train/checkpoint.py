@@ -11,12 +11,15 @@ names without the prefix, so loading is a prefix strip plus a check that the onl
 A checkpoint of another clip length (target_length) or image size loads too: its position tables are fitted to the
 model's grid first (`fit_position_tables`).
 
-Files are read with torch.load(weights_only=True) only: no arbitrary pickle is ever executed.
+Files are read with torch.load(weights_only=True) only: no arbitrary pickle is ever executed. Nothing read can make
+the loader hold more than the file's bytes (`read_checkpoint`), nor fitting a position table more than a bounded
+multiple of the model's (`MAX_TABLE_RATIO`).
 """
 
 import logging
 import math
 import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +31,7 @@ from cavmae.train import distributed as dist
 from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
 from cavmae.train.pos_embed import cut_or_interpolate_pos_embed, get_2d_sincos_pos_embed, is_sincos_pos_embed
 from cavmae.shards.errors import UserError
+from cavmae.shards.store import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,10 @@ MODULE_PREFIX = "module."
 _VISUAL_PREFIXES = ("modality_v", "pos_embed_v", "patch_embed_v.", "blocks_v.", "norm_v.")
 _DECODER_PREFIXES = ("decoder", "mask_token")
 _POSITION_TABLES = ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v")
+# A checkpoint's position table is fitted to the model only when it has at most this many times the model's tokens
+# (the official 1024-row table into a 16-row model is 64 times): fitting costs in proportion to the table, so a
+# table claiming 2^20 times the model's grid is a shape error, never a gigabyte sin-cos table.
+MAX_TABLE_RATIO = 64
 
 
 class LoadResult(NamedTuple):
@@ -55,20 +63,52 @@ class CheckpointError(UserError):
 def read_checkpoint(path: "str | Path", need: "tuple[str, ...]" = ()) -> Any:
     """`torch.load(path, weights_only=True)` on the CPU, with every failure a one-line CheckpointError: checkpoints
     are untrusted, and torch reports a truncated file or a refused pickle in many (multi-line) ways. `need`: keys
-    the loaded dict must have (a training state)."""
+    the loaded dict must have (a training state).
+
+    What is loaded is bounded by the file's size: torch.save writes every record of its zip uncompressed, so a
+    compressed record (a few kB that inflate to gigabytes) is refused before loading, and so is a tensor that claims
+    more values than its storage holds (a zero-stride view: 3 kB stored, any shape claimed), which any later copy,
+    sum or comparison would materialise. torch.load itself refuses a storage larger than its record."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        file = open_regular(path)  # a FIFO would block torch.load forever
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: {exc.strerror}" if exc.strerror else str(exc)) from None
+    try:
+        with file:
+            if zipfile.is_zipfile(file):
+                with zipfile.ZipFile(file) as archive:
+                    packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+                if packed:
+                    raise CheckpointError(f"{path}: holds compressed records ({_some(packed)}), which torch.save "
+                                          f"never writes; refused (they may inflate far beyond the file)")
+            file.seek(0)
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path}: holds pickled objects other than tensors; refused (weights_only)") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for damaged files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged? {first})") from None
+    inflated = _inflated_tensors(obj)
+    if inflated:
+        raise CheckpointError(f"{path}: tensors claim more values than the file stores ({_some(inflated)}); refused")
     missing = [k for k in need if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise CheckpointError(f"{path}: not a training state (no {', '.join(missing)})")
     return obj
+
+
+def _inflated_tensors(obj: Any, name: str = "") -> "list[str]":
+    """The names (dotted paths) of the tensors in `obj` (nested dicts, lists, tuples) whose shape claims more bytes
+    than their storage holds."""
+    if isinstance(obj, torch.Tensor):
+        claimed = obj.numel() * obj.element_size()
+        return [f"{name or 'tensor'} {tuple(obj.shape)}"] if claimed > obj.untyped_storage().nbytes() else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [bad for k, v in items for bad in _inflated_tensors(v, f"{name}.{k}" if name else str(k))]
 
 
 def load_state_dict_file(path: str) -> "OrderedDict[str, torch.Tensor]":
@@ -149,8 +189,8 @@ def fit_position_tables(model: nn.Module, sd: "dict[str, torch.Tensor]") -> "dic
 
     A fixed sin-cos table (every pretrained CAV-MAE's, tr_pos=False) is rebuilt for the new grid: it is then exactly
     what the model would have been built with. A table trained away from sin-cos (a finetuned model's, tr_pos=True)
-    is cut or interpolated as AST does, with one log line. Tables whose grid cannot be inferred are left alone (the
-    load then fails on the shape)."""
+    is cut or interpolated as AST does, with one log line. Tables whose grid cannot be inferred, or of more than
+    MAX_TABLE_RATIO times the model's tokens, are left alone (the load then fails on the shape)."""
     out = dict(sd)
     target = model.state_dict()
     for name in _POSITION_TABLES:
@@ -159,7 +199,8 @@ def fit_position_tables(model: nn.Module, sd: "dict[str, torch.Tensor]") -> "dic
         table, new = sd[name], target[name]
         model_grid = model.audio_grid if name.endswith("_a") else model.image_grid
         old_grid = _checkpoint_grid(name, table.shape[1], model_grid) if table.dim() == 3 else None
-        if old_grid is None or table.shape[0] != 1 or table.shape[-1] != new.shape[-1]:
+        if (old_grid is None or table.shape[0] != 1 or table.shape[-1] != new.shape[-1]
+                or table.shape[1] > MAX_TABLE_RATIO * new.shape[1]):
             continue
         if is_sincos_pos_embed(table, *old_grid):
             out[name] = get_2d_sincos_pos_embed(new.shape[-1], *model_grid).unsqueeze(0).to(table.dtype)

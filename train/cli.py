@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from cavmae.shards.config import ConfigError, load_config
-from cavmae.shards.errors import Parser, UserError, report
+from cavmae.shards.errors import Parser, UserError, examples_for, report
 from cavmae.shards.process import finish
 from cavmae.shards.store import check_out_file
 
@@ -27,7 +27,7 @@ EXAMPLES = """examples:
   cavmae-train order --shards shards/ --epoch 2 --world-size 4 --rank 3   # what GPU 3 reads in epoch 2
   cavmae-train finetune --shards as20k/ --val-shards eval/ --labels class_labels_indices.csv \\
       --init runs/pt/model.pth --out runs/ft
-  cavmae-train finetune --preset vggsound-ft --shards vgg/ --labels vgg_labels.csv \
+  cavmae-train finetune --preset vggsound-ft --shards vgg/ --labels vgg_labels.csv \\
       --init cav-mae-scale++.pth --out runs/vgg
   cavmae-train eval --shards eval/ --labels class_labels_indices.csv --checkpoint runs/ft/model.pth --frames all
   cavmae-train retrieve --shards retrieval/ --checkpoint runs/pt/model.pth
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES,
+        p = sub.add_parser(name, help=help, description=help, epilog=examples_for(EXAMPLES, name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--shards", required=True, help="shards: tar path, folder, brace pattern, glob or URL "
                                                        "(several joined with ::)")
