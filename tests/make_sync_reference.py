@@ -7,16 +7,21 @@ It writes two files of facts about the released class (src/models/cav_mae_sync.p
   cavmae_sync_keys.txt  every state-dict key and shape of the released checkpoint's configuration (retrieval.py's
                         `sync_pretrain_registers_cls_4s`: audio_length 416, modality_specific_depth 11, 8 register
                         tokens, cls tokens, no contrastive heads), `module.`-prefixed as its DataParallel saves them.
-  cavmae_sync_ref.npz   inputs (int8 sixteenths) and masking noise, and for each of three small configurations
+  cavmae_sync_ref.npz   retrieval: per-frame features [N, T, D] and, for each strategy and direction, the released
+                        src/retrieval.py similarity matrix (`get_agg_sim_mat`) and metrics (`compute_metrics`);
+                        model: inputs (int8 sixteenths) and masking noise, and for each of three small configurations
                         (CONFIGS) a seeded state dict of the released class (rounded to fp16, stored as fp16) and its
                         `forward` losses and masks and `forward_feat` features in fp32 (decoder outputs left out: the
                         MAE losses depend on them, and the 224x224 reconstructions would be most of the file).
 
 The released Block passes `qk_scale=None` to timm's Attention, which current timm no longer accepts; None meant the
-default 1/sqrt(head_dim) scale, so the Attention it imports is given a subclass that drops the argument.
+default 1/sqrt(head_dim) scale, so the Attention it imports is given a subclass that drops the argument. Its
+retrieval.py imports `tabulate` (not a dependency here) only to print tables: an empty stand-in is registered.
 """
 
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -36,6 +41,7 @@ CONFIGS = {
 SIZE = dict(audio_length=64, embed_dim=16, num_heads=2, modality_specific_depth=11, decoder_embed_dim=16,
             decoder_depth=1, decoder_num_heads=2)
 BATCH, IMAGE, MEL = 3, 224, 128
+RETRIEVAL_CLIPS = 40
 RELEASED_CHECKPOINT = dict(audio_length=416, modality_specific_depth=11, num_register_tokens=8, cls_token=True,
                            total_frame=16, contrastive_heads=False)
 
@@ -46,10 +52,32 @@ class _Attention(vit.Attention):
         super().__init__(*args, **kwargs)
 
 
-def released_class(src: Path) -> type:
+def released_modules(src: Path):
+    """(the released pretraining class, the released retrieval module)."""
     vit.Attention = _Attention
+    tabulate = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("tabulate", None))
+    tabulate.tabulate = lambda *args, **kwargs: ""
+    sys.modules.setdefault("tabulate", tabulate)
     sys.path.insert(0, str(src))
-    return importlib.import_module("models.cav_mae_sync").CAVMAE
+    return importlib.import_module("models.cav_mae_sync").CAVMAE, importlib.import_module("retrieval")
+
+
+def retrieval_reference(retrieval) -> dict:
+    """Per-frame features as the released script holds them (L2-normalised float32 [N, T, D]) and its similarity
+    matrices and metrics, the audio ones as rows for direction 'audio', the visual ones for 'video'."""
+    g = torch.Generator().manual_seed(7)
+    audio = torch.randn(RETRIEVAL_CLIPS, 4, 8, generator=g)
+    visual = audio + 1.5 * torch.randn(RETRIEVAL_CLIPS, 4, 8, generator=g)  # paired, loosely: recalls in (0, 1)
+    feats = {"a": torch.nn.functional.normalize(audio, dim=-1), "v": torch.nn.functional.normalize(visual, dim=-1)}
+    arrays = {"retrieval/audio": feats["a"].numpy(), "retrieval/visual": feats["v"].numpy()}
+    for strategy in ("mean", "max", "diagonal_mean", "diagonal_max"):
+        for direction, (rows, cols) in (("audio", "av"), ("video", "va")):
+            sim = retrieval.get_agg_sim_mat(feats[rows], feats[cols], strategy=strategy)
+            metrics = retrieval.compute_metrics(sim)
+            arrays[f"retrieval/{strategy}/{direction}/sim"] = sim
+            arrays[f"retrieval/{strategy}/{direction}/metrics"] = np.array(
+                [metrics["R1"], metrics["R5"], metrics["R10"], metrics["MR"]], dtype=np.float64)
+    return arrays
 
 
 def quantised(shape, g):
@@ -58,7 +86,7 @@ def quantised(shape, g):
 
 
 def main(src: Path, out: Path) -> None:
-    cls = released_class(src)
+    cls, retrieval = released_modules(src)
     with torch.device("meta"):
         base = cls(**RELEASED_CHECKPOINT)
     (out / "cavmae_sync_keys.txt").write_text("".join(
@@ -95,6 +123,7 @@ def main(src: Path, out: Path) -> None:
             arrays[f"{name}/state/{k}"] = v.half().numpy()
         for k, v in ref.items():
             arrays[f"{name}/output/{k}"] = torch.as_tensor(v).numpy()
+    arrays.update(retrieval_reference(retrieval))
     np.savez_compressed(out / "cavmae_sync_ref.npz", **arrays)
 
 

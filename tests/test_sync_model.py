@@ -16,7 +16,7 @@ from cavmae.train.model import CAVMAESync
 
 DATA = Path(__file__).parent / "data"
 REF = np.load(DATA / "cavmae_sync_ref.npz", allow_pickle=False)
-CONFIGS = sorted({k.split("/")[0] for k in REF.files if "/" in k})
+CONFIGS = sorted(k.split("/")[0] for k in REF.files if k.endswith("/options"))
 
 
 def released_keys():
