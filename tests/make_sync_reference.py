@@ -7,7 +7,9 @@ It writes two files of facts about the released class (src/models/cav_mae_sync.p
   cavmae_sync_keys.txt  every state-dict key and shape of the released checkpoint's configuration (retrieval.py's
                         `sync_pretrain_registers_cls_4s`: audio_length 416, modality_specific_depth 11, 8 register
                         tokens, cls tokens, no contrastive heads), `module.`-prefixed as its DataParallel saves them.
-  cavmae_sync_ref.npz   retrieval: per-frame features [N, T, D] and, for each strategy and direction, the released
+  cavmae_sync_ref.npz   segments: the released loader's `map_frame_to_spectrogram` (start, end) for every frame of a
+                        few (frames T, spectrogram rows S, segment rows L);
+                        retrieval: per-frame features [N, T, D] and, for each strategy and direction, the released
                         src/retrieval.py similarity matrix (`get_agg_sim_mat`) and metrics (`compute_metrics`);
                         model: inputs (int8 sixteenths) and masking noise, and for each of three small configurations
                         (CONFIGS) a seeded state dict of the released class (rounded to fp16, stored as fp16) and its
@@ -60,6 +62,15 @@ def released_modules(src: Path):
     sys.modules.setdefault("tabulate", tabulate)
     sys.path.insert(0, str(src))
     return importlib.import_module("models.cav_mae_sync").CAVMAE, importlib.import_module("retrieval")
+
+
+def segment_reference(dataloader_sync) -> dict:
+    """Rows (T, S, L, i, start, end) of the released frame -> spectrogram segment rule."""
+    rule = dataloader_sync.AudiosetDataset.map_frame_to_spectrogram  # uses nothing of the dataset
+    rows = [(t, s, n, i, *rule(None, i, t, s, n))
+            for t, s, n in ((16, 1024, 416), (10, 1024, 96), (4, 128, 64), (16, 300, 416), (5, 1000, 304))
+            for i in range(t)]
+    return {"segments": np.array(rows, dtype=np.int64)}
 
 
 def retrieval_reference(retrieval) -> dict:
@@ -124,6 +135,7 @@ def main(src: Path, out: Path) -> None:
         for k, v in ref.items():
             arrays[f"{name}/output/{k}"] = torch.as_tensor(v).numpy()
     arrays.update(retrieval_reference(retrieval))
+    arrays.update(segment_reference(importlib.import_module("dataloader_sync")))
     np.savez_compressed(out / "cavmae_sync_ref.npz", **arrays)
 
 

@@ -95,3 +95,18 @@ def test_sync_options_are_checked():
         CAVMAESync(size="tiny", audio_length=64, image_size=64, cls_token=False, global_local_losses=True)
     with pytest.raises(ValueError, match="num_register_tokens"):
         CAVMAESync(size="tiny", audio_length=64, image_size=64, num_register_tokens=-1)
+
+
+def test_builders_pick_the_variant():
+    from cavmae.train.model import CAVMAE, build_finetune_model, build_pretrain_model
+
+    cfg = dict(size="tiny", target_length=128, audio_length=64, num_mel_bins=128, image_size=64,
+               num_register_tokens=3, tr_pos=True)
+    assert type(build_pretrain_model(cfg)) is CAVMAE
+    sync = build_pretrain_model({**cfg, "variant": "sync"})
+    assert isinstance(sync, CAVMAESync) and sync.register_tokens.shape == (6, 64)
+    assert sync.pos_embed_a.shape[1] == 8 * 4  # audio_length, not target_length
+    with pytest.raises(ValueError, match="not implemented"):
+        build_finetune_model({**cfg, "variant": "sync"}, 5)
+    with pytest.raises(ValueError, match="variant"):
+        build_pretrain_model({**cfg, "variant": "cavmae2"})

@@ -1,0 +1,79 @@
+"""CAV-MAE Sync data: frame-aligned audio segments cut at load time (the released rule, recorded in
+tests/data/cavmae_sync_ref.npz), the examples and batches they make, and a tiny pretraining run of the sync
+variant on real shards."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cavmae.shards.config import load_config  # noqa: E402
+from cavmae.train.augment import device_augment  # noqa: E402
+from cavmae.train.cli import main  # noqa: E402
+from cavmae.train.loaders import eval_loader  # noqa: E402
+from cavmae.train.segments import cut_segments, frame_centres, segment_bounds  # noqa: E402
+from cavmae.train.transform import Transform  # noqa: E402
+from train_fixtures import TINY, write_synthetic_shards  # noqa: E402
+
+REF = np.load(Path(__file__).parent / "data" / "cavmae_sync_ref.npz", allow_pickle=False)
+NO_AUG = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 0.0}
+
+
+def test_segment_bounds_are_the_released_loader_s():
+    rows = REF["segments"]
+    assert len(rows) == 16 + 10 + 4 + 16 + 5
+    for t, s, n, i, start, end in rows.tolist():
+        (centre,) = frame_centres([i], t, s, "index")
+        assert segment_bounds(centre, n, s) == (start, end), (t, s, n, i)
+
+
+def test_time_centres_and_cuts():
+    assert frame_centres([0, 2], 4, 1000, "time", [3.5, 4.0, 7.25], clip_start_s=3.0, rows_per_s=100) == [50, 425]
+    with pytest.raises(ValueError, match="frame_times_s"):
+        frame_centres([3], 4, 1000, "time", [0.0, 1.0])
+    fbank = torch.arange(10.0).repeat_interleave(2).view(10, 2)  # row r holds r
+    cut = cut_segments(fbank, [0, 6, 12], rows=4, total=12)  # 12 rows: 10 real, 2 of padding
+    assert cut[:, :, 0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
+    assert cut_segments(fbank, [5], rows=16, total=12)[0, :, 0].tolist() == list(range(10)) + [0] * 6
+
+
+def transform(frame, centre="index"):
+    data = {**load_config(None).data.to_dict(), "target_length": 128, "image_size": 64, "num_mel_bins": 128,
+            "segment": {"rows": 32, "centre": centre, "rows_per_s": 100.0}}
+    return Transform(data, NO_AUG, frame=frame, num_frames=4, num_classes=0, label_map=None, label_file=None,
+                     seed=0)
+
+
+def test_examples_pair_each_frame_with_its_segment(tmp_path):
+    urls = [str(p) for p in write_synthetic_shards(tmp_path, 6, 6)]
+    (full,) = eval_loader(urls, transform("all"), batch_size=6, num_workers=0)
+    assert full["audio"].shape == (6, 4, 32, 128) and full["image"].shape == (6, 4, 3, 64, 64)
+    for frame in range(4):  # frame i of 4 in 128 rows: centred on row 32 i
+        (one,) = eval_loader(urls, transform(frame), batch_size=6, num_workers=0)
+        assert one["audio"].shape == (6, 32, 128)
+        assert torch.equal(one["audio"], full["audio"][:, frame]) and torch.equal(one["image"], full["image"][:, frame])
+    start, end = segment_bounds(64, 32, 128)
+    (mid,) = eval_loader(urls, transform(2), batch_size=6, num_workers=0)
+    (whole,) = eval_loader(urls, Transform({**transform(2).data, "segment": None}, NO_AUG, frame=2, num_frames=4,
+                                           num_classes=0, label_map=None, label_file=None, seed=0),
+                           batch_size=6, num_workers=0)
+    assert whole["audio"].shape == (6, 128, 128) and torch.equal(mid["audio"], whole["audio"][:, start:end])
+    finished = device_augment(full)
+    torch.testing.assert_close(finished["audio"], (full["audio"].float() + 5.081) / 4.4849)
+
+
+def test_sync_pretraining_runs_and_saves_the_released_layout(tmp_path):
+    write_synthetic_shards(tmp_path / "shards", 16, 16)
+    sets = [a for s in TINY + ["model.variant=sync", "model.audio_length=64", "model.num_register_tokens=2",
+                               "model.global_local_losses=true", "pretrain.batch_size=4", "pretrain.epochs=2",
+                               "pretrain.noise=false"] for a in ("--set", s)]
+    assert main(["pretrain", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), *sets]) == 0
+    sd = torch.load(tmp_path / "run" / "model.pth", weights_only=True)
+    assert sd["module.register_tokens"].shape == (4, 64) and sd["module.cls_token_a"].shape == (1, 1, 64)
+    assert sd["module.pos_embed_a"].shape == (1, 8 * 4, 64)  # 64-row segments: 8 x 4 patches
+    first = torch.load(tmp_path / "run" / "model.1.pth", weights_only=True)
+    assert not torch.equal(first["module.cls_token_a"], sd["module.cls_token_a"])  # trained
