@@ -2,6 +2,7 @@
 tests/data/cavmae_sync_ref.npz), the examples and batches they make, and a tiny pretraining run of the sync
 variant on real shards."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_examples_pair_each_frame_with_its_segment(tmp_path):
     torch.testing.assert_close(finished["audio"], (full["audio"].float() + 5.081) / 4.4849)
 
 
-def test_sync_pretraining_runs_and_saves_the_released_layout(tmp_path):
+def test_sync_pretraining_runs_and_saves_the_released_layout_then_retrieval(tmp_path, capsys):
     write_synthetic_shards(tmp_path / "shards", 16, 16)
     sets = [a for s in TINY + ["model.variant=sync", "model.audio_length=64", "model.num_register_tokens=2",
                                "model.global_local_losses=true", "pretrain.batch_size=4", "pretrain.epochs=2",
@@ -77,3 +78,18 @@ def test_sync_pretraining_runs_and_saves_the_released_layout(tmp_path):
     assert sd["module.pos_embed_a"].shape == (1, 8 * 4, 64)  # 64-row segments: 8 x 4 patches
     first = torch.load(tmp_path / "run" / "model.1.pth", weights_only=True)
     assert not torch.equal(first["module.cls_token_a"], sd["module.cls_token_a"])  # trained
+
+    capsys.readouterr()
+    retrieve = ["retrieve", "--shards", str(tmp_path / "shards"), "--checkpoint", str(tmp_path / "run" / "model.pth"),
+                *sets]
+    for strategy in ("mean", "diagonal_max"):
+        assert main([*retrieve, "--strategy", strategy]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["samples"] == 16 and result["strategy"] == strategy
+        assert 1 <= result["audio_to_video"]["MR"] <= 16 and 0 <= result["video_to_audio"]["R@1"] <= 1
+    assert main([*retrieve, "--strategy", "max", "--local"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy"] == "max"
+    assert main([*retrieve]) == 0  # the middle frame's pair, pooled, as CAV-MAE retrieval
+    assert "strategy" not in json.loads(capsys.readouterr().out)
+    assert main([*retrieve, "--strategy", "max", "--frames", "3"]) == 2
+    assert "--strategy compares every frame" in capsys.readouterr().err

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("retrieve", "audio<->visual retrieval R@1/5/10 and median rank with a pretrained checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="PTH", help="pretrained (or finetuned) weights")
     p.add_argument("--frames", help="middle (official) | a frame index (default: middle)")
+    p.add_argument("--strategy", choices=("mean", "max", "diagonal_mean", "diagonal_max"),
+                   help="CAV-MAE Sync: features of every frame (each with its audio segment), clips compared by "
+                        "this aggregate of their frame-pair cosines (released src/retrieval.py)")
+    p.add_argument("--local", action="store_true", help="Sync: the mean of the patch tokens, not the global tokens")
     p.add_argument("--out", help="also write the results as JSON to this file")
 
     p = command("embed", "pooled audio and visual embeddings of every sample into a parquet file")
@@ -180,9 +184,13 @@ def _order(args: argparse.Namespace, cfg) -> None:
 
 def _retrieve(args: argparse.Namespace, cfg) -> dict:
     from cavmae.train import retrieve
+    from cavmae.train.stage import UsageError
 
+    if args.strategy and args.frames:
+        raise UsageError("--strategy compares every frame: leave out --frames")
     return retrieve.run(cfg, shards=args.shards, checkpoint=args.checkpoint,
-                        frames=frame_choice(args.frames or "middle", "--frames"))
+                        frames=frame_choice(args.frames or "middle", "--frames"), strategy=args.strategy,
+                        local=args.local)
 
 
 def _embed(args: argparse.Namespace, cfg) -> dict:
