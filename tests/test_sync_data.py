@@ -93,3 +93,28 @@ def test_sync_pretraining_runs_and_saves_the_released_layout_then_retrieval(tmp_
     assert "strategy" not in json.loads(capsys.readouterr().out)
     assert main([*retrieve, "--strategy", "max", "--frames", "3"]) == 2
     assert "--strategy compares every frame" in capsys.readouterr().err
+
+
+SYNC_RUN = TINY + ["model.variant=sync", "model.audio_length=64", "model.num_register_tokens=2",
+                   "pretrain.batch_size=4", "pretrain.epochs=2", "pretrain.lr=1.0e-3", "pretrain.mixup=0.5",
+                   "pretrain.freqm=8", "pretrain.timem=16", "pretrain.noise=true"]
+
+
+def test_sync_stop_and_resume_is_bit_identical(tmp_path):
+    """As CAV-MAE pretraining (tests/test_epochs.py): random frames, their segments, mixup, SpecAugment and noise
+    included, a run stopped mid-epoch and resumed ends with the uninterrupted run's weights."""
+    write_synthetic_shards(tmp_path / "shards", 9, 4)
+
+    def pretrain(out, *extra):
+        return main(["pretrain", "--shards", str(tmp_path / "shards"), "--out", str(out),
+                     *[a for s in SYNC_RUN for a in ("--set", s)], *extra])
+
+    assert pretrain(tmp_path / "whole") == 0
+    assert pretrain(tmp_path / "run", "--stop-after-steps", "1") == 0
+    assert pretrain(tmp_path / "run", "--resume", "--stop-after-steps", "2") == 0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
+    assert pretrain(tmp_path / "run", "--resume") == 0
+    whole = torch.load(tmp_path / "whole" / "model.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "run" / "model.pth", weights_only=True)
+    assert "module.register_tokens" in whole and whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
