@@ -93,6 +93,9 @@ def test_sync_pretraining_runs_and_saves_the_released_layout_then_retrieval(tmp_
     assert "strategy" not in json.loads(capsys.readouterr().out)
     assert main([*retrieve, "--strategy", "max", "--frames", "3"]) == 2
     assert "--strategy compares every frame" in capsys.readouterr().err
+    assert main(["finetune", "--shards", str(tmp_path / "shards"), "--init", str(tmp_path / "run" / "model.pth"),
+                 "--out", str(tmp_path / "ft"), *sets]) == 2
+    assert "finetuning is implemented for cavmae only" in capsys.readouterr().err
 
 
 SYNC_RUN = TINY + ["model.variant=sync", "model.audio_length=64", "model.num_register_tokens=2",
