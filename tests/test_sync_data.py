@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -93,6 +94,13 @@ def test_sync_pretraining_runs_and_saves_the_released_layout_then_retrieval(tmp_
     assert "strategy" not in json.loads(capsys.readouterr().out)
     assert main([*retrieve, "--strategy", "max", "--frames", "3"]) == 2
     assert "--strategy compares every frame" in capsys.readouterr().err
+    parquet = tmp_path / "emb.parquet"
+    assert main(["embed", "--shards", str(tmp_path / "shards"), "--checkpoint", str(tmp_path / "run" / "model.pth"),
+                 "--out", str(parquet), "--per-frame", "--no-progress", *sets]) == 0
+    table = pq.read_table(parquet).to_pylist()
+    assert len(table) == 16 and all(len(r["audio"]) == len(r["visual"]) == 4 for r in table)  # 4 frames each
+    assert len(table[0]["audio"][0]) == 64 and table[0]["audio"][0] != table[0]["audio"][3]  # own segments
+    capsys.readouterr()
     assert main(["finetune", "--shards", str(tmp_path / "shards"), "--init", str(tmp_path / "run" / "model.pth"),
                  "--out", str(tmp_path / "ft"), *sets]) == 2
     assert "finetuning is implemented for cavmae only" in capsys.readouterr().err

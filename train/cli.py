@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          "audio, visual (list<float32>)")
     p.add_argument("--frames", help="all (visual = mean over the frames) | middle | a frame index "
                                     "(default: eval.frames)")
+    p.add_argument("--per-frame", action="store_true", help="every frame's audio and visual vectors (a Sync model: "
+                                                            "each frame with its audio segment), list<list<float32>>")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -196,8 +198,12 @@ def _retrieve(args: argparse.Namespace, cfg) -> dict:
 def _embed(args: argparse.Namespace, cfg) -> dict:
     from cavmae.train import embed
 
+    from cavmae.train.stage import UsageError
+
+    if args.per_frame and args.frames not in (None, "all"):
+        raise UsageError("--per-frame embeds every frame: leave out --frames")
     return embed.run(cfg, shards=args.shards, checkpoint=args.checkpoint, out=args.out, frames=_frames(args, cfg),
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, per_frame=args.per_frame)
 
 
 def _frames(args: argparse.Namespace, cfg) -> str | int:
