@@ -13,8 +13,8 @@ It writes two files of facts about the released class (src/models/cav_mae_sync.p
                         src/retrieval.py similarity matrix (`get_agg_sim_mat`) and metrics (`compute_metrics`);
                         model: inputs (int8 sixteenths) and masking noise, and for each of three small configurations
                         (CONFIGS) a seeded state dict of the released class (rounded to fp16, stored as fp16) and its
-                        `forward` losses and masks and `forward_feat` features in fp32 (decoder outputs left out: the
-                        MAE losses depend on them, and the 224x224 reconstructions would be most of the file).
+                        `forward` losses, masks and audio reconstruction and `forward_feat` features in fp32 (the
+                        224x224 visual reconstructions left out: they would be most of the file).
 
 The released Block passes `qk_scale=None` to timm's Attention, which current timm no longer accepts; None meant the
 default 1/sqrt(head_dim) scale, so the Attention it imports is given a subclass that drops the argument. Its
@@ -124,7 +124,7 @@ def main(src: Path, out: Path) -> None:
             feats = model.forward_feat(audio, image)
         loss, loss_mae, loss_mae_a, loss_mae_v, loss_c, mask_a, mask_v, c_acc = outs[:8]
         ref = dict(loss=loss, loss_mae=loss_mae, loss_mae_a=loss_mae_a, loss_mae_v=loss_mae_v, loss_c=loss_c,
-                   c_acc=c_acc, mask_a=mask_a, mask_v=mask_v, tokens_a=feats[0], tokens_v=feats[1])
+                   c_acc=c_acc, mask_a=mask_a, mask_v=mask_v, recon_a=outs[8], tokens_a=feats[0], tokens_v=feats[1])
         if options["cls_token"]:
             ref.update(global_a=feats[2], global_v=feats[3])
         if options.get("keep_register_tokens"):  # released forward_feat keeps them among the local tokens

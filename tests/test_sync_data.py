@@ -19,7 +19,7 @@ from cavmae.train.cli import main  # noqa: E402
 from cavmae.train.loaders import eval_loader  # noqa: E402
 from cavmae.train.segments import cut_segments, frame_centres, segment_bounds  # noqa: E402
 from cavmae.train.transform import Transform  # noqa: E402
-from train_fixtures import TINY, write_synthetic_shards  # noqa: E402
+from train_fixtures import TINY, label_index_csv, write_synthetic_shards  # noqa: E402
 
 REF = np.load(Path(__file__).parent / "data" / "cavmae_sync_ref.npz", allow_pickle=False)
 NO_AUG = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 0.0}
@@ -68,7 +68,7 @@ def test_examples_pair_each_frame_with_its_segment(tmp_path):
     torch.testing.assert_close(finished["audio"], (full["audio"].float() + 5.081) / 4.4849)
 
 
-def test_sync_pretraining_runs_and_saves_the_released_layout_then_retrieval(tmp_path, capsys):
+def test_sync_pretraining_then_retrieval_embed_finetuning_and_eval(tmp_path, capsys):
     write_synthetic_shards(tmp_path / "shards", 16, 16)
     sets = [a for s in TINY + ["model.variant=sync", "model.audio_length=64", "model.num_register_tokens=2",
                                "model.global_local_losses=true", "pretrain.batch_size=4", "pretrain.epochs=2",
@@ -101,9 +101,21 @@ def test_sync_pretraining_runs_and_saves_the_released_layout_then_retrieval(tmp_
     assert len(table) == 16 and all(len(r["audio"]) == len(r["visual"]) == 4 for r in table)  # 4 frames each
     assert len(table[0]["audio"][0]) == 64 and table[0]["audio"][0] != table[0]["audio"][3]  # own segments
     capsys.readouterr()
-    assert main(["finetune", "--shards", str(tmp_path / "shards"), "--init", str(tmp_path / "run" / "model.pth"),
-                 "--out", str(tmp_path / "ft"), *sets]) == 2
-    assert "finetuning is implemented for cavmae only" in capsys.readouterr().err
+
+    # finetuning (our reading: one random frame pair per sample) and eval over every frame's pair
+    labels = label_index_csv(tmp_path / "labels.csv")
+    ft = [*sets, "--set", "model.sync_pool=both", "--set", "finetune.batch_size=4", "--set", "finetune.epochs=2",
+          "--set", "finetune.wa_start=1", "--set", "finetune.wa_end=2"]
+    assert main(["finetune", "--shards", str(tmp_path / "shards"), "--labels", str(labels), "--init",
+                 str(tmp_path / "run" / "model.pth"), "--out", str(tmp_path / "ft"), *ft]) == 0
+    assert "loaded" in capsys.readouterr().out
+    assert main(["eval", "--shards", str(tmp_path / "shards"), "--labels", str(labels), "--checkpoint",
+                 str(tmp_path / "ft" / "model.pth"), "--frames", "all", *ft]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 16 and len(result["mAP_per_frame"]) == 4 and 0 < result["mAP"] <= 1
+    assert main(["finetune", "--shards", str(tmp_path / "shards"), "--labels", str(labels), "--out",
+                 str(tmp_path / "ft2"), "--mode", "audioonly-lean", *ft]) == 2
+    assert "no audio-only model" in capsys.readouterr().err
 
 
 SYNC_RUN = TINY + ["model.variant=sync", "model.audio_length=64", "model.num_register_tokens=2",

@@ -59,6 +59,9 @@ class Model:
     num_register_tokens: int = setting(8, "sync: learned register tokens per modality", min=0, max=1024)
     keep_register_tokens: bool = setting(False, "sync: registers go through the joint block too")
     contrastive_heads: bool = setting(False, "sync: two more blocks per modality on the contrastive path")
+    sync_pool: str = setting("tokens", "sync finetuning (our reading, train/model/sync_finetuning.py): the head "
+                             "sees the mean patch token after the joint block (tokens), the global tokens "
+                             "(global), or the mean of both (both)", choices=("tokens", "global", "both"))
 
 
 @dataclass

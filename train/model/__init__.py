@@ -10,6 +10,7 @@ strictly (after stripping the DataParallel `module.` prefix) and our checkpoints
   CAVMAEFTAudio   audio-only finetuning model without any visual parameter (mode audioonly-lean).
   CAVMAESync      CAV-MAE Sync pretraining (Araujo et al., CVPR 2025): CAVMAE on (frame, aligned audio segment)
                   pairs, with global (cls) tokens, register tokens and optional contrastive heads.
+  CAVMAESyncFT    a classifier on the Sync encoder (patch tokens and/or global tokens).
 
 Files, in reading order:
   blocks.py       sizes (ModelSize, MODEL_SIZES), the transformer Block, PatchEmbed, patchify/unpatchify, masking,
@@ -18,6 +19,7 @@ Files, in reading order:
   pretraining.py  CAVMAE: masking, decoder, MAE and contrastive losses
   finetuning.py   CAVMAEFT, CAVMAEFTAudio (FT_MODES: the mode table, train/modes.py)
   sync.py         CAVMAESync (the released class's keywords; its checkpoint layout)
+  sync_finetuning.py  CAVMAESyncFT (our reading: no released recipe)
   builders.py     build_pretrain_model / build_finetune_model from the `model:` config section
   unused.py       which trainable parameters get no gradient in a pass (frozen before DDP wrapping)
 """
@@ -42,12 +44,14 @@ from cavmae.train.model.finetuning import CAVMAEFT, CAVMAEFTAudio
 from cavmae.train.modes import MODES as FT_MODES
 from cavmae.train.model.pretraining import CONTRAST_TEMPERATURE, CAVMAE
 from cavmae.train.model.sync import CAVMAESync
+from cavmae.train.model.sync_finetuning import CAVMAESyncFT
 
 __all__ = [
     "CAVMAE",
     "CAVMAEFT",
     "CAVMAEFTAudio",
     "CAVMAESync",
+    "CAVMAESyncFT",
     "CONTRAST_TEMPERATURE",
     "Encoder",
     "FT_MODES",

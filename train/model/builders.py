@@ -13,6 +13,7 @@ import inspect
 from cavmae.train.model.finetuning import CAVMAEFT, CAVMAEFTAudio
 from cavmae.train.model.pretraining import CAVMAE
 from cavmae.train.model.sync import CAVMAESync
+from cavmae.train.model.sync_finetuning import CAVMAESyncFT
 
 PRETRAIN_MODELS = {"cavmae": CAVMAE, "sync": CAVMAESync}
 
@@ -25,7 +26,9 @@ def _keywords(model_class: type) -> "set[str]":
 
 def _kwargs_for(model_class: type, cfg: dict) -> dict:
     """The keys of `cfg` that `model_class` accepts; ValueError on a key that neither stage's model accepts."""
-    unknown = set(cfg) - {"variant"} - _keywords(CAVMAE) - _keywords(CAVMAESync) - _keywords(CAVMAEFT)
+    unknown = set(cfg) - {"variant"}
+    for known in (CAVMAE, CAVMAESync, CAVMAEFT, CAVMAESyncFT):
+        unknown -= _keywords(known)
     if unknown:
         raise ValueError(f"unknown model config keys: {sorted(unknown)}")
     accepted = _keywords(model_class)
@@ -45,10 +48,13 @@ def build_pretrain_model(cfg: dict) -> "CAVMAE | CAVMAESync":
     return model_class(**_kwargs_for(model_class, cfg))
 
 
-def build_finetune_model(cfg: dict, label_dim: int, audio_only: bool = False) -> "CAVMAEFT | CAVMAEFTAudio":
+def build_finetune_model(cfg: dict, label_dim: int,
+                         audio_only: bool = False) -> "CAVMAEFT | CAVMAEFTAudio | CAVMAESyncFT":
     """CAVMAEFT (or CAVMAEFTAudio, which has no image_size) from the model config (pretraining-only keys are
-    ignored). The sync variant has no finetuning model yet: ValueError."""
-    if _variant(cfg) != "cavmae":
-        raise ValueError("model.variant sync: finetuning a CAV-MAE Sync model is not implemented")
+    ignored); CAVMAESyncFT for the sync variant (which has no audio-only model: ValueError)."""
+    if _variant(cfg) == "sync":
+        if audio_only:
+            raise ValueError("model.variant sync has no audio-only model (mode audioonly-lean): use audioonly")
+        return CAVMAESyncFT(label_dim, **_kwargs_for(CAVMAESyncFT, cfg))
     model_class = CAVMAEFTAudio if audio_only else CAVMAEFT
     return model_class(label_dim, **_kwargs_for(model_class, cfg))

@@ -17,11 +17,12 @@ centred on it (train/segments.py) and changes the encoder in three ways, each an
   total_frame          frames per clip; the model itself runs on single (frame, segment) pairs.
   audio_length         fbank rows of one segment (released: 416 for 4 s), the model's target_length.
 
-Two departures from the released code, both invisible in its only configuration (one joint block, which the
-released retrieval builds and its checkpoint holds): the contrastive passes chain the joint blocks (released: each
-block applied to the modality-specific output, so only the last one counts), as CAVMAE does; and
-`global_features` drops the register tokens also when they are kept through the joint block (released
-`forward_feat` returns them among the local tokens).
+Three departures from the released code, none visible in the configuration of its checkpoint (one joint block,
+registers not kept): the contrastive passes chain the joint blocks (released: each block applied to the
+modality-specific output, so only the last one counts), as CAVMAE does; with keep_register_tokens, the registers
+are dropped from the joint stream after it (released: cut at offsets counted in all audio patches while the stream
+holds the visible ones only, which drops visual tokens and keeps the audio registers); and `sync_features` drops
+kept registers from the local tokens too (released `forward_feat` returns them among them).
 """
 
 import dataclasses
@@ -79,20 +80,11 @@ class CAVMAESync(CAVMAE):
             raise ValueError(f"total_frame must be >= 1, got {total_frame}")
         super().__init__(s, audio_length, num_mel_bins, image_size, mask_ratio_a, mask_ratio_v, mask_mode,
                          norm_pix_loss, mae_loss_weight, contrast_loss_weight, bidirectional, contrast_chunks)
-        self.num_register_tokens = num_register_tokens
-        self.cls_token = cls_token
+        add_sync_tokens(self, num_register_tokens, cls_token, keep_register_tokens)
         self.global_local_losses = global_local_losses
         self.contrastive_heads = contrastive_heads
-        self.keep_register_tokens = keep_register_tokens
         self.total_frame = total_frame
         D = s.embed_dim
-        if num_register_tokens:
-            self.register_tokens = nn.Parameter(torch.randn(2 * num_register_tokens, D))
-        if cls_token:
-            self.cls_token_a = nn.Parameter(torch.zeros(1, 1, D))
-            self.cls_token_v = nn.Parameter(torch.zeros(1, 1, D))
-            nn.init.normal_(self.cls_token_a, std=0.02)
-            nn.init.normal_(self.cls_token_v, std=0.02)
         if contrastive_heads:
             self.constrative_head_audio = nn.ModuleList(Block(D, s.num_heads, s.mlp_ratio) for _ in range(2))
             self.constrative_head_visual = nn.ModuleList(Block(D, s.num_heads, s.mlp_ratio) for _ in range(2))
@@ -103,29 +95,9 @@ class CAVMAESync(CAVMAE):
 
     # ---- token bookkeeping ----
 
-    def _with_extra_tokens(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """[cls] + patch tokens + [registers] for one modality (audio's registers are the first n rows)."""
-        B, n = x.shape[0], self.num_register_tokens
-        parts = []
-        if self.cls_token:
-            parts.append((self.cls_token_a if modality == "a" else self.cls_token_v).expand(B, -1, -1))
-        parts.append(x)
-        if n:
-            regs = self.register_tokens[:n] if modality == "a" else self.register_tokens[n:]
-            parts.append(regs.unsqueeze(0).expand(B, -1, -1))
-        return torch.cat(parts, dim=1)
-
-    def _drop_registers(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.num_register_tokens
-        return x[:, : x.shape[1] - n] if n else x
-
     def _encode(self, a: torch.Tensor, v: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         """Modality-specific blocks on [cls] + tokens + [registers]; the registers leave here unless kept."""
-        a = self._specific(self._with_extra_tokens(a, "a"), self.blocks_a)
-        v = self._specific(self._with_extra_tokens(v, "v"), self.blocks_v)
-        if not self.keep_register_tokens:
-            a, v = self._drop_registers(a), self._drop_registers(v)
-        return a, v
+        return encode_with_sync_tokens(self, a, "a"), encode_with_sync_tokens(self, v, "v")
 
     def _contrastive_tokens(self, x: torch.Tensor, modality: str) -> "tuple[torch.Tensor | None, torch.Tensor]":
         """(global token [B, D] or None, local patch tokens [B, N, D]), both after norm_a / norm_v: the joint
@@ -136,7 +108,7 @@ class CAVMAESync(CAVMAE):
             for blk in self.constrative_head_audio if modality == "a" else self.constrative_head_visual:
                 x = blk(x)
         if self.keep_register_tokens:
-            x = self._drop_registers(x)
+            x = drop_registers(self, x)
         x = self.norm_a(x) if modality == "a" else self.norm_v(x)  # per token: norming cls alone is the same
         return (x[:, 0], x[:, 1:]) if self.cls_token else (None, x)
 
@@ -148,7 +120,7 @@ class CAVMAESync(CAVMAE):
         x = self._joint(torch.cat([a, v], dim=1), None)
         x_a, x_v = x.split([a.shape[1], v.shape[1]], dim=1)
         if self.keep_register_tokens:
-            x_a, x_v = self._drop_registers(x_a), self._drop_registers(x_v)
+            x_a, x_v = drop_registers(self, x_a), drop_registers(self, x_v)
         return x_a, x_v
 
     # ---- forward ----
@@ -217,6 +189,51 @@ class CAVMAESync(CAVMAE):
         heads = {n for n, p in self.named_parameters() if p.requires_grad and n.startswith("constrative_head_")}
         dead = {n for n in heads if re.search(r"\.norm[12]_[av]\.", n)}
         return super().unused_parameter_names() | dead | (heads if self.contrast_loss_weight == 0 else set())
+
+
+# ---- the tokens Sync adds, shared with the finetuning model (train/model/sync_finetuning.py) ----
+
+
+def add_sync_tokens(model: nn.Module, num_register_tokens: int, cls_token: bool, keep_register_tokens: bool) -> None:
+    """Give `model` (an Encoder) the released parameters `register_tokens` [2n, D] (audio's first; N(0, 1) as
+    released) and `cls_token_a` / `cls_token_v` [1, 1, D] (N(0, 0.02)), and the options that use them."""
+    D = model.size.embed_dim
+    model.num_register_tokens = num_register_tokens
+    model.cls_token = cls_token
+    model.keep_register_tokens = keep_register_tokens
+    if num_register_tokens:
+        model.register_tokens = nn.Parameter(torch.randn(2 * num_register_tokens, D))
+    if cls_token:
+        model.cls_token_a = nn.Parameter(torch.zeros(1, 1, D))
+        model.cls_token_v = nn.Parameter(torch.zeros(1, 1, D))
+        nn.init.normal_(model.cls_token_a, std=0.02)
+        nn.init.normal_(model.cls_token_v, std=0.02)
+
+
+def with_sync_tokens(model: nn.Module, x: torch.Tensor, modality: str) -> torch.Tensor:
+    """[cls] + patch tokens + [registers] for one modality (audio's registers are the first n rows)."""
+    B, n = x.shape[0], model.num_register_tokens
+    parts = []
+    if model.cls_token:
+        parts.append((model.cls_token_a if modality == "a" else model.cls_token_v).expand(B, -1, -1))
+    parts.append(x)
+    if n:
+        regs = model.register_tokens[:n] if modality == "a" else model.register_tokens[n:]
+        parts.append(regs.unsqueeze(0).expand(B, -1, -1))
+    return torch.cat(parts, dim=1)
+
+
+def drop_registers(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` [B, N, D] without its last num_register_tokens tokens (the registers)."""
+    n = model.num_register_tokens
+    return x[:, : x.shape[1] - n] if n else x
+
+
+def encode_with_sync_tokens(model: nn.Module, x: torch.Tensor, modality: str) -> torch.Tensor:
+    """Embedded tokens of one modality -> its modality-specific blocks on [cls] + tokens + [registers]; the
+    registers leave here unless kept through the joint block."""
+    x = model._specific(with_sync_tokens(model, x, modality), model.blocks_a if modality == "a" else model.blocks_v)
+    return x if model.keep_register_tokens else drop_registers(model, x)
 
 
 # The released class's registration order, hence its state-dict order: our checkpoints list their keys as its do.
