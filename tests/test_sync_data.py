@@ -73,7 +73,10 @@ def test_sync_pretraining_then_retrieval_embed_finetuning_and_eval(tmp_path, cap
     sets = [a for s in TINY + ["model.variant=sync", "model.audio_length=64", "model.num_register_tokens=2",
                                "model.global_local_losses=true", "pretrain.batch_size=4", "pretrain.epochs=2",
                                "pretrain.noise=false"] for a in ("--set", s)]
-    assert main(["pretrain", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), *sets]) == 0
+    assert main(["pretrain", "--shards", str(tmp_path / "shards"), "--val-shards", str(tmp_path / "shards"),
+                 "--out", str(tmp_path / "run"), *sets]) == 0
+    epochs = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch" and r["val_loss"] > 0] == [1, 2]  # middle frames
     sd = torch.load(tmp_path / "run" / "model.pth", weights_only=True)
     assert sd["module.register_tokens"].shape == (4, 64) and sd["module.cls_token_a"].shape == (1, 1, 64)
     assert sd["module.pos_embed_a"].shape == (1, 8 * 4, 64)  # 64-row segments: 8 x 4 patches
