@@ -3,6 +3,7 @@ tests/data/cavmae_sync_ref.npz), the examples and batches they make, and a tiny 
 variant on real shards."""
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from cavmae.train.cli import main  # noqa: E402
 from cavmae.train.loaders import eval_loader  # noqa: E402
 from cavmae.train.segments import cut_segments, frame_centres, segment_bounds  # noqa: E402
 from cavmae.train.transform import Transform  # noqa: E402
-from train_fixtures import TINY, label_index_csv, write_synthetic_shards  # noqa: E402
+from train_fixtures import COLORS, TINY, color_frames, label_index_csv, write_synthetic_shards  # noqa: E402
 
 REF = np.load(Path(__file__).parent / "data" / "cavmae_sync_ref.npz", allow_pickle=False)
 NO_AUG = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 0.0}
@@ -144,3 +145,19 @@ def test_sync_stop_and_resume_is_bit_identical(tmp_path):
     resumed = torch.load(tmp_path / "run" / "model.pth", weights_only=True)
     assert "module.register_tokens" in whole and whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_time_centres_follow_the_frames_times_in_the_clip():
+    """data.segment_centre time: frames decoded unevenly (a clip shorter than its frames, the last one repeated)
+    take the segment around their own time, less the clip's start in the file."""
+    fbank = np.tile(np.arange(128, dtype=np.float16)[:, None], (1, 128))  # row r holds r
+    frames = [color_frames(COLORS[0], 64, 1, random.Random(0))[0]] * 4
+    meta = {"frame_times_s": [5.0, 5.25, 5.5, 5.5], "clip_start_s": 5.0}
+    sample = {"key": "k", "url": "u", "fbank": fbank, "frames": frames, "meta": meta, "flac": None, "labels": []}
+    tf = transform("all", centre="time")
+    rows = tf.example(sample, None, np.random.default_rng(0))["audio"][:, :, 0]
+    assert [int(r[0]) for r in rows] == [0, 9, 34, 34]  # centres 0, 25, 50, 50 rows: 32-row segments from c - 16
+    assert [int(r[0]) for r in transform("all").example(sample, None, np.random.default_rng(0))["audio"][:, :, 0]] \
+        == [0, 16, 48, 80]  # index: rows 0, 32, 64, 96
+    with pytest.raises(ValueError, match="frame_times_s"):
+        tf.example({**sample, "meta": {}}, None, np.random.default_rng(0))
