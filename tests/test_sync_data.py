@@ -161,3 +161,26 @@ def test_time_centres_follow_the_frames_times_in_the_clip():
         == [0, 16, 48, 80]  # index: rows 0, 32, 64, 96
     with pytest.raises(ValueError, match="frame_times_s"):
         tf.example({**sample, "meta": {}}, None, np.random.default_rng(0))
+
+
+def test_predict_scores_every_frame_pair_of_raw_videos(train_shards, tmp_path, capsys):
+    """`cavmae predict` on raw videos with a Sync classifier: the run's config.yaml carries the variant, the videos
+    are decoded as ingest would (frame_times_s included) and every frame's pair is scored."""
+    from cavmae.cli import main as cavmae
+
+    root, labels = train_shards, train_shards / "labels.csv"
+    sets = [a for s in TINY + ["model.variant=sync", "model.audio_length=64", "model.num_register_tokens=2",
+                               "model.sync_pool=global", "data.segment_centre=time", "finetune.batch_size=8",
+                               "finetune.epochs=1", "finetune.wa=false"] for a in ("--set", s)]
+    assert main(["finetune", "--shards", str(root / "val"), "--labels", str(labels), "--out", str(tmp_path / "ft"),
+                 *sets]) == 0
+    videos = sorted((root / "inputs" / "val").glob("*.mp4"))[:3]
+    capsys.readouterr()
+    assert cavmae(["predict", *map(str, videos), "--checkpoint", str(tmp_path / "ft" / "model.pth"),
+                   "--labels", str(labels), "--prep-config", str(root / "val" / "pipeline.yaml"),
+                   "--out", str(tmp_path / "p.json")]) == 0
+    results = json.loads((tmp_path / "p.json").read_text())
+    assert [r["source"] for r in results] == list(map(str, videos))
+    for r in results:  # sigmoid scores (finetune.metric mAP), best first
+        scores = [t["score"] for t in r["top"]]
+        assert len(scores) == 4 and scores == sorted(scores, reverse=True) and all(0 < x < 1 for x in scores)
