@@ -10,7 +10,8 @@
 # the pretraining and the finetuning step, at batch 48 and at the best batch (the fastest of those that fit, found
 # by the maxbatch section), model-only (bench/model.py) and end to end (`cavmae-train`).
 # Sections, in order (most wanted first, as the budget may end the run): preflight, model (eager: autocast and bf16
-# weights, batches 48 and 256), maxbatch (pretrain and finetune, bf16 weights: the largest and the fastest batch),
+# weights, batches 48 and 256), sync (the CAV-MAE Sync pretraining step, `--preset sync`: 416-row segments, cls and
+# 8 register tokens; eager bf16 weights, batches 48 and 256), maxbatch (pretrain and finetune, bf16 weights: the largest and the fastest batch),
 # fast (compiled + bf16 weights at the best batch and 48), numerics beside shards (GPU and CPU work, none of it
 # timed), e2e (eager at 48 with several loader worker counts; compiled + bf16 weights at 48 and the best batch;
 # finetuning), compile (compiled autocast), ddp (torchrun, 1 process, compiled + bf16 weights), profile (compiled
@@ -68,11 +69,12 @@ run() {
     fi
     if (( TINY )); then
         MODEL=(--set model.size=tiny --set model.target_length=128 --set video.image_size=64)
+        SYNC=(--set model.audio_length=64)
         GEOM=(--set video.image_size=64 --set video.num_frames=4 "${MODEL[@]}")
         BATCHES=(2 4); STEPS=(--steps 1 --warmup 1); NUM_B=2; CURVE=(--steps 4 --every 2 --curve-batch 2)
         SAMPLES=48; PER_SHARD=12; E2E_STEPS=6; E2E_SKIP=2; LOG=2; WORKERS=(1 2); COMPILE=aot_eager
     else
-        MODEL=(); GEOM=()
+        MODEL=(); GEOM=(); SYNC=()
         BATCHES=(48 256); STEPS=(--steps 6 --warmup 2); NUM_B=8; CURVE=(--steps 300 --every 25)
         SAMPLES=768; PER_SHARD=96; E2E_STEPS=35; E2E_SKIP=10; LOG=5; WORKERS=(8 4 12); COMPILE=default
     fi
@@ -102,6 +104,8 @@ EOF
 
     wanted model && section model 100 "$PY" bench/model.py "${MODEL[@]}" --batch "${BATCHES[@]}" \
         --precision auto bf16 --finetune "$B48" "${STEPS[@]}" --json "$R"
+    wanted sync && section sync 60 "$PY" bench/model.py "${MODEL[@]}" --set model.variant=sync "${SYNC[@]}" \
+        --set model.num_register_tokens=8 --batch "${BATCHES[@]}" --precision bf16 "${STEPS[@]}" --json "$R"
     if wanted maxbatch; then
         section "maxbatch pretrain" 60 "$PY" bench/model.py "${MODEL[@]}" --max-batch pretrain --precision bf16 \
             --json "$R"

@@ -56,25 +56,31 @@ def embed_flops(model) -> int:
 
 
 def pretrain_forward_flops(model: CAVMAE) -> int:
-    """Matmul FLOPs of one CAVMAE.forward for one sample, following the branches the loss weights enable."""
+    """Matmul FLOPs of one CAVMAE.forward for one sample, following the branches the loss weights enable (a
+    CAVMAESync's cls and register tokens count in the modality-specific and contrastive passes, its contrastive
+    heads as two more blocks per modality; kept registers in the joint pass are left out)."""
     s = model.size
     D, Dd = s.embed_dim, s.decoder_embed_dim
     n_a = model.audio_grid[0] * model.audio_grid[1]
     n_v = model.image_grid[0] * model.image_grid[1]
+    extra = int(getattr(model, "cls_token", False)) + getattr(model, "num_register_tokens", 0)
     vis_a = int(n_a * (1 - model.mask_ratio_a))
     vis_v = int(n_v * (1 - model.mask_ratio_v))
     pixels = PATCH_SIZE * PATCH_SIZE
     n_joint = s.depth - s.modality_specific_depth
 
     flops = embed_flops(model)  # patch embeddings run on every token
-    flops += s.modality_specific_depth * (block_flops(vis_a, D, s.mlp_ratio) + block_flops(vis_v, D, s.mlp_ratio))
+    flops += s.modality_specific_depth * (block_flops(vis_a + extra, D, s.mlp_ratio)
+                                          + block_flops(vis_v + extra, D, s.mlp_ratio))
     if model.mae_loss_weight != 0:
         flops += n_joint * block_flops(vis_a + vis_v, D, s.mlp_ratio)
         flops += 2 * (vis_a + vis_v) * D * Dd
         flops += s.decoder_depth * block_flops(n_a + n_v, Dd, s.mlp_ratio)
         flops += 2 * n_a * Dd * pixels * 1 + 2 * n_v * Dd * pixels * 3
     if model.contrast_loss_weight != 0:
-        flops += n_joint * (block_flops(vis_a, D, s.mlp_ratio) + block_flops(vis_v, D, s.mlp_ratio))
+        heads = 2 if getattr(model, "contrastive_heads", False) else 0
+        flops += (n_joint + heads) * (block_flops(vis_a + extra, D, s.mlp_ratio)
+                                      + block_flops(vis_v + extra, D, s.mlp_ratio))
     return flops
 
 
@@ -88,6 +94,11 @@ def finetune_forward_flops(model) -> int:
                                           + block_flops(n_v, s.embed_dim, s.mlp_ratio))
     flops += (s.depth - s.modality_specific_depth) * block_flops(n_a + n_v, s.embed_dim, s.mlp_ratio)
     return flops + 2 * s.embed_dim * FT_CLASSES
+
+
+def step_name(kind: str, cfg) -> str:
+    """The table's step: `pretrain`, or `pretrain (sync)` for another model variant."""
+    return kind if cfg.model.variant == "cavmae" else f"{kind} ({cfg.model.variant})"
 
 
 def peak_tflops(device: torch.device, override: "float | None") -> "tuple[float | None, str]":
@@ -327,8 +338,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     peak, peak_text = peak_tflops(device, args.peak)
     base = {"device": name, "torch": torch.__version__, "size": cfg.model.size}
-    print(f"device {name}, torch {torch.__version__}, model size {cfg.model.size}, "
-          f"fbank {cfg.model.target_length}x{cfg.audio.num_mel_bins}, frames {cfg.video.image_size}²")
+    rows = cfg.model.audio_length if cfg.model.variant == "sync" else cfg.model.target_length
+    print(f"device {name}, torch {torch.__version__}, model size {cfg.model.size} ({cfg.model.variant}), "
+          f"fbank {rows}x{cfg.audio.num_mel_bins}, frames {cfg.video.image_size}²")
     print(f"MFU peak: {peak_text}", flush=True)
 
     if args.max_batch:
@@ -349,7 +361,7 @@ def main() -> None:
         print(f"{kind}: optimizer {type(bench.opt).__name__} fused={bench.fused}; model forward "
               f"{bench.flops / 1e9:.1f} GFLOP/sample (matmuls), step = 3x forward", flush=True)
         for b in sizes:
-            row = {**base, "step": kind, "batch": b, "precision": precision, "compile": args.compile,
+            row = {**base, "step": step_name(kind, cfg), "batch": b, "precision": precision, "compile": args.compile,
                    "peak_tflops": peak, "fused_optimizer": bench.fused}
             try:
                 r = bench.run(b, args.steps, args.warmup)

@@ -5,7 +5,7 @@ import inspect
 import pytest
 
 from cavmae.shards.config import load_config
-from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio
+from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, CAVMAESync, CAVMAESyncFT
 
 
 def keyword_defaults(model_class: type) -> dict:
@@ -13,7 +13,7 @@ def keyword_defaults(model_class: type) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-@pytest.mark.parametrize("model_class", [CAVMAE, CAVMAEFT, CAVMAEFTAudio])
+@pytest.mark.parametrize("model_class", [CAVMAE, CAVMAEFT, CAVMAEFTAudio, CAVMAESync, CAVMAESyncFT])
 def test_constructor_defaults_equal_pipeline_yaml(model_class):
     yaml_model = load_config(None).model.to_dict()
     defaults = keyword_defaults(model_class)
@@ -24,8 +24,10 @@ def test_constructor_defaults_equal_pipeline_yaml(model_class):
 
 
 def test_every_pipeline_yaml_model_key_is_a_model_keyword():
-    """The builders refuse a key no model takes, so the shipped defaults must hold none."""
-    accepted = set(keyword_defaults(CAVMAE)) | set(keyword_defaults(CAVMAEFT))
+    """The builders refuse a key no model takes, so the shipped defaults must hold none (`variant` picks the
+    pretraining model)."""
+    accepted = set().union(*(keyword_defaults(m) for m in (CAVMAE, CAVMAEFT, CAVMAESync, CAVMAESyncFT)))
+    accepted.add("variant")
     assert set(load_config(None).model.to_dict()) <= accepted
     assert {"mask_ratio_a", "contrast_chunks", "tr_pos"} <= accepted
 

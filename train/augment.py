@@ -59,7 +59,8 @@ def device_augment(batch: dict[str, Any], device: torch.device | str | None = No
     (masked bins set to 0), `(x - mean) / std`, then (when the batch carries noise parameters) `x + U[0,1)·amp`
     and a circular roll along time by each sample's shift; images mixed (mixup, 0-255) and ImageNet-normalised.
 
-    Returns a new batch: every tensor on `device`, `audio` float32 [B, T, F], `image` float32 [B, (frames,) 3, H, W]
+    Returns a new batch: every tensor on `device`, `audio` float32 [B, T, F] ([B, frames, T, F] for per-frame
+    segments, which are only normalised), `image` float32 [B, (frames,) 3, H, W]
     and no `aug` / `image_mix` / `lam`. `noise` ([B, T, F] in [0, 1)) replaces the drawn noise tensor (tests)."""
     aug = batch["aug"]
     skip = ("aug", "image_mix", "lam")
@@ -67,6 +68,10 @@ def device_augment(batch: dict[str, Any], device: torch.device | str | None = No
            for k, v in batch.items() if k not in skip}
     move = (lambda t: t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
     x = out["audio"].float()
+    if x.dim() == 4:  # every frame's audio segment [B, frames, rows, F] (Sync evaluation): normalised only
+        if aug["masked"] or "shift" in aug:
+            raise ValueError("per-frame audio segments take no SpecAugment, noise or roll (evaluation only)")
+        x = x.flatten(0, 1)
     b, t, f = x.shape
     dev = x.device
     if aug["masked"]:
@@ -84,7 +89,7 @@ def device_augment(batch: dict[str, Any], device: torch.device | str | None = No
         x = x + move(noise) * move(aug["noise"])[:, None, None]
         index = (torch.arange(t, device=dev)[None, :] - move(aug["shift"])[:, None]) % t  # torch.roll, per sample
         x = x.gather(1, index[:, :, None].expand(b, t, f))
-    out["audio"] = x
+    out["audio"] = x.view(out["audio"].shape)
     image = out["image"].float()
     if "image_mix" in batch:
         lam = move(batch["lam"]).view(-1, *[1] * (image.dim() - 1))

@@ -7,6 +7,8 @@ names without the prefix, so loading is a prefix strip plus a check that the onl
   CAVMAEFT      <- finetuned (has mlp_head.*)      strict
   CAVMAEFT      <- pretrained                      missing mlp_head.*; unexpected decoder*, mask_token
   CAVMAEFTAudio <- any of the above                additionally: every visual key is unexpected
+  CAVMAESync    <- a Sync pretrained checkpoint     strict (CAVMAESync subclasses CAVMAE)
+  CAVMAESyncFT  <- a Sync pretrained checkpoint     as CAVMAEFT, and its contrastive heads (if any) unexpected
 
 A checkpoint of another clip length (target_length) or image size loads too: its position tables are fitted to the
 model's grid first (`fit_position_tables`).
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from cavmae.train import distributed as dist
-from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
+from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, CAVMAESyncFT, ModelSize, resolve_size
 from cavmae.train.pos_embed import cut_or_interpolate_pos_embed, get_2d_sincos_pos_embed, is_sincos_pos_embed
 from cavmae.shards.errors import UserError
 from cavmae.shards.store import open_regular
@@ -156,6 +158,8 @@ def load_pretrained_into(model: nn.Module, sd: "dict[str, torch.Tensor]", source
         allowed_unexpected = _DECODER_PREFIXES
         if isinstance(model, CAVMAEFTAudio):
             allowed_unexpected += _VISUAL_PREFIXES
+        if isinstance(model, CAVMAESyncFT):  # a Sync checkpoint: its contrastive heads, if any, too
+            allowed_unexpected += ("constrative_head_",)
     elif not isinstance(model, CAVMAE):
         raise TypeError(f"unsupported model type {type(model).__name__}")
 

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("retrieve", "audio<->visual retrieval R@1/5/10 and median rank with a pretrained checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="PTH", help="pretrained (or finetuned) weights")
     p.add_argument("--frames", help="middle (official) | all | a frame index (default: eval.feature_frames)")
+    p.add_argument("--strategy", choices=("mean", "max", "diagonal_mean", "diagonal_max"),
+                   help="CAV-MAE Sync: features of every frame (each with its audio segment), clips compared by "
+                        "this aggregate of their frame-pair cosines (released src/retrieval.py)")
+    p.add_argument("--local", action="store_true", help="Sync: the mean of the patch tokens, not the global tokens")
     p.add_argument("--out", help="also write the results as JSON to this file")
 
     p = command("embed", "pooled audio and visual embeddings of every sample into a parquet file")
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          "audio, visual (list<float32>)")
     p.add_argument("--frames", help="middle | all (visual = mean over the frames) | a frame index "
                                     "(default: eval.feature_frames, as retrieve)")
+    p.add_argument("--per-frame", action="store_true", help="every frame's audio and visual vectors (a Sync model: "
+                                                            "each frame with its audio segment), list<list<float32>>")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -183,16 +189,24 @@ def _order(args: argparse.Namespace, cfg) -> None:
 
 def _retrieve(args: argparse.Namespace, cfg) -> dict:
     from cavmae.train import retrieve
+    from cavmae.train.stage import UsageError
 
+    if args.strategy and args.frames:
+        raise UsageError("--strategy compares every frame: leave out --frames")
     return retrieve.run(cfg, shards=args.shards, checkpoint=args.checkpoint,
-                        frames=_frames(args, cfg, "feature_frames"))
+                        frames=_frames(args, cfg, "feature_frames"), strategy=args.strategy, local=args.local)
 
 
 def _embed(args: argparse.Namespace, cfg) -> dict:
     from cavmae.train import embed
 
+    from cavmae.train.stage import UsageError
+
+    if args.per_frame and args.frames not in (None, "all"):
+        raise UsageError("--per-frame embeds every frame: leave out --frames")
     return embed.run(cfg, shards=args.shards, checkpoint=args.checkpoint, out=args.out,
-                     frames=_frames(args, cfg, "feature_frames"), progress=not args.no_progress)
+                     frames=_frames(args, cfg, "feature_frames"), progress=not args.no_progress,
+                     per_frame=args.per_frame)
 
 
 def _frames(args: argparse.Namespace, cfg, key: str = "frames") -> str | int:

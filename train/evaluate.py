@@ -81,11 +81,12 @@ def batch_probabilities(model: torch.nn.Module, batch: dict[str, Any], *, mode: 
     audio-only mode scores once: the frame does not matter)."""
     audio, images = batch["audio"], batch["image"]
     images = images.unsqueeze(1) if images.dim() == 4 else images  # [B, frames, 3, H, W]
-    if not mode_of(mode).frames_matter:
+    per_frame_audio = audio.dim() == 4  # CAV-MAE Sync: each frame's own segment [B, frames, rows, F]
+    if not (mode_of(mode).frames_matter or per_frame_audio):
         images = images[:, :1]
     with autocast(device, precision):
-        return torch.stack([probabilities(model(audio, images[:, k], mode).float(), metric).cpu()
-                            for k in range(images.shape[1])])
+        return torch.stack([probabilities(model(audio[:, k] if per_frame_audio else audio, images[:, k], mode)
+                                          .float(), metric).cpu() for k in range(images.shape[1])])
 
 
 @torch.no_grad()

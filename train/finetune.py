@@ -55,6 +55,8 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     f = cfg.finetune
     mode = mode_name(mode or f.mode, "--mode" if mode else "finetune.mode")
     metric = f.metric
+    if cfg.model.variant == "sync" and not MODES[mode].visual:
+        raise st.UsageError(f"model.variant sync has no audio-only model: --mode {mode} (use audioonly)")
     if f.wa and max(1, f.wa_start) > min(f.epochs, f.wa_end):
         raise st.UsageError(f"finetune.wa averages epochs {f.wa_start}..{f.wa_end} but there are {f.epochs}")
     cfg, urls, val_urls = st.shard_sets(cfg, shards, val_shards)

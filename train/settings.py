@@ -47,6 +47,21 @@ class Model:
                                    "and masked-MAE mean per chunk, both summed (official base: 4 GPUs x 12)", min=1,
                                    max=1024)
     tr_pos: bool = setting(True, "finetuning: trainable position embeddings (official CAVMAEFT default)")
+    variant: str = setting("cavmae", "cavmae | sync (CAV-MAE Sync, Araujo et al. CVPR 2025: each frame paired with "
+                           "the audio segment centred on it; train/model/sync.py, preset sync)",
+                           choices=("cavmae", "sync"))
+    audio_length: int = setting(416, "sync: fbank rows of the segment paired with each frame, cut at load time "
+                                "from the target_length rows (released 4 s: 416)", min=16, max=16_384,
+                                check=lambda rows: whole_patches("model.audio_length", rows))
+    cls_token: bool = setting(True, "sync: a global token per modality for the contrastive loss")
+    global_local_losses: bool = setting(False, "sync: contrastive loss = mean of the global-token and the "
+                                        "mean-patch-token losses")
+    num_register_tokens: int = setting(8, "sync: learned register tokens per modality", min=0, max=1024)
+    keep_register_tokens: bool = setting(False, "sync: registers go through the joint block too")
+    contrastive_heads: bool = setting(False, "sync: two more blocks per modality on the contrastive path")
+    sync_pool: str = setting("tokens", "sync finetuning (our reading, train/model/sync_finetuning.py): the head "
+                             "sees the mean patch token after the joint block (tokens), the global tokens "
+                             "(global), or the mean of both (both)", choices=("tokens", "global", "both"))
 
 
 @dataclass
@@ -64,6 +79,9 @@ class Data:
     missing_modality: str = setting("skip", "a sample without the audio or the frames a mode needs (pretraining, "
                                     "multimodal): skip (counted) | fill (official: the loader's 0.01-filled fbank "
                                     "or image in its place)", choices=("skip", "fill"))
+    segment_centre: str = setting("index", "model.variant sync: where frame i of T centres its audio segment: index "
+                                  "(released loader: row round(i * target_length / T)) | time (the frame's "
+                                  "frame_times_s)", choices=("index", "time"))
 
 
 @dataclass
@@ -205,6 +223,7 @@ PRESETS.update({
 _CAVMAE_FT = "every official finetuning script"
 _AS20K, _AS2M, _VGG = "run_cavmae_ft_bal.sh", "run_cavmae_ft_full.sh", "vggsound/run_cavmae_ft.sh"
 _AST = "AST egs/esc50/run_esc.sh"
+_SYNC = "cav-mae-sync src/retrieval.py"
 
 
 def _official_ft(script: str, lr: float, head: float, batch: int, epochs: int, start: int, wa: tuple[int, int],
@@ -267,9 +286,24 @@ FINETUNE_RECIPES: dict[str, dict[str, tuple[Any, str]]] = {
         "eval.frames": ("middle", "audio only: no frames to aggregate"),
     },
 }
+# CAV-MAE Sync pretraining: the released checkpoint's configuration (the optimisation values are not released;
+# they stay the CAV-MAE defaults of the pretrain section).
+SYNC_RECIPE: dict[str, tuple[Any, str]] = {
+    "model.variant": ("sync", "CAV-MAE Sync (arXiv 2505.01237)"),
+    "model.audio_length": (416, f"{_SYNC}: '4s' models, target_length 416"),
+    "model.cls_token": (True, f"{_SYNC}: the released model type sync_pretrain_registers_cls_4s"),
+    "model.num_register_tokens": (8, f"{_SYNC}: num_register_tokens 8 for the released model"),
+    "model.global_local_losses": (False, f"{_SYNC}: not set for the released model type"),
+    "model.contrastive_heads": (False, f"{_SYNC}: no '_ch' in the released model type"),
+    "model.keep_register_tokens": (False, "cav-mae-sync CAVMAE default"),
+    "pretrain.noise": (False, "cav-mae-sync src/dataloader_sync.py applies no noise or roll"),
+    "data.segment_centre": ("index", "cav-mae-sync src/dataloader_sync.py map_frame_to_spectrogram"),
+}
 PRESETS.update({name: {k: v for k, (v, _) in table.items()} for name, table in FINETUNE_RECIPES.items()})
 PRESETS["linear-probe"] = {"finetune.freeze_base": True, "finetune.mixup": 0.0}
 PRESET_SOURCES.update({name: {k: src for k, (_, src) in table.items()} for name, table in FINETUNE_RECIPES.items()})
+PRESETS["sync"] = {k: v for k, (v, _) in SYNC_RECIPE.items()}
+PRESET_SOURCES["sync"] = {k: src for k, (_, src) in SYNC_RECIPE.items()}
 PRESET_NOTES.update({  # (comment line above the preset, comment after it) in pipeline.yaml
     "scale+": ("Pretraining (reference 4.1; the default pretrain section is the base recipe: lr 5e-5, batch 48)",
                "official script (the released model used 108)"),
@@ -280,6 +314,8 @@ PRESET_NOTES.update({  # (comment line above the preset, comment after it) in pi
              "scale++'s 4 x 64 on one GPU)", ""),
     "as20k-ft": ("Finetuning (reference 4.2; the default finetune section is AS-20K multimodal, as-is in as20k-ft)",
                  ""),
+    "sync": ("CAV-MAE Sync pretraining (`cavmae-train pretrain --preset sync`): the released VGGSound checkpoint's "
+             "model; lr, batch and epochs stay the pretrain section's (not released)", ""),
     "esc50-audioonly": ("ESC-50 audio only, from AST's ESC-50 recipe (the same author's code); CAV-MAE's fbank "
                         "normalisation kept (its author in issue #24). 5-fold CV: hold one fold out as --val-shards",
                         ""),

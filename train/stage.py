@@ -193,6 +193,9 @@ def transform(cfg: Config, aug: dict[str, Any], *, frame: str | int, num_classes
     aug = {**aug, **mask_widths(cfg, aug)}
     data = {**cfg.data.to_dict(), "target_length": cfg.model.target_length, "image_size": cfg.video.image_size,
             "num_mel_bins": cfg.audio.num_mel_bins}
+    if cfg.model.variant == "sync":  # each frame with its audio segment (train/segments.py)
+        data["segment"] = {"rows": cfg.model.audio_length, "centre": cfg.data.segment_centre,
+                           "rows_per_s": 1000 / cfg.audio.frame_shift_ms}
     return Transform(data, aug, frame=frame, num_frames=cfg.video.num_frames, num_classes=num_classes,
                      label_map=label_map, label_file=label_csv, seed=0, audio=cfg.audio.to_dict(), needs=needs)
 

@@ -15,6 +15,10 @@ the mode needs only what it has (`Transform.needs`: video-only samples in `video
 modes) and is otherwise skipped and counted, or, with `data.missing_modality: fill`, given the official loader's
 stand-in (a raw fbank of 0.01, an image of 0.01 after normalisation). Examples say what was real (`has_audio`,
 `has_video`, for `embed`).
+
+With `data["segment"]` (model.variant sync) each frame used comes with the audio segment centred on it
+(train/segments.py), cut from the (mixed) fbank after the frame is drawn: `audio` is [B, rows, F] for one frame,
+[B, T, rows, F] for "all".
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from cavmae.train.augment import draw_augmentation, mix_fbanks, mix_waveforms
 from cavmae.train.failures import Failures
 from cavmae.train.images import frame_pixels, stack_pixels
 from cavmae.train.labels import LabelError, label_indices, soft_labels
+from cavmae.train.segments import cut_segments, frame_centres
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,8 @@ class Transform:
     fbank parameters used to recompute the fbank of a waveform mix; they must be those the shards were made with).
     `needs`: the modalities the model's mode reads, "a" and/or "v"; a sample without one of them is a
     MissingModality unless `data["missing_modality"]` is "fill" (see the module docstring). A modality the mode
-    does not read is given the stand-in when absent.
+    does not read is given the stand-in when absent. `data["segment"]`: {"rows", "centre", "rows_per_s"} pairs each
+    frame with its audio segment (see the module docstring).
     """
 
     def __init__(self, data: dict[str, Any], aug: dict[str, Any], *, frame: str | int, num_frames: int,
@@ -64,6 +70,8 @@ class Transform:
         self.data, self.aug, self.frame, self.num_frames = data, aug, frame, num_frames
         self.num_classes, self.label_map, self.label_file, self.seed = num_classes, label_map, label_file, seed
         self.audio, self.needs, self.fill = audio, needs, data.get("missing_modality") == "fill"
+        self.segment = data.get("segment")
+        self.rows = self.segment["rows"] if self.segment else data["target_length"]  # fbank rows the model takes
         std = torch.tensor(data["image_std"], dtype=torch.float64)
         # (x / 255 - mean) / std as one multiply-subtract on the batch (`device_augment`)
         self.pixel_scale = (1 / (255 * std)).tolist()
@@ -114,12 +122,15 @@ class Transform:
         wanted = available // 2 if self.frame == "middle" else int(self.frame)  # official: frame 5 of 10
         return [min(wanted, available - 1)]  # official: step down to the last frame that exists
 
-    def pixels(self, sample: dict[str, Any], rng: np.random.Generator) -> torch.Tensor:
-        """uint8 [3, H, W] (or [F, 3, H, W] for "all"); `device_augment` normalises."""
+    def pixels(self, sample: dict[str, Any], rng: np.random.Generator,
+               indices: list[int] | None = None) -> torch.Tensor:
+        """uint8 [3, H, W] (or [F, 3, H, W] for "all") of the frames `indices` (default: drawn); `device_augment`
+        normalises."""
         if not sample["frames"]:
             raise BadSample(f"sample {sample['key']!r} has no frames")
-        frames = [frame_pixels(sample["frames"][i], self.data["image_size"])
-                  for i in self.frame_indices(len(sample["frames"]), rng)]
+        if indices is None:
+            indices = self.frame_indices(len(sample["frames"]), rng)
+        frames = [frame_pixels(sample["frames"][i], self.data["image_size"]) for i in indices]
         return stack_pixels(frames) if self.frame == "all" else frames[0]
 
     @staticmethod
@@ -156,7 +167,9 @@ class Transform:
         both_a = real_a and (partner is None or self.has(partner, "a"))
         both_v = real_v and (partner is None or self.has(partner, "v"))
         fbank = torch.from_numpy(sample["fbank"]) if both_a else self.stand_in("a")
-        image = self.pixels(sample, rng) if both_v else self.stand_in("v")
+        # segments follow the frames: draw them first (without segments, pixels draws them, as it always has)
+        indices = self.frame_indices(len(sample["frames"]) or self.num_frames, rng) if self.segment else None
+        image = self.pixels(sample, rng, indices) if both_v else self.stand_in("v")
         lam, mixup, image_mix = 1.0, None, None
         if partner is not None:
             self.check(partner)
@@ -165,15 +178,27 @@ class Transform:
                 fbank, mixup = self.mix_audio(sample, partner, fbank.float(), lam)
             if both_v:
                 image_mix = self.pixels(partner, rng)
+        if self.segment:
+            fbank = self.segments(sample, fbank, indices)
         example = {"audio": fbank, "image": image, "image_mix": image_mix, "lam": lam, "key": sample["key"],
                    "video_id": sample["meta"].get("video_id"), "has_audio": real_a, "has_video": real_v,
-                   "_mixup": mixup, "aug": draw_augmentation(aug, d["target_length"], fbank.shape[1], rng)}
+                   "_mixup": mixup, "aug": draw_augmentation(aug, self.rows, fbank.shape[-1], rng)}
         if self.num_classes:
             first = label_indices(sample, self.label_map, self.label_file)
             check_labels(first, self.num_classes)
             second = label_indices(partner, self.label_map, self.label_file) if partner is not None else None
             example["label"] = soft_labels(self.num_classes, aug["label_smooth"], first, second, lam)
         return example
+
+    def segments(self, sample: dict[str, Any], fbank: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """The segment [rows, F] of the frame used ([T, rows, F] for "all"), cut from `fbank` padded/cut to
+        target_length rows."""
+        s, total = self.segment, self.data["target_length"]
+        meta = sample["meta"]
+        centres = frame_centres(indices, self.num_frames, total, s["centre"], meta.get("frame_times_s"),
+                                meta.get("clip_start_s") or 0.0, s["rows_per_s"])
+        segments = cut_segments(fbank, centres, s["rows"], total)
+        return segments if self.frame == "all" else segments[0]
 
     def mix_audio(self, sample: dict[str, Any], partner: dict[str, Any], fbank: torch.Tensor,
                   lam: float) -> tuple[torch.Tensor, str]:
@@ -211,13 +236,16 @@ class Transform:
         sample is the stored float16 fbank, else float32), uint8 frames, the mixup partners' frames and λ when any
         sample was mixed, and the augmentation parameters as [B] tensors (see `device_augment`)."""
         d = self.data
-        t, f = d["target_length"], examples[0]["audio"].shape[1]
+        t, f = self.rows, examples[0]["audio"].shape[-1]
         dtype = torch.float16 if all(e["audio"].dtype == torch.float16 for e in examples) else torch.float32
-        audio = torch.empty(len(examples), t, f, dtype=dtype)
-        for row, e in zip(audio, examples):
-            n = min(e["audio"].shape[0], t)
-            row[:n] = e["audio"][:n]
-            row[n:] = 0
+        if examples[0]["audio"].dim() == 3:  # every frame's segment [T, rows, F], cut to size (Sync, "all")
+            audio = torch.stack([e["audio"].to(dtype) for e in examples])
+        else:
+            audio = torch.empty(len(examples), t, f, dtype=dtype)
+            for row, e in zip(audio, examples):
+                n = min(e["audio"].shape[0], t)
+                row[:n] = e["audio"][:n]
+                row[n:] = 0
         params = [e["aug"] for e in examples]
         aug: dict[str, Any] = {"freq": torch.tensor([p["freq"] for p in params]),
                                "time": torch.tensor([p["time"] for p in params]),
