@@ -179,6 +179,17 @@ def test_source_roots():
     assert source_allowed("s3://bucket/videos/d/a.mp4?endpoint_override=minio:9000", roots)
 
 
+def test_file_uri_roots_resolve_links_and_dots(tmp_path):
+    """A `file://` root is a local folder: a link inside it pointing out, or a `..` spelled `%2E%2E`, is outside."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "elsewhere")
+    roots = (f"file://{tmp_path}/root",)
+    assert source_allowed(f"file://{tmp_path}/root/a.mp4", roots)
+    for source in (f"file://{tmp_path}/root/link/x.mp4", f"file://{tmp_path}/root/%2E%2E/x.mp4",
+                   f"file://{tmp_path}/root", "file://host/x.mp4"):
+        assert not source_allowed(source, roots), source
+
+
 def test_reprocess_reads_only_inside_sources_and_never_joins_the_folders_cluster(world, tmp_path):
     """A downloaded SRC whose manifest names a file outside the user's --sources and whose pipeline.yaml names a
     cluster: the outside file becomes a failed row naming it (never read), nothing connects to the cluster."""
@@ -213,6 +224,31 @@ def test_reprocess_reads_only_inside_sources_and_never_joins_the_folders_cluster
             assert marker.untouched()
     finally:
         listener.close()
+
+
+def test_reprocess_reads_no_link_out_of_a_file_uri_root(world, tmp_path):
+    """--sources file://ROOT where ROOT/link points outside: a source under the link is a failed row naming it,
+    never decoded; the one really inside is remade."""
+    src = tmp_path / "src"
+    shutil.copytree(world["src"], src)
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(world["videos"] / "a.mp4", root / "a.mp4")
+    (root / "link").symlink_to(world["secret"].parent)
+    sources = {"a": f"file://{root}/a.mp4", "b": f"file://{root}/link/{world['secret'].name}"}
+    rows = read_manifest(src)
+    for r in rows:
+        r["source"] = sources[r["video_id"]]
+    write_rows(src / "manifest.parquet", rows)
+    marker = Marker(world["secret"])
+
+    summary = reprocess(src, tmp_path / "dst", reprocess_config(src, sets=["video.num_frames=3"]),
+                        sources=[f"file://{root}"])
+    got = {r["video_id"]: (r["status"], r["error"]) for r in read_manifest(tmp_path / "dst")}
+    assert got == {"a": ("ok", None), "b": ("failed", f"source is outside --sources: {sources['b']}")}
+    assert summary.ok == 1 and summary.failed == 1
+    if world["atime"]:
+        assert marker.untouched()
 
 
 def in_child(code: str, memory_gb: int = 2, timeout: int = 60) -> str:
