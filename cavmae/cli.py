@@ -16,7 +16,7 @@ from cavmae.shards.config import Config, load_config
 from cavmae.shards.errors import Parser, UserError, report
 from cavmae.shards.frozen import SAMPLE_SECTIONS
 from cavmae.shards.process import finish
-from cavmae.shards.store import check_out_file
+from cavmae.shards.store import check_out_file, publish_file
 from cavmae.train.cli import add_mode_arg
 
 EXAMPLES = """examples:
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         return report("cavmae", exc)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        with publish_file(args.out) as up:
+            up.write((json.dumps(results, indent=1) + "\n").encode())
     return 1 if failed else 0
 
 

@@ -27,6 +27,7 @@ from cavmae.shards.config import load_config
 from cavmae.shards.frozen import PREP_SECTIONS
 from cavmae.shards.manifest import read_manifest, write_rows
 from cavmae.shards.schema import sample_members
+from cavmae.shards.store import Store
 from cavmae.shards.writer import ShardWriter
 from tests.clips import make_clip
 from tests.conftest import time_limit
@@ -458,3 +459,39 @@ def test_init_and_resume_of_another_model_shape_are_one_line(shard_folder, tmp_p
                 "batches_done": 1}, run / "last.pt")
     code, err = train_main(["pretrain", "--shards", str(shard_folder), "--out", str(run), "--resume"], capsys)
     assert code == 2 and f"{run / 'last.pt'}: does not fit" in err and "\n" not in err, err
+
+
+def test_a_runs_files_are_new_files_never_written_through_links_left_there(shard_folder, tmp_path, capsys):
+    """A run folder (and --out files) holding links to files elsewhere under the names a run writes: each output is
+    created anew beside them and renamed into place; the files linked to keep their bytes."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ["config.yaml", "metrics.jsonl", "last.pt", "model.pth", "model.1.pth", ".last.pt.tmp",
+             f".model.pth.tmp-{os.getpid()}"]
+    for name in names:
+        (elsewhere / name).write_text("theirs\n")
+        (run / name).symlink_to(elsewhere / name)
+    code, err = train_main(["pretrain", "--shards", str(shard_folder), "--out", str(run), "--set", "pretrain.epochs=1"],
+                           capsys)
+    assert code == 0, err
+    for name in names[:5]:
+        assert (run / name).is_file() and not (run / name).is_symlink(), name
+    assert '"kind": "epoch"' in (run / "metrics.jsonl").read_text() and (run / "model.pth").stat().st_size > 1000
+    ckpt = run / "model.pth"
+    for command, out in (("embed", "e.parquet"), ("retrieve", "r.json")):  # (eval and predict: the same writer)
+        (elsewhere / out).write_text("theirs\n")
+        (tmp_path / out).symlink_to(elsewhere / out)
+        code, err = train_main([command, "--shards", str(shard_folder), "--checkpoint", str(ckpt), "--out",
+                                str(tmp_path / out)], capsys)
+        assert code == 0 and (tmp_path / out).is_file() and not (tmp_path / out).is_symlink(), (command, err)
+    assert all(p.read_text() == "theirs\n" for p in elsewhere.iterdir())
+
+    store = Store.of(tmp_path / "store")  # every publication of a shard folder (manifest, pipeline.yaml, stats)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / f".x.tmp-{os.getpid()}").symlink_to(elsewhere / "config.yaml")
+    (tmp_path / "store" / "x").symlink_to(elsewhere / "last.pt")
+    store.write_text("x", "ours")
+    assert (tmp_path / "store" / "x").read_text() == "ours" and not (tmp_path / "store" / "x").is_symlink()
+    assert all(p.read_text() == "theirs\n" for p in elsewhere.iterdir())

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 from cavmae.shards.config import ConfigError, load_config
 from cavmae.shards.errors import Parser, UserError, report
 from cavmae.shards.process import finish
-from cavmae.shards.store import check_out_file
+from cavmae.shards.store import check_out_file, publish_file
 
 PROG = "cavmae-train"
 
@@ -145,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(result, indent=2)
         print(text)
         if getattr(args, "out", None) and args.command in ("eval", "retrieve"):
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            with publish_file(args.out) as up:
+                up.write((text + "\n").encode())
     return 0
 
 

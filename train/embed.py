@@ -11,7 +11,6 @@ where no sample decodes is `NoSamples` (exit 2), as in eval and retrieve.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +22,7 @@ from cavmae.shards.config import Config
 from cavmae.train import distributed as dist
 from cavmae.shards.errors import NoSamples
 from cavmae.shards.manifest import manifest_rows
+from cavmae.shards.store import publish_file
 from cavmae.train import stage as st
 from cavmae.train.augment import device_augment
 from cavmae.train.failures import shard_list
@@ -55,12 +55,9 @@ def embed(model: torch.nn.Module, urls: list[str], transform: Transform, out: st
           progress: bool = True) -> int:
     """Write the embeddings of every sample of `urls` to the parquet file `out`; returns the number of rows."""
     model = dist.unwrap(model).eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     rows = 0
-    try:
-        with pq.ParquetWriter(tmp, SCHEMA) as writer, \
+    with publish_file(out) as up:  # (a new file, renamed into place once whole)
+        with pq.ParquetWriter(up.file, SCHEMA) as writer, \
                 tqdm(total=total, unit="sample", desc="embed", disable=not progress) as bar:
             for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
                 audio, visual = pooled_features(model, device_augment(batch, device), device, precision)
@@ -73,7 +70,4 @@ def embed(model: torch.nn.Module, urls: list[str], transform: Transform, out: st
                 bar.update(len(batch["key"]))
         if not rows:  # as eval and retrieve: no empty parquet that looks like a result
             raise NoSamples(f"no decodable sample in {len(urls)} shard(s): {shard_list(urls)}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return rows

@@ -19,7 +19,7 @@ from cavmae.shards.frozen import adopt_shard_settings
 from cavmae.shards.index import SampleIndex, sample_index
 from cavmae.shards.manifest import manifest_rows
 from cavmae.shards.reader import list_shards
-from cavmae.shards.store import regular_files
+from cavmae.shards.store import Store, regular_files
 from cavmae.shards.settings import OFFICIAL_SHIFT_MS, PATCH_ROWS
 from cavmae.train import distributed as dist
 from cavmae.train.failures import shard_list
@@ -65,7 +65,7 @@ def run_folder(out: str, cfg: Config) -> Path:
         raise UsageError(f"--out {out}: exists and is not a folder")
     if dist.is_main():
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.yaml").write_text(cfg.to_yaml())
+        Store.of(path).write_text("config.yaml", cfg.to_yaml())  # (a new file, not through a link left there)
     dist.barrier()
     return path
 
