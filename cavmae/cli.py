@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top_k < 1:
             raise UsageError(f"--top-k must be >= 1; got {args.top_k}")
-        if args.out:  # written after every video is scored: a bad --out is said first
+        if args.out is not None:  # written after every video is scored: a bad --out is said first
             check_out_file(args.out)
         cfg = predict_config(args)
         index = LabelIndex.read(args.labels)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"source": got.source, "video_id": got.video_id, "window": got.window, "top": top})
     except UserError as exc:
         return report("cavmae", exc)
-    if args.out:
+    if args.out is not None:
         with publish_file(args.out) as up:
             up.write((json.dumps(results, indent=1) + "\n").encode())
     return 1 if failed else 0

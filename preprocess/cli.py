@@ -8,7 +8,6 @@ not one could be processed, 2 for bad arguments, config or input lists (a one-li
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tarfile
 from collections import Counter
@@ -18,7 +17,7 @@ from cavmae.shards.config import ConfigError, load_config
 from cavmae.shards.errors import NoSamples, Parser, UserError, report
 from cavmae.shards.process import finish
 from cavmae.shards.schema import BadSample, one_line
-from cavmae.shards.store import check_out_file
+from cavmae.shards.store import check_out_file, check_out_folder
 
 from .datasets import FORMATS
 from .fetch import FetchOptions
@@ -56,12 +55,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
-
-
-def check_out(out: str) -> None:
-    """`--out` must be a folder (or not exist yet): a regular file there is an error, not a traceback."""
-    if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {out}: exists and is not a folder")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -201,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":  # inspect's --out is a picture, not a folder
             check_out_file(args.out)
         elif getattr(args, "out", None) is not None:
-            check_out(args.out)
+            check_out_folder(args.out)
         if args.command == "reprocess":
             return _reprocess(args)
         if args.command == "fetch":

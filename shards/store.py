@@ -224,10 +224,21 @@ def regular_files(urls: list[str]) -> list[str]:
     return urls
 
 
+def check_out_folder(out: str, flag: str = "--out") -> None:
+    """A folder a command will write into (`--out DIR`): named (an empty name would be the current folder), and a
+    folder or not there yet (a file there is an error, not a traceback). ConfigError, one line."""
+    if not out:
+        raise ConfigError(f"{flag} is empty: name the folder to write")
+    if not is_uri(out) and os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"{flag} {out}: exists and is not a folder")
+
+
 def check_out_file(out: str, flag: str = "--out") -> None:
-    """A local file a command will write (`--out FILE`), checked before the work rather than failing after it: not
-    an existing folder, FIFO or device, and under a folder (the nearest existing parent is not a file). A URI is
-    its store's to judge. ConfigError, one line."""
+    """A local file a command will write (`--out FILE`), checked before the work rather than failing after it:
+    named, not an existing folder, FIFO or device, and under a folder (the nearest existing parent is not a file).
+    A URI is its store's to judge. ConfigError, one line."""
+    if not out:
+        raise ConfigError(f"{flag} is empty: name the file to write")
     if is_uri(out):
         return
     path = Path(out).absolute()

@@ -439,6 +439,32 @@ def test_out_naming_a_folder_is_refused_before_the_work(shard_folder, tmp_path, 
     assert code == 2 and err == f"cavmae-prep: error: --out {folder}: exists and is not a regular file", err
 
 
+def test_an_empty_out_is_one_line_on_every_cli(shard_folder, tmp_path, capsys, monkeypatch):
+    """`--out ''` names nothing (a run folder '' would be the current folder): refused in one line, exit 2,
+    before any work, by every command that takes one; nothing is written where the command runs."""
+    from cavmae import cli as cavmae_cli
+
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "missing.pth")
+    for argv in (["embed", "--shards", str(shard_folder), "--checkpoint", missing],
+                 ["eval", "--shards", str(shard_folder), "--checkpoint", missing],
+                 ["retrieve", "--shards", str(shard_folder), "--checkpoint", missing],
+                 ["pretrain", "--shards", str(shard_folder)], ["finetune", "--shards", str(shard_folder)]):
+        code, err = train_main(argv + ["--out", ""], capsys)
+        assert code == 2 and err.startswith("cavmae-train: error: --out is empty") and "\n" not in err, (argv, err)
+    code = cavmae_cli.main(["predict", str(tmp_path / "v.mp4"), "--checkpoint", missing, "--labels",
+                            str(tmp_path / "labels.csv"), "--out", ""])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("cavmae: error: --out is empty") and "\n" not in err, err
+    for argv in (["ingest", str(tmp_path / "none")], ["stats", str(shard_folder)],
+                 ["inspect", str(shard_folder), "--random", "1"],
+                 ["reprocess", str(shard_folder)], ["fetch", str(tmp_path / "list.csv")]):
+        code = prep_cli.main(argv + ["--out", ""])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("cavmae-prep: error: --out is empty") and "\n" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
 def test_init_and_resume_of_another_model_shape_are_one_line(shard_folder, tmp_path, capsys):
     import torch
     from cavmae.train.model import build_pretrain_model

@@ -124,7 +124,7 @@ def frame_choice(value: str, source: str) -> str | int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("eval", "retrieve", "embed") and args.out:  # a file, written after the work
+        if args.command in ("eval", "retrieve", "embed") and args.out is not None:  # a file, written after the work
             check_out_file(args.out)
         cfg = load_config(args.config, args.sets, args.presets)
         result = COMMANDS[args.command](args, cfg)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         text = json.dumps(result, indent=2)
         print(text)
-        if getattr(args, "out", None) and args.command in ("eval", "retrieve"):
+        if getattr(args, "out", None) is not None and args.command in ("eval", "retrieve"):
             with publish_file(args.out) as up:
                 up.write((text + "\n").encode())
     return 0

@@ -19,7 +19,7 @@ from cavmae.shards.frozen import adopt_shard_settings
 from cavmae.shards.index import SampleIndex, sample_index
 from cavmae.shards.manifest import manifest_rows
 from cavmae.shards.reader import list_shards
-from cavmae.shards.store import Store, regular_files
+from cavmae.shards.store import Store, check_out_folder, regular_files
 from cavmae.shards.settings import OFFICIAL_SHIFT_MS, PATCH_ROWS
 from cavmae.train import distributed as dist
 from cavmae.train.failures import shard_list
@@ -60,9 +60,8 @@ def shard_sets(cfg: Config, shards: str, val_shards: str | None = None
 
 def run_folder(out: str, cfg: Config) -> Path:
     """Create the run folder and write the exact config used beside the outputs."""
+    check_out_folder(out)
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
     if dist.is_main():
         path.mkdir(parents=True, exist_ok=True)
         Store.of(path).write_text("config.yaml", cfg.to_yaml())  # (a new file, not through a link left there)
