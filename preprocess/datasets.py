@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cavmae.shards.store import open_text
+
 from .inputs import MEDIA_EXTENSIONS, InputError, InputItem
 
 FORMATS = ("audioset", "vggsound", "kinetics", "esc50")
@@ -81,7 +83,7 @@ def list_rows(path: Path, fmt: str, split: tuple[str, ...] | None = None) -> lis
 def sniff(path: Path) -> str | None:
     """The list format of `path` from its first lines, or None (a plain path list)."""
     try:
-        with open(path, newline="") as f:
+        with open_text(path, newline="") as f:
             lines = [line for _, line in zip(range(_SNIFF_LINES), f)]
     except (OSError, UnicodeDecodeError):
         return None
@@ -120,7 +122,7 @@ class Row:
 def _read(path: Path, skip_header: bool) -> list[tuple[int, list[str]]]:
     """(line number, cells) of every non-comment, non-empty row."""
     try:
-        with open(path, newline="") as f:
+        with open_text(path, newline="") as f:
             numbered = [(n, line) for n, line in enumerate(f, 1) if line.strip() and not line.startswith("#")]
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read dataset list ({exc})") from None

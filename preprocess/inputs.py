@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from cavmae.shards.errors import UserError
 from cavmae.shards.schema import LABEL_INDEX_LIMIT, safe_text
+from cavmae.shards.store import open_text
 
 if TYPE_CHECKING:
     from .datasets import ListOptions
@@ -70,7 +71,7 @@ class LabelIndex:
     def read(cls, path: str | Path) -> "LabelIndex":
         table = cls()
         try:
-            with open(path, newline="") as f:
+            with open_text(path, newline="") as f:
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or not {"index", "mid"} <= set(reader.fieldnames):
                     raise InputError(f"{path}: label index CSV needs the header index,mid,display_name")
@@ -213,7 +214,7 @@ def _read_path_list(path: Path) -> list[InputItem]:
     """One video path per line (first CSV column); relative paths are relative to the list's folder."""
     items = []
     try:
-        with open(path, newline="") as f:
+        with open_text(path, newline="") as f:
             for row in csv.reader(f):
                 if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
                     continue
@@ -279,7 +280,7 @@ def _read_labels_csv(path: str) -> dict[str, tuple[str, ...]]:
     then splits them on ',', quote-aware: `vid,"Bee, wasp, etc."` is one label when the label index knows it)."""
     table: dict[str, tuple[str, ...]] = {}
     try:
-        with open(path, newline="") as f:
+        with open_text(path, newline="") as f:
             for row in csv.reader(f):
                 if not row or row[0] in ("video_id", "") or row[0].startswith("#"):
                     continue

@@ -60,7 +60,7 @@ from cavmae.shards.names import shard_index
 from cavmae.shards.samples import Group, read_groups
 from cavmae.shards.schema import (BadSample, check_key, decode_labels, decode_member, decode_meta, member_suffix,
                            one_line, sample_members)
-from cavmae.shards.store import Store, is_uri
+from cavmae.shards.store import Store, is_uri, open_text
 
 from .ingest import Summary
 from .inputs import InputError
@@ -99,7 +99,7 @@ def reprocess_config(src: str | os.PathLike, config: str | None = None, sets: li
     flat: list[str] = []
     if config is not None:
         try:
-            with open(config) as f:
+            with open_text(config) as f:
                 user = yaml.safe_load(f) or {}
         except OSError as exc:
             raise ConfigError(f"{config}: cannot read config ({exc.strerror or exc})") from None

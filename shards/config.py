@@ -132,8 +132,11 @@ def _only(user: dict[str, Any], parts: Iterable[str]) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    from .store import open_text  # (store imports this module)
+
     try:
-        text = path.read_text()
+        with open_text(path) as f:
+            text = f.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
     try:

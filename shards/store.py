@@ -24,6 +24,7 @@ Credentials and endpoints come from the usual environment of each store (`AWS_AC
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import stat
@@ -195,12 +196,20 @@ def open_regular(path: str | os.PathLike, buffering: int = -1) -> IO[bytes]:
         raise
 
 
+def open_text(path: str | os.PathLike, newline: str | None = None) -> IO[str]:
+    """`open_regular` as UTF-8 text: how a command opens a file argument (a CSV, a list, a config), so that a FIFO
+    or device given as one is refused in one line rather than waited on."""
+    return io.TextIOWrapper(open_regular(path), encoding="utf-8", newline=newline)
+
+
 def regular_fd(path: str | os.PathLike) -> int:
     """A blocking read-only descriptor of `path` if it is a regular file (`open_regular`), for `os.pread`."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{os.fspath(path)}: {NOT_REGULAR}")
+            exc = OSError(f"{os.fspath(path)}: {NOT_REGULAR}")
+            exc.strerror = NOT_REGULAR  # (for messages that name the path themselves: `exc.strerror or exc`)
+            raise exc
         os.set_blocking(fd, True)
         return fd
     except BaseException:

@@ -465,6 +465,42 @@ def test_an_empty_out_is_one_line_on_every_cli(shard_folder, tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
 
 
+def test_a_fifo_given_as_any_file_argument_is_refused_not_waited_on(shard_folder, tmp_path, capsys):
+    """Every file a command reads by name (label CSVs, configs, checkpoints, a resumed last.pt) is opened only if it
+    is a regular file: a FIFO is one line naming it, exit 2, instead of a read that waits for a writer forever."""
+    from cavmae import cli as cavmae_cli
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "last.pt")
+    videos = tmp_path / "videos"
+    make_clip(videos, "v", seconds=1.0, size=(64, 48))
+    prep = [["ingest", str(videos), "--out", str(tmp_path / "o1"), "--label-index", str(fifo)],
+            ["ingest", str(videos), "--out", str(tmp_path / "o2"), "--labels", str(fifo)],
+            ["ingest", str(videos), "--out", str(tmp_path / "o3"), "--config", str(fifo)],
+            ["stats", str(shard_folder), "--label-index", str(fifo)],
+            ["inspect", str(shard_folder), "--random", "1", "--out", str(tmp_path / "x.png"), "--label-index",
+             str(fifo)]]
+    for argv in prep:
+        code = prep_cli.main(argv + ["--no-progress"] * (argv[0] != "inspect"))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"{fifo}: " in err and "not a regular file" in err and "\n" not in err, (argv, err)
+    train = [["pretrain", "--shards", str(shard_folder), "--out", str(tmp_path / "r1"), "--init", str(fifo)],
+             ["pretrain", "--shards", str(shard_folder), "--out", str(run), "--resume"],
+             ["eval", "--shards", str(shard_folder), "--checkpoint", str(fifo)],
+             ["order", "--shards", str(shard_folder), "--epoch", "1", "--config", str(fifo)]]
+    for argv in train:
+        code, err = train_main(argv, capsys)
+        assert code == 2 and "fifo: " in err or "last.pt: " in err, (argv, err)
+        assert "not a regular file" in err and "\n" not in err, (argv, err)
+    code = cavmae_cli.main(["predict", str(videos / "v.mp4"), "--checkpoint", str(tmp_path / "none.pth"),
+                            "--labels", str(fifo)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{fifo}: " in err and "not a regular file" in err and "\n" not in err, err
+
+
 def test_init_and_resume_of_another_model_shape_are_one_line(shard_folder, tmp_path, capsys):
     import torch
     from cavmae.train.model import build_pretrain_model

@@ -28,6 +28,7 @@ from cavmae.train import distributed as dist
 from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelSize, resolve_size
 from cavmae.train.pos_embed import cut_or_interpolate_pos_embed, get_2d_sincos_pos_embed, is_sincos_pos_embed
 from cavmae.shards.errors import UserError
+from cavmae.shards.store import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,12 @@ def read_checkpoint(path: "str | Path", need: "tuple[str, ...]" = ()) -> Any:
     are untrusted, and torch reports a truncated file or a refused pickle in many (multi-line) ways. `need`: keys
     the loaded dict must have (a training state)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path) as f:  # (a FIFO or device named as a checkpoint: refused, not waited on)
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path}: holds pickled objects other than tensors; refused (weights_only)") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for damaged files

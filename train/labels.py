@@ -13,6 +13,7 @@ import torch
 
 from cavmae.shards.errors import UserError
 from cavmae.shards.index import SampleIndex
+from cavmae.shards.store import open_text
 
 
 class LabelError(UserError):
@@ -39,7 +40,7 @@ def read_label_index(path: str | Path) -> dict[str, int]:
     import csv
 
     try:
-        with open(path, newline="") as f:
+        with open_text(path, newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"index", "mid"} <= set(reader.fieldnames):
                 raise LabelError(f"{path}: label index CSV needs the header index,mid,display_name")

@@ -162,9 +162,7 @@ def checkpoint_arg(path: str) -> dict[str, Any]:
     """The state dict that `--checkpoint path` names (weights_only; `module.` stripped), or a one-line UsageError."""
     from cavmae.train.checkpoint import CheckpointError, load_state_dict_file
 
-    if not Path(path).is_file():
-        raise UsageError(f"--checkpoint {path}: no such file")
-    try:
+    try:  # (missing, or not a regular file: one line from `read_checkpoint`)
         return load_state_dict_file(path)
     except CheckpointError as exc:
         raise UsageError(f"--checkpoint {exc}") from None
