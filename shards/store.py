@@ -114,8 +114,9 @@ class Store:
         return int(self.fs.get_file_info(self.path(name)).size)
 
     def read_bytes(self, name: str) -> bytes:
-        if self.local:
-            return Path(self.path(name)).read_bytes()
+        if self.local:  # (a FIFO named like manifest.parquet or pipeline.yaml: refused, not waited on)
+            with open_regular(self.path(name)) as f:
+                return f.read()
         with self.fs.open_input_stream(self.path(name)) as f:
             return f.read()
 
