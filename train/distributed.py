@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cavmae.shards.join import stderr_held, within
 from cavmae.shards.errors import UserError
+from cavmae.shards.join import stderr_held, within
 
 RENDEZVOUS_TIMEOUT_S = 600  # torchrun's default rendezvous join timeout
 
@@ -90,7 +90,7 @@ def _rendezvous(rank: int, world: int, address: str) -> None:
 
     try:  # (`within`: a server that accepts and never answers would block a client past torch's limit)
         with stderr_held():  # (torch logs each failed try with a stack trace)
-            store, rank, world = within(RENDEZVOUS_TIMEOUT_S + 5, meet, "the rendezvous")
+            store, _, _ = within(RENDEZVOUS_TIMEOUT_S + 5, meet, "the rendezvous")
     except (RuntimeError, OSError) as exc:  # torch's DistNetworkError, DistStoreError (RuntimeErrors); TimeoutError
         reason = " ".join(str(exc).split())[:200]
         raise LaunchError(f"rank {rank} of {world}: the processes did not all meet at {address} "
