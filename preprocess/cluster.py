@@ -83,6 +83,7 @@ def _join(address: str, token: str | None) -> None:
 
     with stderr_held() as held:
         try:
+            # (ray.init in `within`'s thread installs no SIGTERM handler: a TERM ends the driver at once)
             within(JOIN_TIMEOUT_S, lambda: ray.init(address=address, log_to_driver=False), f"joining {address}")
             return
         except JoinTimeout:  # (no ray.shutdown: the join is still under way in its thread)
