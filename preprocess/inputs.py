@@ -233,7 +233,8 @@ def _read_dataset_json(path: Path) -> list[InputItem]:
     `{video_id}.<ext>` for one of the video extensions.
     """
     try:
-        entries = json.loads(path.read_text())["data"]
+        with open_text(path) as f:
+            entries = json.load(f)["data"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a dataset JSON with a 'data' list ({exc})") from None
     items = []
