@@ -16,7 +16,7 @@ from cavmae.shards.config import Config, load_config
 from cavmae.shards.errors import Parser, UserError, examples_for, report
 from cavmae.shards.frozen import SAMPLE_SECTIONS
 from cavmae.shards.process import finish
-from cavmae.shards.store import check_out_file
+from cavmae.shards.store import check_out_file, publish_file
 from cavmae.train.cli import add_mode_arg
 
 EXAMPLES = """examples:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top_k < 1:
             raise UsageError(f"--top-k must be >= 1; got {args.top_k}")
-        if args.out:  # written after every video is scored: a bad --out is said first
+        if args.out is not None:  # written after every video is scored: a bad --out is said first
             check_out_file(args.out)
         cfg = predict_config(args)
         index = LabelIndex.read(args.labels)
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"source": got.source, "video_id": got.video_id, "window": got.window, "top": top})
     except UserError as exc:
         return report("cavmae", exc)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    if args.out is not None:
+        with publish_file(args.out) as up:
+            up.write((json.dumps(results, indent=1) + "\n").encode())
     return 1 if failed else 0
 
 

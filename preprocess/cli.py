@@ -9,7 +9,6 @@ same command to resume).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tarfile
 from collections import Counter
@@ -19,7 +18,7 @@ from cavmae.shards.config import ConfigError, load_config
 from cavmae.shards.errors import NoSamples, Parser, UserError, examples_for, report
 from cavmae.shards.process import finish
 from cavmae.shards.schema import BadSample, one_line
-from cavmae.shards.store import check_out_file
+from cavmae.shards.store import check_out_file, check_out_folder
 
 from .datasets import FORMATS
 from .fetch import LIMITS, FetchOptions, out_of_range
@@ -79,12 +78,6 @@ def fetch_range(field: str) -> str:
     """The range of fetch's number option `field`, as its --help says it (from LIMITS: never a second copy)."""
     _, low, high = LIMITS[field]
     return f"{low:g} to {high:g}"
-
-
-def check_out(out: str) -> None:
-    """`--out` must be a folder (or not exist yet): a regular file there is an error, not a traceback."""
-    if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {out}: exists and is not a folder")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -234,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":  # inspect's --out is a picture, not a folder
             check_out_file(args.out)
         elif getattr(args, "out", None) is not None:
-            check_out(args.out)
+            check_out_folder(args.out)
         if args.command == "reprocess":
             return _reprocess(args)
         if args.command == "fetch":

@@ -3,6 +3,8 @@
 Joining fails in one line, never with a traceback or a silent wait:
 - a `host:port` (or `ray://host:port`) with nothing listening is reported within CONNECT_TIMEOUT_S (Ray itself
   retries for a minute or more);
+- a join that has not completed within JOIN_TIMEOUT_S (a port that accepts and never answers: Ray would wait on
+  it for minutes) is reported naming the address and the limit (`shards.join.within`);
 - a cluster started with token authentication (`RAY_AUTH_MODE=token ray start --head ...`) is joined with the
   token Ray would use (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, or `~/.ray/auth_token`, where `ray
   get-auth-token --generate` writes it): when one is present and RAY_AUTH_MODE is unset we set it to `token`
@@ -14,15 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from cavmae.shards.config import Config, ConfigError
+from cavmae.shards.join import JoinTimeout, stderr_held, within
 from cavmae.shards.schema import one_line
 
 CONNECT_TIMEOUT_S = 3.0
+JOIN_TIMEOUT_S = 60.0  # a healthy cluster is joined in seconds; Ray's own retries of a silent one last minutes
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 AUTH_HINT = ("if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (print it on "
              "the head with `ray get-auth-token`), or copy the head's ~/.ray/auth_token to this machine")
@@ -82,10 +83,15 @@ def _use_token() -> str | None:
 def _join(address: str, token: str | None) -> None:
     import ray
 
-    with _stderr_held() as held:
+    with stderr_held() as held:
         try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            # (ray.init in `within`'s thread installs no SIGTERM handler: a TERM ends the driver at once)
+            within(JOIN_TIMEOUT_S, lambda: ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING),
+                   f"joining {address}")
             return
+        except JoinTimeout:  # (no ray.shutdown: the join is still under way in its thread)
+            raise ClusterError(f"{address} accepts connections but joining the Ray cluster there did not complete "
+                               f"within {JOIN_TIMEOUT_S:g} s; check that it is a Ray head's port") from None
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             ray.shutdown()
             first = one_line(exc)[:300]
@@ -95,23 +101,6 @@ def _join(address: str, token: str | None) -> None:
                            f"{AUTH_HINT.split(', ', 1)[1]}")
     hint = f" (token from {token})" if token else f"; {AUTH_HINT}"
     raise ClusterError(f"cannot join the Ray cluster at {address}: {first}{hint}")
-
-
-@contextmanager
-def _stderr_held() -> Iterator[list[str]]:
-    """Hold what is written to file descriptor 2 (Ray's C++ core retries a refused join for ~20 s, logging
-    every attempt); afterwards the list holds it as text. A join that fails is then reported in one line."""
-    text: list[str] = []
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield text
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            text.append(held.read().decode(errors="replace"))
 
 
 def _probe(address: str) -> None:

@@ -16,7 +16,7 @@ Formats, recognised from their first lines (or named with `--list-format`):
   esc50     `meta/esc50.csv`: `filename,fold,target,category,...`; files in `../audio/` unless --videos-dir
 `--split` keeps the rows of the given splits (ESC-50: folds), comma-separated: `--split train`, `--split 1,2,3,4`;
 a split the list does not hold is an error naming the ones it holds (a typo would otherwise keep no row at all).
-Every list is read as UTF-8 without a byte-order mark (`shards.textlist`), and a header without the columns of its
+Every list is read as UTF-8 without a byte-order mark (`shards.store.open_text`), and a header without the columns of its
 format (a list given with another `--list-format` than its own) is one line naming them.
 """
 
@@ -28,7 +28,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cavmae.shards.textlist import open_list, require_columns
+from cavmae.shards.store import open_text
+from cavmae.shards.textlist import require_columns
 
 from .inputs import MEDIA_EXTENSIONS, InputError, InputItem
 
@@ -96,7 +97,7 @@ def list_rows(path: Path, fmt: str, split: tuple[str, ...] | None = None) -> lis
 def sniff(path: Path) -> str | None:
     """The list format of `path` from its first lines, or None (a plain path list)."""
     try:
-        with open_list(path) as f:
+        with open_text(path, newline="") as f:
             lines = [line for _, line in zip(range(_SNIFF_LINES), f)]
     except (OSError, UnicodeDecodeError):
         return None
@@ -135,7 +136,7 @@ class Row:
 def _read(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, cells) of every non-comment, non-empty row."""
     try:
-        with open_list(path) as f:
+        with open_text(path, newline="") as f:
             numbered = [(n, line) for n, line in enumerate(f, 1) if line.strip() and not line.startswith("#")]
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read dataset list ({exc})") from None

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 from cavmae.shards.errors import UserError
 from cavmae.shards.schema import LABEL_INDEX_LIMIT, safe_text
-from cavmae.shards.textlist import ENCODING, open_list, require_columns
+from cavmae.shards.store import open_text
+from cavmae.shards.textlist import require_columns
 
 if TYPE_CHECKING:
     from .datasets import ListOptions
@@ -71,7 +72,7 @@ class LabelIndex:
     def read(cls, path: str | Path) -> "LabelIndex":
         table = cls()
         try:
-            with open_list(path) as f:
+            with open_text(path, newline="") as f:
                 reader = csv.DictReader(f)
                 reader.fieldnames = [c.strip() for c in reader.fieldnames or ()]
                 require_columns(path, reader.fieldnames, ("index", "mid"),
@@ -222,7 +223,7 @@ def _read_path_list(path: Path) -> list[InputItem]:
     """One video path per line (first CSV column); relative paths are relative to the list's folder."""
     items = []
     try:
-        with open_list(path) as f:
+        with open_text(path, newline="") as f:
             for row in csv.reader(f):
                 if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
                     continue
@@ -241,7 +242,8 @@ def _read_dataset_json(path: Path) -> list[InputItem]:
     `{video_id}.<ext>` for one of the video extensions.
     """
     try:
-        entries = json.loads(path.read_text(encoding=ENCODING))["data"]
+        with open_text(path) as f:
+            entries = json.load(f)["data"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a dataset JSON with a 'data' list ({exc})") from None
     items = []
@@ -288,7 +290,7 @@ def _read_labels_csv(path: str) -> dict[str, tuple[str, ...]]:
     then splits them on ',', quote-aware: `vid,"Bee, wasp, etc."` is one label when the label index knows it)."""
     table: dict[str, tuple[str, ...]] = {}
     try:
-        with open_list(path) as f:
+        with open_text(path, newline="") as f:
             for row in csv.reader(f):
                 if not row or row[0] in ("video_id", "") or row[0].startswith("#"):
                     continue

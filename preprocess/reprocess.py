@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterable, Iterator
 
+import pyarrow.fs as pafs
+
 from cavmae.shards.config import Config, ConfigError, read_config_file
 from cavmae.shards.errors import NotFound
 from cavmae.shards.manifest import read_manifest
@@ -252,25 +254,48 @@ def _is_int(value: Any) -> bool:
 def source_allowed(source: Any, roots: tuple[str, ...]) -> bool:
     """Whether `source` (a path or URI from SRC's manifest: untrusted) lies inside one of the user's `roots`, judged
     without opening or listing anything remote. A local path must be absolute and, links resolved, inside a root
-    folder (a link inside pointing out is outside); a URI must extend a root URI by plain path segments (no `.`,
-    `..` or empty ones) and carry the root's query exactly (the query can name the endpoint to contact)."""
+    folder (a link inside pointing out is outside); so must a `file://` URI under a `file://` root (a local path
+    spelled as a URI: its links are resolved the same way, before anything is opened). Any other URI must extend a
+    root URI by plain path segments (no `.`, `..` or empty ones) and carry the root's query exactly (the query can
+    name the endpoint to contact): object stores (s3, gs, ...) have no links, a name is the object it names, and
+    HDFS resolves none unless its cluster enables them (off by default since Hadoop 2)."""
     if not isinstance(source, str) or not source:
         return False
     for root in roots:
         if is_uri(root) != is_uri(source):
             continue
-        if is_uri(root):
+        if _file_path(root) is not None and _file_path(source) is not None:
+            if _inside(_file_path(source), _file_path(root)):
+                return True
+        elif is_uri(root):
             base, _, query = source.partition("?")
             root_base, _, root_query = root.partition("?")
             prefix = root_base.rstrip("/") + "/"
             rest = base[len(prefix):] if base.startswith(prefix) else ""
             if query == root_query and rest and all(seg not in ("", ".", "..") for seg in rest.split("/")):
                 return True
-        elif os.path.isabs(source):
-            real, top = os.path.realpath(source), os.path.realpath(root)
-            if real != top and os.path.commonpath([real, top]) == top:
-                return True
+        elif _inside(source, root):
+            return True
     return False
+
+
+def _file_path(location: str) -> str | None:
+    """The local path a `file://` URI names, decoded as the store decodes it (`%2E%2E` is `..`); "" when it names
+    none; None for anything else."""
+    if location.partition("://")[0].lower() != "file":
+        return None
+    try:
+        return pafs.FileSystem.from_uri(location)[1]
+    except (ValueError, OSError, TypeError):
+        return ""
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether the absolute `path`, links resolved, lies strictly inside the folder `root` (links resolved)."""
+    if not os.path.isabs(path):
+        return False
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real != top and os.path.commonpath([real, top]) == top
 
 
 def _some(paths: list[Any]) -> str:

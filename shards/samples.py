@@ -4,11 +4,13 @@ verify), so a member name means the same thing on every path.
 The rule is webdataset's (`base_plus_ext` + `group_by_keys`): a member's key is its name up to the first dot of its
 base name, consecutive members with one key are one sample, `__meta__` members and names without a suffix are not
 sample members. On top of it, the same on every path: a leading `./` is dropped (what `tar -C dir -cf x.tar .`
-writes); what the toolkit does not take is never dropped without a word. Non-regular members (directories, links,
-...) and names that are not sample members are skipped and named in one warning per shard; a sample whose key is
-outside the key alphabet (a directory, `../`, an absolute path), which holds a member outside the schema
-(`shards.schema.MEMBER_KINDS`) or the same member twice, or whose key comes back later in the shard, is yielded
-with its `problem`, which `shards.reader.decode_sample` raises as a `BadSample` (counted and named by every reader).
+writes); what the toolkit does not take is never dropped without a word. Names that are not sample members
+(directories, `__meta__`, ...) are skipped and named in one warning per shard; a sample whose key is outside the key
+alphabet (a directory, `../`, an absolute path), which holds a member outside the schema
+(`shards.schema.MEMBER_KINDS`), the same member twice, or a member that is not a regular file (a FIFO or link named
+like one of its frames: its span covers it, so a ranged read of the sample meets it as a scan does), or whose key
+comes back later in the shard, is yielded with its `problem`, which `shards.reader.decode_sample` raises as a
+`BadSample` (counted and named by every reader).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
 from .schema import BadSample, check_key, member_kind
-from .tar import read_members
+from .tar import NotRegular, read_members
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,8 @@ def split_name(name: str) -> tuple[str, str] | None:
 
 def group_members(members: Iterable[tuple[str, bytes, int, int]], url: str,
                   skipped: list[tuple[str, str]]) -> Iterator[Group]:
-    """Samples of (name, bytes, start, end) members in tar order (`shards.tar.read_members`); names that are not
-    sample members are appended to `skipped`."""
+    """Samples of (name, bytes, start, end) members in tar order (`shards.tar.read_members`, non-regular ones
+    included); names that are not sample members are appended to `skipped` (with what they are)."""
     seen: set[str] = set()
     current: Group | None = None
     prefix = None  # "key." of the current sample while its key is good: the common case, without the regexes
@@ -73,7 +75,7 @@ def group_members(members: Iterable[tuple[str, bytes, int, int]], url: str,
         else:
             split = split_name(name)
             if split is None:
-                skipped.append((name, "not a sample member"))
+                skipped.append((name, data if isinstance(data, NotRegular) else "not a sample member"))
                 continue
             key, suffix = split
         if current is None or key != current.key:
@@ -88,6 +90,10 @@ def group_members(members: Iterable[tuple[str, bytes, int, int]], url: str,
                 current.problem = f"key {key!r} comes back later in the shard (a split or duplicated sample)"
             seen.add(key)
             prefix = f"{key}." if current.problem is None else None
+        if isinstance(data, NotRegular):
+            current.problem = current.problem or f"member {name!r} is a {data}, not a regular file"
+            current.end = end
+            continue
         if current.problem is None:
             if member_kind(suffix) is None:
                 current.problem = f"member {name!r} is not part of the cavmae sample schema"
@@ -105,7 +111,7 @@ def read_groups(stream: IO[bytes], url: str, fragment: bool = False) -> Iterator
     shard that cannot be read faithfully."""
     skipped: list[tuple[str, str]] = []
     try:
-        yield from group_members(read_members(stream, url, skipped, fragment), url, skipped)
+        yield from group_members(read_members(stream, url, fragment, others=True), url, skipped)
     finally:
         if skipped:
             named = ", ".join(f"{name!r} ({why})" for name, why in skipped[:5])

@@ -7,7 +7,9 @@
 
 Publication is "atomic enough" for every store:
 - filesystems that rename (local, HDFS): write a hidden temporary `.{name}.tmp-{pid}` beside the final name,
-  then rename it into place (local files are fsync'ed first);
+  then rename it into place (local files are fsync'ed first). Locally the temporary is created by the write
+  (`create_new`: whatever was left under its name is removed, never written through) and the rename replaces
+  a link left under the final name, not the file it points to: an output is always a new file of ours;
 - object stores (S3, GCS, anything else): the data is spooled to a local temporary file and uploaded under its
   final name in one PUT / multipart upload, which the store makes visible only when complete; our object
   names are write-once (a retried task writes the same bytes under the same name).
@@ -21,6 +23,8 @@ Credentials and endpoints come from the usual environment of each store (`AWS_AC
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import shutil
 import stat
@@ -148,7 +152,8 @@ class Store:
         # object stores have no folders: a name's prefix exists once an object is under it
 
     def publish(self, name: str) -> "Upload":
-        """A writable file that appears under `name` only on successful close (see the module docstring)."""
+        """A writable file that appears under `name` only on successful close (see the module docstring); its
+        `file` is a real file object for writers that want one (torch.save, pyarrow's ParquetWriter)."""
         return Upload(self, name)
 
     def write_bytes(self, name: str, data: bytes) -> int:
@@ -190,12 +195,22 @@ def open_regular(path: str | os.PathLike, buffering: int = -1) -> IO[bytes]:
         raise
 
 
+def open_text(path: str | os.PathLike, newline: str | None = None) -> IO[str]:
+    """`open_regular` as UTF-8 text: how a command opens a file argument (a CSV, a list, a config), so that a FIFO
+    or device given as one is refused in one line rather than waited on. A byte-order mark is dropped: a list saved
+    by a spreadsheet or Windows tool ("CSV UTF-8") starts with one, and it would stick to the first header cell
+    (`\ufefflabel`) and lose that column, or the first path, without a word. (`newline=""` for the csv module.)"""
+    return io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline=newline)
+
+
 def regular_fd(path: str | os.PathLike) -> int:
     """A blocking read-only descriptor of `path` if it is a regular file (`open_regular`), for `os.pread`."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{os.fspath(path)}: {NOT_REGULAR}")
+            exc = OSError(f"{os.fspath(path)}: {NOT_REGULAR}")
+            exc.strerror = NOT_REGULAR  # (for messages that name the path themselves: `exc.strerror or exc`)
+            raise exc
         os.set_blocking(fd, True)
         return fd
     except BaseException:
@@ -219,10 +234,21 @@ def regular_files(urls: list[str]) -> list[str]:
     return urls
 
 
+def check_out_folder(out: str, flag: str = "--out") -> None:
+    """A folder a command will write into (`--out DIR`): named (an empty name would be the current folder), and a
+    folder or not there yet (a file there is an error, not a traceback). ConfigError, one line."""
+    if not out:
+        raise ConfigError(f"{flag} is empty: name the folder to write")
+    if not is_uri(out) and os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"{flag} {out}: exists and is not a folder")
+
+
 def check_out_file(out: str, flag: str = "--out") -> None:
-    """A local file a command will write (`--out FILE`), checked before the work rather than failing after it: not
-    an existing folder, FIFO or device, and under a folder (the nearest existing parent is not a file). A URI is
-    its store's to judge. ConfigError, one line."""
+    """A local file a command will write (`--out FILE`), checked before the work rather than failing after it:
+    named, not an existing folder, FIFO or device, and under a folder (the nearest existing parent is not a file).
+    A URI is its store's to judge. ConfigError, one line."""
+    if not out:
+        raise ConfigError(f"{flag} is empty: name the file to write")
     if is_uri(out):
         return
     path = Path(out).absolute()
@@ -233,6 +259,39 @@ def check_out_file(out: str, flag: str = "--out") -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ConfigError(f"{flag} {out}: {parent} is not a folder")
+
+
+def publish_file(location: str | os.PathLike) -> "Upload":
+    """`Store.publish` of one file named by its location (a path or URI): how every command writes an output file,
+    so that none is half-written or written through a link someone left under its name."""
+    store, name = Store.split(location)
+    return store.publish(name)
+
+
+def create_new(path: str | os.PathLike) -> int:
+    """A write descriptor of a file this call creates at `path` (O_EXCL, O_NOFOLLOW): whatever was left under the
+    name (a link to a file elsewhere above all, or a FIFO) is removed first, never written through."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+
+
+def open_append(path: str | os.PathLike) -> IO[str]:
+    """A command's own log `path` (metrics.jsonl) opened to append text, kept across a resume when it is a regular
+    file; a link or anything else left under its name is replaced by a new file (`create_new`), never followed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # (a link; a FIFO without a reader)
+            raise
+        fd = create_new(path)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        fd = create_new(path)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a")
 
 
 def temp_name(name: str) -> str:
@@ -255,7 +314,7 @@ class Upload:
         self._tmp = temp_name(name)
         if store.local:
             Path(store.path(name)).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(store.path(self._tmp), "wb")
+            self.file = os.fdopen(create_new(store.path(self._tmp)), "wb")
         elif store.renames:
             self.file = store.fs.open_output_stream(store.path(self._tmp))
         else:

@@ -92,11 +92,17 @@ def _read(read: Any, n: int) -> bytes:
     return data
 
 
-def read_members(stream: IO[bytes], url: str, skipped: list[tuple[str, str]] | None = None,
-                 fragment: bool = False) -> Iterator[tuple[str, bytes, int, int]]:
+class NotRegular(str):
+    """What a non-regular member is ("FIFO", "symbolic link", ...), yielded in place of its bytes by
+    `read_members(others=True)`."""
+
+
+def read_members(stream: IO[bytes], url: str, fragment: bool = False, *, others: bool = False
+                 ) -> Iterator[tuple[str, bytes, int, int]]:
     """(name, bytes, start, end) of every regular member of a tar stream, read sequentially (local or remote);
     `start` is the offset of the member's first header (a long-name or pax header in front of it included), `end`
-    the offset after its padding. Non-regular members are appended to `skipped` as (name, what it is).
+    the offset after its padding. `others`: the non-regular members too, with a `NotRegular` saying what each is in
+    place of the bytes (a grouping must know which sample such a member sits in, `shards.samples`).
 
     `fragment`: the stream is a byte range of a shard holding whole members and no end-of-archive marker (one
     sample's span, `shards.index`), so it ends cleanly at a member boundary. Raises `ShardError` naming `url`."""
@@ -185,8 +191,8 @@ def read_members(stream: IO[bytes], url: str, skipped: list[tuple[str, str]] | N
                 name = _text(header[345:500]) + "/" + name
             if kind in _REGULAR:
                 yield name, data, start, end
-            elif skipped is not None:
-                skipped.append((name, _NO_DATA.get(kind, f"tar type {kind!r}")))
+            elif others:
+                yield name, NotRegular(_NO_DATA.get(kind, f"tar type {kind!r}")), start, end
             names, sizes, pending, start = [], [], False, end
         if not pending and kind == b"g":
             start = end

@@ -5,6 +5,7 @@ the job still finishes with exactly a clean run's output; a Ctrl-C'd driver is r
 the way users start one (`ray start --head`, token authentication on) joined with --address, RAY_ADDRESS and
 ray://."""
 
+import io
 import json
 import os
 import re
@@ -18,11 +19,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from ray.cluster_utils import Cluster
 
+from cavmae.shards.schema import sample_members
+from cavmae.shards.writer import write_shard
 from tests.clips import make_clip
+from tests.conftest import time_limit
 
 REPO = Path(__file__).resolve().parents[1]
 N = 14
@@ -268,3 +274,40 @@ def test_join_a_ray_start_head_with_token_auth(many, tmp_path):
     assert len(ref) == 4
     for name in ("env", "client"):
         assert {p.name: p.read_bytes() for p in (tmp_path / name).glob("shard-*.tar")} == ref, name
+
+
+def test_a_ray_address_that_accepts_and_never_answers_is_one_line_within_the_join_limit(tmp_path):
+    """RAY_ADDRESS naming a port that accepts connections and never answers (Ray alone waits on it for minutes):
+    `ingest` and `stats` stop with one line naming the address and the limit, exit 2, when the join limit
+    (`preprocess.cluster.JOIN_TIMEOUT_S`, shortened here) has passed, with nothing written."""
+    videos = tmp_path / "videos"
+    make_clip(videos, "v", seconds=1.0, size=(64, 48))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(jpeg, format="JPEG")
+    write_shard(shards / "shard-000000.tar", sample_members("k", {"video_id": "k", "labels": []},
+                                                            np.zeros((40, 128), np.float16), [jpeg.getvalue()]))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # (the kernel completes the connections; nobody ever reads or writes)
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    shim = ("import sys; from cavmae.preprocess import cluster, cli; cluster.JOIN_TIMEOUT_S = 5; "
+            "sys.argv[0] = 'cavmae-prep'; cli.run()")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **LOOPBACK_ENV,
+           "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
+    try:
+        for args in (["ingest", str(videos), "--out", str(tmp_path / "out")],
+                     ["stats", str(shards), "--out", str(tmp_path / "stats")]):
+            with time_limit(120, f"{args[0]} against a silent port"):
+                res = subprocess.run([sys.executable, "-c", shim, *args, "--no-progress"], capture_output=True,
+                                     text=True, cwd=REPO, env=env, timeout=110)
+            assert res.returncode == 2, res.stderr[-2000:]
+            *_, last = res.stderr.splitlines()  # (stats first warns that the folder has no pipeline.yaml)
+            assert last == (f"cavmae-prep: error: {address} accepts connections but joining the Ray cluster there "
+                            f"did not complete within 5 s; check that it is a Ray head's port"), res.stderr
+            assert res.stderr.count("error") == 1 and "Traceback" not in res.stderr, res.stderr
+    finally:
+        silent.close()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("shard-*"))
+    assert not (tmp_path / "stats" / "stats.json").exists()

@@ -27,6 +27,7 @@ from cavmae.shards.config import load_config
 from cavmae.shards.frozen import PREP_SECTIONS
 from cavmae.shards.manifest import read_manifest, write_rows
 from cavmae.shards.schema import sample_members
+from cavmae.shards.store import Store
 from cavmae.shards.writer import ShardWriter
 from tests.clips import make_clip
 from tests.conftest import time_limit
@@ -179,6 +180,17 @@ def test_source_roots():
     assert source_allowed("s3://bucket/videos/d/a.mp4?endpoint_override=minio:9000", roots)
 
 
+def test_file_uri_roots_resolve_links_and_dots(tmp_path):
+    """A `file://` root is a local folder: a link inside it pointing out, or a `..` spelled `%2E%2E`, is outside."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "elsewhere")
+    roots = (f"file://{tmp_path}/root",)
+    assert source_allowed(f"file://{tmp_path}/root/a.mp4", roots)
+    for source in (f"file://{tmp_path}/root/link/x.mp4", f"file://{tmp_path}/root/%2E%2E/x.mp4",
+                   f"file://{tmp_path}/root", "file://host/x.mp4"):
+        assert not source_allowed(source, roots), source
+
+
 def test_reprocess_reads_only_inside_sources_and_never_joins_the_folders_cluster(world, tmp_path):
     """A downloaded SRC whose manifest names a file outside the user's --sources and whose pipeline.yaml names a
     cluster: the outside file becomes a failed row naming it (never read), nothing connects to the cluster."""
@@ -213,6 +225,31 @@ def test_reprocess_reads_only_inside_sources_and_never_joins_the_folders_cluster
             assert marker.untouched()
     finally:
         listener.close()
+
+
+def test_reprocess_reads_no_link_out_of_a_file_uri_root(world, tmp_path):
+    """--sources file://ROOT where ROOT/link points outside: a source under the link is a failed row naming it,
+    never decoded; the one really inside is remade."""
+    src = tmp_path / "src"
+    shutil.copytree(world["src"], src)
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(world["videos"] / "a.mp4", root / "a.mp4")
+    (root / "link").symlink_to(world["secret"].parent)
+    sources = {"a": f"file://{root}/a.mp4", "b": f"file://{root}/link/{world['secret'].name}"}
+    rows = read_manifest(src)
+    for r in rows:
+        r["source"] = sources[r["video_id"]]
+    write_rows(src / "manifest.parquet", rows)
+    marker = Marker(world["secret"])
+
+    summary = reprocess(src, tmp_path / "dst", reprocess_config(src, sets=["video.num_frames=3"]),
+                        sources=[f"file://{root}"])
+    got = {r["video_id"]: (r["status"], r["error"]) for r in read_manifest(tmp_path / "dst")}
+    assert got == {"a": ("ok", None), "b": ("failed", f"source is outside --sources: {sources['b']}")}
+    assert summary.ok == 1 and summary.failed == 1
+    if world["atime"]:
+        assert marker.untouched()
 
 
 def in_child(code: str, memory_gb: int = 2, timeout: int = 60) -> str:
@@ -402,6 +439,68 @@ def test_out_naming_a_folder_is_refused_before_the_work(shard_folder, tmp_path, 
     assert code == 2 and err == f"cavmae-prep: error: --out {folder}: exists and is not a regular file", err
 
 
+def test_an_empty_out_is_one_line_on_every_cli(shard_folder, tmp_path, capsys, monkeypatch):
+    """`--out ''` names nothing (a run folder '' would be the current folder): refused in one line, exit 2,
+    before any work, by every command that takes one; nothing is written where the command runs."""
+    from cavmae import cli as cavmae_cli
+
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "missing.pth")
+    for argv in (["embed", "--shards", str(shard_folder), "--checkpoint", missing],
+                 ["eval", "--shards", str(shard_folder), "--checkpoint", missing],
+                 ["retrieve", "--shards", str(shard_folder), "--checkpoint", missing],
+                 ["pretrain", "--shards", str(shard_folder)], ["finetune", "--shards", str(shard_folder)]):
+        code, err = train_main(argv + ["--out", ""], capsys)
+        assert code == 2 and err.startswith("cavmae-train: error: --out is empty") and "\n" not in err, (argv, err)
+    code = cavmae_cli.main(["predict", str(tmp_path / "v.mp4"), "--checkpoint", missing, "--labels",
+                            str(tmp_path / "labels.csv"), "--out", ""])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("cavmae: error: --out is empty") and "\n" not in err, err
+    for argv in (["ingest", str(tmp_path / "none")], ["stats", str(shard_folder)],
+                 ["inspect", str(shard_folder), "--random", "1"],
+                 ["reprocess", str(shard_folder)], ["fetch", str(tmp_path / "list.csv")]):
+        code = prep_cli.main(argv + ["--out", ""])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("cavmae-prep: error: --out is empty") and "\n" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def test_a_fifo_given_as_any_file_argument_is_refused_not_waited_on(shard_folder, tmp_path, capsys):
+    """Every file a command reads by name (label CSVs, configs, checkpoints, a resumed last.pt) is opened only if it
+    is a regular file: a FIFO is one line naming it, exit 2, instead of a read that waits for a writer forever."""
+    from cavmae import cli as cavmae_cli
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "last.pt")
+    videos = tmp_path / "videos"
+    make_clip(videos, "v", seconds=1.0, size=(64, 48))
+    prep = [["ingest", str(videos), "--out", str(tmp_path / "o1"), "--label-index", str(fifo)],
+            ["ingest", str(videos), "--out", str(tmp_path / "o2"), "--labels", str(fifo)],
+            ["ingest", str(videos), "--out", str(tmp_path / "o3"), "--config", str(fifo)],
+            ["stats", str(shard_folder), "--label-index", str(fifo)],
+            ["inspect", str(shard_folder), "--random", "1", "--out", str(tmp_path / "x.png"), "--label-index",
+             str(fifo)]]
+    for argv in prep:
+        code = prep_cli.main(argv + ["--no-progress"] * (argv[0] != "inspect"))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"{fifo}: " in err and "not a regular file" in err and "\n" not in err, (argv, err)
+    train = [["pretrain", "--shards", str(shard_folder), "--out", str(tmp_path / "r1"), "--init", str(fifo)],
+             ["pretrain", "--shards", str(shard_folder), "--out", str(run), "--resume"],
+             ["eval", "--shards", str(shard_folder), "--checkpoint", str(fifo)],
+             ["order", "--shards", str(shard_folder), "--epoch", "1", "--config", str(fifo)]]
+    for argv in train:
+        code, err = train_main(argv, capsys)
+        assert code == 2 and "fifo: " in err or "last.pt: " in err, (argv, err)
+        assert "not a regular file" in err and "\n" not in err, (argv, err)
+    code = cavmae_cli.main(["predict", str(videos / "v.mp4"), "--checkpoint", str(tmp_path / "none.pth"),
+                            "--labels", str(fifo)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{fifo}: " in err and "not a regular file" in err and "\n" not in err, err
+
+
 def test_init_and_resume_of_another_model_shape_are_one_line(shard_folder, tmp_path, capsys):
     import torch
     from cavmae.train.model import build_pretrain_model
@@ -422,3 +521,39 @@ def test_init_and_resume_of_another_model_shape_are_one_line(shard_folder, tmp_p
                 "batches_done": 1}, run / "last.pt")
     code, err = train_main(["pretrain", "--shards", str(shard_folder), "--out", str(run), "--resume"], capsys)
     assert code == 2 and f"{run / 'last.pt'}: does not fit" in err and "\n" not in err, err
+
+
+def test_a_runs_files_are_new_files_never_written_through_links_left_there(shard_folder, tmp_path, capsys):
+    """A run folder (and --out files) holding links to files elsewhere under the names a run writes: each output is
+    created anew beside them and renamed into place; the files linked to keep their bytes."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ["config.yaml", "metrics.jsonl", "last.pt", "model.pth", "model.1.pth", ".last.pt.tmp",
+             f".model.pth.tmp-{os.getpid()}"]
+    for name in names:
+        (elsewhere / name).write_text("theirs\n")
+        (run / name).symlink_to(elsewhere / name)
+    code, err = train_main(["pretrain", "--shards", str(shard_folder), "--out", str(run), "--set", "pretrain.epochs=1"],
+                           capsys)
+    assert code == 0, err
+    for name in names[:5]:
+        assert (run / name).is_file() and not (run / name).is_symlink(), name
+    assert '"kind": "epoch"' in (run / "metrics.jsonl").read_text() and (run / "model.pth").stat().st_size > 1000
+    ckpt = run / "model.pth"
+    for command, out in (("embed", "e.parquet"), ("retrieve", "r.json")):  # (eval and predict: the same writer)
+        (elsewhere / out).write_text("theirs\n")
+        (tmp_path / out).symlink_to(elsewhere / out)
+        code, err = train_main([command, "--shards", str(shard_folder), "--checkpoint", str(ckpt), "--out",
+                                str(tmp_path / out)], capsys)
+        assert code == 0 and (tmp_path / out).is_file() and not (tmp_path / out).is_symlink(), (command, err)
+    assert all(p.read_text() == "theirs\n" for p in elsewhere.iterdir())
+
+    store = Store.of(tmp_path / "store")  # every publication of a shard folder (manifest, pipeline.yaml, stats)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / f".x.tmp-{os.getpid()}").symlink_to(elsewhere / "config.yaml")
+    (tmp_path / "store" / "x").symlink_to(elsewhere / "last.pt")
+    store.write_text("x", "ours")
+    assert (tmp_path / "store" / "x").read_text() == "ours" and not (tmp_path / "store" / "x").is_symlink()
+    assert all(p.read_text() == "theirs\n" for p in elsewhere.iterdir())

@@ -230,3 +230,48 @@ def test_git_archive_and_webdataset_tarwriter_read_as_tarfile_reads_them(tmp_pat
         for i in range(3):
             sink.write({"__key__": f"s{i}" + "k" * 100, "json": b"{}", "txt": "x" * (i * 300)})
     assert len(ours(buf.getvalue())) == 6 and ours(buf.getvalue()) == theirs(buf.getvalue())
+
+
+
+def test_a_fifo_named_like_a_frame_fails_its_sample_on_every_path(tmp_path, caplog):
+    """A FIFO member named like sample b's last frame (after its regular members): the scan, the streaming reader
+    and a ranged read of b's span from the manifest all fail b, naming the member (counted as any bad sample),
+    rather than one path warning about it and the other taking b without that frame and without a word."""
+    from PIL import Image
+
+    from cavmae.shards.samples import read_groups
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    url = str(tmp_path / "shard-000000.tar")
+    with tarfile.open(url, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key in ("a", "b", "c"):
+            for name, data in sample_members(key, {"video_id": key, "labels": []}, np.zeros((4, 8), np.float16),
+                                             [jpeg.getvalue()]):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            if key == "b":
+                fifo = tarfile.TarInfo("b.frame1.jpg")
+                fifo.type = tarfile.FIFOTYPE
+                tar.addfile(fifo)
+    why = "member 'b.frame1.jpg' is a FIFO, not a regular file"
+    caplog.set_level("WARNING")
+
+    assert [k for k, _, _ in scan_spans(url)] == ["a", "c"]
+    assert f"sample 'b' left out of the index: {why}" in caplog.text
+    raws = list(raw_samples([url]))
+    assert [r["__key__"] for r in raws] == ["a", "b", "c"]
+    with pytest.raises(BadSample, match=why):
+        decode_sample(raws[1])
+    with open(url, "rb") as f:  # the manifest's spans: contiguous, each sample's members and what follows them
+        groups = list(read_groups(f, url))
+    starts = [g.start for g in groups] + [groups[-1].end]
+    rows = [{"url": url, "shard": "shard-000000.tar", "key": k, "offset": o, "length": e - o}
+            for k, o, e in zip("abc", starts, starts[1:])]
+    index = sample_index([url], rows)
+    assert [index.key_of(i) for i in range(len(index))] == ["a", "b", "c"]
+    reader = SpanReader()
+    assert decode_sample(read_raw_sample(reader, index, 2))["key"] == "c"
+    with pytest.raises(BadSample, match=why):
+        decode_sample(read_raw_sample(reader, index, 1))

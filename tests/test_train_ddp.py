@@ -8,6 +8,7 @@ resumed by one process instead (an elastic restart) it carries on from the same 
 """
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -75,3 +76,59 @@ def test_two_process_ddp_compiled_with_bf16_working_weights(train_shards, tmp_pa
     sd = torch.load(out / "model.pth", weights_only=True)
     assert sd and all(k.startswith("module.") and "_orig_mod" not in k for k in sd)
     assert {v.dtype for v in sd.values()} == {torch.float32}
+
+
+def test_torchrun_variables_that_cannot_form_a_group_are_one_line(tmp_path, monkeypatch, capsys):
+    """A rank outside the world (a rendezvous that cannot complete), a non-number, or RANK/WORLD_SIZE without the
+    rest: one line naming the variable, exit 2, before any connection is made."""
+    import pytest
+
+    from cavmae.train import cli
+    from cavmae.train.distributed import LaunchError, launch
+
+    master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29518"}
+    assert launch({}) is None and launch({"RANK": "1", "WORLD_SIZE": "2", **master}) == (1, 2, "127.0.0.1:29518")
+    cases = [({"RANK": "5", "WORLD_SIZE": "2", **master}, "RANK=5 with WORLD_SIZE=2: ranks are 0..1"),
+             ({"RANK": "x", "WORLD_SIZE": "2", **master}, "RANK='x': expected a non-negative integer"),
+             ({"RANK": "0", "WORLD_SIZE": "-3", **master}, "WORLD_SIZE='-3': expected a non-negative integer"),
+             ({"RANK": "0", "WORLD_SIZE": "0", **master}, "WORLD_SIZE=0: the number of processes is at least 1"),
+             ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR is not"),
+             ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, "MASTER_PORT is not"),
+             ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
+             ({"RANK": "0"}, "RANK is set but WORLD_SIZE is not"),
+             ({"LOCAL_RANK": "y"}, "LOCAL_RANK='y'")]
+    for env, message in cases:
+        with pytest.raises(LaunchError, match=re.escape(message)):
+            launch(env)
+    for name, value in cases[0][0].items():
+        monkeypatch.setenv(name, value)
+    code = cli.main(["pretrain", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "cavmae-train: error: RANK=5 with WORLD_SIZE=2: ranks are 0..1"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rendezvous_nobody_answers_ends_at_its_limit(tmp_path, monkeypatch, capsys):
+    """MASTER_ADDR:MASTER_PORT accepts connections and never answers (or rank 0 never comes): the rank stops at
+    RENDEZVOUS_TIMEOUT_S (shortened here) with one line naming the address and the limit, exit 2."""
+    import socket
+
+    from cavmae.train import cli, distributed
+    from tests.conftest import time_limit
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # (the kernel completes the connections; nobody ever reads or writes)
+    port = silent.getsockname()[1]
+    monkeypatch.setattr(distributed, "RENDEZVOUS_TIMEOUT_S", 2)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        with time_limit(60, "a silent rendezvous"):
+            code = cli.main(["pretrain", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
+    finally:
+        silent.close()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith(f"cavmae-train: error: rank 1 of 2: the processes did not all meet at 127.0.0.1:{port} "
+                          f"(MASTER_ADDR:MASTER_PORT) within 2 s"), err

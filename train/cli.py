@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 from cavmae.shards.config import ConfigError, load_config
 from cavmae.shards.errors import Parser, UserError, examples_for, report
 from cavmae.shards.process import finish
-from cavmae.shards.store import check_out_file
+from cavmae.shards.store import check_out_file, publish_file
 
 PROG = "cavmae-train"
 
@@ -131,7 +130,7 @@ def frame_choice(value: str, source: str) -> str | int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("eval", "retrieve", "embed") and args.out:  # a file, written after the work
+        if args.command in ("eval", "retrieve", "embed") and args.out is not None:  # a file, written after the work
             check_out_file(args.out)
         cfg = load_config(args.config, args.sets, args.presets)
         from cavmae.train.distributed import cpu_threads
@@ -153,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         text = json.dumps(result, indent=2)
         print(text)
-        if getattr(args, "out", None) and args.command in ("eval", "retrieve"):
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+        if getattr(args, "out", None) is not None and args.command in ("eval", "retrieve"):
+            with publish_file(args.out) as up:
+                up.write((text + "\n").encode())
     return 0
 
 

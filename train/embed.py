@@ -15,7 +15,6 @@ as list<list<float32>>, one inner list per frame.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,6 +26,7 @@ from cavmae.shards.config import Config
 from cavmae.train import distributed as dist
 from cavmae.shards.errors import NoSamples
 from cavmae.shards.manifest import manifest_rows
+from cavmae.shards.store import publish_file
 from cavmae.train import stage as st
 from cavmae.train.augment import device_augment
 from cavmae.train.failures import shard_list
@@ -67,12 +67,9 @@ def embed(model: torch.nn.Module, urls: list[str], transform: Transform, out: st
     schema = PER_FRAME_SCHEMA if per_frame else SCHEMA
     vectors = frame_features if per_frame else pooled_features
     model = dist.unwrap(model).eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     rows = 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer, \
+    with publish_file(out) as up:  # (a new file, renamed into place once whole)
+        with pq.ParquetWriter(up.file, schema) as writer, \
                 tqdm(total=total, unit="sample", desc="embed", disable=not progress) as bar:
             for batch in eval_loader(urls, transform, batch_size=batch_size, num_workers=num_workers):
                 audio, visual = vectors(model, device_augment(batch, device), device, precision)
@@ -88,7 +85,4 @@ def embed(model: torch.nn.Module, urls: list[str], transform: Transform, out: st
                 bar.update(len(batch["key"]))
         if not rows:  # as eval and retrieve: no empty parquet that looks like a result
             raise NoSamples(f"no decodable sample in {len(urls)} shard(s): {shard_list(urls)}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return rows

@@ -13,7 +13,8 @@ import torch
 
 from cavmae.shards.errors import UserError
 from cavmae.shards.index import SampleIndex
-from cavmae.shards.textlist import open_list, require_columns
+from cavmae.shards.store import open_text
+from cavmae.shards.textlist import require_columns
 
 
 class LabelError(UserError):
@@ -40,7 +41,7 @@ def read_label_index(path: str | Path) -> dict[str, int]:
     import csv
 
     try:
-        with open_list(path) as f:
+        with open_text(path, newline="") as f:
             reader = csv.DictReader(f)
             reader.fieldnames = [c.strip() for c in reader.fieldnames or ()]
             require_columns(path, reader.fieldnames, ("index", "mid"),

@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from cavmae.shards.errors import NoSamples
+from cavmae.shards.store import open_append, publish_file
 from cavmae.train import distributed as dist
 from cavmae.train.checkpoint import CheckpointError, check_shapes, read_checkpoint
 from cavmae.train.augment import device_augment
@@ -63,7 +64,7 @@ class MetricsLog:
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not dist.is_main():
             return
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:  # (never through a link left under the name)
             f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         if self.tb is not None:
             for name, value in values.items():
@@ -77,12 +78,11 @@ class MetricsLog:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Atomic torch.save (write beside, then rename), rank 0 only."""
+    """Atomic torch.save (a new file beside, then renamed over `path`: `shards.store.publish_file`), rank 0 only."""
     if not dist.is_main():
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with publish_file(path) as up:
+        torch.save(state, up.file)
 
 
 def training_model(model: torch.nn.Module, precision: str, compile: str

@@ -21,7 +21,7 @@ from cavmae.shards.frozen import adopt_shard_settings
 from cavmae.shards.index import SampleIndex, sample_index
 from cavmae.shards.manifest import manifest_rows
 from cavmae.shards.reader import list_shards
-from cavmae.shards.store import regular_files
+from cavmae.shards.store import Store, check_out_folder, regular_files
 from cavmae.shards.settings import OFFICIAL_SHIFT_MS, PATCH_ROWS
 from cavmae.train import distributed as dist
 from cavmae.train.failures import shard_list
@@ -77,12 +77,11 @@ def sample_clip(cfg: Config, urls: list[str]) -> Config:
 
 def run_folder(out: str, cfg: Config) -> Path:
     """Create the run folder and write the exact config used beside the outputs."""
+    check_out_folder(out)
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
     if dist.is_main():
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.yaml").write_text(cfg.to_yaml())
+        Store.of(path).write_text("config.yaml", cfg.to_yaml())  # (a new file, not through a link left there)
     dist.barrier()
     return path
 
@@ -204,9 +203,7 @@ def checkpoint_arg(path: str) -> dict[str, Any]:
     """The state dict that `--checkpoint path` names (weights_only; `module.` stripped), or a one-line UsageError."""
     from cavmae.train.checkpoint import CheckpointError, load_state_dict_file
 
-    if not Path(path).is_file():
-        raise UsageError(f"--checkpoint {path}: no such file")
-    try:
+    try:  # (missing, or not a regular file: one line from `read_checkpoint`)
         return load_state_dict_file(path)
     except CheckpointError as exc:
         raise UsageError(f"--checkpoint {exc}") from None
