@@ -60,6 +60,15 @@ class CheckpointError(UserError):
     beyond tensors and plain containers (the message is one line and names the file)."""
 
 
+def save_atomic(path: Path, obj: Any) -> None:
+    """torch.save by rank 0, written beside and renamed: a crash never leaves half a file under `path`."""
+    if not dist.is_main():
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def read_checkpoint(path: "str | Path", need: "tuple[str, ...]" = ()) -> Any:
     """`torch.load(path, weights_only=True)` on the CPU, with every failure a one-line CheckpointError: checkpoints
     are untrusted, and torch reports a truncated file or a refused pickle in many (multi-line) ways. `need`: keys
