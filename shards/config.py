@@ -257,6 +257,12 @@ class _Load:
         return Config(self.data, self.explicit)
 
 
+def check_setting(dotted: str, value: Any, source: str) -> Any:
+    """`value` checked as the registered setting `dotted` (type, choices, range): for a consumer that takes the
+    value from code rather than from a config (a model constructor), so the constraints are written once."""
+    return _checked(dotted, spec(dotted), value, source)
+
+
 def _checked(dotted: str, field: Any, value: Any, source: str) -> Any:
     """`value` if it has the field's type (see the module docstring) and meets its constraints, else ConfigError."""
     value = _typed(dotted, _type_of(dotted), value, source)

@@ -196,7 +196,10 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_stop_and_resume_is_bit_identical(small, uninterrupted, tmp_path):
+def test_stop_and_resume_is_bit_identical(small, uninterrupted, tmp_path, monkeypatch):
+    # the same CPU threads throughout: without OMP_NUM_THREADS a loader worker lowers them (`cpu_threads`), and a
+    # float sum split differently differs in its last bits, whatever the data
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     out = tmp_path / "run"
     assert pretrain(small, out, "--stop-after-steps", "1") == 0  # mid-epoch 1
     state = torch.load(out / "last.pt", weights_only=True)

@@ -1,6 +1,7 @@
 """The models' constructor defaults and the `model:` section of pipeline.yaml cannot drift apart."""
 
 import inspect
+import re
 
 import pytest
 
@@ -33,11 +34,21 @@ def test_every_pipeline_yaml_model_key_is_a_model_keyword():
 
 
 def test_the_settings_choices_are_the_models():
-    """`train/settings.py` does not import the model (torch), so its choices for model options are checked here."""
+    """`train/settings.py` does not import the model (torch), so its choices for the model sizes are checked here
+    (mask modes and finetuning modes are the models' own tables: `settings.MASK_MODES`, `modes.NAMES`)."""
     from cavmae.shards.settings import spec
-    from cavmae.train.model import MASK_MODES, MODEL_SIZES
-    from cavmae.train.modes import NAMES
+    from cavmae.train.model import MODEL_SIZES
 
     assert set(spec("model.size").metadata["choices"]) == set(MODEL_SIZES)
-    assert set(spec("model.mask_mode").metadata["choices"]) == set(MASK_MODES)
-    assert spec("finetune.mode").metadata["choices"] == NAMES
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("mask_ratio_a", 1.0, "'model.mask_ratio_a' must be < 1.0; got 1.0"),
+    ("mask_mode", "random", "'model.mask_mode' must be one of unstructured, time, freq, tf; got 'random'"),
+    ("contrast_chunks", 0, "'model.contrast_chunks' must be >= 1; got 0"),
+    ("mae_loss_weight", -1.0, "'model.mae_loss_weight' must be >= 0.0; got -1.0"),
+])
+def test_the_pretraining_model_refuses_what_the_settings_refuse(setting, value, message):
+    """The constructor checks its options with the `model:` settings' own choices and ranges, not a copy of them."""
+    with pytest.raises(ValueError, match=re.escape(f"CAVMAE: {message}")):
+        CAVMAE(size="tiny", target_length=128, image_size=64, **{setting: value})

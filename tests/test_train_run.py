@@ -59,9 +59,9 @@ def test_resume_mid_epoch_keeps_step_count_and_optimizer_state(data, tmp_path, m
             *sets(*PT, "pretrain.epochs=2", "pretrain.save_every=3")]
     real_save = cavmae.train.loop.save_state
 
-    def save_then_crash(path, state):
-        real_save(path, state)
-        if path.name == "last.pt" and state["step"] == 6:
+    def save_then_crash(path, state, order):
+        real_save(path, state, order)
+        if state.step == 6:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(cavmae.train.loop, "save_state", save_then_crash)

@@ -33,7 +33,7 @@ from cavmae.train import distributed as dist
 from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, CAVMAESyncFT, ModelSize, resolve_size
 from cavmae.train.pos_embed import cut_or_interpolate_pos_embed, get_2d_sincos_pos_embed, is_sincos_pos_embed
 from cavmae.shards.errors import UserError
-from cavmae.shards.store import open_regular
+from cavmae.shards.store import open_regular, publish_file
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,15 @@ def strip_module_prefix(sd: "dict[str, torch.Tensor]") -> "OrderedDict[str, torc
 class CheckpointError(UserError):
     """A checkpoint that cannot be read safely: missing, truncated, not a torch file, or holding pickled objects
     beyond tensors and plain containers (the message is one line and names the file)."""
+
+
+def save_atomic(path: Path, obj: Any) -> None:
+    """torch.save by rank 0 into a new file beside `path`, renamed over it (`shards.store.publish_file`): a crash
+    never leaves half a file under `path`, and a link left under either name is replaced, never written through."""
+    if not dist.is_main():
+        return
+    with publish_file(path) as up:
+        torch.save(obj, up.file)
 
 
 def read_checkpoint(path: "str | Path", need: "tuple[str, ...]" = ()) -> Any:

@@ -18,10 +18,10 @@ import torch
 from cavmae.shards.config import Config
 from cavmae.train import distributed as dist
 from cavmae.train import stage as st
-from cavmae.train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict
+from cavmae.train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict, save_atomic
 from cavmae.train.loaders import train_loader
 from cavmae.train.evaluate import predict, score
-from cavmae.train.loop import save_state, train
+from cavmae.train.loop import Schedule, train
 from cavmae.train.model import build_finetune_model
 from cavmae.train.modes import MODES, mode_name
 from cavmae.train.lr_schedule import make_optimizer, make_scheduler
@@ -99,20 +99,18 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     best = {"value": -1.0}
 
     def end_epoch(epoch: int) -> dict[str, Any]:
-        save_state(run_dir / f"model.{epoch}.pth", official_state_dict(model))
+        save_atomic(run_dir / f"model.{epoch}.pth", official_state_dict(model))
         if val_urls is None:
             return {}
         result = validate(model)
         if result[f"val_{metric}"] > best["value"]:
             best["value"] = result[f"val_{metric}"]
-            save_state(run_dir / "best_model.pth", official_state_dict(model))
+            save_atomic(run_dir / "best_model.pth", official_state_dict(model))
         return result
 
     result = train(model=model, step_fn=lambda m, b: step_loss(m, b, mode), optimizer=optimizer,
-                   scheduler=scheduler, loader=loader, epochs=f.epochs, steps_per_epoch=steps,
-                   accum_steps=f.accum_steps, device=device, precision=f.precision, out=run_dir, resume=resume,
-                   log_every=f.log_every, save_every=f.save_every, seed=cfg.data.seed, order=st.order_key(plan),
-                   stop_after=stop_after, compile=f.compile, end_epoch=end_epoch)
+                   scheduler=scheduler, loader=loader, run=Schedule.of(f, plan, stop_after), device=device,
+                   out=run_dir, resume=resume, end_epoch=end_epoch)
     if result["stopped"]:
         return result
     final = official_state_dict(model)
@@ -124,7 +122,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
         final = official_state_dict(core)
         if val_urls is not None:
             result.update({f"wa_{k}": v for k, v in validate(core).items()})
-    save_state(run_dir / "model.pth", final)
+    save_atomic(run_dir / "model.pth", final)
     if dist.is_main():
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return result

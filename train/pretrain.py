@@ -17,10 +17,10 @@ import torch
 from cavmae.shards.config import Config
 from cavmae.train import distributed as dist
 from cavmae.train import stage as st
-from cavmae.train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state
+from cavmae.train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state, save_atomic
 from cavmae.train.loaders import train_loader
 from cavmae.train.evaluate import pretrain_losses
-from cavmae.train.loop import save_state, train
+from cavmae.train.loop import Schedule, train
 from cavmae.train.model import build_pretrain_model
 from cavmae.train.lr_schedule import make_optimizer, make_scheduler
 
@@ -67,7 +67,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
         return train_loader(index, tf, plan, epoch=epoch, first=first, count=count, num_workers=cfg.data.num_workers)
 
     def end_epoch(epoch: int) -> dict[str, Any]:
-        save_state(run_dir / f"model.{epoch}.pth", official_state_dict(model))  # the official per-epoch file
+        save_atomic(run_dir / f"model.{epoch}.pth", official_state_dict(model))  # the official per-epoch file
         if val_urls is None:
             return {}
         tf = st.transform(cfg, st.NO_AUGMENTATION, frame="middle")
@@ -75,10 +75,8 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
                                device=device, precision=p.precision)
 
     result = train(model=model, step_fn=step_fn(p.contrast), optimizer=optimizer, scheduler=scheduler, loader=loader,
-                   epochs=p.epochs, steps_per_epoch=steps, accum_steps=p.accum_steps, device=device,
-                   precision=p.precision, out=run_dir, resume=resume, log_every=p.log_every,
-                   save_every=p.save_every, seed=cfg.data.seed, order=st.order_key(plan), stop_after=stop_after,
-                   compile=p.compile, end_epoch=end_epoch)
+                   run=Schedule.of(p, plan, stop_after), device=device, out=run_dir, resume=resume,
+                   end_epoch=end_epoch)
     if not result["stopped"]:
-        save_state(run_dir / "model.pth", official_state_dict(model))
+        save_atomic(run_dir / "model.pth", official_state_dict(model))
     return result

@@ -2,6 +2,11 @@
 sections of pipeline.yaml, and its presets). Registered with `shards.settings` when the package is imported; the
 sample-side settings they depend on (mel bins, frame size, clip length, frame shift) are the shards' own
 (`shards/settings.py`, adopted from a shard folder by `shards.frozen`).
+
+Each list of choices is written once: `finetune.mode`'s is `train/modes.py`'s table, `model.mask_mode`'s is
+`MASK_MODES` below, which the model imports (this module stays free of torch), and the pretraining model checks its
+options against these settings (`shards.config.check_setting`); tests/test_model_defaults.py checks that the models'
+constructor defaults and size names agree with them.
 """
 
 from __future__ import annotations
@@ -11,6 +16,11 @@ from typing import Any
 
 from cavmae.shards.settings import (PATCH_ROWS, PRESET_NOTES, PRESET_SOURCES, PRESETS, RENAMED, RETIRED, clip_rows,
                              register, setting)
+from cavmae.train.modes import MODES, NAMES
+
+# How pretraining masks the audio patches (train/model/blocks.py); here, not there, so that these settings stay free
+# of torch and the model and `model.mask_mode` share the one table.
+MASK_MODES = ("unstructured", "time", "freq", "tf")
 
 
 def whole_patches(dotted: str, rows: int | None) -> None:
@@ -37,7 +47,7 @@ class Model:
     mask_ratio_a: float = setting(0.75, min=0.0, below=1.0)
     mask_ratio_v: float = setting(0.75, min=0.0, below=1.0)
     mask_mode: str = setting("unstructured", "unstructured (official) | time | freq | tf (audio ablations)",
-                             choices=("unstructured", "time", "freq", "tf"))
+                             choices=MASK_MODES)
     norm_pix_loss: bool = setting(True)
     mae_loss_weight: float = setting(1.0, min=0.0)
     contrast_loss_weight: float = setting(0.01, min=0.0)
@@ -150,11 +160,9 @@ class Finetune(Stage):
     mixup: float = setting(0.5, "probability that a sample is mixed with a random partner (labels mixed alike)",
                            min=0.0, max=1.0)
     num_classes: int = setting(0, "0: from the --labels CSV", min=0, max=1_000_000)
-    mode: str = setting("multimodal", "multimodal | audioonly | videoonly | multimodal-audioonly (official "
-                        "missingaudioonly) | multimodal-videoonly (official missingvideoonly) | audioonly-lean: see "
-                        "train/modes.py", choices=("multimodal", "audioonly", "videoonly", "multimodal-audioonly",
-                                                   "multimodal-videoonly", "audioonly-lean", "missingaudioonly",
-                                                   "missingvideoonly"))
+    mode: str = setting("multimodal", " | ".join(f"{name} (official {entry.official})" if entry.official else name
+                                                for name, entry in MODES.items()) + ": see train/modes.py",
+                        choices=NAMES)
     loss: str = setting("bce", "bce (multi-label) | ce (single-label, probability targets)", choices=("bce", "ce"))
     metric: str = setting("mAP", "mAP | acc", choices=("mAP", "acc"))
     head_lr_scale: float = setting(100.0, "mlp_head lr = lr x head_lr_scale", min=0.0, max=10_000.0)

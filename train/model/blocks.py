@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp
 
+from cavmae.train.settings import MASK_MODES  # noqa: F401  (the one table: `model.mask_mode`'s choices)
+
 PATCH_SIZE = 16
-MASK_MODES = ("unstructured", "time", "freq", "tf")
 
 
 # --------------------------------------------------------------------------------------------------------------------

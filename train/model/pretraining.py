@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cavmae.shards.config import check_setting
 from cavmae.train.model import unused
 from cavmae.train.model.blocks import (
-    MASK_MODES,
     PATCH_SIZE,
     Block,
     ModelSize,
@@ -58,16 +58,13 @@ class CAVMAE(Encoder):
         contrast_chunks: int = 1,
     ):
         super().__init__(size, target_length, num_mel_bins, image_size, tr_pos=False)
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, not {mask_mode!r}")
-        for name, r in (("mask_ratio_a", mask_ratio_a), ("mask_ratio_v", mask_ratio_v)):
-            if not 0.0 <= r < 1.0:
-                raise ValueError(f"{name}={r} must be in [0, 1)")
+        for name, value in (("mask_mode", mask_mode), ("mask_ratio_a", mask_ratio_a), ("mask_ratio_v", mask_ratio_v),
+                            ("mae_loss_weight", mae_loss_weight), ("contrast_loss_weight", contrast_loss_weight),
+                            ("contrast_chunks", contrast_chunks)):
+            check_setting(f"model.{name}", value, "CAVMAE")  # the `model:` settings' choices and ranges
         problem = loss_problem(mask_ratio_a, mask_ratio_v, mae_loss_weight, contrast_loss_weight)
         if problem:
             raise ValueError(problem)
-        if contrast_chunks < 1:
-            raise ValueError(f"contrast_chunks must be >= 1, got {contrast_chunks}")
         self.mask_ratio_a = mask_ratio_a
         self.mask_ratio_v = mask_ratio_v
         self.mask_mode = mask_mode
