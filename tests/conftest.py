@@ -3,9 +3,23 @@ import signal
 
 import pytest
 
+from tests.clips import CLI_OFF
+
 # A private Ray per test module: address="local" never joins a cluster some other process started with
 # `ray start` (a bare ray.init() would).
 LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "pinned: the test compares bytes with pinned values; the ffmpeg CLI helpers "
+                                       "of tests/clips.py refuse to run under it (their output is the machine's)")
+
+
+@pytest.fixture(autouse=True)
+def _no_ffmpeg_cli_when_pinned(request, monkeypatch):
+    """A `pinned` test (and any process it starts) cannot make media with the machine's ffmpeg CLI."""
+    if request.node.get_closest_marker("pinned"):
+        monkeypatch.setenv(CLI_OFF, "1")
 
 
 @pytest.fixture(scope="module")
