@@ -1,6 +1,8 @@
 """Run a pinned computation with every CPU-dependent (vectorised) code path off: bytes that do not depend on the CPU.
 
-Not a test module: tests/test_jobs.py runs `digests` in a fresh process started with `ENV`. The libraries pick
+Not a test module: tests/test_jobs.py runs `digests` in a fresh process started with `ENV`, and
+`python -m tests.simd_off [pytest arguments]` runs pytest so (CI runs the tests marked `pinned` again that way,
+so a pin taken on this machine's default paths fails there). The libraries pick
 SIMD code by the CPU they find, and some of it rounds differently from their plain code: on an AVX-512 machine
 (issue 25) MKL's fbank differed by one float16 step in some bins from its CPU-independent path, and swresample's
 16 kHz audio by one 16-bit step in some samples from its C code. A pin taken on the default paths therefore
@@ -19,11 +21,15 @@ holds on CPUs like the one it was taken on only; pins are taken, and checked, wi
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
 from pathlib import Path
 
 ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default",
        "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR", "JSIMD_FORCENONE": "1",
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SESSION = "CAVMAE_TESTS_SIMD_OFF"  # set by `python -m tests.simd_off`: conftest.py turns FFmpeg's SIMD off too
+RAY = {"runtime_env": {"worker_process_setup_hook": "tests.simd_off.force_ffmpeg_off"}}  # ray.init's, for workers
 
 
 def force_ffmpeg_off() -> None:
@@ -46,8 +52,12 @@ def digests(root: str) -> dict[str, str]:
     from tests.test_jobs import output_digests
 
     force_ffmpeg_off()
-    ray.init(**LOCAL_RAY, runtime_env={"worker_process_setup_hook": f"{__name__}.force_ffmpeg_off"})
+    ray.init(**LOCAL_RAY, **RAY)
     try:
         return output_digests(Path(root))
     finally:
         ray.shutdown()
+
+
+if __name__ == "__main__":
+    os.execve(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[1:]], {**os.environ, **ENV, SESSION: "1"})
