@@ -1,12 +1,13 @@
 """Run a pinned computation with every CPU-dependent (vectorised) code path off: bytes that do not depend on the CPU.
 
 Not a test module: tests/test_jobs.py runs `digests` in a fresh process started with `ENV`, and
-`python -m tests.simd_off [pytest arguments]` runs pytest so (CI runs the tests marked `pinned` again that way,
-so a pin taken on this machine's default paths fails there). The libraries pick
-SIMD code by the CPU they find, and some of it rounds differently from their plain code: on an AVX-512 machine
-(issue 25) MKL's fbank differed by one float16 step in some bins from its CPU-independent path, and swresample's
-16 kHz audio by one 16-bit step in some samples from its C code. A pin taken on the default paths therefore
-holds on CPUs like the one it was taken on only; pins are taken, and checked, with these paths off:
+`python -m tests.simd_off [pytest arguments]` runs pytest so (CI runs the tests marked `pinned` again that way: a
+pin taken on this machine's default paths fails there).
+
+The libraries pick SIMD code by the CPU they find, and some of it rounds differently from their plain code: on an
+AVX-512 machine (issue 25) MKL's fbank differed by one float16 step in some bins from its CPU-independent path, and
+swresample's 16 kHz audio by one 16-bit step in some samples from its C code. A pin taken on the default paths
+therefore holds only on CPUs like the one it was taken on; pins are taken, and checked, with these paths off:
 
 - MKL (torch's BLAS and FFT on x86): MKL_CBWR=COMPATIBLE, the code path giving the same results on every CPU.
 - ATen: ATEN_CPU_CAPABILITY=default runs torch's kernels without AVX2/AVX-512.

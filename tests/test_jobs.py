@@ -1,5 +1,5 @@
 """The preprocessing job framework (`preprocess.jobs`): ingest, reprocess and stats give the very bytes they gave
-before the framework existed (digests pinned below, taken on the code before the refactor), and a toy job of a
+before the framework existed (digests pinned below, see PINNED for how they were taken), and a toy job of a
 few lines defined here runs through the framework with its lock, its per-item time limit and resume after
 kill -9."""
 
@@ -34,12 +34,12 @@ SETS = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shard
 # sha256 over every shard's name and bytes, the manifest's rows and pipeline.yaml (`_digest`); for stats, over
 # stats.json without its folder. The first pins were taken with the drivers before `preprocess.jobs`
 # (ingest.run_groups and schedule.run_units), but on media from the machine's ffmpeg CLI and on the CPU's own
-# SIMD paths, so another ffmpeg build (Debian's 5.1) or another CPU gave other digests (issue 25). Re-pinned on
-# the same code (branch `rename`, whose outputs are those of the refactored drivers) with the media of
-# `make_exact_clip` (PyAV's FFmpeg, lossless codecs: the same bytes everywhere) and every CPU-dependent code path
-# off (tests/simd_off.py), with this repo's pinned PyAV/Pillow/pyarrow/torch/numpy (constraints.txt). Taken by
-# running this test with empty values and copying what it got (twice, the same); the same on the commit before the
-# rename (c4e6ce4), which also gave the same as `rename` with the former media and default paths.
+# SIMD paths, so another ffmpeg build (Debian's 5.1) or another CPU gave other digests (issue 25). Re-pinned with
+# the media of `make_exact_clip` (PyAV's FFmpeg, lossless codecs: the same bytes everywhere) and every CPU-dependent
+# code path off (tests/simd_off.py), on this repo's pinned PyAV/Pillow/pyarrow/torch/numpy (constraints.txt), by
+# running this test with empty values and copying what it got (twice, the same), on branch `rename`. The code was
+# the same: with the former media and default paths, `rename` and the commit before it (c4e6ce4) gave the same
+# digests, and with these media and paths off c4e6ce4 gives these.
 PINNED = {
     "ingest": "e50ab8cc6039897b3738e1ce9ebaab8b1ac0b3e3d8a2eeffbb33c6074f6e4df7",
     "reprocess_waveform": "8aad26ae56dde569528113d3e235cfbf0fe739f241270bb8908598221520416a",
