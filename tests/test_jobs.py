@@ -1,5 +1,5 @@
 """The preprocessing job framework (`preprocess.jobs`): ingest, reprocess and stats give the very bytes they gave
-before the framework existed (digests pinned below, taken on the code before the refactor), and a toy job of a
+before the framework existed (digests pinned below, see PINNED for how they were taken), and a toy job of a
 few lines defined here runs through the framework with its lock, its per-item time limit and resume after
 kill -9."""
 
@@ -25,20 +25,27 @@ from cavmae.preprocess.stats import compute_stats
 from cavmae.shards.config import load_config
 from cavmae.shards.manifest import read_manifest
 from cavmae.shards.store import Store
-from tests.clips import make_clip
+from tests import simd_off
+from tests.clips import make_clip, make_exact_clip
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=2",
         "audio.keep_waveform=true", "ray.videos_per_task=1"]
 # sha256 over every shard's name and bytes, the manifest's rows and pipeline.yaml (`_digest`); for stats, over
-# stats.json without its folder. Taken with the drivers before `preprocess.jobs` (ingest.run_groups and
-# schedule.run_units), on this repo's pinned PyAV/ffmpeg/Pillow/pyarrow (constraints.txt).
+# stats.json without its folder. The first pins were taken with the drivers before `preprocess.jobs`
+# (ingest.run_groups and schedule.run_units), but on media from the machine's ffmpeg CLI and on the CPU's own
+# SIMD paths, so another ffmpeg build (Debian's 5.1) or another CPU gave other digests (issue 25). Re-pinned with
+# the media of `make_exact_clip` (PyAV's FFmpeg, lossless codecs: the same bytes everywhere) and every CPU-dependent
+# code path off (tests/simd_off.py), on this repo's pinned PyAV/Pillow/pyarrow/torch/numpy (constraints.txt), by
+# running this test with empty values and copying what it got (twice, the same), on branch `rename`. The code was
+# the same: with the former media and default paths, `rename` and the commit before it (c4e6ce4) gave the same
+# digests, and with these media and paths off c4e6ce4 gives these.
 PINNED = {
-    "ingest": "f1d0c64edc9183fffb64303cd496420bcadafd1505e98b285f8b62cc83dc55f9",
-    "reprocess_waveform": "e3e9ade5bbf2ed0c956b1ba9cfbdf6ccac9b7bff4a62ee0ba5587e4feafb9259",
-    "reprocess_source": "91a72af372f5c984921305e4b058b646a5b468a5d5246d63bd029a1a521e656d",
-    "reprocess_repack": "cd008133cb6abf503c1053de16d0a9d09abc38fb19e7f5ead398b186369b567f",
-    "stats": "95701c8717c7abbda4fd0e8677401870e82d0796d394387eab2c7bd6ad8eb723",  # + `missing` counts (issue 21)
+    "ingest": "e50ab8cc6039897b3738e1ce9ebaab8b1ac0b3e3d8a2eeffbb33c6074f6e4df7",
+    "reprocess_waveform": "8aad26ae56dde569528113d3e235cfbf0fe739f241270bb8908598221520416a",
+    "reprocess_source": "86b1e5563222177513de3786a2b8c821f6ea275829343e1ce27c696185be6950",
+    "reprocess_repack": "66d853fe0cfe82cc01d1c1a0c7e15d177ba4a4ed90fa8d25c609df2809dcac99",
+    "stats": "4045779b755ccc1e59addd05bd5dd6b83aa925640377942f06313ae14f1b69f5",
 }
 
 
@@ -54,22 +61,13 @@ def _digest(folder: Path, root: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture
-def fixed_dir():
-    """The samples record their source's absolute path, so the digests need the same folder on every run."""
-    path = Path(tempfile.gettempdir()) / "cavmae-test-jobs-digest"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_outputs_are_unchanged(local_ray, fixed_dir):
-    root = fixed_dir
+def output_digests(root: Path) -> dict[str, str]:
+    """Ingest, reprocess (each mode) and stats over five clips, one without audio and one broken file, in `root`
+    (on the Ray this process has started): the `PINNED` digests."""
     videos = root / "videos"
     for i in range(5):
-        make_clip(videos, f"v{i}", seconds=1.0 + 0.5 * i, size=(64, 48), tone_hz=300 + 70 * i)
-    make_clip(videos, "silent", seconds=1.5, size=(64, 48), audio=False)
+        make_exact_clip(videos, f"v{i}", seconds=1.0 + 0.5 * i, size=(64, 48), tone_hz=300 + 70 * i)
+    make_exact_clip(videos, "silent", seconds=1.5, size=(64, 48), audio=False)
     (videos / "broken.mp4").write_bytes(b"not a video")
     src = root / "src"
     assert ingest([str(videos)], src, load_config(sets=SETS)).ok == 5  # silent and broken fail
@@ -82,10 +80,39 @@ def test_outputs_are_unchanged(local_ray, fixed_dir):
     stats = compute_stats(str(src), load_config(sets=SETS), batch_size=2, rows=128)
     stats.pop("folder")
     stats_text = json.dumps(stats, sort_keys=True).replace(str(root), "<tmp>")
-    got = {"ingest": _digest(src, root), "reprocess_waveform": _digest(wave, root),
-           "reprocess_source": _digest(source, root), "reprocess_repack": _digest(repack, root),
-           "stats": hashlib.sha256(stats_text.encode()).hexdigest()}
-    assert got == PINNED
+    return {"ingest": _digest(src, root), "reprocess_waveform": _digest(wave, root),
+            "reprocess_source": _digest(source, root), "reprocess_repack": _digest(repack, root),
+            "stats": hashlib.sha256(stats_text.encode()).hexdigest()}
+
+
+@pytest.fixture
+def fixed_dir():
+    """The samples record their source's absolute path, so the digests need the same folder on every run."""
+    path = Path(tempfile.gettempdir()) / "cavmae-test-jobs-digest"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.pinned
+def test_outputs_are_unchanged(fixed_dir):
+    """In a fresh process with its own Ray and every CPU-dependent code path off (tests/simd_off.py)."""
+    script = "import json, sys; from tests import simd_off; print(json.dumps(simd_off.digests(sys.argv[1])))"
+    proc = subprocess.run([sys.executable, "-c", script, str(fixed_dir)], cwd=REPO, text=True, timeout=600,
+                          env={**os.environ, **simd_off.ENV, "PYTHONPATH": str(REPO)},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == PINNED
+
+
+@pytest.mark.pinned
+def test_a_pinned_test_cannot_make_media_with_the_ffmpeg_cli(tmp_path):
+    with pytest.raises(RuntimeError, match="ffmpeg CLI is off"):
+        make_clip(tmp_path, "cli", seconds=0.2, size=(32, 24))
+    assert not list(tmp_path.iterdir())
+    exact = make_exact_clip(tmp_path / "a", "exact", seconds=0.2, size=(32, 24))
+    assert exact.read_bytes() == make_exact_clip(tmp_path / "b", "exact", seconds=0.2, size=(32, 24)).read_bytes()
 
 
 # ---- a toy job: item n becomes one sample holding n; item STALL never ends ----------------------------------
