@@ -1,8 +1,8 @@
 """Run a pinned computation with every CPU-dependent (vectorised) code path off: bytes that do not depend on the CPU.
 
 Not a test module: tests/test_jobs.py runs `digests` in a fresh process started with `ENV`, and
-`python -m tests.simd_off [pytest arguments]` runs pytest so (CI runs the tests marked `pinned` again that way: a
-pin taken on this machine's default paths fails there).
+`python -m tests.simd_off [pytest arguments]` runs pytest so (tests/test_pins.py runs the tests marked `pinned`
+again that way: a pin taken on this machine's default paths fails there).
 
 The libraries pick SIMD code by the CPU they find, and some of it rounds differently from their plain code: on an
 AVX-512 machine (issue 25) MKL's fbank differed by one float16 step in some bins from its CPU-independent path, and
