@@ -119,4 +119,4 @@ def _file_size(item: InputItem) -> float:
 
 
 INGEST = ShardJob("ingest", samples=decode_video, who=_who, load=InputItem.from_dict, save=asdict,
-                  imports=("preprocess.sample",), cost=_file_size)
+                  imports=("cavmae.preprocess.sample",), cost=_file_size)

@@ -2,6 +2,7 @@
 user's own `train.py` or another project's `shards` package is never shadowed, and `python -m cavmae.train` (what
 torchrun runs) is ours wherever it is started."""
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -34,3 +35,17 @@ def test_a_users_train_py_does_not_shadow_the_trainer(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cavmae.train", "--help"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "pretrain" in out.stdout, out.stderr[-2000:]
+
+
+def test_ingest_runs_outside_the_checkout(tmp_path):
+    """Run from a folder that is not the checkout (as an installed cavmae is), the Ray workers import every module
+    by its installed name: a module named by its folder alone (`preprocess.sample`) is not found there."""
+    from tests.clips import make_clip
+
+    clip = make_clip(tmp_path / "videos", "one", seconds=1.0, size=(64, 48))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-m", "cavmae.preprocess.cli", "ingest", str(clip), "--out",
+                          str(tmp_path / "out"), "--workers", "1", "--no-progress", "--set", "video.num_frames=2",
+                          "--set", "video.image_size=32", "--set", "clip.length_s=1.0"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok 1 samples" in out.stdout, out.stderr[-3000:]
