@@ -22,6 +22,9 @@ remade, for the whole set:
   opened or even looked up. Sources that are gone become failed rows naming the file; when no source is left
   to read, the job is refused before any work.
 
+In every mode a sample of SRC is decoded and checked by the readers' one loop (`shards.checked`) before it is used,
+and every member the mode does not make anew (`REDERIVED`) is carried over byte for byte in the table's order
+(`shards.schema.MEMBER_KINDS`), so a member kind added to the table survives every mode.
 
 Work is planned and run exactly like ingest (`preprocess.jobs`: plan file; work units of `ray.videos_per_task`
 videos of one output shard, each writing a part file, then one assembly task per shard writing the shard and

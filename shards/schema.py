@@ -9,6 +9,9 @@ One video clip (or one window of it) is one WebDataset sample:
     {key}.labels.txt    optional label indices as text, "3,17" (not `.cls`: stock webdataset decodes `.cls`
                         as a single int and fails on multi-label samples)
 
+The members are the table `MEMBER_KINDS` (suffix, field of the decoded sample, decoder, writer): the writer
+(`record_members`), the reader (`shards.reader.decode_sample`) and reprocess walk it.
+
 WebDataset splits a member name at the first dot of its base name, so keys never contain dots or slashes.
 Shards are untrusted input: decoding accepts only the member names above and never unpickles anything.
 """
