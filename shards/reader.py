@@ -21,7 +21,7 @@ import braceexpand
 from .errors import NotFound
 from .samples import read_groups
 from . import schema
-from .schema import BadSample, MemberKind, check_key, member_kind
+from .schema import BadSample, check_key, member_kind
 from .store import open_regular
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "http://", "https://")
@@ -118,7 +118,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         check_key(key)
         kinds = schema.MEMBER_KINDS
         sample: dict[str, Any] = {"key": key, "url": url, **{k.field: [] if k.numbered else None for k in kinds}}
-        numbered: dict[MemberKind, dict[int, Any]] = {}
+        numbered: dict[str, dict[int, Any]] = {}  # field of a numbered kind -> index -> value
         for name, data in raw.items():
             if name.startswith("__"):
                 continue
@@ -126,17 +126,19 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
             if kind is None:
                 raise BadSample(f"member {f'x.{name}'!r} is not part of the cavmae sample schema")
             if kind.numbered:
-                numbered.setdefault(kind, {})[kind.index(name)] = kind.decode(data)
+                numbered.setdefault(kind.field, {})[kind.index(name)] = kind.decode(data)
             else:
                 sample[kind.field] = kind.decode(data)
         meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
         missing = [k.name for k in kinds if sample[k.field] is None and not k.numbered and k.required(meta)]
         if missing:
             raise BadSample(f"missing member(s) {', '.join(missing)}")
-        for kind, items in numbered.items():
-            if sorted(items) != list(range(len(items))):
-                raise BadSample(f"{kind.name.split('{')[0]} members are not numbered 0..{len(items) - 1}")
-            sample[kind.field] = [items[i] for i in range(len(items))]
+        for kind in kinds:
+            items = numbered.get(kind.field)
+            if items is not None:
+                if sorted(items) != list(range(len(items))):
+                    raise BadSample(f"{kind.name.split('{')[0]} members are not numbered 0..{len(items) - 1}")
+                sample[kind.field] = [items[i] for i in range(len(items))]
         return sample
     except BadSample as exc:
         raise BadSample(f"{url}: sample {key!r}: {exc}") from None

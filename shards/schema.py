@@ -319,7 +319,12 @@ class MemberKind:
 
     def index(self, suffix: str) -> int:
         """The index in a numbered kind's suffix ('frame3.jpg' → 3)."""
-        return int(_NUMBER_IN.search(suffix).group())
+        return _index_in(suffix)
+
+
+@functools.lru_cache(maxsize=4096)  # (the same few frame suffixes in every sample)
+def _index_in(suffix: str) -> int:
+    return int(_NUMBER_IN.search(suffix).group())
 
 
 def _encode_fbank(fbank: np.ndarray) -> bytes:
