@@ -57,7 +57,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
     `train.epochs`): loader worker w of n builds micro-batches w, w+n, ... and the DataLoader yields them
     round-robin, so the order does not depend on n.
 
-    A sample is read with one ranged read and decoded with `shards.reader.decode_sample`; its mixup partner is a
+    A sample is read with one ranged read and decoded with `shards.checked.checked`; its mixup partner is a
     sample of the whole index. A sample that cannot be read or decoded is skipped and counted (the batch is
     smaller; a batch of skipped samples only is `Transform.filler`, which the trainer does not learn from); a bad
     partner only cancels that sample's mixup. MAX_FAILURES skips in a row stop a set where nothing decodes."""
