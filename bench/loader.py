@@ -152,7 +152,7 @@ def per_sample_ms(steps: dict[str, callable], items: list) -> dict[str, float]:
 
 def stage_table(root: Path, urls: list[Path], items: list[str], cfg, batch_size: int) -> None:
     """ms per sample per step of both routes (one frame per sample, pretraining augmentation)."""
-    from cavmae.shards.reader import decode_sample
+    from cavmae.shards.checked import checked
     from cavmae.shards.reader import raw_samples
     from cavmae.train.augment import draw_augmentation
     from cavmae.train.images import frame_pixels
@@ -178,7 +178,8 @@ def stage_table(root: Path, urls: list[Path], items: list[str], cfg, batch_size:
     examples = []
     ours = per_sample_ms({
         "read tar members (all frames)": lambda x: x,
-        "decode npy + json": decode_sample,
+        "decode sample (every member by its kind)": checked,
+        "check against the settings": lambda x: (tf.check(x), x)[1],
         "decode JPEG (PIL), uint8": lambda x: (x, frame_pixels(x["frames"][3], SIZE)),
         "draw aug params": lambda x: examples.append({
             "audio": torch.from_numpy(x[0]["fbank"]), "image": x[1], "image_mix": None, "lam": 1.0, "key": "",

@@ -1,6 +1,6 @@
 """Top-k labels for video files with a finetuned checkpoint: `preprocess` decodes each video into in-memory
-samples exactly as `ingest` would (same `audio`/`video`/`clip` settings), `shards.reader.decode_sample` reads them
-as the trainer reads shard samples, and `train` scores them (the eval transform and frames choice,
+samples exactly as `ingest` would (same `audio`/`video`/`clip` settings), `shards.checked` reads them as the
+trainer reads shard samples, and `train` scores them (the eval transform and frames choice,
 `device_augment`, `evaluate.batch_probabilities`). Nothing is written to disk.
 """
 
@@ -15,7 +15,7 @@ from cavmae.preprocess.decode import BadInput
 from cavmae.preprocess.inputs import video_id_of
 from cavmae.preprocess.sample import iter_samples
 from cavmae.shards.config import Config
-from cavmae.shards.reader import decode_sample
+from cavmae.shards.checked import SAMPLE_ERRORS, checked
 from cavmae.shards.samples import group_members
 from cavmae.shards.schema import one_line, safe_text
 from cavmae.train import distributed as dist
@@ -41,8 +41,8 @@ def video_samples(paths: list[str], cfg: Config) -> Iterator[tuple[str, dict[str
             samples = []
             for built in iter_samples(path, video_id_of(path), safe_text(path), [], None, cfg):
                 members = ((name, data, 0, 0) for name, data in built.members)
-                samples += [decode_sample(g.raw()) for g in group_members(members, path, [])]
-        except BadInput as exc:
+                samples += [checked(g.raw()) for g in group_members(members, path, [])]
+        except (BadInput, *SAMPLE_ERRORS) as exc:
             yield path, None, one_line(exc)
             continue
         for sample in samples:

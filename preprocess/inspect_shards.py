@@ -3,47 +3,25 @@ to look at to see that frames and audio line up.
 
 Samples stream through `shards.reader` (one shard at a time): `--key` stops at the first match, `--random N` keeps
 a seeded reservoir of N samples, so memory never grows with the set. Each sample is checked against the shards' own
-sample settings (`shards.validate.check_sample`) before it is kept: one that fails is skipped with a warning, so its
-frames are never decoded (a JPEG header claiming 12000x12000 is refused by its header).
+sample settings (`shards.checked.checked_samples`, `shards.validate.check_sample`) before it is kept: one that
+fails is skipped with a warning, so its frames are never decoded (a JPEG header claiming 12000x12000 is refused
+by its header).
 """
 
 from __future__ import annotations
 
-import logging
 import random
-import tarfile
-from typing import Any, Iterator
+from typing import Any
 
 from cavmae.shards.config import Config, ConfigError
 from cavmae.shards.errors import NoSamples
 from cavmae.shards.frozen import adopt_shard_settings
-from cavmae.shards.reader import decode_sample, list_shards, raw_samples
-from cavmae.shards.schema import BadSample, one_line
+from cavmae.shards.checked import checked_samples
+from cavmae.shards.reader import list_shards
 from cavmae.shards.store import Store, regular_files
-from cavmae.shards.validate import SampleSpec, check_sample
+from cavmae.shards.validate import SampleSpec
 
 from .inputs import LabelIndex
-
-log = logging.getLogger(__name__)
-
-log = logging.getLogger(__name__)
-
-
-def _samples(urls: list[str], spec: SampleSpec) -> Iterator[dict[str, Any]]:
-    """The samples of `urls` that decode and fit `spec`: a bad sample, or the rest of a shard that cannot be read, is
-    skipped with a warning naming it (key, shard, reason), as every reader skips them."""
-    for url in urls:
-        try:
-            for raw in raw_samples([url]):
-                try:
-                    sample = decode_sample(raw)
-                    check_sample(sample, spec)
-                except BadSample as exc:
-                    log.warning("skipped: %s", one_line(exc))
-                    continue
-                yield sample
-        except (tarfile.TarError, OSError) as exc:
-            log.warning("%s: unreadable from here on (%s)", url, one_line(exc))
 
 
 def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int = 0,
@@ -51,13 +29,13 @@ def pick(urls: list[str], *, key: str | None = None, count: int = 0, seed: int =
     """The sample with `key` (or with that video id), or `count` samples drawn uniformly (reservoir sampling,
     seeded), in the order of the shards; only samples that fit `spec`."""
     if key is not None:
-        for sample in _samples(urls, spec):
+        for sample in checked_samples(urls, spec.check):
             if key in (sample["key"], sample["meta"].get("video_id")):
                 return [sample]
         raise ConfigError(f"--key {key}: no such sample in the {len(urls)} shard(s)")
     rng = random.Random(seed)
     chosen: list[tuple[int, dict[str, Any]]] = []
-    for seen, sample in enumerate(_samples(urls, spec)):
+    for seen, sample in enumerate(checked_samples(urls, spec.check)):
         if len(chosen) < count:
             chosen.append((seen, sample))
         elif (j := rng.randrange(seen + 1)) < count:

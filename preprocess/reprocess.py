@@ -22,6 +22,9 @@ remade, for the whole set:
   opened or even looked up. Sources that are gone become failed rows naming the file; when no source is left
   to read, the job is refused before any work.
 
+In every mode a sample of SRC is decoded and checked by the readers' one loop (`shards.checked`) before it is used,
+and every member the mode does not make anew (`REDERIVED`) is carried over byte for byte in the table's order
+(`shards.schema.MEMBER_KINDS`), so a member kind added to the table survives every mode.
 
 Work is planned and run exactly like ingest (`preprocess.jobs`: plan file; work units of `ray.videos_per_task`
 videos of one output shard, each writing a part file, then one assembly task per shard writing the shard and
@@ -39,10 +42,8 @@ sample. A SRC shard that cannot be read fails the rest of the unit with the reas
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -53,13 +54,15 @@ import pyarrow.fs as pafs
 from cavmae.shards.config import Config, ConfigError, read_config_file
 from cavmae.shards.errors import NotFound
 from cavmae.shards.manifest import read_manifest
-from cavmae.shards.media import decode_flac, open_flac, open_jpeg
+from cavmae.shards import schema
+from cavmae.shards.checked import SHARD_ERRORS, checked
+from cavmae.shards.media import decode_flac
 from cavmae.shards.frozen import FROZEN_CONFIG, SAMPLE_SECTIONS, frozen_config
 from cavmae.shards.names import shard_index
-from cavmae.shards.samples import Group, read_groups
-from cavmae.shards.schema import (BadSample, check_key, decode_labels, decode_member, decode_meta, member_suffix,
-                           one_line, sample_members)
+from cavmae.shards.samples import read_groups, span_group
+from cavmae.shards.schema import BadSample, member_kind, one_line, order_members, record_members
 from cavmae.shards.store import Store, is_uri
+from cavmae.shards.validate import SampleSpec
 
 from .ingest import Summary
 from .inputs import InputError
@@ -324,7 +327,7 @@ def _read_ahead(items: list[dict[str, Any]], cfg: Config, *, src: str, mode: str
     olds = _old_samples(Store.of(src), items)  # (source mode too: labels and a listed segment come from them)
     try:
         yield from olds
-    except (tarfile.TarError, BadSample, OSError, ValueError) as exc:
+    except SHARD_ERRORS as exc:
         raise RestFails(one_line(f"source shard: {exc}")) from None
 
 
@@ -335,28 +338,40 @@ def _remake_item(item: dict[str, Any], ahead: tuple[str, Any], cfg: Config, *,
     return _remake(item, old, cfg, mode, cfg.digest(*SAMPLE_SECTIONS), roots)
 
 
-def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]] | None, cfg: Config, mode: str,
+# the sample fields (`shards.schema.MEMBER_KINDS`) each mode makes anew; every other member is carried over as it is
+REDERIVED = {"repack": (), "waveform": ("meta", "fbank", "flac"),
+             "source": ("meta", "fbank", "frames", "flac", "labels")}  # + the kinds ingest produces (`rederived`)
+
+
+def rederived(mode: str) -> set[str]:
+    """The fields `mode` makes anew: its own, and in source mode every kind with an ingest producer."""
+    made = set(REDERIVED[mode])
+    if mode == "source":
+        made.update(k.field for k in schema.MEMBER_KINDS if k.produce is not None)
+    return made
+
+
+def _remake(item: dict[str, Any], old: list[tuple[str, dict[str, Any]]] | None, cfg: Config, mode: str,
             digest: str, roots: tuple[str, ...]) -> list[tuple[str, dict, list[tuple[str, bytes]]]]:
-    """[(key, meta, members)] of one video."""
-    for _, members in old or ():
-        if isinstance(members, BadSample):  # a sample the readers would not take (`_named`)
-            raise members
-    if mode != "source":  # (the source mode reads only the labels of SRC's sample, and decodes them checked)
-        for key, members in old:
-            check_old_sample(key, members, cfg)
+    """[(key, meta, members)] of one video. SRC's samples (raw, as `shards.samples` groups them) are untrusted:
+    each goes through the readers' one decoder and validator (`shards.checked`) first, in every mode; the frames
+    and FLAC are held to SRC's settings where the mode keeps them. Every member the mode does not make anew is
+    carried over byte for byte (`REDERIVED`), so a kind added to the table survives every mode."""
+    spec = SampleSpec() if mode == "source" else SampleSpec(
+        num_frames=int(cfg.video.num_frames), image_size=int(cfg.video.image_size), flac=True)
+    olds = [(key, raw, checked(raw, spec.check)) for key, raw in old or ()]
+    made = rederived(mode)
     if mode == "repack":
-        return [(key, decode_meta(dict(_by_suffix(m))["json"]), m) for key, m in old]
+        return [(key, sample["meta"], _members(raw)) for key, raw, sample in olds]
     if mode == "waveform":
-        return [_from_waveform(key, m, cfg, digest) for key, m in old]
+        return [_from_waveform(key, raw, sample, cfg, digest, made) for key, raw, sample in olds]
     from cavmae.preprocess.decode import BadInput, Segment
     from cavmae.preprocess.sample import build_samples
 
     indices, segment, dataset = None, None, None
-    if old:
-        members = dict(_by_suffix(old[0][1]))
-        if members.get("labels.txt") is not None:
-            indices = decode_labels(members["labels.txt"]) or None
-        segment, dataset = listed_segment(decode_meta(members["json"]))
+    if olds:
+        indices = olds[0][2]["labels"] or None
+        segment, dataset = listed_segment(olds[0][2]["meta"])
     if not source_allowed(item["source"], roots):  # (a plan saved by an earlier run with other --sources)
         raise BadInput(f"source is outside --sources: {item['source']}")
     with local_copy(item["source"]) as path:
@@ -364,7 +379,18 @@ def _remake(item: dict[str, Any], old: list[tuple[str, list[tuple[str, bytes]]]]
             raise BadInput(f"source video is gone: {item['source']}")
         samples = build_samples(path, item["video_id"], item["source"], item["labels"], indices, cfg,
                                 segment=segment and Segment(*segment), dataset=dataset)
-    return [(s.key, s.meta, s.members) for s in samples]
+    by_key = {key: raw for key, raw, _ in olds}
+    first = olds[0][1] if olds else {}  # a window SRC did not have takes what its video's first sample carries
+    return [(s.key, s.meta, order_members(s.members + _members(by_key.get(s.key, first), s.key, made)))
+            for s in samples]
+
+
+def _members(raw: dict[str, Any], key: str | None = None, leave: set[str] = frozenset()) -> list[tuple[str, bytes]]:
+    """A raw sample's members as (name, bytes) in tar order, named for `key` (default its own), less the kinds
+    whose field is in `leave`."""
+    key = key or raw["__key__"]
+    return [(f"{key}.{suffix}", data) for suffix, data in raw.items()
+            if not suffix.startswith("__") and member_kind(suffix).field not in leave]
 
 
 def listed_segment(meta: dict[str, Any]) -> tuple[tuple[float, float] | None, dict | None]:
@@ -381,35 +407,12 @@ def listed_segment(meta: dict[str, Any]) -> tuple[tuple[float, float] | None, di
     return (None if listed is None else (float(listed[0]), float(listed[1]))), dataset
 
 
-def _by_suffix(members: list[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
-    for name, data in members:
-        yield member_suffix(name), data
-
-
-def check_old_sample(key: str, members: list[tuple[str, bytes]], cfg: Config) -> None:
-    """SRC's shards are untrusted: a sample is remade (or copied) only when its key is in the key alphabet, every
-    member is in the schema and decodes (json object, labels, npy without pickle), its frames are JPEG no larger
-    than the frame size allows (`shards.media.open_jpeg`; repack and waveform modes keep `video.*`, so it is SRC's)
-    and its `.flac` is FLAC. Raises BadSample naming the member."""
-    check_key(key)
-    for name, data in members:
-        suffix = member_suffix(name)
-        if suffix.startswith("frame"):
-            open_jpeg(data, cfg.video.image_size)
-        elif suffix == "flac":
-            open_flac(data).close()
-        else:
-            decode_member(suffix, data)
-
-
-def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
-                   digest: str) -> tuple[str, dict, list[tuple[str, bytes]]]:
+def _from_waveform(key: str, raw: dict[str, Any], sample: dict[str, Any], cfg: Config, digest: str,
+                   made: set[str]) -> tuple[str, dict, list[tuple[str, bytes]]]:
     from cavmae.preprocess.decode import BadInput
     from cavmae.shards.fbank import fbank
 
-    d = dict(_by_suffix(members))
-    meta = decode_meta(d["json"])
-    flac = d.get("flac")
+    meta, flac = sample["meta"], sample["flac"]
     fb = None
     if meta.get("has_audio"):
         if flac is None:
@@ -418,11 +421,8 @@ def _from_waveform(key: str, members: list[tuple[str, bytes]], cfg: Config,
         fb = fbank(decode_flac(flac, cfg.audio.sample_rate, cfg.clip.length_s + FLAC_SLACK_S), cfg.audio)
     meta["audio_frames"] = 0 if fb is None else int(fb.shape[0])
     meta["config_digest"] = digest
-    frames = sorted((int(s[5:-4]), data) for s, data in d.items() if s.startswith("frame"))
-    labels = d.get("labels.txt")
-    indices = (decode_labels(labels) or None) if labels else None
-    keep = flac if cfg.audio.keep_waveform else None
-    return key, meta, sample_members(key, meta, fb, [data for _, data in frames], keep, indices)
+    new = record_members(key, {"meta": meta, "fbank": fb, "flac": flac if cfg.audio.keep_waveform else None})
+    return key, meta, order_members(new + _members(raw, key, made))
 
 
 def _old_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[str, list]]:
@@ -451,7 +451,8 @@ def _ranged_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[s
                         break
                     end += next_length
                 buf_shard, buf_start, buf = shard, offset, _read_span(src, files, shard, offset, end - offset)
-            got.append((key, _sample_members(src.uri(shard), key, buf[offset - buf_start:offset + length - buf_start])))
+            data = buf[offset - buf_start:offset + length - buf_start]
+            got.append((key, span_group(data, src.uri(shard), key, "manifest.parquet puts").raw()))
             if n + 1 == len(todo) or todo[n + 1][0] != vid:
                 yield vid, got
                 got = []
@@ -472,27 +473,6 @@ def _read_span(src: Store, files: dict[str, tuple[Any, int]], shard: str, offset
     if len(data) != length:
         raise OSError(f"{src.uri(shard)}: {len(data)} of {length} bytes at offset {offset} (shard truncated?)")
     return data
-
-
-def _sample_members(url: str, key: str, data: bytes) -> list[tuple[str, bytes]]:
-    """The members of sample `key` from the bytes of its span, grouped as every reader groups them
-    (`shards.samples`), no extraction."""
-    try:
-        groups = list(read_groups(io.BytesIO(data), url, fragment=True))
-    except tarfile.TarError as exc:
-        raise tarfile.ReadError(f"{url}: sample {key!r}: {str(exc).removeprefix(f'{url}: ')}") from None
-    if len(groups) != 1 or groups[0].key != key:
-        found = ", ".join(repr(g.key) for g in groups) or "no member"
-        raise BadSample(f"{url}: {found} found where manifest.parquet puts sample {key!r}")
-    return _named(groups[0])
-
-
-def _named(group: Group) -> list[tuple[str, bytes]] | BadSample:
-    """A group's members as (member name, bytes), or, for a sample the readers would not take, the BadSample that
-    `_remake` raises (that video fails; the rest of the unit goes on)."""
-    if group.problem is not None:
-        return BadSample(f"{group.url}: sample {group.key!r}: {group.problem}")
-    return [(f"{group.key}.{suffix}", data) for suffix, data in group.members.items()]
 
 
 def _streamed_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple[str, list]]:
@@ -520,9 +500,9 @@ def _streamed_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple
                                 f"the shard(s) the manifest names")
 
 
-def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, list[tuple[str, bytes]] | BadSample]]:
-    """(key, [(member name, bytes)]) in tar order, streaming one shard, grouped as every reader groups them
-    (`shards.samples`), no extraction (see `_named`)."""
+def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, raw sample) in tar order, streaming one shard, grouped as every reader groups them
+    (`shards.samples`), no extraction; a sample the readers would not take carries its `__problem__`."""
     with src.open_input(shard) as f:
         for group in read_groups(f, src.uri(shard)):
-            yield group.key, _named(group)
+            yield group.key, group.raw()

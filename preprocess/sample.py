@@ -13,7 +13,8 @@ from typing import Iterator
 
 from cavmae.shards.config import Config
 from cavmae.shards.fbank import fbank
-from cavmae.shards.schema import make_key, sample_members
+from cavmae.shards import schema
+from cavmae.shards.schema import make_key, record_members
 
 from .decode import BadInput, Clip, Segment, iter_clips
 from .features import encode_flac, encode_jpeg
@@ -86,7 +87,9 @@ def iter_samples(path: str, video_id: str, source: str, labels: list[str],
                          audio_frames=0 if fb is None else fb.shape[0], config_digest=digest, segment=segment,
                          dataset=dataset)
         key = make_key(video_id, clip.window if windows else None)
-        members = sample_members(key, meta, fb, jpegs, flac, label_indices)
+        record = {"meta": meta, "fbank": fb, "frames": jpegs, "flac": flac, "labels": label_indices}
+        record.update((k.field, k.produce(clip, meta)) for k in schema.MEMBER_KINDS if k.produce is not None)
+        members = record_members(key, record)
         yield BuiltSample(key=key, meta=meta, members=members)
 
 

@@ -27,22 +27,22 @@ import io
 import json
 import math
 import os
-import tarfile
 from collections import Counter
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cavmae.shards.config import Config
 from cavmae.shards.errors import NoSamples
 from cavmae.shards.frozen import adopt_shard_settings
 from cavmae.shards.manifest import read_manifest
-from cavmae.shards.reader import decode_sample, list_shards, raw_samples
+from cavmae.shards.checked import SAMPLE_ERRORS, Skip, checked_samples
+from cavmae.shards.reader import list_shards
 from cavmae.shards.schema import BadSample, one_line
 from cavmae.shards.settings import clip_rows
 from cavmae.shards.store import Store, regular_files
-from cavmae.shards.validate import SampleSpec, check_sample
+from cavmae.shards.validate import SampleSpec
 
 from .inputs import LabelIndex
 from .jobs import RowJob, run_row_job
@@ -60,16 +60,15 @@ def shard_sums(url: str, target_length: int, spec: SampleSpec) -> dict[str, Any]
                            "padded_sum": [], "padded_sumsq": [], "durations": [], "labels": Counter(),
                            "rgb_sum": np.zeros(3), "pixels": 0, "frames": 0, "unreadable": [], "no_audio": 0,
                            "no_video": 0}
-    try:
-        for raw in raw_samples([url]):
-            try:
-                sample = decode_sample(raw)
-                check_sample(sample, spec)
-                _add_sample(out, sample, target_length)
-            except (BadSample, UnidentifiedImageError, OSError, ValueError) as exc:
-                out["unreadable"].append(one_line(exc))
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        out["unreadable"].append(f"{url}: rest of the shard unreadable ({one_line(exc)})")
+    def unreadable(skip: Skip) -> None:
+        out["unreadable"].append(f"{url}: rest of the shard unreadable ({one_line(skip.error)})" if skip.key is None
+                                 else one_line(skip.error))
+
+    for sample in checked_samples([url], spec.check, unreadable):
+        try:
+            _add_sample(out, sample, target_length)
+        except SAMPLE_ERRORS as exc:  # its frames' pixels do not decode
+            out["unreadable"].append(one_line(exc))
     for name in ("padded_sum", "padded_sumsq", "durations"):  # compact for the trip to the driver
         out[name] = np.asarray(out[name], dtype=np.float64)
     return out

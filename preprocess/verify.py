@@ -3,8 +3,9 @@
 Each shard is checked by `verify_shard`, a pure function of the shard's URL, its manifest rows and the sample
 settings it was made with (plain data in, a list of one-line problems out), so a job framework can run it as a Ray
 task; `verify` runs it shard after shard. Every member is read through the one tar layer (`shards.tar`: truncation,
-sparse or compressed files, bad headers), every sample grouped and decoded as every reader does (`shards.samples`,
-`shards.reader.decode_sample`) and checked against the settings (mel bins, number and size of frames, FLAC), and
+sparse or compressed files, bad headers), every sample grouped, decoded (each member by its kind of
+`shards.schema.MEMBER_KINDS`) and checked as every reader does (`shards.checked`), here against the settings in
+full (mel bins, number and size of frames, every frame's pixels, FLAC), and
 the manifest's spans must be exactly the shard's samples.
 
 `list_members` gives `--list`: one JSON object per regular member, the name, size and SHA-256 `tarfile` gives.
@@ -13,27 +14,26 @@ the manifest's spans must be exactly the shard's samples.
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterator
 
+from cavmae.shards.checked import SHARD_ERRORS, Skip, checked, checked_groups
 from cavmae.shards.config import Config
 from cavmae.shards.errors import NoSamples
 from cavmae.shards.frozen import FROZEN_CONFIG, shard_set_configs
 from cavmae.shards.index import SpanReader
 from cavmae.shards.manifest import shard_manifests
-from cavmae.shards.media import open_flac, open_jpeg
-from cavmae.shards.reader import decode_sample, list_shards, open_stream
-from cavmae.shards.samples import read_groups
+from cavmae.shards.media import open_jpeg
+from cavmae.shards.reader import list_shards, open_stream
+from cavmae.shards.samples import span_group
 from cavmae.shards.schema import BadSample, one_line
 from cavmae.shards.store import Store
 from cavmae.shards.tar import read_members
 from cavmae.shards.validate import SampleSpec
 
 from .jobs import RowJob, run_row_job
-from cavmae.shards.validate import check_sample as check_valid
 
 
 def _open(url: str) -> Any:
@@ -42,9 +42,9 @@ def _open(url: str) -> Any:
 
 def check_sample(sample: dict[str, Any], cfg: Config) -> None:
     """What a decoded sample must be under the settings its shards were made with; BadSample otherwise. The
-    readers' one validator (`shards.validate.check_sample`) first, then what only a full read can tell: every
-    frame there and decoded at the frame size, the waveform a FLAC stream."""
-    check_valid(sample, SampleSpec.of(cfg))
+    readers' one validator (`shards.validate.check_sample`, the FLAC stream's header included) first, then what
+    only a full read can tell: every frame there and decoded at the frame size."""
+    SampleSpec.of(cfg, flac=True).check(sample)
     frames, size = int(cfg.video.num_frames), int(cfg.video.image_size)
     if sample["meta"].get("has_video") is not False and len(sample["frames"]) != frames:
         raise BadSample(f"{len(sample['frames'])} frames, the shards' settings {frames}")
@@ -53,8 +53,6 @@ def check_sample(sample: dict[str, Any], cfg: Config) -> None:
         if image.size != (size, size):
             raise BadSample(f"frame{i} is {image.size[0]}x{image.size[1]}, the shards' settings {size}x{size}")
         image.load()
-    if sample["flac"] is not None:
-        open_flac(sample["flac"]).close()
 
 
 def verify_shard(url: str, rows: list[dict[str, Any]] | None, settings: dict[str, Any]) -> tuple[int, list[str]]:
@@ -62,23 +60,24 @@ def verify_shard(url: str, rows: list[dict[str, Any]] | None, settings: dict[str
     rows (None: no manifest to check against), `settings` the sample-side config it was made with (a dict)."""
     cfg = Config(settings)
     problems: list[str] = []
-    good = 0
     spans: dict[str, tuple[int, int]] = {}
-    passed: set[str] = set()
-    try:
-        with _open(url) as stream:
-            for group in read_groups(stream, url):
-                spans.setdefault(group.key, (group.start, group.end - group.start))
-                try:
-                    sample = decode_sample(group.raw())
-                    check_sample(sample, cfg)
-                    good += 1
-                    passed.add(group.key)
-                except BadSample as exc:
-                    text = one_line(exc)
-                    problems.append(text if text.startswith(url) else f"{url}: sample {group.key!r}: {text}")
-    except (tarfile.TarError, OSError) as exc:
-        problems.append(one_line(exc) if str(exc).startswith(url) else f"{url}: {one_line(exc)}")
+    broken: list[Skip] = []
+
+    def skipped(skip: Skip) -> None:
+        if skip.key is None:
+            broken.append(skip)
+            text = one_line(skip.error)
+            problems.append(text if text.startswith(url) else f"{url}: {text}")
+        else:
+            spans.setdefault(skip.key, skip.span)
+            problems.append(skip.line())
+
+    passed = set()
+    for group, _ in checked_groups(url, partial(check_sample, cfg=cfg), skipped):
+        spans.setdefault(group.key, (group.start, group.end - group.start))
+        passed.add(group.key)
+    good = len(passed)
+    if broken:
         if rows is not None:  # the manifest's spans name which samples the damage took
             for key, problem in _damaged(url, [r for r in rows if r["key"] not in passed], cfg):
                 if problem is None:
@@ -103,16 +102,16 @@ def verify_shard(url: str, rows: list[dict[str, Any]] | None, settings: dict[str
 
 
 def _damaged(url: str, rows: list[dict[str, Any]], cfg: Config) -> Iterator[tuple[str, str | None]]:
-    """(key, None or what is wrong) of each manifest row, its sample read alone at the span the row records."""
+    """(key, None or what is wrong) of each manifest row, its sample read alone at the span the row records (the
+    one span parser, `shards.samples.span_group`)."""
     reader = SpanReader()
     try:
         for r in rows:
             try:
                 data = reader.read(url, int(r["offset"]), int(r["length"]))
-                (group,) = read_groups(io.BytesIO(data), url, fragment=True)
-                check_sample(decode_sample(group.raw()), cfg)
-                yield r["key"], None if group.key == r["key"] else f"the span holds {group.key!r}"
-            except (tarfile.TarError, OSError, ValueError, TypeError) as exc:  # BadSample is a ValueError
+                checked(span_group(data, url, r["key"], "manifest.parquet puts").raw(), partial(check_sample, cfg=cfg))
+                yield r["key"], None
+            except (*SHARD_ERRORS, TypeError) as exc:  # (TypeError: a row without an integer span)
                 yield r["key"], one_line(exc).removeprefix(f"{url}: ")
     finally:
         reader.close()

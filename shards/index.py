@@ -15,7 +15,6 @@ reading what came before, and hold no more than the samples it is decoding.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tarfile
@@ -29,7 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .reader import is_remote, open_stream
-from .samples import read_groups
+from .samples import read_groups, span_group
 from .schema import BadSample, check_key
 from .store import open_regular, regular_fd
 from .tar import BLOCK
@@ -225,13 +224,8 @@ class SpanReader:
 
 def read_raw_sample(reader: SpanReader, index: SampleIndex, i: int) -> dict[str, Any]:
     """Sample `i` of the index as a raw sample (member bytes by lower-case suffix, `__key__`, `__url__`), read with
-    one ranged read and grouped as every reader groups. Raises `BadSample` when the bytes there are not exactly
-    that one sample (the shard changed since it was indexed), `OSError` / `tarfile.TarError` when they cannot be
-    read."""
-    url, key = index.url_of(i), index.key_of(i)
-    data = reader.read(url, int(index.offset[i]), int(index.length[i]))
-    groups = list(read_groups(io.BytesIO(data), url, fragment=True))
-    if len(groups) != 1 or groups[0].key != key:
-        found = ", ".join(repr(g.key) for g in groups) or "no member"
-        raise BadSample(f"{url}: {found} found where sample {key!r} was indexed (shard changed?)")
-    return groups[0].raw()
+    one ranged read and parsed by the one span parser (`shards.samples.span_group`). Raises `BadSample` when the
+    bytes there are not exactly that one sample (the shard changed since it was indexed), `OSError` /
+    `tarfile.TarError` when they cannot be read."""
+    url = index.url_of(i)
+    return span_group(reader.read(url, int(index.offset[i]), int(index.length[i])), url, index.key_of(i)).raw()

@@ -4,7 +4,7 @@ We read tars through the one tar layer (`shards.tar`, our own header parser: wha
 per member, with member sizes capped) and group members into samples with the one grouping (`shards.samples`: what
 webdataset's `tar_file_expander` + `group_by_keys` would yield), and open streams ourselves
 (local files, `http(s)://` through urllib, `s3://`, `gs://`, `hdfs://` through `pyarrow.fs`), so no shell
-pipe is ever spawned, and we decode only the members our schema names (`shards.schema.decode_member`): no
+pipe is ever spawned, and we decode only the members our schema names (`shards.schema.MEMBER_KINDS`): no
 pickle, no `torch.load`, and an unknown member is a `BadSample`, not a silent pass-through.
 """
 
@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 import braceexpand
-import numpy as np
 
 from .errors import NotFound
 from .samples import read_groups
-from .schema import REQUIRED, BadSample, all_finite, check_key, decode_member, member_suffix
+from . import schema
+from .schema import BadSample, check_key, member_kind
 from .store import open_regular
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "http://", "https://")
-FBANK_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))  # native byte order
 
 
 def is_remote(url: str) -> bool:
@@ -100,45 +99,47 @@ def raw_samples(urls: Iterable[str | dict]) -> Iterator[dict[str, Any]]:
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Turn one raw sample into `{"key", "url", "meta", "fbank", "frames", "flac", "labels"}`.
+    """Turn one raw sample into `{"key", "url"}` plus one field per member kind of `shards.schema.MEMBER_KINDS`
+    (`meta`, `fbank`, `frames`, `flac`, `labels`, and any kind added to the table), each decoded by its kind.
 
     `fbank` is None and `frames` empty for a sample whose json says `has_audio` / `has_video` false (a video-only
     or audio-only clip); otherwise the fbank is required. `frames` are JPEG bytes in index order (decode the one you
     need, with `shards.media.open_jpeg`), `flac` is bytes or None (`shards.media.open_flac`), `labels` the
-    `.labels.txt` class indices (non-negative) or None. Raises `BadSample` (naming the key and shard) for anything outside the schema: a key outside the key alphabet (a
-    member name with a directory, `../` or an absolute path), a json that is not an object, an fbank that is not
+    `.labels.txt` class indices (non-negative) or None; a kind the sample lacks is None (a numbered kind: []).
+    Raises `BadSample` (naming the key and shard) for anything outside the schema: a key outside the key alphabet
+    (a member name with a directory, `../` or an absolute path), a json that is not an object, an fbank that is not
     2-D float with rows and columns and finite values. What depends on the config (mel width, frame size, number
-    of classes) every reader checks with `shards.validate.check_sample`.
+    of classes) every reader checks with `shards.validate.check_sample` (`shards.checked` does both).
     """
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
     try:
         if "__problem__" in raw:
             raise BadSample(raw["__problem__"])
         check_key(key)
-        decoded: dict[str, Any] = {}
-        frames: dict[int, bytes] = {}
+        kinds = schema.MEMBER_KINDS
+        sample: dict[str, Any] = {"key": key, "url": url, **{k.field: [] if k.numbered else None for k in kinds}}
+        numbered: dict[str, dict[int, Any]] = {}  # field of a numbered kind -> index -> value
         for name, data in raw.items():
             if name.startswith("__"):
                 continue
-            suffix = member_suffix(f"x.{name}")
-            if suffix.startswith("frame"):
-                frames[int(suffix[5:-4])] = data
+            kind = member_kind(name)
+            if kind is None:
+                raise BadSample(f"member {f'x.{name}'!r} is not part of the cavmae sample schema")
+            if kind.numbered:
+                numbered.setdefault(kind.field, {})[kind.index(name)] = kind.decode(data)
             else:
-                decoded[suffix] = decode_member(suffix, data)
-        no_audio = "json" in decoded and decoded["json"].get("has_audio") is False
-        missing = [m for m in REQUIRED + (() if no_audio else ("fbank.npy",)) if m not in decoded]
+                sample[kind.field] = kind.decode(data)
+        meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
+        missing = [k.name for k in kinds if sample[k.field] is None and not k.numbered and k.required(meta)]
         if missing:
             raise BadSample(f"missing member(s) {', '.join(missing)}")
-        if sorted(frames) != list(range(len(frames))):
-            raise BadSample(f"frame members are not numbered 0..{len(frames) - 1}")
-        fbank = decoded.get("fbank.npy")
-        if fbank is not None and (fbank.ndim != 2 or fbank.dtype not in FBANK_DTYPES or 0 in fbank.shape):
-            raise BadSample(f"fbank has shape {fbank.shape} and dtype {fbank.dtype}, expected 2-D float with rows")
-        if fbank is not None and not all_finite(fbank):
-            raise BadSample("fbank holds NaN or infinite values")
-        return {"key": key, "url": url, "meta": decoded["json"], "fbank": fbank,
-                "frames": [frames[i] for i in range(len(frames))], "flac": decoded.get("flac"),
-                "labels": decoded.get("labels.txt")}
+        for kind in kinds:
+            items = numbered.get(kind.field)
+            if items is not None:
+                if sorted(items) != list(range(len(items))):
+                    raise BadSample(f"{kind.name.split('{')[0]} members are not numbered 0..{len(items) - 1}")
+                sample[kind.field] = [items[i] for i in range(len(items))]
+        return sample
     except BadSample as exc:
         raise BadSample(f"{url}: sample {key!r}: {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:

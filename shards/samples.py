@@ -15,13 +15,15 @@ comes back later in the shard, is yielded with its `problem`, which `shards.read
 
 from __future__ import annotations
 
+import io
 import logging
 import re
+import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
 from .schema import BadSample, check_key, member_kind
-from .tar import NotRegular, read_members
+from .tar import NotRegular, ShardError, read_members
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +119,19 @@ def read_groups(stream: IO[bytes], url: str, fragment: bool = False) -> Iterator
             named = ", ".join(f"{name!r} ({why})" for name, why in skipped[:5])
             log.warning("%s: skipped %d member(s) that are not sample files: %s%s", url, len(skipped), named,
                         ", ..." if len(skipped) > 5 else "")
+
+
+def span_group(data: bytes, url: str, key: str, where: str = "the index puts") -> Group:
+    """The one sample that the bytes `data` of one sample's span (its manifest `offset`/`length`: `shards.index`,
+    reprocess, verify) hold, grouped as every reader groups a whole shard (`read_groups`, warnings included).
+    BadSample when the span holds anything but exactly sample `key` (none, another, or two: the shard changed
+    since, or an untrusted manifest); `shards.tar.ShardError` naming the sample when it is not whole tar
+    members."""
+    try:
+        groups = list(read_groups(io.BytesIO(data), url, fragment=True))
+    except tarfile.TarError as exc:
+        raise ShardError(f"{url}: sample {key!r}: {str(exc).removeprefix(f'{url}: ')}") from None
+    if len(groups) != 1 or groups[0].key != key:
+        found = ", ".join(repr(g.key) for g in groups) or "no member"
+        raise BadSample(f"{url}: {found} found where {where} sample {key!r}")
+    return groups[0]

@@ -9,6 +9,9 @@ One video clip (or one window of it) is one WebDataset sample:
     {key}.labels.txt    optional label indices as text, "3,17" (not `.cls`: stock webdataset decodes `.cls`
                         as a single int and fails on multi-label samples)
 
+The members are the table `MEMBER_KINDS` (suffix, field of the decoded sample, decoder, writer): the writer
+(`record_members`), the reader (`shards.reader.decode_sample`) and reprocess walk it.
+
 WebDataset splits a member name at the first dot of its base name, so keys never contain dots or slashes.
 Shards are untrusted input: decoding accepts only the member names above and never unpickles anything.
 """
@@ -136,10 +139,11 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 
 
 def all_finite(array: np.ndarray) -> bool:
-    """np.isfinite(array).all(), ~10x faster on float16 (the fbank's type), where numpy has no vector loop for it: a
-    half is infinite or NaN exactly when its five exponent bits are all ones."""
+    """np.isfinite(array).all(), ~20x faster on float16 (the fbank's type), where numpy has no vector loop for it: a
+    half is infinite or NaN exactly when its five exponent bits are all ones, that is when its bits without the
+    sign are at least 0x7C00 (one mask and one max: no boolean array)."""
     if array.dtype == np.float16:
-        return not np.any((array.view(np.uint16) & 0x7C00) == 0x7C00)
+        return array.size == 0 or int((array.view(np.uint16) & 0x7FFF).max()) < 0x7C00
     return bool(np.isfinite(array).all())
 
 
@@ -148,19 +152,44 @@ def encode_json(meta: dict[str, Any]) -> bytes:
 
 
 def sample_members(key: str, meta: dict[str, Any], fbank: np.ndarray | None, jpegs: list[bytes],
-                   flac: bytes | None = None, label_indices: list[int] | None = None) -> list[tuple[str, bytes]]:
-    """All members of one sample in their fixed order (the order is part of byte-identical output)."""
+                   flac: bytes | None = None, label_indices: list[int] | None = None,
+                   **more: Any) -> list[tuple[str, bytes]]:
+    """All members of one sample in their fixed order, from the built-in kinds named as arguments and any other
+    kind of `MEMBER_KINDS` by its field name in `more` (`record_members` does the work)."""
+    return record_members(key, {"meta": meta, "fbank": fbank, "frames": jpegs, "flac": flac,
+                                "labels": label_indices, **more})
+
+
+def record_members(key: str, record: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The members of the sample `record` (field name of a `MEMBER_KINDS` entry → value, as `decode_sample` gives
+    them) in the table's order, numbered kinds by index (the order is part of byte-identical output); a field that
+    is None, missing or encodes to nothing has no member. A field no kind has is an error, not dropped."""
     if _UNSAFE.search(key):
         raise BadSample(f"key {key!r} contains characters other than letters, digits, '_' and '-'")
-    members = [(f"{key}.json", encode_json(meta))]
-    if fbank is not None:
-        members.append((f"{key}.fbank.npy", encode_npy(fbank.astype(np.float16))))
-    members += [(f"{key}.frame{i}.jpg", jpeg) for i, jpeg in enumerate(jpegs)]
-    if flac is not None:
-        members.append((f"{key}.flac", flac))
-    if label_indices:
-        members.append((f"{key}.labels.txt", ",".join(str(i) for i in label_indices).encode()))
+    unknown = set(record) - {k.field for k in MEMBER_KINDS}
+    if unknown:
+        raise ValueError(f"sample {key!r}: no member kind for field(s) {', '.join(sorted(unknown))}")
+    members = []
+    for kind in MEMBER_KINDS:
+        value = record.get(kind.field)
+        if value is None:
+            continue
+        for i, item in enumerate(value) if kind.numbered else ((None, value),):
+            data = kind.encode(item)
+            if data is not None:
+                members.append((f"{key}.{kind.member_name(i)}", data))
     return members
+
+
+def order_members(members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """One sample's (name, bytes) members in the order `record_members` writes them (table order, numbered kinds
+    by index): members taken from two records (what reprocess re-derives and what it carries over) come out as
+    one record written anew would."""
+    def place(member: tuple[str, bytes]) -> tuple[int, int]:
+        kind = member_kind(member_suffix(member[0]))
+        return MEMBER_KINDS.index(kind), kind.index(member[0].split(".", 1)[1]) if kind.numbered else 0
+
+    return sorted(members, key=place)
 
 
 def decode_member(suffix: str, data: bytes) -> Any:
@@ -228,32 +257,105 @@ def decode_labels(data: bytes) -> list[int]:
     return [int(p) for p in parts]
 
 
-@dataclass(frozen=True)
-class MemberKind:
-    """One kind of sample member: the suffix after the key (a regular expression), whether every sample has one
-    (the fbank is there whenever the json says `has_audio`: `shards.reader.decode_sample`), and its safe decoder (bytes in; media stays bytes for PIL / PyAV). The position in `MEMBER_KINDS` is its order
-    in a sample (`sample_members` writes them so; frames by index)."""
+FBANK_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))  # native byte order
 
-    suffix: str
-    required: bool
-    decode: Callable[[bytes], Any]
+
+def decode_fbank(data: bytes) -> np.ndarray:
+    """The `.fbank.npy` member: an npy (`decode_npy`) that is 2-D float with rows and columns and finite values."""
+    fbank = decode_npy(data)
+    if fbank.ndim != 2 or fbank.dtype not in FBANK_DTYPES or 0 in fbank.shape:
+        raise BadSample(f"fbank has shape {fbank.shape} and dtype {fbank.dtype}, expected 2-D float with rows")
+    if not all_finite(fbank):
+        raise BadSample("fbank holds NaN or infinite values")
+    return fbank
+
+
+def encode_labels(indices: list[int]) -> bytes | None:
+    """Class indices as `.labels.txt` ("3,17"); no member for no label."""
+    return ",".join(str(i) for i in indices).encode() if indices else None
 
 
 def _as_bytes(data: bytes) -> bytes:
     return data
 
 
-# The one table of member kinds: every reader takes exactly these (`shards.samples` groups by it) and decodes them
-# here. Adding a kind is one entry plus its producer (`sample_members`) and its consumer.
+def _always(meta: dict[str, Any]) -> bool:
+    return True
+
+
+def _never(meta: dict[str, Any]) -> bool:
+    return False
+
+
+def _with_audio(meta: dict[str, Any]) -> bool:
+    return meta.get("has_audio") is not False  # (a video-only clip has no fbank)
+
+
+_NUMBER_IN = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class MemberKind:
+    """One kind of sample member. `suffix` is what follows the key (a regular expression; `name` the suffix written,
+    with `{}` for the index of a `numbered` kind such as the frames); `field` is the decoded sample's key for it (a
+    list for a numbered kind, None when absent); `required` says, from the sample's json, whether the sample must
+    hold one; `decode` is its safe decoder (bytes in; it raises BadSample or ValueError for bytes outside the schema;
+    media stays bytes for PIL / PyAV) and `encode` its writer (value → bytes, None for no member); `produce`, when
+    given, makes its value at ingest from the decoded clip and the json (the built-in kinds are the pipeline's
+    own: `preprocess.sample.iter_samples` makes them). The position in `MEMBER_KINDS` is the kind's place in a
+    sample (`record_members`)."""
+
+    suffix: str
+    name: str
+    field: str
+    decode: Callable[[bytes], Any]
+    encode: Callable[[Any], bytes | None] = _as_bytes
+    required: Callable[[dict[str, Any]], bool] = _never
+    numbered: bool = False
+    produce: Callable[[Any, dict[str, Any]], Any] | None = None  # ingest's producer: (decoded clip, json) → value
+
+    def member_name(self, index: int | None = None) -> str:
+        return self.name.format(index) if self.numbered else self.name
+
+    def index(self, suffix: str) -> int:
+        """The index in a numbered kind's suffix ('frame3.jpg' → 3)."""
+        return _index_in(suffix)
+
+
+@functools.lru_cache(maxsize=4096)  # (the same few frame suffixes in every sample)
+def _index_in(suffix: str) -> int:
+    return int(_NUMBER_IN.search(suffix).group())
+
+
+def _encode_fbank(fbank: np.ndarray) -> bytes:
+    return encode_npy(fbank.astype(np.float16))
+
+
+# The one table of member kinds: every reader takes exactly these (`shards.samples` groups by it), decodes them here
+# (`shards.reader.decode_sample`), writes them here (`record_members`), and reprocess carries over every kind it
+# does not re-derive. Adding a kind is one entry plus its producer and its consumer (tests/test_record.py).
 MEMBER_KINDS = (
-    MemberKind("json", True, decode_meta),
-    MemberKind("fbank.npy", False, decode_npy),
-    MemberKind(r"frame\d{1,3}\.jpg", False, _as_bytes),
-    MemberKind("flac", False, _as_bytes),
-    MemberKind("labels.txt", False, decode_labels),
+    MemberKind("json", "json", "meta", decode_meta, encode_json, required=_always),
+    MemberKind("fbank.npy", "fbank.npy", "fbank", decode_fbank, _encode_fbank, required=_with_audio),
+    MemberKind(r"frame\d{1,3}\.jpg", "frame{}.jpg", "frames", _as_bytes, numbered=True),
+    MemberKind("flac", "flac", "flac", _as_bytes),
+    MemberKind("labels.txt", "labels.txt", "labels", decode_labels, encode_labels),
 )
-REQUIRED = tuple(k.suffix for k in MEMBER_KINDS if k.required)
 _KINDS = re.compile("|".join(f"({k.suffix})" for k in MEMBER_KINDS))
+
+
+def add_member_kind(kind: MemberKind) -> None:
+    """Append `kind` to `MEMBER_KINDS` (a kind defined outside this module: a test's, a project's own; it must be
+    added in every process that reads or writes it, Ray workers included: `worker_process_setup_hook`). A kind of
+    the toolkit is an entry of the table above."""
+    global MEMBER_KINDS, _KINDS
+    if any(k.field == kind.field or k.suffix == kind.suffix for k in MEMBER_KINDS):
+        if kind in MEMBER_KINDS:
+            return
+        raise ValueError(f"member kind {kind.suffix!r} ({kind.field}) clashes with one of the table")
+    MEMBER_KINDS = (*MEMBER_KINDS, kind)
+    _KINDS = re.compile("|".join(f"({k.suffix})" for k in MEMBER_KINDS))
+    member_kind.cache_clear()
 
 
 @functools.lru_cache(maxsize=4096)  # a handful of suffixes repeat in every sample: one dict lookup per member

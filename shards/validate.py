@@ -1,5 +1,5 @@
 """The one check of a decoded sample against the settings it is read with, used by every reader (training, stats,
-inspect, predict).
+inspect, predict, verify, reprocess), through `shards.checked`.
 
 `shards.reader.decode_sample` checks what a sample is on its own (schema, key, finite 2-D fbank). What depends on
 the settings is checked here, before any reader uses the sample: otherwise a hostile sample first in a shard sets
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
-from .media import open_jpeg
+from .media import open_flac, open_jpeg
 from .schema import BadSample
 
 
@@ -26,17 +26,23 @@ class SampleSpec:
     num_frames: int | None = None     # at most this many frames
     image_size: int | None = None     # frames no larger than `open_jpeg` allows for this size
     num_classes: int | None = None    # `.labels.txt` indices below this
+    flac: bool = False                # the `.flac` member opens as FLAC (`shards.media.open_flac`: its header)
 
     @classmethod
-    def of(cls, cfg: Config, num_classes: int | None = None) -> "SampleSpec":
+    def of(cls, cfg: Config, num_classes: int | None = None, flac: bool = False) -> "SampleSpec":
         """The spec of the sample-side settings of `cfg` (for shards: `shards.frozen.adopt_shard_settings` first)."""
         return cls(num_mel_bins=int(cfg.audio.num_mel_bins), num_frames=int(cfg.video.num_frames),
-                   image_size=int(cfg.video.image_size), num_classes=num_classes or None)
+                   image_size=int(cfg.video.image_size), num_classes=num_classes or None, flac=flac)
+
+    def check(self, sample: dict[str, Any]) -> None:
+        """`check_sample(sample, self)`: the validator a reader hands to `shards.checked`."""
+        check_sample(sample, self)
 
 
 def check_sample(sample: dict[str, Any], spec: SampleSpec) -> None:
     """BadSample unless the decoded `sample` (`shards.reader.decode_sample`) fits `spec`: the fbank's mel width,
-    the number of frames, each frame's JPEG header size, the label indices' range."""
+    the number of frames, each frame's JPEG header size, the label indices' range, the FLAC stream's header. Its
+    cost is headers only, less than the decode it guards (BENCHMARKS.md, loader stages)."""
     fbank = sample["fbank"]  # None for a video-only sample (`decode_sample`)
     if fbank is not None and spec.num_mel_bins is not None and fbank.shape[1] != spec.num_mel_bins:
         raise BadSample(f"fbank has {fbank.shape[1]} mel bins, the settings say {spec.num_mel_bins}")
@@ -48,6 +54,8 @@ def check_sample(sample: dict[str, Any], spec: SampleSpec) -> None:
             open_jpeg(jpeg, spec.image_size)
     if spec.num_classes is not None and sample["labels"]:
         check_labels(sample["labels"], spec.num_classes)
+    if spec.flac and sample["flac"] is not None:
+        open_flac(sample["flac"]).close()
 
 
 def check_labels(indices: list[int], num_classes: int) -> None:

@@ -15,7 +15,6 @@ counted skip (`train.failures`).
 from __future__ import annotations
 
 import logging
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
@@ -25,8 +24,8 @@ import webdataset as wds
 
 from cavmae.shards.errors import NoSamples
 from cavmae.shards.index import SampleIndex, SpanReader, read_raw_sample
-from cavmae.shards.reader import decode_sample, is_remote, raw_samples
-from cavmae.shards.schema import BadSample
+from cavmae.shards.checked import SHARD_ERRORS, Skip, checked, checked_samples
+from cavmae.shards.reader import is_remote
 from cavmae.train.epochs import EpochPlan, SampleRngs
 from cavmae.train.failures import MAX_FAILURES, Failures, shard_list
 from cavmae.train.transform import Transform
@@ -40,25 +39,17 @@ REMOTE_READS = 16  # concurrent ranged reads per loader worker from object stora
 
 
 def decoded_samples(shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Decode every sample of every shard (`shards.reader.decode_sample` validates it), skipping (and counting in
-    `_skipped`) what cannot be decoded; `Failures` gives up on a set where nothing decodes.
-
-    A truncated or corrupt tar (any malformed header) loses the rest of that shard only."""
+    """Decode every sample of every shard (`shards.checked`; the transform checks it against the settings),
+    skipping (and counting in `_skipped`) what cannot be decoded; `Failures` gives up on a set where nothing
+    decodes. A truncated or corrupt tar (any malformed header) loses the rest of that shard only."""
     failures = Failures()
-    for shard in shards:
-        url = shard["url"]
-        try:
-            for raw in raw_samples([url]):
-                try:
-                    sample = decode_sample(raw)
-                except BadSample as exc:
-                    what = f"sample {raw.get('__key__', '?')!r}"
-                    failures.skip(url, what, str(exc).removeprefix(f"{url}: {what}: "))
-                    continue
-                sample["_skipped"] = failures.passed()
-                yield sample
-        except (tarfile.TarError, OSError, ValueError) as exc:
-            failures.skip(url, "the rest of the shard", exc)
+
+    def skip(s: Skip) -> None:
+        failures.skip(s.url, s.what, s.reason if s.key is not None else s.error)
+
+    for sample in checked_samples((shard["url"] for shard in shards), on_skip=skip):
+        sample["_skipped"] = failures.passed()
+        yield sample
 
 
 class EpochBatches(torch.utils.data.IterableDataset):
@@ -66,7 +57,7 @@ class EpochBatches(torch.utils.data.IterableDataset):
     `train.epochs`): loader worker w of n builds micro-batches w, w+n, ... and the DataLoader yields them
     round-robin, so the order does not depend on n.
 
-    A sample is read with one ranged read and decoded with `shards.reader.decode_sample`; its mixup partner is a
+    A sample is read with one ranged read and decoded with `shards.checked.checked`; its mixup partner is a
     sample of the whole index. A sample that cannot be read or decoded is skipped and counted (the batch is
     smaller; a batch of skipped samples only is `Transform.filler`, which the trainer does not learn from); a bad
     partner only cancels that sample's mixup. MAX_FAILURES skips in a row stop a set where nothing decodes."""
@@ -126,8 +117,8 @@ class EpochBatches(torch.utils.data.IterableDataset):
     def sample(self, i: int, reader: SpanReader) -> dict[str, Any] | None:
         """Decoded sample `i` of the index, or None (logged) when it cannot be read or decoded."""
         try:
-            return decode_sample(read_raw_sample(reader, self.index, i))
-        except (BadSample, tarfile.TarError, OSError, ValueError) as exc:
+            return checked(read_raw_sample(reader, self.index, i))
+        except SHARD_ERRORS as exc:  # (SAMPLE_ERRORS too)
             log.warning("skipping sample %r of %s: %s", self.index.key_of(i), self.index.url_of(i), exc)
             return None
 
