@@ -245,6 +245,7 @@ def test_stats_of_shards_with_different_mel_widths_is_a_user_error():
     from cavmae.preprocess.stats import merge
     from cavmae.shards.errors import UserError
 
-    parts = [{"url": "a/shard-000000.tar", "rows": 9, "bins": 64}, {"url": "b/shard-000000.tar", "rows": 9, "bins": 128}]
+    parts = [{"url": "a/shard-000000.tar", "rows": 9, "bins": 64},
+             {"url": "b/shard-000000.tar", "rows": 9, "bins": 128}]
     with pytest.raises(UserError, match=r"different widths \(\[64, 128\] mel bins\)"):
         merge(parts, target_length=16, batch_size=4)
