@@ -35,7 +35,7 @@ from typing import IO
 import pyarrow.fs as pafs
 
 from .config import ConfigError
-from .errors import NotRegular
+from .errors import NotRegular, UserError
 
 RENAME_TYPES = ("local", "hdfs")
 _CHUNK = 8 << 20
@@ -373,9 +373,9 @@ def _fsspec(uri: str, first_error: Exception):
         import fsspec
         from pyarrow.fs import FSSpecHandler, PyFileSystem
     except ImportError:
-        raise ValueError(f"{uri}: unsupported storage URI ({first_error})") from None
+        raise UserError(f"{uri}: unsupported storage URI ({first_error})") from None
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except (ValueError, ImportError) as exc:
-        raise ValueError(f"{uri}: unsupported storage URI ({exc})") from None
+        raise UserError(f"{uri}: unsupported storage URI ({exc})") from None
     return PyFileSystem(FSSpecHandler(fs)), path

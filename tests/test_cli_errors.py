@@ -66,6 +66,7 @@ def tiny(*extra: str) -> list[str]:
 PREP = [
     ("ingest {missing} --out {out}", "missing"),
     ("ingest {folder} --out {file}", "not a folder"),
+    ("ingest {folder} --out zz://bucket/out", "zz://bucket/out: unsupported storage URI"),
     ("ingest {folder} --out {out} --set video.num_frames=" + HUGE, "'video.num_frames' must be <= 100"),
     ("ingest {folder} --out {out} --set audio.frame_shift_ms=0", "'audio.frame_shift_ms' must be >= 1.0"),
     ("ingest {folder} --out {out} --labels {missing}.csv", "missing.csv"),
