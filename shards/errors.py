@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE_ERROR = 2  # the exit status of every user error, as argparse's
+USAGE_ERROR = 2  # the exit status of a user error (unless its class says another), as argparse's
 
 
 class UserError(ValueError):
