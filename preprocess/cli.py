@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tarfile
 from collections import Counter
 from typing import NoReturn
 
 from cavmae.shards.config import ConfigError, load_config
 from cavmae.shards.errors import NoSamples, Parser, UserError, examples_for, report
 from cavmae.shards.process import finish
-from cavmae.shards.schema import BadSample, one_line
 from cavmae.shards.store import check_out_file, check_out_folder
 
 from .datasets import FORMATS
@@ -241,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args, cfg)
         if args.command == "verify":
             return _verify(args, cfg)
-    except (UserError, FileNotFoundError, BadSample, tarfile.TarError) as exc:  # (a shard's tar error: one line)
+    except UserError as exc:
         return report(PROG, exc)
     except KeyboardInterrupt:
         print("cavmae-prep: interrupted; finished shards are kept: re-run the same command to resume",
@@ -322,13 +320,12 @@ def _verify(args: argparse.Namespace, cfg) -> int:
     from .verify import list_members, verify
 
     if args.list:
-        try:
-            for record in list_members(args.shards):
-                print(json.dumps(record))
-        except tarfile.TarError as exc:
-            print(f"cavmae-prep: problem: {one_line(exc)}", file=sys.stderr)
-            return 1
-        return 0
+        unreadable: list[str] = []
+        for record in list_members(args.shards, unreadable):
+            print(json.dumps(record))
+        for problem in unreadable:
+            print(f"cavmae-prep: problem: {problem}", file=sys.stderr)
+        return 1 if unreadable else 0
     problems, done = verify(args.shards, cfg, workers=args.workers, address=args.address,
                             progress=not args.no_progress)
     for problem in problems:

@@ -34,12 +34,12 @@ import numpy as np
 from PIL import Image
 
 from cavmae.shards.config import Config
-from cavmae.shards.errors import NoSamples
+from cavmae.shards.errors import NoSamples, UserError
 from cavmae.shards.frozen import adopt_shard_settings
 from cavmae.shards.manifest import read_manifest
 from cavmae.shards.checked import SAMPLE_ERRORS, Skip, checked_samples
 from cavmae.shards.reader import list_shards
-from cavmae.shards.schema import BadSample, one_line
+from cavmae.shards.schema import one_line
 from cavmae.shards.settings import clip_rows
 from cavmae.shards.store import Store, regular_files
 from cavmae.shards.validate import SampleSpec
@@ -122,7 +122,7 @@ def merge(parts: list[dict[str, Any]], *, target_length: int, batch_size: int) -
     ok = [p for p in parts if p["rows"]]  # shards with some audio
     bins = {p["bins"] for p in ok}
     if len(bins) > 1:
-        raise BadSample(f"the shards hold fbanks of different widths ({sorted(bins)} mel bins): one set at a time")
+        raise UserError(f"the shards hold fbanks of different widths ({sorted(bins)} mel bins): one set at a time")
     samples = sum(p["samples"] for p in parts)
     missing = {"audio": sum(p["no_audio"] for p in parts), "video": sum(p["no_video"] for p in parts)}
     fbank: dict[str, Any] = {"samples": samples - missing["audio"]}

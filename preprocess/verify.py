@@ -14,6 +14,7 @@ the manifest's spans must be exactly the shard's samples.
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +30,7 @@ from cavmae.shards.media import open_jpeg
 from cavmae.shards.reader import list_shards, open_stream
 from cavmae.shards.samples import span_group
 from cavmae.shards.schema import BadSample, one_line
-from cavmae.shards.store import Store
+from cavmae.shards.store import Store, regular_files
 from cavmae.shards.tar import read_members
 from cavmae.shards.validate import SampleSpec
 
@@ -158,11 +159,16 @@ def verify(spec: list[str], cfg: Config, *, workers: int | None = None, address:
     return done.problems, done
 
 
-def list_members(spec: list[str]) -> Iterator[dict[str, Any]]:
+def list_members(spec: list[str], problems: list[str]) -> Iterator[dict[str, Any]]:
     """{"shard", "name", "size", "sha256"} of every regular member of every shard (what `tarfile` reads), in tar
-    order; `shards.tar.ShardError` for a shard that cannot be read faithfully (after its members before the
-    damage)."""
-    for url in list_shards(spec):
-        with _open(url) as stream:
-            for name, data, _, _ in read_members(stream, url):
-                yield {"shard": url, "name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    order. A shard that cannot be read faithfully (`shards.tar.ShardError`, or any tar error) ends the listing
+    after its members before the damage, its one-line reason added to `problems`; a shard that is not a regular
+    file is refused before any is read (`NotRegular`)."""
+    try:
+        for url in regular_files(list_shards(spec)):
+            with _open(url) as stream:
+                for name, data, _, _ in read_members(stream, url):
+                    yield {"shard": url, "name": name, "size": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()}
+    except tarfile.TarError as exc:
+        problems.append(one_line(exc))

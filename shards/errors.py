@@ -1,8 +1,9 @@
 """The one base class of user-facing errors, and how every CLI reports them.
 
-Every error that is the user's input's fault (a file, a value, an argument, a cluster address) derives from
-`UserError`; each CLI catches `UserError` in one place (`report`), prints its message on one line and exits 2, and
-its argument parser (`Parser`) does the same for a bad argument. Anything else that escapes is a bug in cavmae and
+Every error that is the user's input's fault (a file, a value, an argument, a cluster address, a recipe whose loss
+diverges) derives from `UserError`; each CLI catches `UserError` alone, in one place (`report`), prints its message
+on one line and exits with its `exit_status` (2, as argparse, unless a subclass documents another), and its
+argument parser (`Parser`) does the same for a bad argument. Anything else that escapes is a bug in cavmae and
 keeps its traceback. A per-sample defect (`shards.schema.BadSample`) is not a `UserError`: readers count and skip it.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE_ERROR = 2  # the exit status of every user error, as argparse's
+USAGE_ERROR = 2  # the exit status of a user error (unless its class says another), as argparse's
 
 
 class UserError(ValueError):
     """A bad input the user can fix; the message is one line and names the file, key or argument."""
+
+    exit_status = USAGE_ERROR
 
 
 class NoSamples(UserError):
@@ -23,6 +26,11 @@ class NoSamples(UserError):
     (exit 2) rather than train, evaluate or write nothing."""
 class NotFound(UserError):
     """A named input that is not there: no shard matches a spec, a folder is not a shard folder."""
+
+
+class NotRegular(UserError):
+    """A shard that is not a regular file (a FIFO, device or socket named like one): refused before any reader
+    opens it, as a FIFO would block its reader forever and a device stream without end."""
 
 
 def one_line(exc: BaseException) -> str:
@@ -37,9 +45,9 @@ def one_line(exc: BaseException) -> str:
 
 
 def report(prog: str, exc: UserError) -> int:
-    """Print `exc` as the one line "prog: error: ..." on stderr; the exit status of a user error."""
+    """Print `exc` as the one line "prog: error: ..." on stderr; its exit status."""
     print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
-    return USAGE_ERROR
+    return exc.exit_status
 
 
 def examples_for(examples: str, command: str) -> str:

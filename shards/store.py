@@ -35,6 +35,7 @@ from typing import IO
 import pyarrow.fs as pafs
 
 from .config import ConfigError
+from .errors import NotRegular, UserError
 
 RENAME_TYPES = ("local", "hdfs")
 _CHUNK = 8 << 20
@@ -219,7 +220,7 @@ def regular_fd(path: str | os.PathLike) -> int:
 
 
 def regular_files(urls: list[str]) -> list[str]:
-    """`urls` (a shard list) when every local one that exists is a regular file, else FileNotFoundError naming the
+    """`urls` (a shard list) when every local one that exists is a regular file, else `NotRegular` naming the
     first that is not (a FIFO, device or socket named like a shard); checked where shards are listed, before any
     reader opens one and blocks."""
     for url in urls:
@@ -230,7 +231,7 @@ def regular_files(urls: list[str]) -> list[str]:
         except OSError:
             continue  # (the reader says it is missing)
         if not stat.S_ISREG(mode):
-            raise FileNotFoundError(f"{url}: {NOT_REGULAR}")
+            raise NotRegular(f"{url}: {NOT_REGULAR}")
     return urls
 
 
@@ -372,9 +373,9 @@ def _fsspec(uri: str, first_error: Exception):
         import fsspec
         from pyarrow.fs import FSSpecHandler, PyFileSystem
     except ImportError:
-        raise ValueError(f"{uri}: unsupported storage URI ({first_error})") from None
+        raise UserError(f"{uri}: unsupported storage URI ({first_error})") from None
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except (ValueError, ImportError) as exc:
-        raise ValueError(f"{uri}: unsupported storage URI ({exc})") from None
+        raise UserError(f"{uri}: unsupported storage URI ({exc})") from None
     return PyFileSystem(FSSpecHandler(fs)), path

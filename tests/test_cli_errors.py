@@ -66,6 +66,7 @@ def tiny(*extra: str) -> list[str]:
 PREP = [
     ("ingest {missing} --out {out}", "missing"),
     ("ingest {folder} --out {file}", "not a folder"),
+    ("ingest {folder} --out zz://bucket/out", "zz://bucket/out: unsupported storage URI"),
     ("ingest {folder} --out {out} --set video.num_frames=" + HUGE, "'video.num_frames' must be <= 100"),
     ("ingest {folder} --out {out} --set audio.frame_shift_ms=0", "'audio.frame_shift_ms' must be >= 1.0"),
     ("ingest {folder} --out {out} --labels {missing}.csv", "missing.csv"),
@@ -215,3 +216,37 @@ def test_each_subcommand_help_shows_its_own_examples(cli):
                                for words in entries), (name, lines)
         shown += lines
     assert sorted(shown) == sorted(every) and all(line in parser.format_help() for line in every)
+
+
+@pytest.mark.parametrize("cli", [prep_cli, train_cli, cavmae_cli])
+def test_each_cli_catches_user_errors_alone(cli):
+    """The one error contract: a user-caused problem is a `UserError` (its one line, its exit status), raised where
+    it is found; a CLI catches nothing else (but an interrupt), so any other exception is a bug with its traceback,
+    never an error line that hides it."""
+    import ast
+    import inspect
+
+    handled = {ast.unparse(handler.type) for handler in ast.walk(ast.parse(inspect.getsource(cli)))
+               if isinstance(handler, ast.ExceptHandler)}
+    assert handled <= {"UserError", "KeyboardInterrupt"}, handled
+
+
+def test_a_user_error_reports_its_own_exit_status(capsys):
+    """A diverged run is a user error (the recipe) with the exit status README documents for it: 1, not 2."""
+    from cavmae.shards.errors import UserError, report
+    from cavmae.train.loop import Diverged
+
+    assert report("p", Diverged("the loss was not finite")) == 1
+    assert report("p", UserError("bad")) == 2
+    assert capsys.readouterr().err.splitlines() == ["p: error: the loss was not finite", "p: error: bad"]
+
+
+def test_stats_of_shards_with_different_mel_widths_is_a_user_error():
+    """Shard sets of different fbank widths given to one `stats` run are the user's input, not a bad sample."""
+    from cavmae.preprocess.stats import merge
+    from cavmae.shards.errors import UserError
+
+    parts = [{"url": "a/shard-000000.tar", "rows": 9, "bins": 64},
+             {"url": "b/shard-000000.tar", "rows": 9, "bins": 128}]
+    with pytest.raises(UserError, match=r"different widths \(\[64, 128\] mel bins\)"):
+        merge(parts, target_length=16, batch_size=4)

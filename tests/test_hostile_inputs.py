@@ -415,9 +415,11 @@ def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(shard_folder, tmp_pa
                  ["order", "--shards", str(shard_folder), "--epoch", "1"]):
         code, err = train_main(argv, capsys)
         assert code == 2 and f"{fifo}: not a regular file" in err and "\n" not in err, err
-    code = prep_cli.main(["inspect", str(shard_folder), "--random", "1", "--out", str(tmp_path / "x.png")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and f"{fifo}: not a regular file" in err and "\n" not in err, err
+    for argv in (["inspect", str(shard_folder), "--random", "1", "--out", str(tmp_path / "x.png")],
+                 ["verify", "--list", str(shard_folder)]):
+        code = prep_cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"{fifo}: not a regular file" in err and "\n" not in err, (argv, err)
 
 
 def test_out_naming_a_folder_is_refused_before_the_work(shard_folder, tmp_path, capsys):

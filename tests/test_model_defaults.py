@@ -4,9 +4,11 @@ import inspect
 import re
 
 import pytest
+import torch
 
 from cavmae.shards.config import load_config
-from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, CAVMAESync, CAVMAESyncFT
+from cavmae.train.model import (CAVMAE, CAVMAEFT, CAVMAEFTAudio, CAVMAESync, CAVMAESyncFT, build_finetune_model,
+                                build_pretrain_model)
 
 
 def keyword_defaults(model_class: type) -> dict:
@@ -25,12 +27,45 @@ def test_constructor_defaults_equal_pipeline_yaml(model_class):
 
 
 def test_every_pipeline_yaml_model_key_is_a_model_keyword():
-    """The builders refuse a key no model takes, so the shipped defaults must hold none (`variant` picks the
-    pretraining model)."""
+    """Every `model:` setting is some model's keyword (`variant` picks the pretraining model)."""
     accepted = set().union(*(keyword_defaults(m) for m in (CAVMAE, CAVMAEFT, CAVMAESync, CAVMAESyncFT)))
     accepted.add("variant")
     assert set(load_config(None).model.to_dict()) <= accepted
     assert {"mask_ratio_a", "contrast_chunks", "tr_pos"} <= accepted
+
+
+# Every `model:` setting off its default (two sync sets: cls_token false rules out the global losses and pools).
+OFF_DEFAULT = dict(size="tiny", target_length=64, num_mel_bins=32, image_size=32, mask_ratio_a=0.5,
+                   mask_ratio_v=0.6, mask_mode="time", norm_pix_loss=False, mae_loss_weight=2.0,
+                   contrast_loss_weight=0.1, bidirectional=True, contrast_chunks=2, tr_pos=False, audio_length=32,
+                   num_register_tokens=3, keep_register_tokens=True, contrastive_heads=True)
+SYNC_SETS = [dict(OFF_DEFAULT, variant="sync", global_local_losses=True, sync_pool="global"),
+             dict(OFF_DEFAULT, variant="sync", cls_token=False)]
+
+
+@pytest.mark.parametrize("cfg, build, model_class", [
+    (OFF_DEFAULT, build_pretrain_model, CAVMAE),
+    (OFF_DEFAULT, lambda cfg: build_finetune_model(cfg, 3), CAVMAEFT),
+    (OFF_DEFAULT, lambda cfg: build_finetune_model(cfg, 3, audio_only=True), CAVMAEFTAudio),
+    *[(cfg, build_pretrain_model, CAVMAESync) for cfg in SYNC_SETS],
+    *[(cfg, lambda cfg: build_finetune_model(cfg, 3), CAVMAESyncFT) for cfg in SYNC_SETS],
+])
+def test_the_builders_pass_every_setting_their_model_takes(cfg, build, model_class):
+    """The builders name each keyword they pass: none forgotten (it would keep the constructor's default). The
+    built model equals the one constructed with every keyword of `cfg` its constructor takes: same attributes,
+    same parameters (values at one seed, shapes, trainability)."""
+    direct_kwargs = {k: v for k, v in cfg.items() if k in inspect.signature(model_class).parameters}
+    torch.manual_seed(0)
+    built = build(cfg)
+    torch.manual_seed(0)
+    direct = model_class(3, **direct_kwargs) if "label_dim" in inspect.signature(model_class).parameters \
+        else model_class(**direct_kwargs)
+    assert type(built) is model_class
+    public = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_")}  # noqa: E731
+    assert public(built) == public(direct)
+    assert [(k, p.shape, p.requires_grad) for k, p in built.named_parameters()] == \
+        [(k, p.shape, p.requires_grad) for k, p in direct.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), direct.state_dict().values()))
 
 
 def test_the_settings_choices_are_the_models():

@@ -139,9 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         result = COMMANDS[args.command](args, cfg)
     except UserError as exc:
         return report(PROG, exc)
-    except FloatingPointError as exc:  # the loss stayed non-finite (train/loop.py NONFINITE_PATIENCE)
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from cavmae.shards.errors import NoSamples
+from cavmae.shards.errors import NoSamples, UserError
 from cavmae.shards.store import open_append
 from cavmae.train import distributed as dist
 from cavmae.train.checkpoint import CheckpointError, check_shapes, read_checkpoint, save_atomic
@@ -52,6 +52,13 @@ from cavmae.train.stage import UsageError, order_key
 
 LAST = "last.pt"
 NONFINITE_PATIENCE = 10  # consecutive optimizer steps with a non-finite loss before the run stops
+
+
+class Diverged(UserError):
+    """The loss was not finite for `NONFINITE_PATIENCE` optimizer steps in a row: the recipe (learning rate,
+    precision, data) diverges. One line, exit 1: the run stopped without finishing, not a bad argument."""
+
+    exit_status = 1
 
 
 class MetricsLog:
@@ -157,8 +164,8 @@ def stop_if_nonfinite(counts: NonFinite, step: int, epoch: int, bar: tqdm) -> No
     worst = int(dist.all_reduce_max(counts.longest))
     if worst >= NONFINITE_PATIENCE:
         bar.close()  # the error gets a line of its own
-        raise FloatingPointError(f"the loss was not finite for {worst} optimizer steps in a row "
-                                 f"(by step {step}, epoch {epoch + 1}); {int(counts.total)} steps skipped in all")
+        raise Diverged(f"the loss was not finite for {worst} optimizer steps in a row "
+                       f"(by step {step}, epoch {epoch + 1}); {int(counts.total)} steps skipped in all")
 
 
 @dataclass

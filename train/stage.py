@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cavmae.shards.config import Config
-from cavmae.shards.errors import NoSamples, NotFound, UserError
+from cavmae.shards.errors import NoSamples, NotFound, NotRegular, UserError
 from cavmae.shards.fbank import fbank_rows
 from cavmae.shards.frozen import adopt_shard_settings
 from cavmae.shards.index import SampleIndex, sample_index
@@ -43,7 +43,7 @@ def shard_urls(spec: str | None, flag: str) -> list[str]:
         raise UsageError(f"{flag} is required")
     try:
         return regular_files(list_shards(spec))
-    except (NotFound, FileNotFoundError) as exc:  # (no shard matches; a shard is not a regular file)
+    except (NotFound, NotRegular) as exc:  # (no shard matches; a shard is not a regular file)
         raise UsageError(f"{flag}: {exc}") from None
 
 
