@@ -13,8 +13,8 @@ from cavmae.shards.settings import register, setting
 class Ray:
     """Where and how ingest runs."""
     address: str | None = setting(None, "null: start a local Ray; or host:6379 of a `ray start --head` / auto / "
-                                  "ray://host:10001 (RAY_ADDRESS and --address also work; token auth: see README "
-                                  "\"Ingest on a cluster\")")
+                                  "ray://host:10001 (RAY_ADDRESS and --address also work; token auth: see "
+                                  "docs/cluster.md)")
     workers: int = setting(0, "local Ray CPUs; 0 = all cores", min=0, max=100_000)
     num_cpus_per_task: int = setting(1, min=1, max=1024)
     max_retries: int = setting(3, min=0, max=100)

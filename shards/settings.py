@@ -20,7 +20,7 @@ machine, so a hostile frozen pipeline.yaml or a typo is a one-line error at load
 enforces all of them when a config loads.
 
 A new key is one field in its owner's module. A key that goes away moves to `RETIRED`, a renamed one to `RENAMED`
-(one release). Values marked "official" reproduce the official CAV-MAE code (see README.md); the others are ours.
+(one release). Values marked "official" reproduce the official CAV-MAE code (docs/config.md); the others are ours.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ GENERATED from shards/, preprocess/ and train/settings.py by `python -m cavmae.s
 cavmae: every default of every stage. Each CLI takes --config FILE (a partial file is fine: it is laid over
 this one) and --set dotted.key=value. An unknown key, a value of the wrong type or out of range, and a key set
 to no effect under the chosen options (e.g. warmup_steps with schedule: step) are one-line errors.
-Values marked "official" reproduce the official CAV-MAE code (see docs in README.md); the others are ours."""
+Values marked "official" reproduce the official CAV-MAE code (docs/config.md); the others are ours."""
 
 
 def defaults() -> dict[str, Any]:

@@ -232,7 +232,7 @@ def test_each_cli_catches_user_errors_alone(cli):
 
 
 def test_a_user_error_reports_its_own_exit_status(capsys):
-    """A diverged run is a user error (the recipe) with the exit status README documents for it: 1, not 2."""
+    """A diverged run is a user error (the recipe) with the exit status docs/train.md documents for it: 1, not 2."""
     from cavmae.shards.errors import UserError, report
     from cavmae.train.loop import Diverged
 

@@ -162,7 +162,7 @@ def test_ddp_ranks_pass_over_a_micro_batch_of_skipped_samples(kinetics, tmp_path
 
 def test_ray_data_reads_a_set_with_video_only_samples(kinetics):
     """Ray Data's read_webdataset reads a set whose samples lack a member with `decoder=None` (every member as
-    bytes; its default decoder makes fbank.npy a tensor column, which a missing one cannot join: README)."""
+    bytes; its default decoder makes fbank.npy a tensor column, which a missing one cannot join: docs/formats.md)."""
     import io
 
     import ray.data

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cavmae.shards.settings import (PATCH_ROWS, PRESET_NOTES, PRESET_SOURCES, PRESETS, RENAMED, RETIRED, clip_rows,
-                             register, setting)
+                                    register, setting)
 from cavmae.train.modes import MODES, NAMES
 
 # How pretraining masks the audio patches (train/model/blocks.py); here, not there, so that these settings stay free
@@ -84,7 +84,7 @@ class Data:
     num_workers: int = setting(4, "loader processes per rank", min=0, max=256)
     manifest: str | None = setting(None, "manifest.parquet: sample offsets, labels, balance weights (null: beside "
                                    "the shards)")
-    seed: int = setting(0, "with the epoch, fixes every epoch's order and every random draw (see README)", min=0,
+    seed: int = setting(0, "with the epoch, fixes every epoch's order and every random draw (docs/train.md)", min=0,
                         max=2 ** 63 - 1)
     missing_modality: str = setting("skip", "a sample without the audio or the frames a mode needs (pretraining, "
                                     "multimodal): skip (counted) | fill (official: the loader's 0.01-filled fbank "

@@ -155,7 +155,7 @@ class Transform:
         A modality missing from the sample, or from its mixup partner, becomes the stand-in (as the official
         loader, whose mixed load fails when either file is missing); when the mode needs it and
         `missing_modality` is skip, the sample is a MissingModality and a partner without it cancels the mixup."""
-        d, aug = self.data, self.aug
+        aug = self.aug
         self.check(sample)
         lacking = [m for m in self.needs if not self.has(sample, m)]
         if lacking and not self.fill:
