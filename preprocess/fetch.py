@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from cavmae.shards.errors import UserError
 from cavmae.shards.schema import one_line
+from cavmae.shards.store import publish_file
 
 from .datasets import FORMATS, list_format, list_rows
 
@@ -344,7 +345,7 @@ def _load(path: Path) -> list[Fetched]:
 
 
 def _save(path: Path, results) -> None:
-    """Write fetch.parquet whole to a temporary name, then rename it over the old one (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist([asdict(r) for r in results], schema=_SCHEMA), tmp)
-    os.replace(tmp, path)
+    """Write fetch.parquet through `publish_file`: a new file renamed over the old one, never half-written and never
+    written through a link left under either name."""
+    with publish_file(path) as up:
+        pq.write_table(pa.Table.from_pylist([asdict(r) for r in results], schema=_SCHEMA), up.file)
