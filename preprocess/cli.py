@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="decode videos into WebDataset shards plus manifest.parquet",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples_for(EXAMPLES, "ingest"),
                        description="Decode videos (folders, files, path lists, official dataset JSONs, the "
-                                   "datasets' own lists) into WebDataset tar shards, manifest.parquet and the frozen pipeline.yaml. "
-                                   "Re-running into the same --out resumes and adds new inputs.")
+                                   "datasets' own lists) into WebDataset tar shards, manifest.parquet and the "
+                                   "frozen pipeline.yaml. Re-running into the same --out resumes and adds new inputs.")
     p.add_argument("inputs", nargs="+", help="video files, folders (recursive), .txt/.csv path lists, an "
                                              "official dataset .json, or a dataset's own list: AudioSet segment "
                                              "CSV, VGGSound CSV, Kinetics CSV, ESC-50 meta/esc50.csv")
@@ -350,8 +350,8 @@ def _reprocess(args: argparse.Namespace) -> int:
 
 def _report(summary, out: str, reading: bool = False) -> int:
     """Print a job's summary; 1 when no input could be processed (ingest: this run's every input failed or was
-    skipped, or the inputs held none, or it had none to do and the manifest holds none of them as ok), NoSamples for a `reading` job
-    (reprocess, like every command that reads shards: nothing of its source could be read or remade, exit 2)."""
+    skipped, or the inputs held none, or it had none to do and the manifest holds none of them as ok), NoSamples
+    for a `reading` job (reprocess, like every command that reads shards: nothing of its source could be read or remade, exit 2)."""
     _report_ignored(getattr(summary, "ignored", []))
     for line in summary.problems[:MAX_PROBLEMS]:
         print(f"cavmae-prep: {line}", file=sys.stderr)

@@ -86,8 +86,8 @@ def _join(address: str, token: str | None) -> None:
     with stderr_held() as held:
         try:
             # (ray.init in `within`'s thread installs no SIGTERM handler: a TERM ends the driver at once)
-            within(JOIN_TIMEOUT_S, lambda: ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING),
-                   f"joining {address}")
+            within(JOIN_TIMEOUT_S, lambda: ray.init(address=address, log_to_driver=False,
+                                                    logging_level=logging.WARNING), f"joining {address}")
             return
         except JoinTimeout:  # (no ray.shutdown: the join is still under way in its thread)
             raise ClusterError(f"{address} accepts connections but joining the Ray cluster there did not complete "

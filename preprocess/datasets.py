@@ -16,8 +16,8 @@ Formats, recognised from their first lines (or named with `--list-format`):
   esc50     `meta/esc50.csv`: `filename,fold,target,category,...`; files in `../audio/` unless --videos-dir
 `--split` keeps the rows of the given splits (ESC-50: folds), comma-separated: `--split train`, `--split 1,2,3,4`;
 a split the list does not hold is an error naming the ones it holds (a typo would otherwise keep no row at all).
-Every list is read as UTF-8 without a byte-order mark (`shards.store.open_text`), and a header without the columns of its
-format (a list given with another `--list-format` than its own) is one line naming them.
+Every list is read as UTF-8 without a byte-order mark (`shards.store.open_text`), and a header without the columns of
+its format (a list given with another `--list-format` than its own) is one line naming them.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ A setting is a field with its default, its type (the annotation), its one-line c
 exclusive, for a list each element, and `length` its size), a check of its own (`check`), and the option under
 which it has any effect (`when=(key, value)`: a sibling key of the same section); a setting that is null by
 default may `follow` others (a function of the settings: its value unless set). What holds between settings (a
-mask ratio above 0 while the MAE loss runs) is a rule its owner registers with its sections (`register(rules=)`). Every number has a range, and a
-float is finite: the upper bounds keep what a value sizes (frames, mel bins, an epoch's order in memory) inside one
-machine, so a hostile frozen pipeline.yaml or a typo is a one-line error at load, never a failure later. The loader
-enforces all of them when a config loads.
+mask ratio above 0 while the MAE loss runs) is a rule its owner registers with its sections (`register(rules=)`).
+Every number has a range, and a float is finite: the upper bounds keep what a value sizes (frames, mel bins, an
+epoch's order in memory) inside one machine, so a hostile frozen pipeline.yaml or a typo is a one-line error at load,
+never a failure later. The loader enforces all of them when a config loads.
 
 A new key is one field in its owner's module. A key that goes away moves to `RETIRED`, a renamed one to `RENAMED`
 (one release). Values marked "official" reproduce the official CAV-MAE code (docs/config.md); the others are ours.

@@ -1,6 +1,7 @@
 """`cavmae-train`: pretrain, finetune, evaluate, retrieve with CAV-MAE over WebDataset shards; show an epoch's order.
 
-One process per device: `torchrun --nproc-per-node N -m cavmae.train pretrain ...` (or `cavmae-train ...` for one process).
+One process per device: `torchrun --nproc-per-node N -m cavmae.train pretrain ...` (or `cavmae-train ...` for one
+process).
 Exit status: 0 on success, 2 for bad arguments, config, shards or labels (a one-line message on stderr),
 1 when the loss stayed non-finite, 130 when interrupted (`--resume` carries on from the last checkpoint).
 """

@@ -55,9 +55,11 @@ def cpu_threads(workers: int) -> int:
     if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = cores // (int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * (workers + 1))
+    share = cores // (max(1, _number(os.environ, "LOCAL_WORLD_SIZE", 1)) * (workers + 1))
     torch.set_num_threads(max(1, min(torch.get_num_threads(), share)))
     return torch.get_num_threads()
+
+
 def launch(env: "os._Environ[str] | dict[str, str]") -> tuple[int, int, str] | None:
     """(rank, world size, "MASTER_ADDR:MASTER_PORT") from torchrun's variables, None without RANK and WORLD_SIZE
     (one process); LaunchError naming the variable when they cannot describe a process group."""

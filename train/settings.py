@@ -36,8 +36,8 @@ TRAINING = ("---- training (train/, cavmae-train). Batch sizes are GLOBAL: sampl
 
 @dataclass
 class Model:
-    """CAV-MAE size and pretraining loss (the train/model/builders.py builders take this section; mel bins and image size
-    come from the audio/video sections of the shards)."""
+    """CAV-MAE size and pretraining loss (the train/model/builders.py builders take this section; mel bins and image
+    size come from the audio/video sections of the shards)."""
     size: str = setting("base", "base (official ViT-B) | tiny (tests)", choices=("base", "tiny"))
     target_length: int | None = setting(None, "fbank rows padded/cut to this, whole 16-row patches; null: follows "
                                         "clip.length_s and audio.frame_shift_ms at the official 1024 rows per 10 s "
