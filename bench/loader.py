@@ -180,7 +180,7 @@ def stage_table(root: Path, urls: list[Path], items: list[str], cfg, batch_size:
         "read tar members (all frames)": lambda x: x,
         "decode sample (every member by its kind)": checked,
         "check against the settings": lambda x: (tf.check(x), x)[1],
-        "decode JPEG (PIL), uint8": lambda x: (x, frame_pixels(x["frames"][3], SIZE)),
+        "decode JPEG (header: PIL; pixels: libjpeg-turbo), uint8": lambda x: (x, frame_pixels(x["frames"][3], SIZE)),
         "draw aug params": lambda x: examples.append({
             "audio": torch.from_numpy(x[0]["fbank"]), "image": x[1], "image_mix": None, "lam": 1.0, "key": "",
             "video_id": "", "_skipped": 0, "_mixup": None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import struct
 import tarfile
+import zlib
 from typing import IO, Any, Iterator
 
 BLOCK = 512
@@ -57,9 +58,17 @@ def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
+def _byte_sum(header: bytes) -> int:
+    """sum(header) of a 512-byte block, ~10x faster than Python's sum (which is most of a member's parse cost):
+    adler32's low 16 bits are 1 + the sum of the bytes modulo 65521, and 256 bytes sum to at most 65280, so each
+    half's sum is exact."""
+    view = memoryview(header)
+    return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
+
+
 def _checksum_ok(header: bytes) -> bool:
     stored = _number(header[148:156])
-    if stored == sum(header) - sum(header[148:156]) + 256:
+    if stored == _byte_sum(header) - sum(header[148:156]) + 256:
         return True
     return stored == 256 + sum(struct.unpack_from("148b8x356b", header))  # old Sun/NeXT tars sum signed bytes
 
@@ -132,7 +141,7 @@ def read_members(stream: IO[bytes], url: str, fragment: bool = False, *, others:
         try:  # the common case parsed inline: this runs once per member, ~12 times per sample
             stored = header[148:156]
             if (header[148] >= 0o200 or int(stored.split(b"\0", 1)[0].strip() or b"0", 8)
-                    != sum(header) - sum(stored) + 256) and not _checksum_ok(header):
+                    != _byte_sum(header) - sum(stored) + 256) and not _checksum_ok(header):
                 raise ShardError(f"{url}: bad tar header checksum at byte {pos}")
             kind = header[156:157]
             extended = kind in _EXTENDED

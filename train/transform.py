@@ -6,8 +6,8 @@ when no sample of the batch was mixed, else float32), `image` uint8 [B, 3, H, W]
 "all"), `image_mix`/`lam` the mixup partner's uint8 frame and λ per sample, and `aug` the per-sample parameters
 (frequency and time mask start/width, noise amplitude, roll shift, a noise seed) plus the normalisation constants.
 
-The CPU does per sample only what cannot be batched (bench/loader.py): decoding one JPEG (PIL, as the official
-loader, `train.images`) and mixup (`train.augment`). Each batch counts which mixup ran (`batch["mixup"]`:
+The CPU does per sample only what cannot be batched (bench/loader.py): decoding one JPEG (to the official
+loader's PIL pixels, `train.images`) and mixup (`train.augment`). Each batch counts which mixup ran (`batch["mixup"]`:
 waveform or fbank), and the trainer logs the totals as `mixup_waveform` / `mixup_fbank`.
 
 A sample without a modality (a video-only or audio-only clip: json `has_audio` / `has_video` false) is used where
