@@ -496,8 +496,8 @@ def _streamed_samples(src: Store, items: list[dict[str, Any]]) -> Iterator[tuple
                 pos += 1
     if pos < len(order):
         missing = [k for k in keys_of[order[pos]] if k not in got.get(order[pos], {})]
-        raise FileNotFoundError(f"{src.uri()}: sample(s) {', '.join(missing)} of {order[pos]!r} are not in "
-                                f"the shard(s) the manifest names")
+        raise NotFound(f"{src.uri()}: sample(s) {', '.join(missing)} of {order[pos]!r} are not in "
+                       f"the shard(s) the manifest names")
 
 
 def _iter_tar_samples(src: Store, shard: str) -> Iterator[tuple[str, dict[str, Any]]]:

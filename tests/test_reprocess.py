@@ -224,6 +224,14 @@ def test_a_unit_reads_only_its_samples(corpus, tmp_path):
     assert got["v0"] == got["v1"] == ("failed", f"source shard: {shard}: bad tar header checksum at byte 0")
     assert got["v2"] == got["v3"] == ("ok", None)
 
+    for r in rows:  # a manifest naming a sample its shard does not hold: that video fails, one line
+        if r["video_id"] == "v3":
+            r["key"] = "v3_gone"
+    write_rows(src / "manifest.parquet", rows)
+    got = run(src, tmp_path / "missing")
+    assert got["v2"] == ("ok", None) and got["v3"][0] == "failed"
+    assert got["v3"][1].endswith("sample(s) v3_gone of 'v3' are not in the shard(s) the manifest names")
+
 
 def test_a_stalled_source_times_out(corpus, tmp_path):
     """Source mode has ingest's per-video time limit: a source that never ends (an endless stream written to a
