@@ -44,6 +44,7 @@ from tests import clips  # noqa: E402
 from cavmae.preprocess.decode import official_picks  # noqa: E402
 from cavmae.preprocess.ingest import INGEST  # noqa: E402
 from cavmae.preprocess.inputs import InputItem  # noqa: E402
+from cavmae.preprocess.settings import register_sections  # noqa: E402
 from cavmae.preprocess.units import assemble_shard, work_unit  # noqa: E402
 from cavmae.shards.config import load_config  # noqa: E402
 
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--videos", type=int, default=0,
                     help="--workers: videos per run (default: 8 x the largest worker count)")
     args = ap.parse_args(argv)
+    register_sections()  # this script's entry: its jobs read the `ray` section, as cavmae-prep's do
 
     if args.workers:
         counts = [int(x) for x in args.workers.split(",") if x.strip()]

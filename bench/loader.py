@@ -250,6 +250,8 @@ def main() -> None:
     global CLOCK
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(1)
+    from cavmae.train.settings import register_sections  # this script's entry: it reads train's sections
+    register_sections()
     cfg = load_config(None, [f"video.num_frames={FRAMES}"])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

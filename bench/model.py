@@ -35,6 +35,7 @@ from cavmae.train.loop import training_model  # noqa: E402
 from cavmae.train.precision import step_autocast  # noqa: E402
 from cavmae.train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
 from cavmae.train.lr_schedule import make_optimizer  # noqa: E402
+from cavmae.train.settings import register_sections  # noqa: E402
 from cavmae.train.stage import model_settings  # noqa: E402
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), matched in order against the device name.
@@ -326,6 +327,7 @@ def main() -> None:
     ap.add_argument("--peak", type=float, help="dense bf16 peak in TFLOP/s for MFU (default: by device name)")
     ap.add_argument("--json", metavar="FILE", help="append one JSON record per result to FILE")
     args = ap.parse_args()
+    register_sections()  # this script's entry: it reads train's sections, as cavmae-train does
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"

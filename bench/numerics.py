@@ -30,6 +30,7 @@ from cavmae.shards.config import load_config  # noqa: E402
 from cavmae.train.precision import WorkingWeights, step_autocast  # noqa: E402
 from cavmae.train.model import PATCH_SIZE, build_pretrain_model  # noqa: E402
 from cavmae.train.lr_schedule import make_optimizer  # noqa: E402
+from cavmae.train.settings import register_sections  # noqa: E402
 from cavmae.train.stage import model_settings  # noqa: E402
 
 TERMS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
@@ -180,6 +181,7 @@ def main() -> None:
                     help="config override (grads: e.g. the tiny model on a CPU)")
     ap.add_argument("--json", metavar="FILE", help="append the result as one JSON record")
     args = ap.parse_args()
+    register_sections()  # this script's entry: it reads train's sections, as cavmae-train does
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"numerics {args.what} on {name}, torch {torch.__version__}", flush=True)

@@ -19,6 +19,8 @@ from cavmae.shards.process import finish
 from cavmae.shards.store import check_out_file, publish_file
 from cavmae.train.cli import add_mode_arg
 
+from .settings import register_sections
+
 EXAMPLES = """examples:
   cavmae predict clip.mp4 other.mkv --checkpoint runs/ft/model.pth --labels class_labels_indices.csv
   cavmae predict videos/*.mp4 --checkpoint runs/ft/model.pth --labels labels.csv --prep-config shards/pipeline.yaml \\
@@ -67,6 +69,7 @@ def predict_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    register_sections()  # both stages' sections: predict decodes as preprocess does and runs train's model
     args = build_parser().parse_args(argv)
     from cavmae.preprocess.inputs import LabelIndex
     from cavmae.train.cli import frame_choice

@@ -20,6 +20,7 @@ from cavmae.shards.store import check_out_file, check_out_folder
 
 from .datasets import FORMATS
 from .fetch import LIMITS, FetchOptions, out_of_range
+from .settings import register_sections
 
 PROG = "cavmae-prep"
 
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    register_sections()  # the sections this command checks, whatever else the process imported
     args = build_parser().parse_args(argv)
     try:
         if args.command == "inspect":  # inspect's --out is a picture, not a folder

@@ -1,6 +1,7 @@
 """The settings `preprocess/` owns: where and how its jobs run (the `ray:` section of pipeline.yaml). Registered with
-`shards.settings` when the package is imported; a shard folder's frozen copy of it is a record, never a say in where
-a job runs."""
+`shards.settings` by `register_sections()`, which `cavmae-prep` (and `cavmae`) call first thing and a Ray task calls
+for itself, never by importing this module: a process checks what its entry registered. A shard folder's frozen copy
+of the section is a record, never a say in where a job runs."""
 
 from __future__ import annotations
 
@@ -27,4 +28,6 @@ class Ray:
                                    max=86_400)
 
 
-register({"ray": Ray})
+def register_sections() -> None:
+    """Register `ray` with `shards.settings` (again: a no-op)."""
+    register({"ray": Ray})

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from cavmae.preprocess.settings import register_sections
 from cavmae.shards.config import Config
 from cavmae.shards.frozen import SAMPLE_SECTIONS
 from cavmae.shards.manifest import PARTS, fragment_name, read_rows, write_rows
@@ -67,6 +68,7 @@ def work_unit(job: Any, index: int, start: int, items: list[Any], out: str, cfg_
     timed out by an earlier attempt become failed rows without being opened again."""
     from cavmae.preprocess.decode import BadInput
 
+    register_sections()  # a Ray worker is a process of its own: it reads `ray.video_timeout_s`
     for module in job.imports:
         importlib.import_module(module)
     cfg = Config(cfg_data)

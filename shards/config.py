@@ -6,11 +6,12 @@ on-disk contract (every sample records the digest of the settings that produced 
 
 Every key, its default, type, comment and constraints are a field of its owner's settings (`pipeline.yaml` is
 generated from them); a section this process has not registered (`shards.settings.SECTION_NAMES`) is kept as given,
-for its owner to check. A value must have the field's type (an int is accepted where a float is expected, a YAML 1.1
-string like `1e-4` as a float, and an int as its text where a string is, for keys like `eval.frames: all | middle |
-3`), be one of its choices and at least its minimum; a key set explicitly to another value than its default while
-the options make it do nothing (`warmup_steps` under `schedule: step`) is refused too. A renamed key still works,
-with a warning. Errors are one line, naming the key, raised as `ConfigError`.
+for its owner to check, and is not read here (`Config` refuses it: `shards.settings.Unregistered`). A value must have
+the field's type (an int is accepted where a float is expected, a YAML 1.1 string like `1e-4` as a float, and an int
+as its text where a string is, for keys like `eval.frames: all | middle | 3`), be one of its choices and at least its
+minimum; a key set explicitly to another value than its default while the options make it do nothing
+(`warmup_steps` under `schedule: step`) is refused too. A renamed key still works, with a warning. Errors are one
+line, naming the key, raised as `ConfigError`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from .settings import RENAMED, RETIRED, RULES, SECTION_NAMES, SECTIONS, as_yaml, default_of, defaults, spec
+from .settings import (RENAMED, RETIRED, RULES, SECTION_NAMES, SECTIONS, Unregistered, as_yaml, default_of, defaults,
+                       spec)
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,16 @@ def parse_yaml(text: str | bytes) -> Any:
 
 class Config:
     """Read-only attribute view of a nested dict: `cfg.audio.num_mel_bins`. `explicit` holds the dotted keys that a
-    file, preset or --set gave (by their current names)."""
+    file, preset or --set gave (by their current names). A section this process has not registered is held as given
+    (`to_dict`, `to_yaml`), never read: `cfg.model` there is `Unregistered`, naming the owner's call."""
 
     def __init__(self, data: dict[str, Any], explicit: Iterable[str] = ()):
         object.__setattr__(self, "_data", data)
         object.__setattr__(self, "explicit", frozenset(explicit))
 
     def __getattr__(self, name: str) -> Any:
+        if name in SECTION_NAMES and name not in SECTIONS:
+            raise Unregistered(name)
         try:
             value = self._data[name]
         except KeyError:
@@ -257,15 +262,19 @@ class _Load:
         return Config(self.data, self.explicit)
 
 
-def check_setting(dotted: str, value: Any, source: str) -> Any:
-    """`value` checked as the registered setting `dotted` (type, choices, range): for a consumer that takes the
-    value from code rather than from a config (a model constructor), so the constraints are written once."""
-    return _checked(dotted, spec(dotted), value, source)
+def check_setting(section: type, dotted: str, value: Any, source: str) -> Any:
+    """`value` checked as the setting `dotted` of the section class `section` (type, choices, range): for a consumer
+    that takes the value from code rather than from a config (a model constructor), so the constraints are written
+    once; the class, not the registry, so that it holds in any process, whatever that registered."""
+    key = dotted.partition(".")[2]
+    field = {f.name: f for f in dataclasses.fields(section)}[key]
+    return _checked(dotted, field, value, source, typing.get_type_hints(section)[key])
 
 
-def _checked(dotted: str, field: Any, value: Any, source: str) -> Any:
-    """`value` if it has the field's type (see the module docstring) and meets its constraints, else ConfigError."""
-    value = _typed(dotted, _type_of(dotted), value, source)
+def _checked(dotted: str, field: Any, value: Any, source: str, kind: Any = None) -> Any:
+    """`value` if it has the field's type (`kind`, else the registered one; see the module docstring) and meets its
+    constraints, else ConfigError."""
+    value = _typed(dotted, kind or _type_of(dotted), value, source)
     meta = field.metadata
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"{source}: '{dotted}' must be one of {', '.join(map(str, meta['choices']))}; "

@@ -4,6 +4,7 @@ import signal
 
 import pytest
 
+from cavmae.settings import register_sections
 from tests import simd_off
 from tests.clips import CLI_OFF
 
@@ -13,6 +14,7 @@ LOCAL_RAY = dict(address="local", num_cpus=2, include_dashboard=False, log_to_dr
 
 
 def pytest_configure(config):
+    register_sections()  # the tests' entry: they use every owner's sections, as `cavmae` does
     config.addinivalue_line("markers", "pinned: the test compares bytes with pinned values, which must not depend on "
                                        "the machine: the ffmpeg CLI helpers of tests/clips.py refuse under it (use "
                                        "make_exact_clip), and what it pins is computed under tests/simd_off.py")

@@ -46,12 +46,15 @@ def force_ffmpeg_off() -> None:
 
 
 def digests(root: str) -> dict[str, str]:
-    """tests.test_jobs.output_digests in `root`, on a private Ray whose workers have FFmpeg's SIMD off."""
+    """tests.test_jobs.output_digests in `root`, on a private Ray whose workers have FFmpeg's SIMD off (the entry of
+    a process of its own: it registers the `ray` section the jobs read)."""
     import ray
 
+    from cavmae.preprocess.settings import register_sections
     from tests.conftest import LOCAL_RAY
     from tests.test_jobs import output_digests
 
+    register_sections()
     force_ffmpeg_off()
     ray.init(**LOCAL_RAY, **RAY)
     try:

@@ -3,6 +3,7 @@ minimum and keys set to no effect are one-line errors; renamed keys warn; pipeli
 
 import dataclasses
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -10,9 +11,8 @@ import typing
 
 import pytest
 
-import cavmae.settings  # noqa: F401  (every owner's sections, as pipeline.yaml holds them)
 from cavmae.shards.config import ConfigError, load_config
-from cavmae.shards.settings import PIPELINE_YAML, PRESETS, SECTIONS, as_yaml, default_of, render
+from cavmae.shards.settings import OWNERS, PIPELINE_YAML, PRESETS, SECTIONS, as_yaml, default_of, render
 
 
 def test_defaults_are_the_official_values():
@@ -320,21 +320,48 @@ def test_named_bounds(sets, message):
         load_config(sets=sets)
 
 
-@pytest.mark.parametrize("owner, checked, kept, value", [
-    ("cavmae.preprocess.cli", "ray.workers=-1", "finetune.lr=abc", "abc"),
-    ("cavmae.train.cli", "finetune.lr=abc", "ray.workers=-1", -1),
-    ("cavmae.shards.config", "audio.num_mel_bins=0", "model.size=huge", "huge"),
+@pytest.mark.parametrize("registers, checked, kept, value", [
+    ("cavmae.preprocess.settings", "ray.workers=-1", "finetune.lr=abc", "abc"),
+    ("cavmae.train.settings", "finetune.lr=abc", "ray.workers=-1", -1),
+    (None, "audio.num_mel_bins=0", "model.size=huge", "huge"),
 ])
-def test_each_owner_checks_its_sections_and_keeps_the_others(owner, checked, kept, value):
-    """Settings by owner: a process checks the sections of the packages it imports (train/ never imports
-    preprocess/, shards/ neither) and keeps another owner's keys as given, for that owner to check."""
-    code = (f"import sys, {owner}\nfrom cavmae.shards.config import ConfigError, load_config\n"
+def test_a_process_checks_the_sections_it_registered_whatever_it_imported(registers, checked, kept, value):
+    """Settings by owner: a process checks shards' sections and those it registered (`register_sections()`, each
+    entry's first call), not those of the packages it imported (here every owner's settings and both CLIs); another
+    owner's keys are kept as given, for that owner to check, and reading that section is one line naming the call."""
+    section, key = kept.split("=")[0].split(".")
+    code = ("import cavmae.train, cavmae.settings, cavmae.preprocess.cli, cavmae.train.cli\n"
+            + (f"from {registers} import register_sections; register_sections()\n" if registers else "")
+            + "from cavmae.shards.config import ConfigError, load_config\n"
             f"cfg = load_config({str(PIPELINE_YAML)!r}, [{kept!r}])\n"
-            f"section, key = {kept.split('=')[0]!r}.split('.')\nprint(repr(cfg[section][key]))\n"
+            f"print(repr(cfg.to_dict()[{section!r}][{key!r}]))\n"
+            f"try:\n    cfg.{section}\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n"
             f"try:\n    load_config(sets=[{checked!r}])\n    print('accepted')\n"
-            f"except ConfigError:\n    print('refused')\n"
-            "print(sorted({'.'.join(m.split('.')[:2]) for m in sys.modules} & {'cavmae.train', 'cavmae.preprocess'}))\n")
+            "except ConfigError:\n    print('refused')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=PIPELINE_YAML.parent).stdout.split("\n")
-    imported = [owner.rsplit(".", 1)[0]] if owner != "cavmae.shards.config" else []
-    assert out[:3] == [repr(value), "refused", repr(imported)]
+                         cwd=PIPELINE_YAML.parent).stdout.splitlines()
+    assert out == [repr(value), f"Unregistered config section '{section}' is not registered in this process: call "
+                                f"{OWNERS[section]}.register_sections() first", "refused"]
+
+
+@pytest.mark.parametrize("entry, checks", [
+    (["cavmae.preprocess.cli", "stats", "nowhere", "--out", "stats"], {"ray"}),  # cavmae-prep
+    (["cavmae.train", "order", "--shards", "nowhere", "--epoch", "1"], {"model"}),  # cavmae-train, torchrun
+    (["cavmae", "predict", "a.mp4", "--checkpoint", "none.pth", "--labels", "none.csv"], {"ray", "model"}),
+])
+@pytest.mark.parametrize("bad", ["ray.workers=-1", "model.mask_ratio_a=2"])
+def test_each_entry_registers_the_sections_it_checks(entry, checks, bad, tmp_path):
+    """Each command, in a fresh process, refuses a bad value of the sections it registers and keeps another
+    owner's as given (then fails on what it was given: no shards there)."""
+    res = subprocess.run([sys.executable, "-m", *entry, "--set", bad], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(PIPELINE_YAML.parent)}, timeout=120)
+    refused = f"--set: '{bad.split('=')[0]}' must be" in res.stderr
+    assert res.returncode == 2 and refused == (bad.split(".")[0] in checks), res.stderr
+    assert refused or "nowhere: no shards found" in res.stderr, res.stderr
+
+
+def test_python_m_cavmae_settings_registers_every_owner():
+    """`python -m cavmae.settings` prints pipeline.yaml, every owner's sections, in a process of its own."""
+    res = subprocess.run([sys.executable, "-m", "cavmae.settings"], capture_output=True, text=True, check=True,
+                         cwd=PIPELINE_YAML.parent, timeout=120)
+    assert res.stdout == PIPELINE_YAML.read_text()

@@ -17,7 +17,9 @@ sys.path.insert(0, sys.argv[1])
 from cavmae.preprocess.ingest import INGEST
 from cavmae.preprocess.units import assemble_shard, work_unit
 from cavmae.preprocess.inputs import InputItem
+from cavmae.preprocess.settings import register_sections
 from cavmae.shards.config import load_config
+register_sections()  # the `ray` settings below are checked, as cavmae-prep's are
 cfg = load_config(sets=["clip.mode=windows", "video.image_size=32", "audio.keep_waveform=true",
                         "ray.video_timeout_s=600"]).to_dict()
 

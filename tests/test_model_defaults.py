@@ -87,3 +87,19 @@ def test_the_pretraining_model_refuses_what_the_settings_refuse(setting, value, 
     """The constructor checks its options with the `model:` settings' own choices and ranges, not a copy of them."""
     with pytest.raises(ValueError, match=re.escape(f"CAVMAE: {message}")):
         CAVMAE(size="tiny", target_length=128, image_size=64, **{setting: value})
+
+
+def test_the_model_checks_its_options_in_a_process_that_registered_no_settings():
+    """A library user's own script builds the model without registering train's sections: the constructor's checks
+    read the `Model` class itself, not this process's registry."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from cavmae.train.model import CAVMAE\n"
+            "CAVMAE(size='tiny', target_length=128, image_size=64)\n"
+            "try:\n    CAVMAE(size='tiny', target_length=128, image_size=64, mask_ratio_a=1.0)\n"
+            "except ValueError as exc:\n    print(exc)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                         timeout=120)
+    assert res.stdout == "CAVMAE: 'model.mask_ratio_a' must be < 1.0; got 1.0\n", res.stderr[-2000:]

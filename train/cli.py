@@ -17,6 +17,7 @@ from cavmae.shards.config import ConfigError, load_config
 from cavmae.shards.errors import Parser, UserError, examples_for, report
 from cavmae.shards.process import finish
 from cavmae.shards.store import check_out_file, publish_file
+from cavmae.train.settings import register_sections
 
 PROG = "cavmae-train"
 
@@ -129,6 +130,7 @@ def frame_choice(value: str, source: str) -> str | int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    register_sections()  # the sections this command checks, whatever else the process imported
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("eval", "retrieve", "embed") and args.out is not None:  # a file, written after the work

@@ -1,6 +1,8 @@
 """The settings `train/` owns: the model and the recipes (the `model`, `data`, `pretrain`, `finetune` and `eval`
-sections of pipeline.yaml, and its presets). Registered with `shards.settings` when the package is imported; the
-sample-side settings they depend on (mel bins, frame size, clip length, frame shift) are the shards' own
+sections of pipeline.yaml, and its presets), with the rules between them and the retired and renamed keys.
+Registered with `shards.settings` by `register_sections()`, which `cavmae-train` (and `cavmae`) call first thing,
+never by importing this module (the model imports it for its tables): a process checks what its entry registered.
+The sample-side settings they depend on (mel bins, frame size, clip length, frame shift) are the shards' own
 (`shards/settings.py`, adopted from a shard folder by `shards.frozen`).
 
 Each list of choices is written once: `finetune.mode`'s is `train/modes.py`'s table, `model.mask_mode`'s is
@@ -215,17 +217,6 @@ def _batch_rule(data: dict[str, Any]) -> str | None:
     return None
 
 
-register({"model": Model, "data": Data, "pretrain": Pretrain, "finetune": Finetune, "eval": Eval}, TRAINING,
-         rules=(_loss_rule, _batch_rule))
-
-PRESETS.update({
-    "scale+": {"pretrain.lr": 1.0e-4, "pretrain.batch_size": 120},
-    "scale++": {"pretrain.lr": 2.0e-4, "pretrain.batch_size": 256},
-    "vggsound-pt": {"pretrain.lr": 1.0e-4, "pretrain.batch_size": 120},
-    "fast": {"pretrain.batch_size": 256, "pretrain.lr": 2.0e-4, "pretrain.precision": "bf16",
-             "pretrain.compile": "default"},
-})
-
 # The finetuning recipes, every value with where it comes from (written beside it in pipeline.yaml). The CAV-MAE
 # ones are the official scripts' values (reference 4.2; all three share the augmentation of every finetuning script).
 _CAVMAE_FT = "every official finetuning script"
@@ -307,12 +298,21 @@ SYNC_RECIPE: dict[str, tuple[Any, str]] = {
     "pretrain.noise": (False, "cav-mae-sync src/dataloader_sync.py applies no noise or roll"),
     "data.segment_centre": ("index", "cav-mae-sync src/dataloader_sync.py map_frame_to_spectrogram"),
 }
-PRESETS.update({name: {k: v for k, (v, _) in table.items()} for name, table in FINETUNE_RECIPES.items()})
-PRESETS["linear-probe"] = {"finetune.freeze_base": True, "finetune.mixup": 0.0}
-PRESET_SOURCES.update({name: {k: src for k, (_, src) in table.items()} for name, table in FINETUNE_RECIPES.items()})
-PRESETS["sync"] = {k: v for k, (v, _) in SYNC_RECIPE.items()}
-PRESET_SOURCES["sync"] = {k: src for k, (_, src) in SYNC_RECIPE.items()}
-PRESET_NOTES.update({  # (comment line above the preset, comment after it) in pipeline.yaml
+# What `register_sections` adds to the tables of the same names in shards/settings.py: every preset (`--preset NAME`),
+# in pipeline.yaml's order, the sources of those that have them, and the comments above and after some.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "scale+": {"pretrain.lr": 1.0e-4, "pretrain.batch_size": 120},
+    "scale++": {"pretrain.lr": 2.0e-4, "pretrain.batch_size": 256},
+    "vggsound-pt": {"pretrain.lr": 1.0e-4, "pretrain.batch_size": 120},
+    "fast": {"pretrain.batch_size": 256, "pretrain.lr": 2.0e-4, "pretrain.precision": "bf16",
+             "pretrain.compile": "default"},
+    **{name: {k: v for k, (v, _) in table.items()} for name, table in FINETUNE_RECIPES.items()},
+    "linear-probe": {"finetune.freeze_base": True, "finetune.mixup": 0.0},
+    "sync": {k: v for k, (v, _) in SYNC_RECIPE.items()},
+}
+_PRESET_SOURCES = {name: {k: src for k, (_, src) in table.items()}
+                   for name, table in {**FINETUNE_RECIPES, "sync": SYNC_RECIPE}.items()}
+_PRESET_NOTES = {  # (comment line above the preset, comment after it) in pipeline.yaml
     "scale+": ("Pretraining (reference 4.1; the default pretrain section is the base recipe: lr 5e-5, batch 48)",
                "official script (the released model used 108)"),
     "fast": ("One GPU at a fast batch (BENCHMARKS.md: 256-384 run fastest on an H100; the default stays the paper's "
@@ -327,14 +327,26 @@ PRESET_NOTES.update({  # (comment line above the preset, comment after it) in pi
     "esc50-audioonly": ("ESC-50 audio only, from AST's ESC-50 recipe (the same author's code); CAV-MAE's fbank "
                         "normalisation kept (its author in issue #24). 5-fold CV: hold one fold out as --val-shards",
                         ""),
-})
+}
 # Keys that existed once, and keys renamed in this release (see shards/settings.py).
-RETIRED.update({
+_RETIRED = {
     "data.shuffle_buffer": "every training epoch is a full permutation now, with no shuffle buffer",
     "pretrain.label_smooth": "pretraining has no labels; label smoothing is finetune.label_smooth",
-})
-RENAMED.update({
+}
+_RENAMED = {
     "finetune.head_lr": "finetune.head_lr_scale",  # a multiplier of finetune.lr, not a rate
     "model.num_mel_bins": "audio.num_mel_bins",    # the model's geometry follows the samples
     "model.image_size": "video.image_size",
-})
+}
+
+
+def register_sections() -> None:
+    """Register the training sections, their rules, the presets and the retired and renamed keys with
+    `shards.settings` (again: a no-op)."""
+    register({"model": Model, "data": Data, "pretrain": Pretrain, "finetune": Finetune, "eval": Eval}, TRAINING,
+             rules=(_loss_rule, _batch_rule))
+    PRESETS.update(_PRESETS)
+    PRESET_SOURCES.update(_PRESET_SOURCES)
+    PRESET_NOTES.update(_PRESET_NOTES)
+    RETIRED.update(_RETIRED)
+    RENAMED.update(_RENAMED)

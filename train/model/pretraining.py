@@ -21,7 +21,7 @@ from cavmae.train.model.blocks import (
 )
 from cavmae.train.model.encoder import Encoder
 from cavmae.train.pos_embed import get_2d_sincos_pos_embed
-from cavmae.train.settings import loss_problem
+from cavmae.train.settings import Model, loss_problem
 
 CONTRAST_TEMPERATURE = 0.05  # fixed, not learned (official)
 
@@ -61,7 +61,7 @@ class CAVMAE(Encoder):
         for name, value in (("mask_mode", mask_mode), ("mask_ratio_a", mask_ratio_a), ("mask_ratio_v", mask_ratio_v),
                             ("mae_loss_weight", mae_loss_weight), ("contrast_loss_weight", contrast_loss_weight),
                             ("contrast_chunks", contrast_chunks)):
-            check_setting(f"model.{name}", value, "CAVMAE")  # the `model:` settings' choices and ranges
+            check_setting(Model, f"model.{name}", value, "CAVMAE")  # the `model:` settings' choices and ranges
         problem = loss_problem(mask_ratio_a, mask_ratio_v, mae_loss_weight, contrast_loss_weight)
         if problem:
             raise ValueError(problem)
