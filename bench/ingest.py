@@ -10,8 +10,9 @@ rounds after one warm-up round; the routes take turns within a round):
      -ar 16000 x.wav`, `sox x.wav y.wav remix 1`; then, as the loader does, load y.wav + kaldi fbank.
   b  decode floor: one PyAV pass decoding every video frame and the audio of the first 10 s (no
      resampling), converting only the 10 kept frames (swscale to 224 short side, as ours).
-  c  ours: the ingest task bodies for one input (preprocess.units.work_unit with preprocess.ingest.INGEST, assemble_shard): decode,
-     features, the input's spool, the unit's part, the shard tar and its manifest fragment, in a temp folder.
+  c  ours: the ingest task bodies for one input (preprocess.units.work_unit with preprocess.ingest.INGEST,
+     assemble_shard): decode, features, the input's spool, the unit's part, the shard tar and its manifest
+     fragment, in a temp folder.
 
 The process is pinned to one CPU (sched_setaffinity, inherited by ffmpeg and sox), torch and OpenCV use one
 thread, and every decoder is single-threaded. Bench-only dependencies for route a: opencv-python-headless

@@ -9,7 +9,8 @@ while `--load` busy processes (default: one per CPU) compete for the cores, and 
 exit 0 (an abort: a negative exit status, or "terminate called" on stderr).
 
 The data are made once into .cache/stress/: 16 synthetic samples in 4 shards with a manifest
-(tests/train_fixtures.py), a label index, and a tiny finetuned checkpoint (one epoch of `cavmae-train finetune`, 4 steps).
+(tests/train_fixtures.py), a label index, and a tiny finetuned checkpoint (one epoch of `cavmae-train finetune`,
+4 steps).
 `verify` runs only when `cavmae-prep verify` exists.
 """
 

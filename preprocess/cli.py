@@ -353,7 +353,8 @@ def _reprocess(args: argparse.Namespace) -> int:
 def _report(summary, out: str, reading: bool = False) -> int:
     """Print a job's summary; 1 when no input could be processed (ingest: this run's every input failed or was
     skipped, or the inputs held none, or it had none to do and the manifest holds none of them as ok), NoSamples
-    for a `reading` job (reprocess, like every command that reads shards: nothing of its source could be read or remade, exit 2)."""
+    for a `reading` job (reprocess, like every command that reads shards: nothing of its source could be read or
+    remade, exit 2)."""
     _report_ignored(getattr(summary, "ignored", []))
     for line in summary.problems[:MAX_PROBLEMS]:
         print(f"cavmae-prep: {line}", file=sys.stderr)

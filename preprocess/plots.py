@@ -104,7 +104,8 @@ def stats_figure(stats: dict[str, Any], top: int = 20) -> Figure:
     reasons += [(f"skipped: {r}", n) for r, n in man.get("skip_reasons", {}).items()]
     reasons += [(f"unreadable: {r}", n) for r, n in stats["unreadable_reasons"].items()]
     reasons.sort(key=lambda rn: -rn[1])
-    _bars(ax_fail, reasons[:top], "why inputs failed or were skipped (manifest); unreadable samples", "no failures", "tab:red")
+    _bars(ax_fail, reasons[:top], "why inputs failed or were skipped (manifest); unreadable samples", "no failures",
+          "tab:red")
     return fig
 
 

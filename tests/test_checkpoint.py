@@ -119,7 +119,8 @@ def test_other_clip_length_rebuilds_the_fixed_position_tables(new_length, caplog
     model would build them, silently, and every other weight loads unchanged."""
     torch.manual_seed(0)
     sd = official_state_dict(CAVMAE(**TINY))
-    for model in (CAVMAE(**{**TINY, "target_length": new_length}), CAVMAEFT(5, **{**TINY, "target_length": new_length})):
+    for model in (CAVMAE(**{**TINY, "target_length": new_length}),
+                  CAVMAEFT(5, **{**TINY, "target_length": new_length})):
         fresh = {k: v.clone() for k, v in model.state_dict().items()}
         with caplog.at_level("WARNING"):
             load_pretrained_into(model, sd)

@@ -48,7 +48,8 @@ def test_pretrained_at_1024_rows_finetunes_and_evaluates_at_512(tmp_path, caplog
                  "--mode", "audioonly", "--out", str(tmp_path / "eval.json"),
                  *sets("model.target_length=512")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["samples"] == 16
-    with caplog.at_level(logging.WARNING, logger="cavmae.train.checkpoint"):  # back at 1024: a trained table is stretched
+    # back at 1024: a trained table is stretched
+    with caplog.at_level(logging.WARNING, logger="cavmae.train.checkpoint"):
         assert main(["eval", "--shards", str(shards), "--labels", str(labels), "--checkpoint",
                      str(ft / "model.pth"), "--mode", "audioonly", *sets("model.target_length=1024")]) == 0
     assert [r.getMessage() for r in caplog.records if r.name == "cavmae.train.checkpoint"] == [

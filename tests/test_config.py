@@ -1,5 +1,6 @@
-"""The config loader and its schema (the settings.py of shards/, preprocess/ and train/): unknown keys, wrong types, bad choices, values below their
-minimum and keys set to no effect are one-line errors; renamed keys warn; pipeline.yaml is the generated text."""
+"""The config loader and its schema (the settings.py of shards/, preprocess/ and train/): unknown keys, wrong types,
+bad choices, values below their minimum and keys set to no effect are one-line errors; renamed keys warn;
+pipeline.yaml is the generated text."""
 
 import dataclasses
 import logging

@@ -141,7 +141,8 @@ def test_a_toy_job_resumes_after_kill_9_holds_the_lock_and_times_out(local_ray, 
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     script = ("import sys; from cavmae.preprocess.settings import register_sections; register_sections()\n"
               "from tests.test_jobs import run_toy; run_toy(sys.argv[1])")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(killed)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    proc = subprocess.Popen([sys.executable, "-c", script, str(killed)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while len(list(killed.glob("_parts/shard-*.parquet"))) < 2:  # two shards done (their manifest fragments)

@@ -249,7 +249,8 @@ def test_a_stalled_source_times_out(corpus, tmp_path):
                 r["source"] = str(endless)
         write_rows(src / "manifest.parquet", rows)
         cfg = reprocess_config(src, sets=SHARDS + ["clip.mode=windows", "clip.length_s=1.0", "clip.hop_s=1.0",
-                                                   "ray.videos_per_task=2", "ray.video_timeout_s=5", "ray.max_retries=1"])
+                                                   "ray.videos_per_task=2", "ray.video_timeout_s=5",
+                                                   "ray.max_retries=1"])
         summary = reprocess(src, tmp_path / "out", cfg, sources=[str(tmp_path), str(corpus["videos"])])
     finally:
         writer.kill()

@@ -183,7 +183,8 @@ def test_finish_flushes_and_exits_with_the_status_without_teardown(tmp_path):
     from pathlib import Path
 
     write_rows(tmp_path / "manifest.parquet", [{"video_id": "v", "key": "v", "status": "ok"}])
-    code = (f"import logging, torch; from cavmae.shards.manifest import read_manifest; from cavmae.shards.process import finish\n"
+    code = (f"import logging, torch; from cavmae.shards.manifest import read_manifest; "
+            f"from cavmae.shards.process import finish\n"
             f"logging.basicConfig(filename={str(tmp_path / 'log.txt')!r}, level=logging.INFO)\n"
             f"read_manifest({str(tmp_path)!r}); torch.ones(256, 256) @ torch.ones(256, 256)\n"
             f"logging.info('done'); print('x' * 200000, end=''); finish(3)")

@@ -1,7 +1,8 @@
 """CAV-MAE Sync model: the released checkpoint layout loads strictly, and on the released class's weights, inputs
 and masking noise our losses, masks, audio reconstructions and features equal its outputs within 1e-4 (but where
-the released code slices kept registers wrongly: see test_kept_registers_...). The reference is tests/data/cavmae_sync_ref.npz, made by tests/make_sync_reference.py
-from the released code, which this test does not need."""
+the released code slices kept registers wrongly: see test_kept_registers_...). The reference is
+tests/data/cavmae_sync_ref.npz, made by tests/make_sync_reference.py from the released code, which this test does
+not need."""
 
 import json
 from collections import OrderedDict

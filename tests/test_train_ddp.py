@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def torchrun(train_shards, out, sets, *extra, nproc=2):
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "train", "pretrain", "--shards", str(train_shards / "ddp"), "--out", str(out),
-           *[a for s in sets for a in ("--set", s)], *extra]
+    cmd = [sys.executable, *launcher, "-m", "cavmae.train", "pretrain", "--shards", str(train_shards / "ddp"),
+           "--out", str(out), *[a for s in sets for a in ("--set", s)], *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -123,8 +123,8 @@ class Stage:
                              "between steps, fp32 master weights in the optimizer, no autocast) | fp16 (official AMP + "
                              "GradScaler) | fp32", choices=("auto", "bf16", "fp16", "fp32"))
     compile: str = setting("eager", "eager (not compiled) | default | max-autotune (torch.compile modes; max-autotune: "
-                           "longer compile, faster kernels) | aot_eager (graphs captured, no code generated: debugging, "
-                           "CPU tests); the compile time is logged once and left out of samples/s",
+                           "longer compile, faster kernels) | aot_eager (graphs captured, no code generated: "
+                           "debugging, CPU tests); the compile time is logged once and left out of samples/s",
                            choices=("eager", "default", "max-autotune", "aot_eager"))
     freqm: int = setting(0, "SpecAugment: widest frequency mask, in mel bins (official pretraining: no SpecAugment, "
                          "no mixup, noise + roll on)", min=0, max=1024)
