@@ -41,13 +41,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchaudio  # noqa: E402
 
-from tests import clips  # noqa: E402
 from cavmae.preprocess.decode import official_picks  # noqa: E402
 from cavmae.preprocess.ingest import INGEST  # noqa: E402
 from cavmae.preprocess.inputs import InputItem  # noqa: E402
 from cavmae.preprocess.settings import register_sections  # noqa: E402
 from cavmae.preprocess.units import assemble_shard, work_unit  # noqa: E402
 from cavmae.shards.config import load_config  # noqa: E402
+from tests import clips  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench"
 GENERATED = {

@@ -42,12 +42,11 @@ from cavmae.shards.config import load_config  # noqa: E402
 from cavmae.shards.index import sample_index  # noqa: E402
 from cavmae.shards.schema import sample_members  # noqa: E402
 from cavmae.shards.writer import write_shard  # noqa: E402
-from tests.clips import bigbuckbunny  # noqa: E402
 from cavmae.train import stage  # noqa: E402
 from cavmae.train.augment import device_augment  # noqa: E402
-from cavmae.train.loaders import train_loader  # noqa: E402
 from cavmae.train.epochs import EpochPlan  # noqa: E402
-
+from cavmae.train.loaders import train_loader  # noqa: E402
+from tests.clips import bigbuckbunny  # noqa: E402
 
 SECONDS, FRAMES, SIZE = 10.0, 10, 224
 

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 from cavmae.shards.config import load_config  # noqa: E402
 from cavmae.train.loop import training_model  # noqa: E402
-from cavmae.train.precision import step_autocast  # noqa: E402
-from cavmae.train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
 from cavmae.train.lr_schedule import make_optimizer  # noqa: E402
+from cavmae.train.model import CAVMAE, PATCH_SIZE, build_finetune_model, build_pretrain_model  # noqa: E402
+from cavmae.train.precision import step_autocast  # noqa: E402
 from cavmae.train.settings import register_sections  # noqa: E402
 from cavmae.train.stage import model_settings  # noqa: E402
 
@@ -259,7 +259,8 @@ def profile(bench: Bench, batch: int, path: str) -> None:
     """torch.profiler over 3 steps (after 2 warm-up ones): the top ops by self device time, and the device time
     grouped into matmul / attention / normalisation / gather-scatter / optimizer / elementwise, against the wall
     time (a device busy for much less than the wall time is held up by the host)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     step = bench.step_fn(batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])

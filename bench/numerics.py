@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 
 from cavmae.shards.config import load_config  # noqa: E402
-from cavmae.train.precision import WorkingWeights, step_autocast  # noqa: E402
-from cavmae.train.model import PATCH_SIZE, build_pretrain_model  # noqa: E402
 from cavmae.train.lr_schedule import make_optimizer  # noqa: E402
+from cavmae.train.model import PATCH_SIZE, build_pretrain_model  # noqa: E402
+from cavmae.train.precision import WorkingWeights, step_autocast  # noqa: E402
 from cavmae.train.settings import register_sections  # noqa: E402
 from cavmae.train.stage import model_settings  # noqa: E402
 

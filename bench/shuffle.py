@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cavmae.shards.index import SpanReader, read_raw_sample, sample_index  # noqa: E402
 from cavmae.shards.reader import raw_samples  # noqa: E402
 from cavmae.shards.writer import write_shard  # noqa: E402
-from cavmae.train.loaders import REMOTE_READS  # noqa: E402
 from cavmae.train.epochs import EpochPlan  # noqa: E402
+from cavmae.train.loaders import REMOTE_READS  # noqa: E402
 
 WORKERS = 4
 STREAM_BUFFER = 1 << 20  # a stream reads whole shards in requests of this size (`shards.reader.open_stream`)

@@ -14,8 +14,8 @@ import numpy as np
 from cavmae.preprocess.decode import BadInput
 from cavmae.preprocess.inputs import video_id_of
 from cavmae.preprocess.sample import iter_samples
-from cavmae.shards.config import Config
 from cavmae.shards.checked import SAMPLE_ERRORS, checked
+from cavmae.shards.config import Config
 from cavmae.shards.samples import group_members
 from cavmae.shards.schema import one_line, safe_text
 from cavmae.train import distributed as dist

@@ -13,10 +13,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from cavmae.shards.checked import checked_samples
 from cavmae.shards.config import Config, ConfigError
 from cavmae.shards.errors import NoSamples
 from cavmae.shards.frozen import adopt_shard_settings
-from cavmae.shards.checked import checked_samples
 from cavmae.shards.reader import list_shards
 from cavmae.shards.store import Store, regular_files
 from cavmae.shards.validate import SampleSpec

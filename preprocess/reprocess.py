@@ -51,13 +51,13 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
-from cavmae.shards.config import Config, ConfigError, read_config_file
-from cavmae.shards.errors import NotFound
-from cavmae.shards.manifest import read_manifest
 from cavmae.shards import schema
 from cavmae.shards.checked import SHARD_ERRORS, checked
-from cavmae.shards.media import decode_flac
+from cavmae.shards.config import Config, ConfigError, read_config_file
+from cavmae.shards.errors import NotFound
 from cavmae.shards.frozen import FROZEN_CONFIG, SAMPLE_SECTIONS, frozen_config
+from cavmae.shards.manifest import read_manifest
+from cavmae.shards.media import decode_flac
 from cavmae.shards.names import shard_index
 from cavmae.shards.samples import read_groups, span_group
 from cavmae.shards.schema import BadSample, member_kind, one_line, order_members, record_members

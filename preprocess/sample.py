@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
+from cavmae.shards import schema
 from cavmae.shards.config import Config
 from cavmae.shards.fbank import fbank
-from cavmae.shards import schema
 from cavmae.shards.schema import make_key, record_members
 
 from .decode import BadInput, Clip, Segment, iter_clips

@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cavmae.shards.checked import SAMPLE_ERRORS, Skip, checked_samples
 from cavmae.shards.config import Config
 from cavmae.shards.errors import NoSamples, UserError
 from cavmae.shards.frozen import adopt_shard_settings
 from cavmae.shards.manifest import read_manifest
-from cavmae.shards.checked import SAMPLE_ERRORS, Skip, checked_samples
 from cavmae.shards.reader import list_shards
 from cavmae.shards.schema import one_line
 from cavmae.shards.settings import clip_rows

@@ -26,9 +26,9 @@ from cavmae.shards.config import Config
 from cavmae.shards.frozen import SAMPLE_SECTIONS
 from cavmae.shards.manifest import PARTS, fragment_name, read_rows, write_rows
 from cavmae.shards.names import shard_name
-from cavmae.shards.tar import TarWriter, read_members
 from cavmae.shards.schema import one_line
 from cavmae.shards.store import Store, is_uri
+from cavmae.shards.tar import TarWriter, read_members
 from cavmae.shards.writer import ShardWriter
 
 

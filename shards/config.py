@@ -29,9 +29,9 @@ from typing import Any, Iterable
 
 import yaml
 
+from .errors import UserError
 from .settings import (RENAMED, RETIRED, RULES, SECTION_NAMES, SECTIONS, Unregistered, as_yaml, default_of, defaults,
                        spec)
-from .errors import UserError
 
 log = logging.getLogger(__name__)
 

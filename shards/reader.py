@@ -18,9 +18,9 @@ from typing import IO, Any, Iterable, Iterator
 
 import braceexpand
 
+from . import schema
 from .errors import NotFound
 from .samples import read_groups
-from . import schema
 from .schema import BadSample, check_key, member_kind
 from .store import open_regular
 

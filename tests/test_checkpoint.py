@@ -13,8 +13,8 @@ from cavmae.train.checkpoint import (
     imagenet_mae_init,
     load_pretrained_into,
     load_state_dict_file,
-    pretrain_init_state,
     official_state_dict,
+    pretrain_init_state,
     read_checkpoint,
     strip_module_prefix,
 )

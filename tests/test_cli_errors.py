@@ -12,10 +12,10 @@ import torch
 from cavmae import cli as cavmae_cli
 from cavmae.preprocess import cli as prep_cli
 from cavmae.shards.config import load_config
-from tests.train_fixtures import TINY, label_index_csv, write_synthetic_shards
 from cavmae.train import cli as train_cli
 from cavmae.train.model import build_finetune_model, build_pretrain_model
 from cavmae.train.stage import model_settings
+from tests.train_fixtures import TINY, label_index_csv, write_synthetic_shards
 
 HUGE = "1" + "0" * 30
 

@@ -10,9 +10,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from train_fixtures import TINY, label_index_csv, write_synthetic_shards  # noqa: E402
+
 from cavmae.train.cli import main  # noqa: E402
 from cavmae.train.pos_embed import get_2d_sincos_pos_embed  # noqa: E402
-from train_fixtures import TINY, label_index_csv, write_synthetic_shards  # noqa: E402
 
 
 def sets(*extra):
@@ -63,9 +64,9 @@ def test_esc50_list_to_finetuned_model_at_512_rows(local_ray, tmp_path):
     from cavmae.preprocess.datasets import ListOptions
     from cavmae.preprocess.ingest import ingest
     from cavmae.shards.config import load_config
-    from tests.clips import make_clip
     from cavmae.train.checkpoint import official_state_dict
     from cavmae.train.model import CAVMAE
+    from tests.clips import make_clip
 
     root = tmp_path / "ESC-50-master"
     rows = ["filename,fold,target,category,esc10,src_file,take"]

@@ -13,12 +13,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from train_fixtures import TINY  # noqa: E402
+
 from cavmae.shards.config import load_config  # noqa: E402
 from cavmae.train.checkpoint import official_state_dict  # noqa: E402
 from cavmae.train.cli import main  # noqa: E402
 from cavmae.train.model import build_finetune_model, build_pretrain_model  # noqa: E402
 from cavmae.train.stage import model_settings  # noqa: E402
-from train_fixtures import TINY  # noqa: E402
 
 
 def sets(*extra):

@@ -19,15 +19,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from train_fixtures import TINY, color_frames, tone_fbank, write_synthetic_shards  # noqa: E402
+
 from cavmae.shards.index import sample_index, scan_spans  # noqa: E402
 from cavmae.shards.manifest import read_rows  # noqa: E402
 from cavmae.shards.schema import sample_members  # noqa: E402
 from cavmae.shards.writer import write_shard  # noqa: E402
 from cavmae.train.cli import main  # noqa: E402
+from cavmae.train.epochs import EpochPlan  # noqa: E402
 from cavmae.train.loaders import train_loader  # noqa: E402
 from cavmae.train.transform import Transform  # noqa: E402
-from cavmae.train.epochs import EpochPlan  # noqa: E402
-from train_fixtures import TINY, color_frames, tone_fbank, write_synthetic_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = {"target_length": 128, "mean": -5.081, "std": 4.4849, "image_size": 64,

@@ -17,8 +17,8 @@ from PIL import Image
 
 from cavmae.preprocess import cli as prep_cli
 from cavmae.preprocess.features import encode_flac
-from cavmae.preprocess.jobs import next_index
 from cavmae.preprocess.inputs import LabelIndex, collect_inputs
+from cavmae.preprocess.jobs import next_index
 from cavmae.preprocess.reprocess import _videos_in_source_order
 from cavmae.shards.config import ConfigError, load_config
 from cavmae.shards.errors import NoSamples, one_line
@@ -26,14 +26,14 @@ from cavmae.shards.media import decode_flac, open_flac, open_jpeg
 from cavmae.shards.names import PatternError, check_pattern, shard_index, shard_name
 from cavmae.shards.reader import raw_samples
 from cavmae.shards.samples import read_groups
-from cavmae.shards.tar import read_members
 from cavmae.shards.schema import BadSample, encode_npy, sample_members
+from cavmae.shards.tar import read_members
 from cavmae.shards.writer import write_shard
 from cavmae.train import cli as train_cli
 from cavmae.train.checkpoint import CheckpointError, read_checkpoint
 from cavmae.train.loaders import decoded_samples, eval_loader
-from cavmae.train.transform import Transform
 from cavmae.train.stage import model_settings
+from cavmae.train.transform import Transform
 from tests.conftest import time_limit
 
 ROOT = Path(__file__).resolve().parent.parent

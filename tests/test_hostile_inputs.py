@@ -382,6 +382,7 @@ TINY = ["model.size=tiny", "model.target_length=128", "video.image_size=64", "da
 def shard_folder(tmp_path):
     """A folder of one good shard and a FIFO named like the next one."""
     from PIL import Image
+
     from cavmae.shards.writer import write_shard
 
     frame = io.BytesIO()
@@ -404,6 +405,7 @@ def train_main(argv, capsys) -> tuple[int, str]:
 
 def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(shard_folder, tmp_path, capsys):
     import torch
+
     from cavmae.train.model import build_finetune_model
     from cavmae.train.stage import model_settings
 
@@ -505,6 +507,7 @@ def test_a_fifo_given_as_any_file_argument_is_refused_not_waited_on(shard_folder
 
 def test_init_and_resume_of_another_model_shape_are_one_line(shard_folder, tmp_path, capsys):
     import torch
+
     from cavmae.train.model import build_pretrain_model
     from cavmae.train.stage import model_settings
 

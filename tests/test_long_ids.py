@@ -9,8 +9,8 @@ from cavmae.shards.config import load_config
 from cavmae.shards.manifest import read_manifest
 from cavmae.shards.reader import decode_sample, list_shards, raw_samples
 from cavmae.shards.schema import make_key
-from tests.clips import make_clip
 from cavmae.train import cli as train_cli
+from tests.clips import make_clip
 
 IDS = ["a" * 100, "B-" * 64]  # both in the key alphabet
 PREP = ["clip.length_s=1.0", "video.num_frames=2", "video.image_size=32", "audio.keep_waveform=true"]

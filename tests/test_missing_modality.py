@@ -13,6 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from train_fixtures import TINY  # noqa: E402
+
 from cavmae.predict import predict_videos  # noqa: E402
 from cavmae.preprocess.datasets import ListOptions  # noqa: E402
 from cavmae.preprocess.ingest import ingest  # noqa: E402
@@ -21,11 +23,10 @@ from cavmae.preprocess.stats import merge, shard_sums  # noqa: E402
 from cavmae.shards.config import load_config  # noqa: E402
 from cavmae.shards.reader import decode_sample, list_shards, raw_samples  # noqa: E402
 from cavmae.shards.validate import SampleSpec  # noqa: E402
-from tests.clips import make_clip  # noqa: E402
-from cavmae.train.cli import main  # noqa: E402
 from cavmae.train.augment import device_augment  # noqa: E402
+from cavmae.train.cli import main  # noqa: E402
 from cavmae.train.transform import FILL, MissingModality, Transform  # noqa: E402
-from train_fixtures import TINY  # noqa: E402
+from tests.clips import make_clip  # noqa: E402
 
 CLASSES = {"abseiling": "0xdc2828", "juggling": "0x283cdc"}
 N, SILENT = 12, {1, 4, 7, 10}  # clip i has no audio track when i is in SILENT

@@ -9,9 +9,9 @@ from timm.layers import Attention
 from cavmae.train.model import (
     CAVMAE,
     CAVMAEFT,
-    CAVMAEFTAudio,
     FT_MODES,
     Block,
+    CAVMAEFTAudio,
     PatchEmbed,
     audio_as_image,
     build_finetune_model,

@@ -8,11 +8,11 @@ import logging
 import torch
 
 from cavmae.shards.settings import spec
-from tests.train_fixtures import TINY, label_index_csv, write_synthetic_shards
 from cavmae.train.checkpoint import load_state_dict_file
 from cavmae.train.cli import build_parser, main
 from cavmae.train.model import CAVMAEFT
 from cavmae.train.modes import ALIASES, MODES, NAMES, mode_name
+from tests.train_fixtures import TINY, label_index_csv, write_synthetic_shards
 
 
 def sets(*extra):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cavmae.cli import main as cavmae  # noqa: E402
-from cavmae.train.cli import main as train  # noqa: E402
 from train_fixtures import LABEL_IDS, TINY  # noqa: E402
 
+from cavmae.cli import main as cavmae  # noqa: E402
+from cavmae.train.cli import main as train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

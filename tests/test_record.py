@@ -158,7 +158,8 @@ def test_reprocess_holds_src_samples_to_the_readers_validator(local_ray, tmp_pat
 def test_a_span_holding_two_samples_is_named_not_unpacked(tmp_path):
     """verify read a damaged shard's samples at their manifest spans with `(group,) = ...`: a span holding two
     samples was "too many values to unpack". The one span parser names what it found."""
-    from tests.test_verify import SETS as VSETS, shard_set
+    from tests.test_verify import SETS as VSETS
+    from tests.test_verify import shard_set
 
     rows = shard_set(tmp_path, keys=("a0", "a1", "a2"), mel=8)
     shard = tmp_path / "shard-000000.tar"

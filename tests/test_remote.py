@@ -18,13 +18,13 @@ from cavmae.shards.index import sample_index
 from cavmae.shards.manifest import read_manifest, read_rows
 from cavmae.shards.reader import decode_sample, list_shards, raw_samples
 from cavmae.shards.store import Store
+from cavmae.train.cli import main
+from cavmae.train.epochs import EpochPlan
+from cavmae.train.loaders import train_loader
+from cavmae.train.transform import Transform
 from tests.clips import make_clip
 from tests.conftest import LOCAL_RAY
 from tests.train_fixtures import write_synthetic_shards
-from cavmae.train.cli import main
-from cavmae.train.loaders import train_loader
-from cavmae.train.transform import Transform
-from cavmae.train.epochs import EpochPlan
 
 SMALL = ["clip.length_s=2.0", "video.num_frames=2", "video.image_size=32", "shards.samples_per_shard=2"]
 BUCKET = "cavmae-test"

@@ -12,9 +12,9 @@ from cavmae.shards.config import load_config
 from cavmae.shards.frozen import FROZEN_CONFIG, SAMPLE_FACTS, adopt_shard_settings
 from cavmae.shards.manifest import manifest_rows
 from cavmae.shards.reader import list_shards
-from tests.train_fixtures import write_synthetic_shards
 from cavmae.train import stage as st
 from cavmae.train.cli import main
+from tests.train_fixtures import write_synthetic_shards
 
 # the run's explicit settings: the tiny model and loop, and nothing about the samples
 RUN = ["model.size=tiny", "model.target_length=128", "data.num_workers=0", "pretrain.batch_size=8",

@@ -14,13 +14,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from train_fixtures import COLORS, TINY, color_frames, label_index_csv, write_synthetic_shards  # noqa: E402
+
 from cavmae.shards.config import load_config  # noqa: E402
 from cavmae.train.augment import device_augment  # noqa: E402
 from cavmae.train.cli import main  # noqa: E402
 from cavmae.train.loaders import eval_loader  # noqa: E402
 from cavmae.train.segments import cut_segments, frame_centres, segment_bounds  # noqa: E402
 from cavmae.train.transform import Transform  # noqa: E402
-from train_fixtures import COLORS, TINY, color_frames, label_index_csv, write_synthetic_shards  # noqa: E402
 
 REF = np.load(Path(__file__).parent / "data" / "cavmae_sync_ref.npz", allow_pickle=False)
 NO_AUG = {"freqm": 0, "timem": 0, "mixup": 0.0, "noise": False, "label_smooth": 0.0}

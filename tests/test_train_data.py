@@ -13,6 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from train_fixtures import color_frames, tone_fbank, write_synthetic_shards  # noqa: E402
+
 from cavmae.preprocess.features import encode_flac  # noqa: E402
 from cavmae.shards.config import load_config  # noqa: E402
 from cavmae.shards.fbank import fbank as features_fbank  # noqa: E402
@@ -20,13 +22,12 @@ from cavmae.shards.index import sample_index  # noqa: E402
 from cavmae.shards.schema import sample_members  # noqa: E402
 from cavmae.shards.writer import write_shard  # noqa: E402
 from cavmae.train.augment import LOG_SILENCE, device_augment, draw_augmentation, mix_fbanks  # noqa: E402
-from cavmae.train.labels import soft_labels  # noqa: E402
-from cavmae.train.loaders import eval_loader, train_loader  # noqa: E402
-from cavmae.train.transform import Transform  # noqa: E402
 from cavmae.train.epochs import EpochPlan  # noqa: E402
 from cavmae.train.evaluate import average_precision, mean_average_precision  # noqa: E402
+from cavmae.train.labels import soft_labels  # noqa: E402
+from cavmae.train.loaders import eval_loader, train_loader  # noqa: E402
 from cavmae.train.retrieve import ranks, recall_metrics  # noqa: E402
-from train_fixtures import color_frames, tone_fbank, write_synthetic_shards  # noqa: E402
+from cavmae.train.transform import Transform  # noqa: E402
 
 DATA = {"target_length": 128, "mean": -5.081, "std": 4.4849, "image_size": 64,
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}

@@ -8,8 +8,8 @@ resumed by one process instead (an elastic restart) it carries on from the same 
 """
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

@@ -16,13 +16,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from train_fixtures import TINY  # noqa: E402
+
 from cavmae.shards.config import load_config  # noqa: E402
 from cavmae.train.cli import main  # noqa: E402
+from cavmae.train.lr_schedule import make_optimizer  # noqa: E402
 from cavmae.train.model import build_pretrain_model  # noqa: E402
 from cavmae.train.precision import WorkingWeights  # noqa: E402
-from cavmae.train.lr_schedule import make_optimizer  # noqa: E402
 from cavmae.train.stage import model_settings  # noqa: E402
-from train_fixtures import TINY  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GEOMETRY = ["model.size=tiny", "model.target_length=128", "video.image_size=64"]

@@ -11,13 +11,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from train_fixtures import TINY, write_synthetic_shards  # noqa: E402
+
 import cavmae.train.loop  # noqa: E402
 import cavmae.train.pretrain  # noqa: E402
 from cavmae.shards.config import load_config  # noqa: E402
 from cavmae.train.cli import main  # noqa: E402
 from cavmae.train.model import build_pretrain_model  # noqa: E402
 from cavmae.train.stage import model_settings  # noqa: E402
-from train_fixtures import TINY, write_synthetic_shards  # noqa: E402
 
 
 def sets(*extra):

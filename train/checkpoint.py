@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from cavmae.shards.errors import UserError
+from cavmae.shards.store import open_regular, publish_file
 from cavmae.train import distributed as dist
 from cavmae.train.model import CAVMAE, CAVMAEFT, CAVMAEFTAudio, CAVMAESyncFT, ModelSize, resolve_size
 from cavmae.train.pos_embed import cut_or_interpolate_pos_embed, get_2d_sincos_pos_embed, is_sincos_pos_embed
-from cavmae.shards.errors import UserError
-from cavmae.shards.store import open_regular, publish_file
 
 log = logging.getLogger(__name__)
 

@@ -198,7 +198,6 @@ def _retrieve(args: argparse.Namespace, cfg) -> dict:
 
 def _embed(args: argparse.Namespace, cfg) -> dict:
     from cavmae.train import embed
-
     from cavmae.train.stage import UsageError
 
     if args.per_frame and args.frames not in (None, "all"):

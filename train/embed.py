@@ -23,16 +23,16 @@ import torch
 from tqdm import tqdm
 
 from cavmae.shards.config import Config
-from cavmae.train import distributed as dist
 from cavmae.shards.errors import NoSamples
 from cavmae.shards.manifest import manifest_rows
 from cavmae.shards.store import publish_file
+from cavmae.train import distributed as dist
 from cavmae.train import stage as st
 from cavmae.train.augment import device_augment
 from cavmae.train.failures import shard_list
 from cavmae.train.loaders import eval_loader
-from cavmae.train.transform import Transform
 from cavmae.train.retrieve import frame_features, pooled_features
+from cavmae.train.transform import Transform
 
 SCHEMA = pa.schema([("key", pa.string()), ("video_id", pa.string()),
                     ("audio", pa.list_(pa.float32())), ("visual", pa.list_(pa.float32()))])

@@ -20,9 +20,9 @@ from cavmae.train import stage as st
 from cavmae.train.augment import device_augment
 from cavmae.train.failures import shard_list
 from cavmae.train.loaders import eval_loader
-from cavmae.train.transform import Transform
-from cavmae.train.precision import autocast
 from cavmae.train.modes import mode_name, mode_of
+from cavmae.train.precision import autocast
+from cavmae.train.transform import Transform
 
 
 def run(cfg: Config, *, shards: str, checkpoint: str, labels_csv: str | None, mode: str | None,

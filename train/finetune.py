@@ -19,12 +19,12 @@ from cavmae.shards.config import Config
 from cavmae.train import distributed as dist
 from cavmae.train import stage as st
 from cavmae.train.checkpoint import load_pretrained_into, load_state_dict_file, official_state_dict, save_atomic
-from cavmae.train.loaders import train_loader
 from cavmae.train.evaluate import predict, score
+from cavmae.train.loaders import train_loader
 from cavmae.train.loop import Schedule, train
+from cavmae.train.lr_schedule import make_optimizer, make_scheduler
 from cavmae.train.model import build_finetune_model
 from cavmae.train.modes import MODES, mode_name
-from cavmae.train.lr_schedule import make_optimizer, make_scheduler
 
 HEAD = "mlp_head."
 

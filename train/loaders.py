@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from cavmae.shards.checked import SHARD_ERRORS, Skip, checked, checked_samples
 from cavmae.shards.errors import NoSamples
 from cavmae.shards.index import SampleIndex, SpanReader, read_raw_sample
-from cavmae.shards.checked import SHARD_ERRORS, Skip, checked, checked_samples
 from cavmae.shards.reader import is_remote
 from cavmae.train.epochs import EpochPlan, SampleRngs
 from cavmae.train.failures import MAX_FAILURES, Failures, shard_list

@@ -44,8 +44,8 @@ from tqdm import tqdm
 from cavmae.shards.errors import NoSamples, UserError
 from cavmae.shards.store import open_append
 from cavmae.train import distributed as dist
-from cavmae.train.checkpoint import CheckpointError, check_shapes, read_checkpoint, save_atomic
 from cavmae.train.augment import device_augment
+from cavmae.train.checkpoint import CheckpointError, check_shapes, read_checkpoint, save_atomic
 from cavmae.train.epochs import EpochPlan, step_seed
 from cavmae.train.precision import WorkingWeights, step_autocast
 from cavmae.train.stage import UsageError, order_key

@@ -18,11 +18,11 @@ from cavmae.shards.config import Config
 from cavmae.train import distributed as dist
 from cavmae.train import stage as st
 from cavmae.train.checkpoint import load_pretrained_into, official_state_dict, pretrain_init_state, save_atomic
-from cavmae.train.loaders import train_loader
 from cavmae.train.evaluate import pretrain_losses
+from cavmae.train.loaders import train_loader
 from cavmae.train.loop import Schedule, train
-from cavmae.train.model import build_pretrain_model
 from cavmae.train.lr_schedule import make_optimizer, make_scheduler
+from cavmae.train.model import build_pretrain_model
 
 
 def step_fn(contrast: str):

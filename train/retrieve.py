@@ -27,8 +27,8 @@ from cavmae.train.augment import device_augment
 from cavmae.train.failures import shard_list
 from cavmae.train.loaders import eval_loader
 from cavmae.train.model.sync import CAVMAESync
-from cavmae.train.transform import Transform
 from cavmae.train.precision import autocast
+from cavmae.train.transform import Transform
 
 
 def run(cfg: Config, *, shards: str, checkpoint: str, frames: str | int, strategy: str | None = None,

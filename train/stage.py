@@ -21,15 +21,14 @@ from cavmae.shards.frozen import adopt_shard_settings
 from cavmae.shards.index import SampleIndex, sample_index
 from cavmae.shards.manifest import manifest_rows
 from cavmae.shards.reader import list_shards
-from cavmae.shards.store import Store, check_out_folder, regular_files
 from cavmae.shards.settings import OFFICIAL_SHIFT_MS, PATCH_ROWS
+from cavmae.shards.store import Store, check_out_folder, regular_files
 from cavmae.train import distributed as dist
+from cavmae.train.epochs import EpochPlan
 from cavmae.train.failures import shard_list
 from cavmae.train.labels import LabelError, balance_weights, read_label_index
-from cavmae.train.transform import Transform
-from cavmae.train.epochs import EpochPlan
 from cavmae.train.modes import MODES
-
+from cavmae.train.transform import Transform
 
 log = logging.getLogger(__name__)
 

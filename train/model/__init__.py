@@ -41,10 +41,10 @@ from cavmae.train.model.blocks import (
 from cavmae.train.model.builders import build_finetune_model, build_pretrain_model
 from cavmae.train.model.encoder import Encoder
 from cavmae.train.model.finetuning import CAVMAEFT, CAVMAEFTAudio
-from cavmae.train.modes import MODES as FT_MODES
-from cavmae.train.model.pretraining import CONTRAST_TEMPERATURE, CAVMAE
+from cavmae.train.model.pretraining import CAVMAE, CONTRAST_TEMPERATURE
 from cavmae.train.model.sync import CAVMAESync
 from cavmae.train.model.sync_finetuning import CAVMAESyncFT
+from cavmae.train.modes import MODES as FT_MODES
 
 __all__ = [
     "CAVMAE",
