@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_train_never_imports_preprocess():
     """DESIGN.md: what a member means lives in shards/ (shards/fbank.py); only `cavmae` composes the two stages."""
-    code = ("import sys, train.cli, train.loaders, train.embed, train.evaluate, train.retrieve, train.finetune, "
-            "train.pretrain; bad = sorted(m for m in sys.modules if m.split('.')[0] == 'preprocess'); print(bad)")
+    modules = ("cli", "loaders", "embed", "evaluate", "retrieve", "finetune", "pretrain", "order")
+    code = (f"import sys; import {', '.join(f'cavmae.train.{m}' for m in modules)}; "
+            "print(sorted(m for m in sys.modules if m.startswith(('cavmae.preprocess', 'preprocess'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
