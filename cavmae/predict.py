@@ -6,6 +6,7 @@ trainer reads shard samples, and `train` scores them (the eval transform and fra
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -18,11 +19,14 @@ from cavmae.shards.checked import SAMPLE_ERRORS, checked
 from cavmae.shards.config import Config
 from cavmae.shards.samples import group_members
 from cavmae.shards.schema import one_line, safe_text
+from cavmae.shards.settings import PATCH_ROWS
 from cavmae.train import distributed as dist
 from cavmae.train import stage as st
 from cavmae.train.augment import device_augment
 from cavmae.train.evaluate import batch_probabilities
 from cavmae.train.modes import mode_name, mode_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +35,20 @@ class Prediction:
     video_id: str
     window: int | None
     top: list[tuple[int, float]]  # (class index, score), best first
+
+
+def warn_cut(path: str, sample: dict[str, Any], cfg: Config) -> bool:
+    """Warn (and say so) when the model keeps less of this sample's audio than it holds, by more than one patch:
+    a model finetuned on short clips follows their length (`model.target_length`), and a longer video is cut."""
+    rows = 0 if sample["fbank"] is None else sample["fbank"].shape[0]
+    cut = rows - cfg.model.target_length
+    if cut <= PATCH_ROWS:
+        return False
+    shift_s = cfg.audio.frame_shift_ms / 1000
+    log.warning("%s: model.target_length %d keeps the first %.2f s of its %.2f s of audio: %.2f s (%d rows) are cut",
+                safe_text(path), cfg.model.target_length, cfg.model.target_length * shift_s, rows * shift_s,
+                cut * shift_s, cut)
+    return True
 
 
 def video_samples(paths: list[str], cfg: Config) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
@@ -55,7 +73,7 @@ def predict_videos(paths: list[str], cfg: Config, checkpoint: str, *, top_k: int
     in the order of `paths`; batches of `eval.batch_size` samples."""
     mode = mode_name(mode)
     device = dist.init()
-    model = st.load_model(cfg, checkpoint, finetuned=True, mode=mode).to(device).eval()
+    model = st.load_model(cfg, checkpoint, finetuned=True, mode=mode, cut_warning=False).to(device).eval()
     transform = st.transform(cfg, st.NO_AUGMENTATION, frame=frames, needs=mode_of(mode).inputs)
     rng = np.random.default_rng(0)  # (the eval transform draws nothing)
     pending: list[tuple[str, dict[str, Any]]] = []
@@ -78,11 +96,14 @@ def predict_videos(paths: list[str], cfg: Config, checkpoint: str, *, top_k: int
             yield Prediction(safe_text(path), sample["meta"]["video_id"], sample["meta"].get("window"),
                              [(int(i), float(p[i])) for i in best])
 
+    cut_said: set[str] = set()
     for path, sample, error in video_samples(paths, cfg):
         if error is not None:
             yield from flush() if pending else ()
             yield path, error
             continue
+        if path not in cut_said and warn_cut(path, sample, cfg):
+            cut_said.add(path)
         pending.append((path, sample))
         if len(pending) == cfg.eval.batch_size:
             yield from flush()

@@ -137,10 +137,10 @@ def test_short_inputs_set_the_clip_and_the_cut_warning_counts_their_rows(tmp_pat
     esc = load_config(sets=UNSET, presets=["esc50-audioonly"])
     with caplog.at_level(logging.WARNING, logger="cavmae.train.stage"):
         cfg, _, _ = st.shard_sets(esc, str(shards))
-        st.model_settings(cfg)
+        st.warn_audio_cut(cfg)
         assert cfg.clip.length_s == 5.0 and cfg.model.target_length == 512
         assert "are cut" not in caplog.text
         assert st.shard_sets(load_config(sets=UNSET), str(shards))[0].model.target_length == 512
-        st.model_settings(st.shard_sets(load_config(sets=TINY + ["model.target_length=256"]), str(shards))[0])
+        st.warn_audio_cut(st.shard_sets(load_config(sets=TINY + ["model.target_length=256"]), str(shards))[0])
     cut = [r.getMessage() for r in caplog.records if "are cut" in r.getMessage()]
     assert len(cut) == 1 and "keeps the first 2.56 s of every 5 s clip" in cut[0] and "2.42 s (242 rows)" in cut[0]

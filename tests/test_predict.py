@@ -62,3 +62,23 @@ def test_predict_gives_the_trained_label(train_shards, tmp_path, capsys):
         assert top[0]["label"] == names[truth[r["video_id"]]], r
         assert top[0]["index"] == LABEL_IDS.index(truth[r["video_id"]])
     assert out.splitlines()[0].startswith(f"{videos[0]}: {results[0]['top'][0]['label']} ")
+
+
+def test_predict_warns_per_video_only_when_its_audio_is_cut(caplog):
+    """A model finetuned on short clips (target_length 128 rows) and a video of 2.98 s: one line naming the video and
+    what is cut; a video no longer than the model's length (within a patch) or without audio: nothing."""
+    import logging
+
+    import numpy as np
+
+    from cavmae.predict import warn_cut
+    from cavmae.shards.config import load_config
+
+    cfg = load_config(sets=["model.target_length=128"])
+    with caplog.at_level(logging.WARNING, logger="cavmae.predict"):
+        assert warn_cut("long.mp4", {"fbank": np.zeros((298, 128), np.float16)}, cfg)
+        assert not warn_cut("short.mp4", {"fbank": np.zeros((140, 128), np.float16)}, cfg)
+        assert not warn_cut("silent.mp4", {"fbank": None}, cfg)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == ("long.mp4: model.target_length 128 keeps the first 1.28 s of its 2.98 s of audio: "
+                    "1.70 s (170 rows) are cut")

@@ -47,13 +47,13 @@ def test_impossible_audio_lengths_are_refused_at_load(sets, message):
 
 def test_a_set_length_that_cuts_the_clip_is_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="cavmae.train.stage"):
-        st.model_settings(load_config(sets=["audio.frame_shift_ms=5", "model.target_length=1024"]))
+        st.warn_audio_cut(load_config(sets=["audio.frame_shift_ms=5", "model.target_length=1024"]))
     (line,) = [r.getMessage() for r in caplog.records]
     assert "keeps the first 5.12 s of every 10 s clip" in line and "4.86 s (972 rows) are cut" in line
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cavmae.train.stage"):
-        st.model_settings(load_config(sets=["audio.frame_shift_ms=5"]))          # follows: nothing cut
-        st.model_settings(load_config(sets=["model.target_length=992"]))        # 998 rows: 6 cut, < a patch
+        st.warn_audio_cut(load_config(sets=["audio.frame_shift_ms=5"]))          # follows: nothing cut
+        st.warn_audio_cut(load_config(sets=["model.target_length=992"]))        # 998 rows: 6 cut, < a patch
     assert caplog.records == []
 
 

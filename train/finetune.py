@@ -65,6 +65,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     run_dir = st.run_folder(out, cfg)
     index, plan = st.epoch_plan(urls, cfg, f, "finetune", balanced=f.balanced)
     steps = plan.steps
+    st.warn_audio_cut(cfg)
 
     torch.manual_seed(cfg.data.seed)
     model = build_finetune_model(st.model_settings(cfg), num_classes, audio_only=not MODES[mode].visual)

@@ -49,6 +49,7 @@ def run(cfg: Config, *, shards: str, out: str, val_shards: str | None = None, in
     run_dir = st.run_folder(out, cfg)
     index, plan = st.epoch_plan(urls, cfg, p, "pretrain")
     steps, micro = plan.steps, plan.micro
+    st.warn_audio_cut(cfg)
 
     torch.manual_seed(cfg.data.seed)
     model = build_pretrain_model(st.model_settings(cfg))

@@ -137,16 +137,15 @@ def check_manifest_labels(urls: list[str], cfg: Config, label_map: dict[str, int
 
 def model_settings(cfg: Config) -> dict[str, Any]:
     """The keywords of the model builders: the `model:` section, with the geometry that follows from the samples
-    (mel bins, frame size, clip length; `shard_sets` makes them the shards' own). A `model.target_length` set
-    explicitly that cuts more than one patch off the samples' clip is a one-line warning saying how much."""
-    warn_audio_cut(cfg)
+    (mel bins, frame size, clip length; `shard_sets` makes them the shards' own)."""
     return {**cfg.model.to_dict(), "num_mel_bins": cfg.audio.num_mel_bins, "image_size": cfg.video.image_size}
 
 
 def warn_audio_cut(cfg: Config) -> None:
     """Warn when the model's audio length keeps less of a clip than the clip holds, by more than one patch (unset,
     `model.target_length` follows the clip and cuts nothing). The clip's rows are the samples' own once `shard_sets`
-    made `clip.length_s` the shards' (498 rows for 5 s of 10 ms rows)."""
+    made `clip.length_s` the shards' (498 rows for 5 s of 10 ms rows); every command that runs a model on shards
+    warns once (`cavmae predict`, whose videos' lengths are their own, warns per video instead)."""
     rows = fbank_rows(int(cfg.clip.length_s * cfg.audio.sample_rate), cfg.audio)
     cut = rows - cfg.model.target_length
     if cut > PATCH_ROWS:
@@ -208,10 +207,12 @@ def checkpoint_arg(path: str) -> dict[str, Any]:
         raise UsageError(f"--checkpoint {exc}") from None
 
 
-def load_model(cfg: Config, path: str, *, finetuned: bool = False, mode: str | None = None, visual: bool = False):
+def load_model(cfg: Config, path: str, *, finetuned: bool = False, mode: str | None = None, visual: bool = False,
+               cut_warning: bool = True):
     """The model a checkpoint holds, built from `cfg.model`: the finetuning model when the checkpoint has a
     classification head (`mlp_head.*`; without visual weights, the audio-only one), else the pretraining one.
-    `finetuned` requires the head, `mode` (a `train.modes` name) a model that can run it, `visual` visual weights."""
+    `finetuned` requires the head, `mode` (a `train.modes` name) a model that can run it, `visual` visual weights;
+    `cut_warning`: `warn_audio_cut` for the clip of `cfg`."""
     from cavmae.train.checkpoint import CheckpointError, load_pretrained_into
     from cavmae.train.model import build_finetune_model, build_pretrain_model
 
@@ -223,6 +224,8 @@ def load_model(cfg: Config, path: str, *, finetuned: bool = False, mode: str | N
     if audio_only and (visual or (mode is not None and not MODES[mode].audio_path_only)):
         wanted = "visual weights" if visual else f"mode {mode}"
         raise UsageError(f"--checkpoint {path}: an audio-only model (no visual weights) cannot serve {wanted}")
+    if cut_warning:
+        warn_audio_cut(cfg)
     if head is None:
         model = build_pretrain_model(model_settings(cfg))
     else:
