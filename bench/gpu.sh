@@ -94,7 +94,8 @@ class Block:
         if name.split(".")[0] in ("av", "ray", "torchaudio"):
             raise ImportError(f"{name} is blocked (not on the card)")
 sys.meta_path.insert(0, Block())
-import shards, train, webdataset, braceexpand
+from cavmae import shards, train
+import webdataset, braceexpand
 for pkg in (train, shards):
     for m in pkgutil.iter_modules(pkg.__path__):
         if m.name != "__main__":
